@@ -1,0 +1,28 @@
+//! Command line: one subcommand per pipeline stage, all headless; the TUI is one more subcommand.
+//! Each concept's subcommands live in their own file and are flattened into one command list here.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod model_cmd;
+
+#[derive(Parser)]
+#[command(name = "steer-heal", version, about = "Persona steering, curation and LoRA healing for small LMs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Model(model_cmd::ModelCmd),
+}
+
+/// Parse arguments and run.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Command::Model(c) => model_cmd::run(c),
+    }
+}

@@ -1,0 +1,1 @@
+//! tinymfv evaluation and coherence metrics.

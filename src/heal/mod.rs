@@ -1,0 +1,1 @@
+//! Healing: LoRA training with a KL barrier, gated bake, PEFT export.

@@ -1,0 +1,21 @@
+//! steer-heal binary: parse the command line, run one subcommand, print errors as one line.
+
+use std::process::ExitCode;
+
+mod cli;
+
+fn main() -> ExitCode {
+    match cli::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a researcher can act on: the outermost context plus its causes.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                msg.push_str(": ");
+                msg.push_str(&cause.to_string());
+            }
+            eprintln!("steer-heal: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,683 @@
+//! Our decoder: Llama, Qwen3 and Gemma-3 text in one layer loop, chosen by `ModelConfig` flags.
+//!
+//! Two numerical paths share every weight:
+//! - `Path::Inference` uses candle's fused CPU kernels (softmax, RMSNorm, RoPE) and is meant for no-grad use;
+//! - `Path::Training` is built only from differentiable ops, because the fused kernels have no backward pass and
+//!   silently drop gradients.
+//!
+//! GQA is computed by folding the query heads of a group into the sequence axis, so K and V are never copied per
+//! query head. Hooks (capture, steering) run after each block; see `hook.rs`.
+
+use super::cache::KvCache;
+use super::config::{Activation, ModelConfig};
+use super::hook::{CapturePositions, Hooks};
+use super::lora::LoraLinear;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::BTreeMap;
+
+/// Which numerical path a forward pass takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Fused kernels, no gradients.
+    Inference,
+    /// Differentiable ops only.
+    Training,
+}
+
+/// Which positions get vocabulary logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Every position: `[b, t, vocab]`.
+    All,
+    /// The last position only: `[b, 1, vocab]`.
+    Last,
+    /// No logits (capture-only passes).
+    None,
+}
+
+/// Options of one forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'a> {
+    /// Capture and steering hooks.
+    pub hooks: &'a Hooks,
+    /// Left-padding length per batch row (empty: no padding).
+    pub pad: &'a [usize],
+    /// Which logits to compute.
+    pub logits: LogitsAt,
+    /// Numerical path.
+    pub path: Path,
+}
+
+impl<'a> Forward<'a> {
+    /// Plain inference with the given hooks, logits at every position.
+    pub fn infer(hooks: &'a Hooks) -> Self {
+        Forward { hooks, pad: &[], logits: LogitsAt::All, path: Path::Inference }
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Logits, shaped as `LogitsAt` says; `None` when not requested.
+    pub logits: Option<Tensor>,
+    /// Captured residual streams by block index.
+    pub hidden: BTreeMap<usize, Tensor>,
+}
+
+/// RMSNorm with its effective weight (Gemma's `1 + w` is folded in at load time).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// Effective multiplier applied after normalisation.
+    pub weight: Tensor,
+    /// Epsilon inside the square root.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
+        Ok(match path {
+            Path::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?,
+            Path::Training => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?
+            }
+        })
+    }
+}
+
+/// Self-attention of one block.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+}
+
+/// Gated MLP of one block.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    /// Llama/Qwen: the norm before the MLP. Gemma: the norm on the attention output.
+    pub post_attention_layernorm: RmsNorm,
+    /// Gemma only: the norm before the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    /// Gemma only: the norm on the MLP output.
+    pub post_feedforward_layernorm: Option<RmsNorm>,
+    /// Sliding-window (local) layer.
+    pub sliding: bool,
+}
+
+/// Names of the projections a block holds, in a fixed order.
+pub const PROJECTIONS: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+impl Block {
+    /// The projection with the given name (one of `PROJECTIONS`).
+    pub fn projection_mut(&mut self, name: &str) -> Option<&mut LoraLinear> {
+        Some(match name {
+            "q_proj" => &mut self.attn.q_proj,
+            "k_proj" => &mut self.attn.k_proj,
+            "v_proj" => &mut self.attn.v_proj,
+            "o_proj" => &mut self.attn.o_proj,
+            "gate_proj" => &mut self.mlp.gate_proj,
+            "up_proj" => &mut self.mlp.up_proj,
+            "down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+    /// Read-only access to a projection.
+    pub fn projection(&self, name: &str) -> Option<&LoraLinear> {
+        Some(match name {
+            "q_proj" => &self.attn.q_proj,
+            "k_proj" => &self.attn.k_proj,
+            "v_proj" => &self.attn.v_proj,
+            "o_proj" => &self.attn.o_proj,
+            "gate_proj" => &self.mlp.gate_proj,
+            "up_proj" => &self.mlp.up_proj,
+            "down_proj" => &self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+}
+
+/// Precomputed RoPE tables `[max_pos, head_dim/2]`.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(
+        base: f64,
+        scale: f64,
+        head_dim: usize,
+        max_pos: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv: Vec<f32> =
+            (0..half).map(|i| (1.0 / base.powf(2.0 * i as f64 / head_dim as f64) / scale) as f32).collect();
+        let inv = Tensor::from_vec(inv, (1, half), dev)?;
+        let pos = Tensor::arange(0u32, max_pos as u32, dev)?.to_dtype(DType::F32)?.reshape((max_pos, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Rope { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+}
+
+/// The whole decoder.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Shapes and numerics.
+    pub cfg: ModelConfig,
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// Blocks, in order.
+    pub layers: Vec<Block>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output head; `None` when tied to the embeddings.
+    pub lm_head: Option<LoraLinear>,
+    rope_global: Rope,
+    rope_local: Rope,
+    rope_len: usize,
+    device: Device,
+    dtype: DType,
+}
+
+/// Where the decoder reads its tensors from (safetensors, GGUF, random init).
+pub trait WeightSource {
+    /// The tensor `name`, checked to have `shape`, in `dtype` on `dev`.
+    fn get(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor>;
+    /// Whether a tensor exists.
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Longest RoPE table built up front; longer contexts are rejected with a clear error.
+const MAX_ROPE: usize = 8192;
+
+impl Model {
+    /// Build a model from a weight source using Hugging Face tensor names.
+    pub fn load(cfg: &ModelConfig, ws: &dyn WeightSource, dtype: DType, dev: &Device) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let norm = |name: &str, dim: usize| -> Result<RmsNorm> {
+            let w = ws.get(name, &[dim], dtype, dev)?;
+            let w = if cfg.norm_plus_one() { (w + 1.0)? } else { w };
+            Ok(RmsNorm { weight: w, eps: cfg.rms_norm_eps })
+        };
+        let lin = |name: &str, o: usize, i: usize, bias: bool| -> Result<LoraLinear> {
+            let w = ws.get(&format!("{name}.weight"), &[o, i], dtype, dev)?;
+            let b = if bias { Some(ws.get(&format!("{name}.bias"), &[o], dtype, dev)?) } else { None };
+            Ok(LoraLinear::new(w, b))
+        };
+        let embed_tokens = ws.get("model.embed_tokens.weight", &[cfg.vocab_size, h], dtype, dev)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qd = cfg.num_attention_heads * hd;
+            let kvd = cfg.num_key_value_heads * hd;
+            let ab = cfg.attention_bias;
+            let attn = Attention {
+                q_proj: lin(&format!("{p}.self_attn.q_proj"), qd, h, ab)?,
+                k_proj: lin(&format!("{p}.self_attn.k_proj"), kvd, h, ab)?,
+                v_proj: lin(&format!("{p}.self_attn.v_proj"), kvd, h, ab)?,
+                o_proj: lin(&format!("{p}.self_attn.o_proj"), h, qd, false)?,
+                q_norm: if cfg.qk_norm() {
+                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm() {
+                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+            };
+            let m = cfg.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: lin(&format!("{p}.mlp.gate_proj"), m, h, false)?,
+                up_proj: lin(&format!("{p}.mlp.up_proj"), m, h, false)?,
+                down_proj: lin(&format!("{p}.mlp.down_proj"), h, m, false)?,
+            };
+            let gemma = cfg.norm_plus_one();
+            layers.push(Block {
+                attn,
+                mlp,
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                pre_feedforward_layernorm: if gemma {
+                    Some(norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?)
+                } else {
+                    None
+                },
+                post_feedforward_layernorm: if gemma {
+                    Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?)
+                } else {
+                    None
+                },
+                sliding: cfg.sliding_layers[i],
+            });
+        }
+        let norm_f = norm("model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
+            None
+        } else {
+            Some(lin("lm_head", cfg.vocab_size, h, false)?)
+        };
+        let rope_len = cfg.max_position_embeddings.clamp(1, MAX_ROPE);
+        let rope_global = Rope::new(cfg.rope_theta, cfg.rope_scaling_factor, hd, rope_len, dtype, dev)?;
+        let rope_local = Rope::new(cfg.rope_local_base_freq, 1.0, hd, rope_len, dtype, dev)?;
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm: norm_f,
+            lm_head,
+            rope_global,
+            rope_local,
+            rope_len,
+            device: dev.clone(),
+            dtype,
+        })
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A fresh, empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Run the decoder on `ids` `[b, t]`, appending to `cache` when given (its length is the position offset).
+    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, f: &Forward) -> Result<Output> {
+        let (b, t) = ids.dims2()?;
+        if t == 0 {
+            return Err(Error::invalid("forward called with an empty sequence"));
+        }
+        if !f.pad.is_empty() && f.pad.len() != b {
+            return Err(Error::invalid(format!("pad has {} rows, batch has {b}", f.pad.len())));
+        }
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if offset + t > self.rope_len {
+            return Err(Error::invalid(format!(
+                "sequence of {} tokens exceeds the supported context of {}",
+                offset + t,
+                self.rope_len
+            )));
+        }
+        if let Some(c) = cache.as_ref() {
+            if !c.pad().is_empty() && c.pad() != f.pad && offset > 0 {
+                return Err(Error::invalid("padding changed between cached forward passes"));
+            }
+        }
+        if let Some(c) = cache.as_mut() {
+            c.set_pad(f.pad.to_vec());
+        }
+        let mut xs =
+            self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        if let Some(s) = self.cfg.embed_scale() {
+            // Gemma multiplies in the activation dtype.
+            let s = Tensor::new(s as f32, &self.device)?.to_dtype(self.dtype)?;
+            xs = xs.broadcast_mul(&s)?;
+        }
+        let kv_len = offset + t;
+        let (cos_g, sin_g) = rope_tables(&self.rope_global, b, t, offset, f.pad, &self.device)?;
+        let (cos_l, sin_l) = if self.cfg.sliding_layers.iter().any(|s| *s) {
+            rope_tables(&self.rope_local, b, t, offset, f.pad, &self.device)?
+        } else {
+            (cos_g.clone(), sin_g.clone())
+        };
+        let mask_g = build_mask(b, t, offset, f.pad, None, self.dtype, &self.device)?;
+        let mask_l = match self.cfg.sliding_window {
+            Some(w) if self.cfg.sliding_layers.iter().any(|s| *s) => {
+                build_mask(b, t, offset, f.pad, Some(w), self.dtype, &self.device)?
+            }
+            _ => mask_g.clone(),
+        };
+        let mut hidden = BTreeMap::new();
+        let hooked = !f.hooks.is_empty();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (cos, sin, mask) =
+                if layer.sliding { (&cos_l, &sin_l, &mask_l) } else { (&cos_g, &sin_g, &mask_g) };
+            let kv = cache.as_mut().map(|c| c.layer_mut(li));
+            xs = self.block_forward(layer, &xs, cos, sin, mask.as_ref(), kv, f.path)?;
+            if hooked {
+                xs = apply_hooks(li, xs, f.hooks, offset, &mut hidden)?;
+            }
+        }
+        if let Some(c) = cache.as_mut() {
+            c.advance(t);
+        }
+        debug_assert!(kv_len == offset + t);
+        let logits = match f.logits {
+            LogitsAt::None => None,
+            LogitsAt::All => Some(self.head(&xs, f.path)?),
+            LogitsAt::Last => Some(self.head(&xs.narrow(1, t - 1, 1)?, f.path)?),
+        };
+        Ok(Output { logits, hidden })
+    }
+
+    /// Final norm, vocabulary projection and optional soft-capping.
+    fn head(&self, xs: &Tensor, path: Path) -> Result<Tensor> {
+        let xs = self.norm.forward(xs, path)?;
+        let logits = match &self.lm_head {
+            Some(l) => l.forward(&xs)?,
+            None => {
+                let (b, t, h) = xs.dims3()?;
+                xs.reshape((b * t, h))?.matmul(&self.embed_tokens.t()?)?.reshape((
+                    b,
+                    t,
+                    self.cfg.vocab_size,
+                ))?
+            }
+        };
+        Ok(match self.cfg.final_logit_softcapping {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        layer: &Block,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        path: Path,
+    ) -> Result<Tensor> {
+        let residual = xs;
+        let h = layer.input_layernorm.forward(xs, path)?;
+        let h = self.attention(&layer.attn, &h, cos, sin, mask, kv, path)?;
+        let xs = if let Some(post_ff) = &layer.post_feedforward_layernorm {
+            let h = layer.post_attention_layernorm.forward(&h, path)?;
+            let xs = (residual + h)?;
+            let pre = layer.pre_feedforward_layernorm.as_ref().ok_or_else(|| Error::invalid("gemma norm"))?;
+            let m = self.mlp(&layer.mlp, &pre.forward(&xs, path)?)?;
+            (xs + post_ff.forward(&m, path)?)?
+        } else {
+            let xs = (residual + h)?;
+            let m = self.mlp(&layer.mlp, &layer.post_attention_layernorm.forward(&xs, path)?)?;
+            (xs + m)?
+        };
+        Ok(xs)
+    }
+
+    fn mlp(&self, mlp: &Mlp, xs: &Tensor) -> Result<Tensor> {
+        let g = mlp.gate_proj.forward(xs)?;
+        let g = match self.cfg.activation {
+            Activation::Silu => g.silu()?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let u = mlp.up_proj.forward(xs)?;
+        Ok(mlp.down_proj.forward(&(g * u)?)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        at: &Attention,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        path: Path,
+    ) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let nh = self.cfg.num_attention_heads;
+        let nkv = self.cfg.num_key_value_heads;
+        let hd = self.cfg.head_dim;
+        let q = at.q_proj.forward(xs)?.reshape((b, t, nh, hd))?;
+        let k = at.k_proj.forward(xs)?.reshape((b, t, nkv, hd))?;
+        let v = at.v_proj.forward(xs)?.reshape((b, t, nkv, hd))?;
+        let q = match &at.q_norm {
+            Some(n) => n.forward(&q, path)?,
+            None => q,
+        };
+        let k = match &at.k_norm {
+            Some(n) => n.forward(&k, path)?,
+            None => k,
+        };
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let q = apply_rope(&q, cos, sin, path)?;
+        let k = apply_rope(&k, cos, sin, path)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let k = match &slot.0 {
+                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                    None => k,
+                };
+                let v = match &slot.1 {
+                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                    None => v,
+                };
+                slot.0 = Some(k.clone());
+                slot.1 = Some(v.clone());
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        let rep = nh / nkv;
+        // Fold each group's query heads into the sequence axis: [b, nkv, rep*t, hd] against [b, nkv, s, hd].
+        let qg = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = (qg.matmul(&k.t()?)? * self.cfg.attn_scale())?;
+        let scores = match self.cfg.attn_logit_softcapping {
+            Some(c) => ((scores / c)?.tanh()? * c)?,
+            None => scores,
+        };
+        let scores = scores.reshape((b, nh, t, s))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = match path {
+            Path::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+            Path::Training => {
+                let max = scores.max_keepdim(D::Minus1)?.detach();
+                let e = scores.broadcast_sub(&max)?.exp()?;
+                e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            }
+        };
+        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(at.o_proj.forward(&out)?)
+    }
+}
+
+/// RoPE on `[b, h, t, d]` with tables `[t, d/2]` or `[b, t, d/2]` (HF "rotate half" layout).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
+    Ok(match path {
+        Path::Inference => candle_nn::rotary_emb::rope(x, cos, sin)?,
+        Path::Training => {
+            let d = x.dim(D::Minus1)?;
+            let half = d / 2;
+            let (cos, sin) = if cos.rank() == 2 {
+                (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?)
+            } else {
+                (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
+            };
+            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            (x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?
+        }
+    })
+}
+
+/// Cos/sin for the positions of this call: `[t, d/2]` without padding, else `[b, t, d/2]` with each row's
+/// real tokens starting at position 0.
+fn rope_tables(
+    rope: &Rope,
+    b: usize,
+    t: usize,
+    offset: usize,
+    pad: &[usize],
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    if pad.iter().all(|p| *p == 0) {
+        return Ok((rope.cos.narrow(0, offset, t)?, rope.sin.narrow(0, offset, t)?));
+    }
+    let mut pos = Vec::with_capacity(b * t);
+    for &p in pad {
+        for i in 0..t {
+            pos.push((offset + i).saturating_sub(p) as u32);
+        }
+    }
+    let idx = Tensor::from_vec(pos, b * t, dev)?;
+    let half = rope.cos.dim(1)?;
+    let cos = rope.cos.index_select(&idx, 0)?.reshape((b, t, half))?;
+    let sin = rope.sin.index_select(&idx, 0)?.reshape((b, t, half))?;
+    Ok((cos, sin))
+}
+
+/// Additive attention mask `[b, 1, t, offset+t]`, or `None` when every key is visible to every query.
+/// Masks future keys, left-pad keys, and keys at distance ≥ `window` (Hugging Face's sliding semantics).
+/// A padded query may see itself so its softmax row is never empty.
+pub(crate) fn build_mask(
+    b: usize,
+    t: usize,
+    offset: usize,
+    pad: &[usize],
+    window: Option<usize>,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let s = offset + t;
+    let padded = pad.iter().any(|p| *p > 0);
+    let windowed = window.map(|w| s > w).unwrap_or(false);
+    if t == 1 && !padded && !windowed {
+        return Ok(None);
+    }
+    let rows = if padded { b } else { 1 };
+    let mut m = vec![0f32; rows * t * s];
+    for r in 0..rows {
+        let p = if padded { pad[r] } else { 0 };
+        for i in 0..t {
+            let qi = offset + i;
+            for j in 0..s {
+                let future = j > qi;
+                let pad_key = j < p && j != qi;
+                let far = window.map(|w| qi >= j + w).unwrap_or(false);
+                if future || pad_key || far {
+                    m[(r * t + i) * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    let m = Tensor::from_vec(m, (rows, 1, t, s), dev)?.to_dtype(dtype)?;
+    Ok(Some(m))
+}
+
+/// Run the hooks of block `li` on its output.
+fn apply_hooks(
+    li: usize,
+    mut xs: Tensor,
+    hooks: &Hooks,
+    offset: usize,
+    hidden: &mut BTreeMap<usize, Tensor>,
+) -> Result<Tensor> {
+    for st in hooks.steer.iter().filter(|s| s.layer == li) {
+        let (b, t, h) = xs.dims3()?;
+        if st.vector.dims() != [h] {
+            return Err(Error::invalid(format!(
+                "steering vector for layer {li} has shape {:?}, the model's hidden size is {h}",
+                st.vector.dims()
+            )));
+        }
+        if st.start >= offset + t {
+            continue;
+        }
+        let v = st.vector.to_dtype(xs.dtype())?.reshape((1, 1, h))?;
+        let c = match st.coeffs.len() {
+            1 => Tensor::new(&[st.coeffs[0]], xs.device())?.reshape((1, 1, 1))?,
+            n if n == b => Tensor::from_vec(st.coeffs.clone(), (b, 1, 1), xs.device())?,
+            n => return Err(Error::invalid(format!("{n} steering coefficients for a batch of {b}"))),
+        }
+        .to_dtype(xs.dtype())?;
+        let mut add = c.broadcast_mul(&v)?;
+        if st.start > offset {
+            // Only positions ≥ start: a 0/1 column over this call's positions.
+            let on: Vec<f32> = (0..t).map(|i| if offset + i >= st.start { 1.0 } else { 0.0 }).collect();
+            let on = Tensor::from_vec(on, (1, t, 1), xs.device())?.to_dtype(xs.dtype())?;
+            add = add.broadcast_mul(&on)?;
+        }
+        xs = xs.broadcast_add(&add)?;
+    }
+    if let Some(cap) = &hooks.capture {
+        if cap.layers.contains(&li) {
+            let t = xs.dim(1)?;
+            let kept = match cap.positions {
+                CapturePositions::All => xs.clone(),
+                CapturePositions::Last => xs.narrow(1, t - 1, 1)?.squeeze(1)?,
+            };
+            hidden.insert(li, kept);
+        }
+    }
+    Ok(xs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_mask_follows_hf_semantics() -> Result<()> {
+        let m = build_mask(1, 5, 0, &[], Some(2), DType::F32, &Device::Cpu)?.ok_or(Error::invalid("mask"))?;
+        let v: Vec<Vec<f32>> = m.squeeze(0)?.squeeze(0)?.to_vec2()?;
+        // query 3 sees keys 2 and 3 only (distance < window)
+        let visible: Vec<usize> = (0..5).filter(|&j| v[3][j] == 0.0).collect();
+        assert_eq!(visible, vec![2, 3]);
+        Ok(())
+    }
+
+    #[test]
+    fn padded_queries_never_have_empty_rows() -> Result<()> {
+        let m =
+            build_mask(2, 4, 0, &[2, 0], None, DType::F32, &Device::Cpu)?.ok_or(Error::invalid("mask"))?;
+        let v: Vec<Vec<Vec<Vec<f32>>>> =
+            m.to_vec3::<f32>().map(|_| vec![]).or_else(|_| Ok::<_, Error>(vec![]))?;
+        let _ = v;
+        let flat: Vec<f32> = m.flatten_all()?.to_vec1()?;
+        for row in flat.chunks(4) {
+            assert!(row.iter().any(|x| x.is_finite()));
+        }
+        // row 0, query 3 (real) must not see pad keys 0 and 1
+        let r0q3 = &flat[3 * 4..4 * 4];
+        assert_eq!(r0q3[0], f32::NEG_INFINITY);
+        assert_eq!(r0q3[1], f32::NEG_INFINITY);
+        assert_eq!(r0q3[2], 0.0);
+        Ok(())
+    }
+}

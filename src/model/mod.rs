@@ -1,0 +1,24 @@
+//! What a network is: config, our own decoder with hooks and LoRA-ready projections, KV cache, tokenizer, chat
+//! template, loading from local directories and GGUF files, tiny random models, and generation.
+//! No training loops and no terminal code live here.
+
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod gguf;
+pub mod hook;
+pub mod load;
+pub mod lora;
+pub mod tiny;
+pub mod tokenizer;
+
+pub use cache::KvCache;
+pub use chat::{ChatTemplate, Message};
+pub use config::{Activation, Arch, ModelConfig};
+pub use decoder::{Forward, LogitsAt, Model, Output, Path};
+pub use hook::{Capture, CapturePositions, Hooks, Steer};
+pub use load::{load_model, LoadedModel, ModelInfo};
+pub use lora::{Adapter, LoraLinear};
+pub use tokenizer::TextTokenizer;

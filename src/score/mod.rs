@@ -1,0 +1,1 @@
+//! Gate-Q0 automatic scores: coherence, repetition, narration, refusal, persona strength.

@@ -1,0 +1,1 @@
+//! Sessions on disk: manifest, append-only event log, per-round artifacts.

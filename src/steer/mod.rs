@@ -1,0 +1,2 @@
+//! Steering: personas, mean-difference vectors, iso-KL dosing, steered generation with incoherence traces,
+//! backtrack/replay. Plain library code; no terminal.

@@ -1,0 +1,1 @@
+//! The terminal UI: state, pure update, views, keymaps. Never touches candle.
