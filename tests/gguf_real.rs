@@ -131,3 +131,24 @@ fn tokenizer_and_template_come_from_the_metadata() {
     assert_eq!(m.model.cfg.num_hidden_layers, 30);
     assert!(m.model.cfg.tie_word_embeddings);
 }
+
+#[test]
+fn converted_directory_loads_back_identically() {
+    let Some(m) = smollm2() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("smollm2-hf");
+    steer_heal::model::gguf::convert_gguf(&model_path().expect("present"), &out).expect("convert");
+    let back = load_model(&out, Some(DType::F32), &Device::Cpu).expect("load converted");
+    assert_eq!(back.model.cfg, m.model.cfg);
+    let prompt = m.chat.prompt(None, QUESTION).expect("prompt");
+    assert_eq!(back.chat.prompt(None, QUESTION).expect("prompt"), prompt);
+    let ids = m.tokenizer.encode(&prompt).expect("encode");
+    assert_eq!(back.tokenizer.encode(&prompt).expect("encode"), ids);
+    assert_eq!(back.tokenizer.stop_ids, m.tokenizer.stop_ids);
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu).expect("ids").unsqueeze(0).expect("batch");
+    let hooks = Hooks::none();
+    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::All, path: Path::Inference };
+    let a = m.model.forward(&x, None, &f).expect("forward").logits.expect("logits");
+    let b = back.model.forward(&x, None, &f).expect("forward").logits.expect("logits");
+    assert_eq!(max_abs(&a, &b), 0.0, "converted SmolLM2 logits differ");
+}

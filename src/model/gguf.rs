@@ -689,7 +689,7 @@ impl GgufCheckpoint {
         }
         atomic_write_json(&out.join("config.json"), &cfg)?;
         let weights_path = out.join("model.safetensors");
-        atomic_write(&weights_path, &safetensors_bytes(&self.tensors, &weights_path)?)?;
+        write_safetensors_atomically(&self.tensors, &weights_path)?;
         let tok_path = out.join("tokenizer.json");
         let tok_json = self
             .tokenizer
@@ -723,44 +723,24 @@ impl GgufCheckpoint {
     }
 }
 
-/// One tensor's bytes for the safetensors writer (the crate's `safetensors` is not the one candle implements
-/// `View` for, so we hand it plain bytes).
-struct RawTensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &RawTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
+/// Write f32 tensors as safetensors the way `atomic_write` writes small files (temp file beside the target, fsync,
+/// rename), but through candle's own serialiser: building one byte vector of a whole model in our unoptimised
+/// dev-profile code is many times slower.
+fn write_safetensors_atomically(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "weights".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let f32s: HashMap<&str, Tensor> =
+        tensors.iter().map(|(k, t)| Ok((k.as_str(), t.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+    candle_core::safetensors::save(&f32s, &tmp)
+        .map_err(|e| Error::bad_file(&tmp, format!("cannot write weights: {e}")))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::bad_file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::bad_file(path, e))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        // Best effort: the rename is durable once the directory entry is.
+        let _ = d.sync_all();
     }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// Serialise f32 tensors to safetensors bytes.
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<u8>> {
-    let mut raw: Vec<(String, RawTensor)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        raw.push((
-            name.clone(),
-            RawTensor { dtype: safetensors::Dtype::F32, shape: t.dims().to_vec(), data },
-        ));
-    }
-    raw.sort_by(|a, b| a.0.cmp(&b.0));
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize(raw.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-        .map_err(|e| Error::bad_file(path, format!("cannot serialise weights: {e}")))
+    Ok(())
 }
 
 /// Load a GGUF file as a ready model: dequantised weights in `dtype` (default: f32 on CPU, bf16 on CUDA),
@@ -822,6 +802,50 @@ mod tests {
         assert_eq!(hf_name("output.weight", Arch::Llama).as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("token_embd.weight", Arch::Qwen3).as_deref(), Some("model.embed_tokens.weight"));
         assert_eq!(hf_name("rope_freqs.weight", Arch::Llama), None);
+    }
+
+    #[test]
+    fn sentencepiece_vocab_merges_by_score_and_falls_back_to_bytes() -> Result<()> {
+        let mut toks: Vec<(String, i32)> = vec![("<unk>".into(), 2), ("<s>".into(), 3), ("</s>".into(), 3)];
+        toks.extend((0..=255u8).map(|b| (format!("<0x{b:02X}>"), 6)));
+        for p in [
+            "▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁w", "or", "▁wor", "ld",
+            "▁world",
+        ] {
+            toks.push((p.into(), 1));
+        }
+        toks.push(("<start_of_turn>".into(), 4));
+        let n = toks.len();
+        let mut md: HashMap<String, Value> = HashMap::new();
+        md.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+        md.insert(
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(toks.iter().map(|t| Value::String(t.0.clone())).collect()),
+        );
+        md.insert(
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(toks.iter().map(|t| Value::I32(t.1)).collect()),
+        );
+        // SentencePiece BPE scores: earlier pieces merge first.
+        md.insert(
+            "tokenizer.ggml.scores".into(),
+            Value::Array((0..n).map(|i| Value::F32(-(i as f32))).collect()),
+        );
+        md.insert("tokenizer.ggml.unknown_token_id".into(), Value::U32(0));
+        md.insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false));
+        let meta = Meta { md: &md, arch: "gemma3".into(), path: Path::new("t.gguf") };
+        let tok = build_tokenizer(&meta)?;
+        let enc = tok.encode("hello world", false).map_err(Error::tokenizer)?;
+        assert_eq!(enc.get_tokens(), ["hello", "▁world"]);
+        for text in ["hello world", "hé wörld", "<start_of_turn>hello"] {
+            let ids = tok.encode(text, false).map_err(Error::tokenizer)?.get_ids().to_vec();
+            assert_eq!(tok.decode(&ids, false).map_err(Error::tokenizer)?, text);
+        }
+        let enc = tok.encode("hé", false).map_err(Error::tokenizer)?;
+        assert_eq!(enc.get_tokens(), ["h", "<0xC3>", "<0xA9>"]);
+        let enc = tok.encode("<start_of_turn>hello", false).map_err(Error::tokenizer)?;
+        assert_eq!(enc.get_tokens(), ["<start_of_turn>", "hello"]);
+        Ok(())
     }
 
     #[test]
