@@ -56,6 +56,13 @@ pub enum ModelCmd {
         /// The user message.
         prompt: String,
     },
+    /// Convert a GGUF file to a Hugging Face directory (config, f32 safetensors, tokenizer, chat template).
+    Convert {
+        /// The .gguf file.
+        model: PathBuf,
+        /// Output directory (created if absent).
+        out_dir: PathBuf,
+    },
 }
 
 /// Run a model subcommand.
@@ -82,6 +89,10 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
                 &mut |_| true,
             )?;
             println!("{}", lm.tokenizer.decode(&gen.tokens[0], false)?);
+        }
+        ModelCmd::Convert { model: path, out_dir } => {
+            model::gguf::convert_gguf(&path, &out_dir)?;
+            println!("wrote {}", out_dir.display());
         }
     }
     Ok(())
