@@ -218,11 +218,14 @@ pub struct Binding {
     pub source: String,
 }
 
-/// One parsed keymap file: per mode, key sequence → action (`None` unbinds).
+/// One line of a keymap file: the key sequence, its spelling in the file, and the action (`None` unbinds).
+type LayerEntry = (Vec<KeyChord>, String, Option<Action>);
+
+/// One parsed keymap file: per mode, its entries.
 #[derive(Debug, Clone, Default)]
 pub struct Layer {
     source: String,
-    tables: BTreeMap<Mode, Vec<(Vec<KeyChord>, String, Option<Action>)>>,
+    tables: BTreeMap<Mode, Vec<LayerEntry>>,
 }
 
 impl Layer {
