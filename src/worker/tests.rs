@@ -128,23 +128,32 @@ fn session_with_model(dir: &Path, model: &Path) -> Session {
     Session::create(dir, m).expect("session").session
 }
 
-async fn next_terminal(rx: &mut mpsc::UnboundedReceiver<WorkerEvent>, id: JobId) -> WorkerEvent {
-    loop {
+/// Wait for the terminal events of `ids` (in whatever order they come), keyed by id.
+async fn terminals(
+    rx: &mut mpsc::UnboundedReceiver<WorkerEvent>,
+    ids: &[JobId],
+) -> BTreeMap<JobId, WorkerEvent> {
+    let mut out = BTreeMap::new();
+    while ids.iter().any(|i| !out.contains_key(i)) {
         let e = tokio::time::timeout(std::time::Duration::from_secs(120), rx.recv())
             .await
             .expect("worker answered in time")
             .expect("worker alive");
         match &e {
-            WorkerEvent::Finished { id: i, .. }
-            | WorkerEvent::Failed { id: i, .. }
-            | WorkerEvent::Cancelled { id: i }
-                if *i == id =>
-            {
-                return e
+            WorkerEvent::Finished { id, .. }
+            | WorkerEvent::Failed { id, .. }
+            | WorkerEvent::Cancelled { id } => {
+                assert!(out.insert(*id, e.clone()).is_none(), "two terminal events for job {id}");
             }
             _ => {}
         }
     }
+    out
+}
+
+async fn next_terminal(rx: &mut mpsc::UnboundedReceiver<WorkerEvent>, id: JobId) -> WorkerEvent {
+    let mut m = terminals(rx, &[id]).await;
+    m.remove(&id).expect("terminal event")
 }
 
 #[test]
@@ -169,8 +178,9 @@ fn worker_generates_records_and_latest_replay_wins() {
         }
         send(2, JobKind::LoadModel { path: md.path().to_path_buf(), vector: None }).await;
         send(3, JobKind::Generate(Box::new(request(8)))).await;
-        assert!(matches!(next_terminal(&mut rx, 2).await, WorkerEvent::Finished { .. }));
-        let rows = match next_terminal(&mut rx, 3).await {
+        let mut ends = terminals(&mut rx, &[2, 3]).await;
+        assert!(matches!(ends.remove(&2), Some(WorkerEvent::Finished { .. })));
+        let rows = match ends.remove(&3).expect("terminal") {
             WorkerEvent::Finished { output: JobOutput::Completions { rows, file, .. }, .. } => {
                 assert_eq!(file, "round-00/completions-p002.jsonl");
                 rows
@@ -194,8 +204,9 @@ fn worker_generates_records_and_latest_replay_wins() {
         }
         let mut finished = vec![];
         let mut cancelled = vec![];
+        let mut ends = terminals(&mut rx, &[10, 11, 12]).await;
         for id in [10, 11, 12] {
-            match next_terminal(&mut rx, id).await {
+            match ends.remove(&id).expect("terminal") {
                 WorkerEvent::Finished { output: JobOutput::Replayed { dose, .. }, .. } => {
                     finished.push((id, dose))
                 }
@@ -217,8 +228,9 @@ fn worker_generates_records_and_latest_replay_wins() {
             send(id, JobKind::Record(e)).await;
         }
         let mut seqs = vec![];
+        let mut ends = terminals(&mut rx, &[20, 21, 22]).await;
         for id in [20, 21, 22] {
-            match next_terminal(&mut rx, id).await {
+            match ends.remove(&id).expect("terminal") {
                 WorkerEvent::Finished { output: JobOutput::Recorded { seq, .. }, .. } => seqs.push(seq),
                 e => panic!("unexpected {e:?}"),
             }
