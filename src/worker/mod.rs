@@ -107,6 +107,8 @@ pub enum JobOutput {
     ModelLoaded {
         /// Model id.
         model: String,
+        /// Its weights fingerprint.
+        weights_hash: String,
         /// Number of layers.
         layers: usize,
         /// Hidden size.
@@ -390,6 +392,7 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             };
             let out = JobOutput::ModelLoaded {
                 model: lm.info.id.clone(),
+                weights_hash: lm.info.weights_hash.clone(),
                 layers: lm.model.cfg.num_hidden_layers,
                 hidden: lm.model.cfg.hidden_size,
                 vector_layers: vectors.keys().copied().collect(),
