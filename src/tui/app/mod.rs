@@ -921,6 +921,14 @@ fn reshow_action(s: &mut State, a: Action) -> Vec<Job> {
     }
 }
 
+/// A text editor holding `text` with the cursor at its end.
+fn editor(text: &str) -> TextArea<'static> {
+    let mut area = TextArea::new(text.lines().map(String::from).collect());
+    area.move_cursor(ratatui_textarea::CursorMove::Bottom);
+    area.move_cursor(ratatui_textarea::CursorMove::End);
+    area
+}
+
 /// A deterministic sample of decided completions not yet re-shown (SplitMix-style hash order, so the sample
 /// does not follow the list order the researcher remembers).
 pub fn reshow_sample(s: &State, n: usize) -> Vec<String> {
@@ -1092,7 +1100,7 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
         Action::EditNote => {
             if let Some(id) = s.current_id() {
                 let note = s.note_of(&id).unwrap_or_default();
-                let area = TextArea::new(note.lines().map(String::from).collect());
+                let area = editor(&note);
                 s.popup = Some(Popup::Edit {
                     target: EditTarget::Note,
                     completion: Some(id),
@@ -1106,7 +1114,7 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
                 .map(|r| r.completion.prompt.clone())
                 .or_else(|| s.manifest.generation.prompts.first().cloned())
                 .unwrap_or_default();
-            let area = TextArea::new(prompt.lines().map(String::from).collect());
+            let area = editor(&prompt);
             s.popup =
                 Some(Popup::Edit { target: EditTarget::Prompt, completion: None, area: Box::new(area) });
         }
@@ -1257,17 +1265,21 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
             return on_output(s, id, output);
         }
         WorkerEvent::Failed { id, error } => {
-            let label = s.jobs.remove(&id).map(|j| j.label).unwrap_or("a job");
+            let label = s.jobs.remove(&id).map(|j| j.label);
             if s.live.as_ref().is_some_and(|l| l.0 == id) {
                 s.live = None;
             }
             if s.replay.as_ref().is_some_and(|r| r.job == id) {
                 s.replay = None;
             }
-            if label == "loading model" {
+            if label == Some("loading model") {
                 s.model = ModelStatus::Failed(error.clone());
             }
-            s.message(&format!("Failed while {label}"), error);
+            let title = match label {
+                Some(l) => format!("Failed while {l}"),
+                None => "A background job failed".to_string(),
+            };
+            s.message(&title, error);
         }
         WorkerEvent::Cancelled { id } => {
             s.jobs.remove(&id);

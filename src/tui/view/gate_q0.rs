@@ -22,6 +22,14 @@ fn fmt_opt(x: Option<f64>, digits: usize) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
+/// `L13–15` for a contiguous band, else `L3,7,9`.
+fn layer_list(layers: &[usize]) -> String {
+    match (layers.first(), layers.last()) {
+        (Some(a), Some(b)) if b - a + 1 == layers.len() && layers.len() > 1 => format!("L{a}–{b}"),
+        _ => format!("L{}", layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")),
+    }
+}
+
 /// The top line: session, round, model, dose slider.
 pub fn header(s: &State, area: Rect, buf: &mut Buffer) {
     let model = match &s.model {
@@ -31,8 +39,7 @@ pub fn header(s: &State, area: Rect, buf: &mut Buffer) {
             format!("{model} (unsteered)")
         }
         ModelStatus::Ready { model, vector_layers } => {
-            let l: Vec<String> = vector_layers.iter().map(|l| l.to_string()).collect();
-            format!("{model} (steering L{})", l.join(","))
+            format!("{model} (steering {})", layer_list(vector_layers))
         }
         ModelStatus::Failed(_) => "FAILED to load".to_string(),
     };
@@ -56,7 +63,7 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
         return;
     }
     let (list, detail) = if area.width >= 100 {
-        let [a, b] = Layout::horizontal([Constraint::Percentage(48), Constraint::Percentage(52)]).areas(area);
+        let [a, b] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area);
         (a, b)
     } else {
         let [a, b] = Layout::vertical([Constraint::Percentage(40), Constraint::Percentage(60)]).areas(area);
@@ -84,7 +91,7 @@ fn list_pane(s: &State, area: Rect, buf: &mut Buffer) {
         if s.sort_desc { "↓" } else { "↑" }
     );
     let block = Block::new().borders(Borders::ALL).title(title);
-    let header = Row::new(vec!["", "id", "filter", "ppl", "rep", "kl", "persona", "reasons"]).style(BOLD);
+    let header = Row::new(vec!["", "id", "auto", "ppl", "rep", "kl", "pers", "reasons"]).style(BOLD);
     let rows: Vec<Row> = s
         .view
         .iter()
@@ -112,12 +119,12 @@ fn list_pane(s: &State, area: Rect, buf: &mut Buffer) {
     let widths = [
         Constraint::Length(1),
         Constraint::Length(15),
-        Constraint::Length(6),
-        Constraint::Length(6),
+        Constraint::Length(4),
+        Constraint::Length(5),
         Constraint::Length(4),
         Constraint::Length(4),
-        Constraint::Length(7),
-        Constraint::Min(4),
+        Constraint::Length(5),
+        Constraint::Min(3),
     ];
     let table = Table::new(rows, widths)
         .header(header)
@@ -365,29 +372,27 @@ pub fn hint_line(s: &State, area: Rect, buf: &mut Buffer) {
             .render(area, buf);
         return;
     }
-    let mode = s.mode();
-    let wanted: &[Action] = match mode {
-        Mode::Reshow => &[Action::Accept, Action::Reject, Action::Cancel, Action::ToggleHelp],
+    // Hints describe the screen under any popup; popups carry their own key hints.
+    let mode = if s.reshow.is_some() { Mode::Reshow } else { Mode::GateQ0 };
+    let wanted: &[(Action, &str)] = match mode {
+        Mode::Reshow => &[(Action::Accept, "accept"), (Action::Reject, "reject"), (Action::Cancel, "stop")],
         _ => &[
-            Action::Accept,
-            Action::Reject,
-            Action::Undo,
-            Action::NextUndecided,
-            Action::TagReasons,
-            Action::EditNote,
-            Action::Backtrack,
-            Action::DoseDown,
-            Action::DoseUp,
-            Action::ToggleStats,
-            Action::ToggleHelp,
-            Action::Quit,
+            (Action::Accept, "accept"),
+            (Action::Reject, "reject"),
+            (Action::Undo, "undo"),
+            (Action::NextUndecided, "next undecided"),
+            (Action::TagReasons, "tags"),
+            (Action::EditNote, "note"),
+            (Action::Backtrack, "backtrack"),
+            (Action::DoseDown, "dose−"),
+            (Action::DoseUp, "dose+"),
+            (Action::ToggleStats, "stats"),
         ],
     };
     let mut spans = vec![Span::raw(" ")];
-    for a in wanted {
-        let key = s.keymap.hint(mode, *a);
-        spans.push(Span::styled(key, BOLD.fg(Color::Cyan)));
-        spans.push(Span::raw(format!(" {}  ", a.name())));
+    for (a, label) in wanted.iter().chain(&[(Action::ToggleHelp, "help"), (Action::Quit, "quit")]) {
+        spans.push(Span::styled(s.keymap.hint(mode, *a), BOLD.fg(Color::Cyan)));
+        spans.push(Span::raw(format!(" {label}  ")));
     }
     Paragraph::new(Line::from(spans)).render(area, buf);
 }
