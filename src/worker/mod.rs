@@ -4,7 +4,9 @@
 //! Two lanes keep the UI responsive and the log ordered:
 //! - the model lane runs one model job at a time on a blocking thread (load, generate, replay, rescore), FIFO,
 //!   except interactive jobs (replay), which sit in a **latest-wins slot**: a newer request replaces a pending
-//!   one and cancels a running one, and the slot is served before the FIFO queue;
+//!   one and cancels a running one, and the slot is served before the FIFO queue. A running generation or
+//!   rescore steps aside for a replay (it is stopped and re-queued at the front, reporting nothing until it
+//!   runs again), so the researcher never waits for a whole prompt's batch;
 //! - the record lane appends session events and artifacts in the order the UI sent them, never waiting for the
 //!   model.
 //!
@@ -24,6 +26,7 @@ use crate::steer::Completion;
 use candle_core::Tensor;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -253,15 +256,18 @@ struct Running {
     id: JobId,
     interactive: bool,
     cancel: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
+    /// Set when an interactive job pushes this one aside; it is then re-queued instead of cancelled.
+    preempted: Arc<AtomicBool>,
+    /// A copy to re-queue, for jobs that may be pushed aside (generation, rescoring).
+    requeue: Option<Job>,
+    handle: tokio::task::JoinHandle<bool>,
 }
 
-async fn wait(r: &mut Option<Running>) {
+/// Wait for the running job; true when it stopped because it was pushed aside.
+async fn wait(r: &mut Option<Running>) -> bool {
     match r {
-        Some(r) => {
-            let _ = (&mut r.handle).await;
-        }
-        None => std::future::pending::<()>().await,
+        Some(r) => (&mut r.handle).await.unwrap_or(false),
+        None => std::future::pending::<bool>().await,
     }
 }
 
@@ -272,7 +278,9 @@ async fn run(mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>) {
     let recorder = tokio::spawn(async move {
         while let Some(job) = rec_rx.recv().await {
             let c = rec_ctx.clone();
-            let _ = tokio::task::spawn_blocking(move || execute(&c, job, CancellationToken::new())).await;
+            let never = AtomicBool::new(false);
+            let _ =
+                tokio::task::spawn_blocking(move || execute(&c, job, CancellationToken::new(), &never)).await;
         }
     });
     let mut queue: VecDeque<Job> = VecDeque::new();
@@ -284,9 +292,12 @@ async fn run(mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>) {
                 let cancel = CancellationToken::new();
                 let c = ctx.clone();
                 let (id, interactive) = (job.id, job.kind.is_interactive());
-                let token = cancel.clone();
-                let handle = tokio::task::spawn_blocking(move || execute(&c, job, token));
-                running = Some(Running { id, interactive, cancel, handle });
+                let requeue =
+                    matches!(job.kind, JobKind::Generate(_) | JobKind::Rescore { .. }).then(|| job.clone());
+                let (token, preempted) = (cancel.clone(), Arc::new(AtomicBool::new(false)));
+                let flag = preempted.clone();
+                let handle = tokio::task::spawn_blocking(move || execute(&c, job, token, &flag));
+                running = Some(Running { id, interactive, cancel, preempted, requeue, handle });
             }
         }
         tokio::select! {
@@ -312,14 +323,24 @@ async fn run(mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>) {
                         if let Some(old) = slot.replace(job) {
                             let _ = ctx.events.send(WorkerEvent::Cancelled { id: old.id });
                         }
-                        if let Some(r) = running.as_ref().filter(|r| r.interactive) {
-                            r.cancel.cancel();
+                        match running.as_ref() {
+                            Some(r) if r.interactive => r.cancel.cancel(),
+                            // Generation steps aside for the researcher's replay and resumes after it.
+                            Some(r) if r.requeue.is_some() => {
+                                r.preempted.store(true, Ordering::SeqCst);
+                                r.cancel.cancel();
+                            }
+                            _ => {}
                         }
                     }
                     _ => queue.push_back(job),
                 },
             },
-            _ = wait(&mut running) => { running = None; }
+            pushed_aside = wait(&mut running) => {
+                if let Some(job) = running.take().and_then(|r| r.requeue).filter(|_| pushed_aside) {
+                    queue.push_front(job);
+                }
+            }
         }
     }
     // Shutdown: nothing new starts; the running job is asked to stop and awaited so its writes complete.
@@ -334,16 +355,27 @@ async fn run(mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>) {
     let _ = recorder.await;
 }
 
-/// Run one job to its single terminal event.
-fn execute(ctx: &Ctx, job: Job, cancel: CancellationToken) {
+/// Run one job to its single terminal event. A job stopped because it was pushed aside sends none and
+/// returns true: it will run again from the start and report then.
+fn execute(ctx: &Ctx, job: Job, cancel: CancellationToken, preempted: &AtomicBool) -> bool {
     let id = job.id;
     let _ = ctx.events.send(WorkerEvent::Started { id, label: job.kind.label() });
     let ev = match run_job(ctx, id, job.kind, &cancel) {
         Ok(output) => WorkerEvent::Finished { id, output },
+        Err(Error::Cancelled) if preempted.load(Ordering::SeqCst) => {
+            let _ = ctx.events.send(WorkerEvent::Progress {
+                id,
+                done: 0,
+                total: 0,
+                msg: "paused for a replay".into(),
+            });
+            return true;
+        }
         Err(Error::Cancelled) => WorkerEvent::Cancelled { id },
         Err(e) => WorkerEvent::Failed { id, error: e.to_string() },
     };
     let _ = ctx.events.send(ev);
+    false
 }
 
 fn score_all(

@@ -246,3 +246,78 @@ fn worker_generates_records_and_latest_replay_wins() {
         assert_eq!(loaded, rows);
     });
 }
+
+#[test]
+fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let md = tempfile::tempdir().expect("tempdir");
+        make_tiny_model(Arch::Llama, md.path(), 7).expect("tiny");
+        let sd = tempfile::tempdir().expect("tempdir");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session_with_model(sd.path(), md.path()), tx).expect("spawn");
+        let send = |id, kind| {
+            let jobs = w.jobs.clone();
+            async move { jobs.send(Job { id, kind }).await.expect("send") }
+        };
+        send(1, JobKind::LoadModel { path: md.path().to_path_buf(), vector: None }).await;
+        send(2, JobKind::Generate(Box::new(request(4)))).await;
+        let rows = match terminals(&mut rx, &[1, 2]).await.remove(&2) {
+            Some(WorkerEvent::Finished { output: JobOutput::Completions { rows, .. }, .. }) => rows,
+            e => panic!("unexpected {e:?}"),
+        };
+        // A long generation; once it streams, ask for a replay.
+        let mut long = request(600);
+        long.prompt_index = 5;
+        send(3, JobKind::Generate(Box::new(long))).await;
+        loop {
+            match rx.recv().await.expect("alive") {
+                WorkerEvent::Token { id: 3, .. } => break,
+                WorkerEvent::Finished { id: 3, .. } => {
+                    panic!("the generation finished before the replay was sent")
+                }
+                _ => {}
+            }
+        }
+        let rr = ReplayRequest {
+            round: 0,
+            completion: rows[0].completion.clone(),
+            at: 1,
+            dose: 0.5,
+            sampling: request(4).sampling,
+            kl_window: 4,
+        };
+        send(4, JobKind::Replay(Box::new(rr))).await;
+        let mut order = vec![];
+        let mut starts_of_3 = 0;
+        let mut ends = BTreeMap::new();
+        while ends.len() < 2 {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(300), rx.recv())
+                .await
+                .expect("in time")
+                .expect("alive");
+            match e {
+                WorkerEvent::Started { id: 3, .. } => starts_of_3 += 1,
+                WorkerEvent::Finished { id, .. }
+                | WorkerEvent::Failed { id, .. }
+                | WorkerEvent::Cancelled { id } => {
+                    assert!(ends.insert(id, e.clone()).is_none(), "two terminal events for job {id}");
+                    order.push(id);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(order, vec![4, 3], "the replay finishes first, then the generation");
+        assert_eq!(starts_of_3, 1, "the generation started again after the replay");
+        assert!(matches!(
+            ends.get(&4),
+            Some(WorkerEvent::Finished { output: JobOutput::Replayed { .. }, .. })
+        ));
+        assert!(matches!(
+            ends.get(&3),
+            Some(WorkerEvent::Finished { output: JobOutput::Completions { .. }, .. })
+        ));
+        drop(w.jobs);
+        w.join.await.expect("worker ends");
+    });
+}
