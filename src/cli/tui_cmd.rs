@@ -132,7 +132,10 @@ fn tui(
     .with_context(|| format!("opening session {}", dir.display()))?;
     let manifest = opened.session.manifest().clone();
     if let Some(m) = &model {
-        if m != &manifest.model {
+        let same = |a: &Path, b: &Path| {
+            a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+        };
+        if !same(m, &manifest.model) {
             bail!(
                 "{}: the session uses model {}, not {} (edit session.toml to switch models)",
                 dir.display(),
