@@ -8,7 +8,7 @@ pub mod stats;
 use super::action::{Action, Mode};
 use super::keymap::{KeyChord, KeyCode, KeyResult, Keymap};
 use crate::model::generate::Sampling;
-use crate::score::{ReasonKind, ScoreCard, ScoredCompletion, Verdict};
+use crate::score::{ReasonKind, ScoredCompletion, Verdict};
 use crate::session::state::{apply as apply_event, RoundState};
 use crate::session::{self, DecisionKind, SessionEvent, SessionManifest, SessionState};
 use crate::worker::{GenerateRequest, Job, JobId, JobKind, JobOutput, ReplayRequest, WorkerEvent};
@@ -971,8 +971,11 @@ fn decide(s: &mut State, keep: bool) -> Vec<Job> {
     };
     let job = s.record(e);
     s.status = format!("{} {id}", if keep { "accepted" } else { "rejected" });
-    s.refresh_view(Some(id));
-    advance_after_decision(s);
+    s.refresh_view(Some(id.clone()));
+    // Under a filter that now hides the row, the list has already moved on to the next one.
+    if s.current_id().as_deref() == Some(id.as_str()) {
+        advance_after_decision(s);
+    }
     vec![job]
 }
 
@@ -1339,11 +1342,6 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
         JobOutput::Recorded { .. } => {}
     }
     vec![]
-}
-
-/// The score card of the current row, if any.
-pub fn current_score(s: &State) -> Option<&ScoreCard> {
-    s.current().map(|r| &r.score)
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use crate::score::agreement::{
     best_threshold, cohen_kappa, Confusion, Feature, Labeled, ThresholdSuggestion,
 };
 use crate::score::gate::{render_gate_q0, GateInputs, GateItem};
-use crate::score::Verdict;
 
 /// The progress line's numbers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,13 +76,6 @@ pub fn reshow_pairs(s: &State) -> Vec<(bool, bool)> {
 pub fn kappa(s: &State) -> Kappa {
     let pairs = reshow_pairs(s);
     Kappa { n: pairs.len(), same: pairs.iter().filter(|(a, b)| a == b).count(), kappa: cohen_kappa(&pairs) }
-}
-
-/// Share of rows the filter keeps.
-pub fn auto_keep_share(s: &State) -> Option<f64> {
-    (!s.rows.is_empty()).then(|| {
-        s.rows.iter().filter(|r| r.score.verdict == Verdict::Keep).count() as f64 / s.rows.len() as f64
-    })
 }
 
 /// The `gate-q0.md` text for the round as it stands.

@@ -416,9 +416,12 @@ fn filters_cycle_and_clear_and_keep_the_selection() {
     assert_eq!(s.view.len(), 2);
     press(&mut s, "F");
     assert_eq!((s.filter, s.view.len()), (Filter::All, 5));
-    // Deciding under the undecided filter hides the row and moves on.
-    press(&mut s, "g g f r");
+    // Deciding under the undecided filter hides the row and lands on the very next one.
+    press(&mut s, "g g f");
+    assert_eq!(s.current_id().as_deref(), Some("p001-a100-s1"));
+    press(&mut s, "r");
     assert!(s.view.iter().all(|i| s.decision(&s.rows[*i].completion.id).is_none()));
+    assert_eq!(s.current_id().as_deref(), Some("p002-a100-s2"));
 }
 
 #[test]
