@@ -1,1 +1,295 @@
-//! Sessions on disk: manifest, append-only event log, per-round artifacts.
+//! Sessions on disk (`sessions/<name>/`): `session.toml` (manifest), `events.jsonl` (append-only, one fsynced
+//! line per event) and per-round artifact folders (`round-00/…`). State is the fold of the events; resuming
+//! re-folds. Artifacts are written temp + fsync + rename, and only then is the event that names them appended,
+//! so a crash leaves either no event or a complete file.
+
+pub mod event;
+pub mod manifest;
+pub mod state;
+
+use crate::error::{Error, Result};
+use crate::score::{Detectors, PhraseList, RegexList, ScoreCard, ScoredCompletion};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use event::{DecisionKind, EventLog, Logged, SessionEvent};
+pub use manifest::SessionManifest;
+pub use state::{fold, RoundState, SessionState};
+
+/// Schema version of `session.toml` and of every event line this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Name of the manifest file.
+pub const MANIFEST: &str = "session.toml";
+/// Name of the event log.
+pub const EVENTS: &str = "events.jsonl";
+/// Default narration pattern file copied into a new session.
+pub const NARRATION_FILE: &str = "narration.txt";
+/// Default refusal phrase file copied into a new session.
+pub const REFUSAL_FILE: &str = "refusal.txt";
+
+/// Folder of a round, relative to the session: `round-03`.
+pub fn round_dir(round: u32) -> String {
+    format!("round-{round:02}")
+}
+
+/// Completions artifact of one prompt: `round-00/completions-p003.jsonl`.
+pub fn completions_file(round: u32, prompt_index: usize) -> String {
+    format!("{}/completions-p{prompt_index:03}.jsonl", round_dir(round))
+}
+
+/// Gate-Q0 report of a round: `round-00/gate-q0.md`.
+pub fn gate_q0_file(round: u32) -> String {
+    format!("{}/gate-q0.md", round_dir(round))
+}
+
+/// An open session: its folder, manifest and event log writer.
+#[derive(Debug)]
+pub struct Session {
+    dir: PathBuf,
+    manifest: SessionManifest,
+    log: EventLog,
+}
+
+/// A session as opened: the writer plus what its log folds to.
+#[derive(Debug)]
+pub struct Opened {
+    /// The session, ready to append to.
+    pub session: Session,
+    /// The fold of its events.
+    pub state: SessionState,
+    /// The events themselves.
+    pub events: Vec<Logged>,
+    /// Problems survived while reading (truncated last line, unknown kinds, anomalies).
+    pub warnings: Vec<String>,
+}
+
+impl Session {
+    /// Create a new session folder with `manifest`, the default pattern files and a `round_started` event.
+    pub fn create(dir: &Path, mut manifest: SessionManifest) -> Result<Opened> {
+        let mp = dir.join(MANIFEST);
+        if mp.exists() {
+            return Err(Error::bad_file(&mp, "a session already exists here"));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::bad_file(dir, e))?;
+        if manifest.filter.narration_file.is_none() {
+            crate::fsutil::atomic_write(
+                &dir.join(NARRATION_FILE),
+                crate::score::patterns::DEFAULT_NARRATION.as_bytes(),
+            )?;
+            manifest.filter.narration_file = Some(NARRATION_FILE.into());
+        }
+        if manifest.filter.refusal_file.is_none() {
+            crate::fsutil::atomic_write(
+                &dir.join(REFUSAL_FILE),
+                crate::score::patterns::DEFAULT_REFUSAL.as_bytes(),
+            )?;
+            manifest.filter.refusal_file = Some(REFUSAL_FILE.into());
+        }
+        manifest.validate(&mp)?;
+        crate::fsutil::atomic_write(&mp, manifest.to_toml()?.as_bytes())?;
+        let mut opened = Self::open(dir)?;
+        let dose = opened.session.manifest.generation.dose;
+        let vector = opened.session.manifest.vector_file.as_ref().map(|p| p.display().to_string());
+        let logged = opened.session.append(SessionEvent::RoundStarted { round: 0, dose, vector })?;
+        state::apply(&mut opened.state, &logged.event);
+        opened.events.push(logged);
+        Ok(opened)
+    }
+
+    /// Open an existing session: check its schema, read and fold its log.
+    pub fn open(dir: &Path) -> Result<Opened> {
+        let mp = dir.join(MANIFEST);
+        if !mp.exists() {
+            return Err(Error::MissingFile { path: mp, what: "session manifest".into() });
+        }
+        let text = std::fs::read_to_string(&mp).map_err(|e| Error::bad_file(&mp, e))?;
+        let manifest = SessionManifest::parse(&text, &mp)?;
+        let lp = dir.join(EVENTS);
+        let contents = event::read_log(&lp)?;
+        let log = EventLog::open(&lp, &contents)?;
+        let state = fold(contents.events.iter().map(|l| &l.event));
+        let mut warnings = contents.warnings;
+        warnings.extend(state.anomalies.iter().map(|a| format!("{}: {a}", lp.display())));
+        Ok(Opened {
+            session: Session { dir: dir.to_path_buf(), manifest, log },
+            state,
+            events: contents.events,
+            warnings,
+        })
+    }
+
+    /// Open the session in `dir`, or create it with `manifest` when there is none.
+    pub fn open_or_create(dir: &Path, manifest: impl FnOnce() -> Result<SessionManifest>) -> Result<Opened> {
+        if dir.join(MANIFEST).exists() {
+            Self::open(dir)
+        } else {
+            Self::create(dir, manifest()?)
+        }
+    }
+
+    /// The session folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &SessionManifest {
+        &self.manifest
+    }
+
+    /// Sequence number the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.log.next_seq()
+    }
+
+    /// Append one event (one fsynced line).
+    pub fn append(&mut self, e: SessionEvent) -> Result<Logged> {
+        self.log.append(e)
+    }
+
+    /// Write an artifact at `rel` (temp + fsync + rename), then append the event that references it.
+    pub fn write_artifact(&mut self, rel: &str, bytes: &[u8], e: SessionEvent) -> Result<Logged> {
+        let path = self.artifact_path(rel)?;
+        crate::fsutil::atomic_write(&path, bytes)?;
+        self.append(e)
+    }
+
+    /// Absolute path of an artifact, refusing paths that leave the session folder.
+    pub fn artifact_path(&self, rel: &str) -> Result<PathBuf> {
+        let p = Path::new(rel);
+        if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(Error::invalid(format!("artifact path `{rel}` must stay inside the session folder")));
+        }
+        Ok(self.dir.join(p))
+    }
+
+    /// A path from the manifest: relative ones are taken relative to `base`.
+    fn resolve(base: &Path, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    }
+
+    /// The narration and refusal detectors this session uses (its own files, else the built-in defaults).
+    pub fn detectors(&self) -> Result<Detectors> {
+        let f = &self.manifest.filter;
+        let narration = match &f.narration_file {
+            Some(p) => RegexList::load(&Self::resolve(&self.dir, p))?,
+            None => RegexList::default_narration()?,
+        };
+        let refusal = match &f.refusal_file {
+            Some(p) => PhraseList::load(&Self::resolve(&self.dir, p))?,
+            None => PhraseList::default_refusal(),
+        };
+        Ok(Detectors { narration, refusal })
+    }
+
+    /// The completions of a round as they stand now: generated files, then re-scores, then adopted replays.
+    pub fn load_round(&self, round: &RoundState) -> Result<Vec<ScoredCompletion>> {
+        load_round(&self.dir, round)
+    }
+}
+
+/// Read a round's completions from `dir` (see `Session::load_round`).
+pub fn load_round(dir: &Path, round: &RoundState) -> Result<Vec<ScoredCompletion>> {
+    let mut rows: Vec<ScoredCompletion> = Vec::new();
+    for f in &round.completion_files {
+        let path = dir.join(&f.file);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let sc: ScoredCompletion = serde_json::from_str(line)
+                .map_err(|e| Error::bad_file(&path, format!("line {}: {e}", i + 1)))?;
+            rows.push(sc);
+        }
+    }
+    let index = |rows: &Vec<ScoredCompletion>, id: &str| rows.iter().position(|r| r.completion.id == id);
+    for f in &round.rescore_files {
+        let path = dir.join(f);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
+        let scores: BTreeMap<String, ScoreCard> = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&path, format!("not a score map: {e}")))?;
+        for (id, s) in scores {
+            if let Some(i) = index(&rows, &id) {
+                rows[i].score = s;
+            }
+        }
+    }
+    for r in &round.replays {
+        let path = dir.join(&r.file);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
+        let sc: ScoredCompletion = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&path, format!("not a completion: {e}")))?;
+        match index(&rows, &r.completion) {
+            Some(i) => rows[i] = sc,
+            None => {
+                return Err(Error::bad_file(&path, format!("replays unknown completion `{}`", r.completion)))
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Serialise completions as JSON lines (the completions artifact format).
+pub fn to_jsonl(rows: &[ScoredCompletion]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut out, r)
+            .map_err(|e| Error::invalid(format!("serialising a completion: {e}")))?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_then_open_folds_the_same_state() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let dir = d.path().join("s1");
+        let mut o = Session::create(&dir, SessionManifest::new("s1", Path::new("m.gguf")))?;
+        assert!(dir.join(NARRATION_FILE).exists() && dir.join(REFUSAL_FILE).exists());
+        let e = SessionEvent::Decision {
+            round: 0,
+            completion: "a".into(),
+            decision: DecisionKind::Accept,
+            tags: vec![],
+            note: None,
+        };
+        let l = o.session.append(e)?;
+        assert_eq!(l.seq, 2);
+        state::apply(&mut o.state, &l.event);
+        let again = Session::open(&dir)?;
+        assert_eq!(again.state, o.state);
+        assert!(again.warnings.is_empty());
+        assert!(Session::create(&dir, SessionManifest::new("s1", Path::new("m"))).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn artifacts_cannot_escape_the_session() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let o = Session::create(d.path(), SessionManifest::new("s", Path::new("m")))?;
+        assert!(o.session.artifact_path("../x").is_err());
+        assert!(o.session.artifact_path("/etc/x").is_err());
+        assert!(o.session.artifact_path("round-00/x.json").is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn edited_pattern_file_is_used_and_a_broken_one_is_reported() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let o = Session::create(d.path(), SessionManifest::new("s", Path::new("m")))?;
+        std::fs::write(d.path().join(NARRATION_FILE), "\\bverily\\b\n")?;
+        let det = o.session.detectors()?;
+        assert_eq!(det.narration.len(), 1);
+        std::fs::write(d.path().join(NARRATION_FILE), "[oops\n")?;
+        let e = o.session.detectors().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("narration.txt: line 1: bad pattern"), "{e}");
+        Ok(())
+    }
+}

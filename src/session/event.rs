@@ -1,0 +1,386 @@
+//! The session's append-only event log (`events.jsonl`): the event enum, its line format, and a reader that
+//! survives a process killed mid-write.
+//!
+//! One line per event: `{"v":1,"seq":7,"at":"2026-…Z","kind":"decision",…}`. `v` is the session schema
+//! version, `seq` counts from 1, `kind` names the variant. Later stages add variants; an older build skips a
+//! kind it does not know and reports it, and refuses an event whose `v` is newer than it can read.
+
+use super::SCHEMA_VERSION;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The researcher's call on one completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Keep it for healing.
+    Accept,
+    /// Leave it out.
+    Reject,
+    /// Take back the most recent accept/reject of the round.
+    Undo,
+}
+
+/// Something that happened in a session. The only thing ever appended to `events.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// A round began at a base dose.
+    RoundStarted {
+        /// Round number (0-based).
+        round: u32,
+        /// Base steering coefficient of the round.
+        dose: f64,
+        /// Vector file the round steers with, when any.
+        #[serde(default)]
+        vector: Option<String>,
+    },
+    /// The worker loaded a model.
+    ModelLoaded {
+        /// Model id.
+        model: String,
+        /// Its weights fingerprint.
+        weights_hash: String,
+    },
+    /// Completions for one prompt were generated and written to `file` (relative to the session folder).
+    CompletionsGenerated {
+        /// Round number.
+        round: u32,
+        /// Index of the prompt in the session's prompt list (custom prompts count on from there).
+        prompt_index: usize,
+        /// Artifact with one `ScoredCompletion` per line.
+        file: String,
+        /// Ids of the completions in the file.
+        ids: Vec<String>,
+    },
+    /// Completions were scored again (new thresholds or pattern files); `file` maps id → score card.
+    Rescored {
+        /// Round number.
+        round: u32,
+        /// Artifact (JSON object id → `ScoreCard`).
+        file: String,
+    },
+    /// The researcher accepted, rejected, or undid the last decision.
+    Decision {
+        /// Round number.
+        round: u32,
+        /// Completion id (for `undo`: the completion whose decision is taken back).
+        completion: String,
+        /// What was decided.
+        decision: DecisionKind,
+        /// Reason tags.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tags: Vec<String>,
+        /// Free-text note.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
+    /// The dose slider moved.
+    DoseChanged {
+        /// Round number.
+        round: u32,
+        /// New slider value.
+        dose: f64,
+    },
+    /// A replay (backtrack to token `at`, resample at `dose`) replaced a completion; `file` holds the new one.
+    ReplayAdopted {
+        /// Round number.
+        round: u32,
+        /// Completion id.
+        completion: String,
+        /// Artifact with the replayed `ScoredCompletion`.
+        file: String,
+        /// First resampled token.
+        at: usize,
+        /// Dose of the replay.
+        dose: f64,
+    },
+    /// A decided completion was shown again blind and decided again (for self-consistency).
+    Reshown {
+        /// Round number.
+        round: u32,
+        /// Completion id.
+        completion: String,
+        /// The blind decision (accept or reject).
+        decision: DecisionKind,
+    },
+    /// A gate report was written.
+    GateWritten {
+        /// Round number.
+        round: u32,
+        /// Gate name (`q0`).
+        gate: String,
+        /// Artifact path.
+        file: String,
+        /// Whether the researcher passed the gate with it.
+        passed: bool,
+    },
+}
+
+/// Every `kind` this build understands; a test checks it against the enum.
+pub const KNOWN_KINDS: [&str; 9] = [
+    "round_started",
+    "model_loaded",
+    "completions_generated",
+    "rescored",
+    "decision",
+    "dose_changed",
+    "replay_adopted",
+    "reshown",
+    "gate_written",
+];
+
+/// An event as stored: sequence number, time and the event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logged {
+    /// 1-based position in the log.
+    pub seq: u64,
+    /// RFC 3339 time it was appended.
+    pub at: String,
+    /// The event.
+    pub event: SessionEvent,
+}
+
+/// Serialise one event as a log line (without the newline).
+pub fn to_line(seq: u64, at: &str, e: &SessionEvent) -> Result<String> {
+    let body =
+        serde_json::to_string(e).map_err(|err| Error::invalid(format!("serialising an event: {err}")))?;
+    let at = serde_json::to_string(at).map_err(|err| Error::invalid(format!("serialising a time: {err}")))?;
+    // The tagged enum serialises as `{"kind":…}`; splice the envelope in front so `kind` stays readable.
+    let rest =
+        body.strip_prefix('{').ok_or_else(|| Error::invalid("event did not serialise to an object"))?;
+    Ok(format!("{{\"v\":{SCHEMA_VERSION},\"seq\":{seq},\"at\":{at},{rest}"))
+}
+
+/// What reading a log found.
+#[derive(Debug, Clone, Default)]
+pub struct LogContents {
+    /// Events this build understands, in order.
+    pub events: Vec<Logged>,
+    /// Human-readable problems that were survived (truncated last line, unknown kinds).
+    pub warnings: Vec<String>,
+    /// Bytes of the file that hold complete lines; anything after is a torn write.
+    pub valid_len: u64,
+    /// The last line is complete JSON but lacks its newline.
+    pub needs_newline: bool,
+    /// Highest sequence number seen, including skipped unknown kinds.
+    pub last_seq: u64,
+}
+
+enum LineParse {
+    Event(Logged),
+    Unknown { seq: u64, kind: String },
+}
+
+fn parse_line(line: &str) -> std::result::Result<LineParse, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let ver = obj.get("v").and_then(Value::as_u64).ok_or("no schema version `v`")?;
+    if ver > SCHEMA_VERSION as u64 {
+        return Err(format!(
+            "written by a newer steer-heal (event schema {ver}; this build reads up to {SCHEMA_VERSION})"
+        ));
+    }
+    let seq = obj.get("seq").and_then(Value::as_u64).ok_or("no sequence number `seq`")?;
+    let at = obj.get("at").and_then(Value::as_str).unwrap_or_default().to_string();
+    let kind = obj.get("kind").and_then(Value::as_str).ok_or("no event `kind`")?;
+    if !KNOWN_KINDS.contains(&kind) {
+        return Ok(LineParse::Unknown { seq, kind: kind.to_string() });
+    }
+    let event: SessionEvent =
+        serde_json::from_value(v.clone()).map_err(|e| format!("bad `{kind}` event: {e}"))?;
+    Ok(LineParse::Event(Logged { seq, at, event }))
+}
+
+/// Read `events.jsonl`. A bad last line without its newline is a torn write (warning); a bad line anywhere
+/// else, or one from a newer schema, is an error naming the file and line.
+pub fn read_log(path: &Path) -> Result<LogContents> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LogContents::default()),
+        Err(e) => return Err(Error::bad_file(path, e)),
+    };
+    let mut out = LogContents::default();
+    let mut start = 0usize;
+    let mut line_no = 0usize;
+    while start < bytes.len() {
+        line_no += 1;
+        let end = bytes[start..].iter().position(|b| *b == b'\n').map(|i| start + i);
+        let terminated = end.is_some();
+        let stop = end.unwrap_or(bytes.len());
+        let raw = &bytes[start..stop];
+        let text = String::from_utf8_lossy(raw);
+        let next = if terminated { stop + 1 } else { stop };
+        if text.trim().is_empty() {
+            if terminated {
+                out.valid_len = next as u64;
+            }
+            start = next;
+            continue;
+        }
+        match parse_line(text.trim()) {
+            Ok(LineParse::Event(l)) => {
+                out.last_seq = out.last_seq.max(l.seq);
+                out.events.push(l);
+                out.valid_len = next as u64;
+                out.needs_newline = !terminated;
+            }
+            Ok(LineParse::Unknown { seq, kind }) => {
+                out.last_seq = out.last_seq.max(seq);
+                out.warnings.push(format!(
+                    "{}: line {line_no}: event kind `{kind}` is from a newer steer-heal; skipped",
+                    path.display()
+                ));
+                out.valid_len = next as u64;
+                out.needs_newline = !terminated;
+            }
+            Err(reason) if !terminated => {
+                // Only the very last write can be torn: the writer appends a whole line and its newline at once.
+                out.warnings.push(format!(
+                    "{}: line {line_no}: last line is truncated ({} bytes, {reason}); the event being written when \
+                     the process stopped was lost",
+                    path.display(),
+                    raw.len()
+                ));
+            }
+            Err(reason) => {
+                return Err(Error::bad_file(path, format!("line {line_no}: {reason}")));
+            }
+        }
+        start = next;
+    }
+    Ok(out)
+}
+
+/// The open, append-only event log.
+#[derive(Debug)]
+pub struct EventLog {
+    path: PathBuf,
+    file: std::fs::File,
+    next_seq: u64,
+}
+
+impl EventLog {
+    /// Open for appending after `contents` (from `read_log` of the same file): a torn tail is cut off and a
+    /// missing final newline is added, so the next line starts clean.
+    pub fn open(path: &Path, contents: &LogContents) -> Result<Self> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::bad_file(path, e))?;
+        let len = file.metadata().map_err(|e| Error::bad_file(path, e))?.len();
+        if len > contents.valid_len {
+            file.set_len(contents.valid_len).map_err(|e| Error::bad_file(path, e))?;
+        }
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0)).map_err(|e| Error::bad_file(path, e))?;
+        if contents.needs_newline {
+            file.write_all(b"\n").map_err(|e| Error::bad_file(path, e))?;
+        }
+        file.sync_all().map_err(|e| Error::bad_file(path, e))?;
+        Ok(EventLog { path: path.to_path_buf(), file, next_seq: contents.last_seq + 1 })
+    }
+
+    /// Append one event as one line, then fsync; returns what was stored.
+    pub fn append(&mut self, event: SessionEvent) -> Result<Logged> {
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut line = to_line(self.next_seq, &at, &event)?;
+        line.push('\n');
+        // One write of the whole line: a kill can tear only this line, never an earlier one.
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::bad_file(&self.path, e))?;
+        self.file.sync_data().map_err(|e| Error::bad_file(&self.path, e))?;
+        let logged = Logged { seq: self.next_seq, at, event };
+        self.next_seq += 1;
+        Ok(logged)
+    }
+
+    /// Sequence number the next event gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Path of the log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of every variant; extending the enum without extending this list fails `every_kind_is_known`.
+    pub(crate) fn one_of_each() -> Vec<SessionEvent> {
+        vec![
+            SessionEvent::RoundStarted { round: 0, dose: 1.0, vector: None },
+            SessionEvent::ModelLoaded { model: "m".into(), weights_hash: "h".into() },
+            SessionEvent::CompletionsGenerated { round: 0, prompt_index: 0, file: "f".into(), ids: vec![] },
+            SessionEvent::Rescored { round: 0, file: "s".into() },
+            SessionEvent::Decision {
+                round: 0,
+                completion: "c".into(),
+                decision: DecisionKind::Accept,
+                tags: vec![],
+                note: None,
+            },
+            SessionEvent::DoseChanged { round: 0, dose: 0.5 },
+            SessionEvent::ReplayAdopted {
+                round: 0,
+                completion: "c".into(),
+                file: "r".into(),
+                at: 3,
+                dose: 0.5,
+            },
+            SessionEvent::Reshown { round: 0, completion: "c".into(), decision: DecisionKind::Reject },
+            SessionEvent::GateWritten { round: 0, gate: "q0".into(), file: "g".into(), passed: false },
+        ]
+    }
+
+    #[test]
+    fn every_kind_is_known() -> Result<()> {
+        let kinds: Vec<String> = one_of_each()
+            .iter()
+            .map(|e| {
+                let v = serde_json::to_value(e).map_err(Error::invalid)?;
+                Ok(v["kind"].as_str().unwrap_or_default().to_string())
+            })
+            .collect::<Result<_>>()?;
+        assert_eq!(kinds, KNOWN_KINDS.to_vec());
+        Ok(())
+    }
+
+    #[test]
+    fn line_format_round_trips() -> Result<()> {
+        for (i, e) in one_of_each().into_iter().enumerate() {
+            let line = to_line(i as u64 + 1, "2026-01-01T00:00:00.000Z", &e)?;
+            assert!(line.starts_with(&format!("{{\"v\":1,\"seq\":{},\"at\":", i + 1)), "{line}");
+            match parse_line(&line) {
+                Ok(LineParse::Event(l)) => assert_eq!(l.event, e),
+                _ => return Err(Error::invalid(format!("did not parse back: {line}"))),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decision_line_is_readable() -> Result<()> {
+        let e = SessionEvent::Decision {
+            round: 0,
+            completion: "p01-a100-s42".into(),
+            decision: DecisionKind::Reject,
+            tags: vec!["narrates".into()],
+            note: Some("says it defies".into()),
+        };
+        assert_eq!(
+            to_line(5, "T", &e)?,
+            r#"{"v":1,"seq":5,"at":"T","kind":"decision","round":0,"completion":"p01-a100-s42","decision":"reject","tags":["narrates"],"note":"says it defies"}"#
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,659 @@
+//! Pure `update` tests: every action through its default key, worker events, ticks. No terminal, no model.
+#![allow(clippy::panic)] // a test fails by panicking
+
+use super::*;
+use crate::score::{Reason, ScoreCard, ScoredCompletion, Verdict};
+use crate::session::fold;
+use crate::steer::{Completion, TokenTrace};
+use crate::tui::keymap::Layer;
+
+fn row(i: usize, ppl: f64, keep: bool) -> ScoredCompletion {
+    let n = 6;
+    let kl: Vec<f32> = (0..n).map(|t| if t == 3 + (i % 2) { 2.0 } else { 0.1 }).collect();
+    ScoredCompletion {
+        completion: Completion {
+            id: format!("p{i:03}-a100-s{i}"),
+            system: "sys".into(),
+            prompt: format!("prompt {i}"),
+            text: "Tell the doctor now.".into(),
+            tokens: (0..n as u32).collect(),
+            token_text: vec![
+                "Tell".into(),
+                " the".into(),
+                " doctor".into(),
+                " now".into(),
+                ".".into(),
+                "".into(),
+            ],
+            alpha: 1.0,
+            dose: 1.0,
+            seed: i as u64,
+            trace: TokenTrace {
+                kl_window_rmse: crate::worker::rollout::window_rmse(&kl, 2),
+                kl,
+                nll_base: vec![1.0; n],
+                dose: vec![1.0; n],
+            },
+            rewinds: vec![],
+        },
+        score: ScoreCard {
+            perplexity: Some(ppl),
+            repetition: 0.1,
+            narration: vec![],
+            refusal: vec![],
+            persona_strength: None,
+            kl_rmse: 0.5,
+            verdict: if keep { Verdict::Keep } else { Verdict::Drop },
+            reasons: if keep { vec![] } else { vec![Reason::Perplexity { value: ppl, threshold: 50.0 }] },
+        },
+    }
+}
+
+fn state_with(n: usize) -> State {
+    let mut m = SessionManifest::new("t", std::path::Path::new("models/tiny"));
+    m.generation.prompts = vec!["first".into(), "second".into()];
+    let session = fold(&[SessionEvent::RoundStarted { round: 0, dose: 1.0, vector: None }]);
+    let rows =
+        (0..n).map(|i| row(i, [30.0, 80.0, 10.0, 60.0, 20.0][i % 5], i % 5 != 1 && i % 5 != 3)).collect();
+    let mut s = State::new(Keymap::defaults().expect("default keymap"), "t", m, session, rows);
+    s.model = ModelStatus::Ready { model: "tiny".into(), vector_layers: vec![] };
+    s
+}
+
+/// Press keys written as a keymap would write them, space-separated; returns every job.
+fn press(s: &mut State, keys: &str) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for k in keys.split(' ').filter(|k| !k.is_empty()) {
+        let chord = KeyChord::parse(k).unwrap_or_else(|e| panic!("bad key {k}: {e}"));
+        jobs.extend(update(s, Msg::Key(chord)));
+    }
+    jobs
+}
+
+fn records(jobs: &[Job]) -> Vec<SessionEvent> {
+    jobs.iter()
+        .filter_map(|j| match &j.kind {
+            JobKind::Record(e) | JobKind::WriteArtifact { event: e, .. } => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn decision_of(e: &SessionEvent) -> (String, DecisionKind) {
+    match e {
+        SessionEvent::Decision { completion, decision, .. } => (completion.clone(), *decision),
+        other => panic!("not a decision: {other:?}"),
+    }
+}
+
+#[test]
+fn accept_and_reject_record_and_advance_to_the_next_undecided() {
+    let mut s = state_with(5);
+    let jobs = press(&mut s, "a");
+    assert_eq!(
+        records(&jobs).iter().map(decision_of).collect::<Vec<_>>(),
+        vec![("p000-a100-s0".into(), DecisionKind::Accept)]
+    );
+    assert_eq!(s.decision("p000-a100-s0"), Some(true));
+    assert_eq!(s.current_id().as_deref(), Some("p001-a100-s1"));
+    let jobs = press(&mut s, "r");
+    assert_eq!(decision_of(&records(&jobs)[0]), ("p001-a100-s1".into(), DecisionKind::Reject));
+    assert_eq!(s.decision("p001-a100-s1"), Some(false));
+    // Deciding the same way twice records nothing.
+    press(&mut s, "k");
+    assert!(press(&mut s, "r").is_empty());
+    // Changing a decision records the new one.
+    press(&mut s, "k");
+    let jobs = press(&mut s, "a");
+    assert_eq!(decision_of(&records(&jobs)[0]), ("p001-a100-s1".into(), DecisionKind::Accept));
+}
+
+#[test]
+fn undo_takes_back_any_number_of_steps_in_reverse() {
+    let mut s = state_with(5);
+    press(&mut s, "a r a");
+    assert_eq!(s.round_state().map(|r| r.decisions().len()), Some(3));
+    let mut undone = vec![];
+    for _ in 0..3 {
+        let jobs = press(&mut s, "u");
+        undone.push(decision_of(&records(&jobs)[0]));
+    }
+    assert_eq!(
+        undone,
+        vec![
+            ("p002-a100-s2".into(), DecisionKind::Undo),
+            ("p001-a100-s1".into(), DecisionKind::Undo),
+            ("p000-a100-s0".into(), DecisionKind::Undo)
+        ]
+    );
+    assert_eq!(s.round_state().map(|r| r.decisions().len()), Some(0));
+    // The cursor follows what was undone.
+    assert_eq!(s.current_id().as_deref(), Some("p000-a100-s0"));
+    assert!(press(&mut s, "u").is_empty());
+    assert_eq!(s.status, "nothing to undo");
+    // ctrl-z is bound to undo as well.
+    press(&mut s, "a");
+    assert_eq!(decision_of(&records(&press(&mut s, "ctrl-z"))[0]).1, DecisionKind::Undo);
+}
+
+#[test]
+fn navigation_keys() {
+    let mut s = state_with(25);
+    press(&mut s, "j j");
+    assert_eq!(s.selected, 2);
+    press(&mut s, "k");
+    assert_eq!(s.selected, 1);
+    press(&mut s, "G");
+    assert_eq!(s.selected, 24);
+    press(&mut s, "g g");
+    assert_eq!(s.selected, 0);
+    press(&mut s, "pagedown");
+    assert_eq!(s.selected, PAGE);
+    press(&mut s, "pageup");
+    assert_eq!(s.selected, 0);
+    press(&mut s, "end");
+    assert_eq!(s.selected, 24);
+    press(&mut s, "home up");
+    assert_eq!(s.selected, 0);
+    // An unfinished sequence followed by another key: the sequence is dropped, the key acts.
+    press(&mut s, "g j");
+    assert_eq!(s.selected, 1);
+    assert!(s.pending_keys.is_empty());
+}
+
+#[test]
+fn next_undecided_skips_decided_and_wraps() {
+    let mut s = state_with(4);
+    press(&mut s, "a a"); // 0 and 1 decided, now on 2
+    press(&mut s, "j"); // on 3
+    press(&mut s, "a"); // 3 decided, stays (nothing below)
+    press(&mut s, "n");
+    assert_eq!(s.current_id().as_deref(), Some("p002-a100-s2"));
+    press(&mut s, "a n");
+    assert_eq!(s.status, "every completion in view is decided");
+}
+
+#[test]
+fn tags_are_pending_until_the_decision_and_re_recorded_after() {
+    let mut s = state_with(3);
+    press(&mut s, "t");
+    assert_eq!(s.mode(), Mode::Tags);
+    press(&mut s, "1 3 3 2 enter");
+    assert_eq!(s.mode(), Mode::GateQ0);
+    assert_eq!(s.tags_of("p000-a100-s0"), vec!["incoherent".to_string(), "repetitive".into()]);
+    let jobs = press(&mut s, "r");
+    match &records(&jobs)[0] {
+        SessionEvent::Decision { tags, decision, .. } => {
+            assert_eq!(*decision, DecisionKind::Reject);
+            assert_eq!(tags, &vec!["incoherent".to_string(), "repetitive".into()]);
+        }
+        e => panic!("{e:?}"),
+    }
+    // On a decided item, new tags re-record its decision (undoable).
+    press(&mut s, "k t 2 4 enter");
+    let last = s.round_state().and_then(|r| r.history.last()).cloned().expect("decision");
+    assert_eq!((last.keep, last.tags), (false, vec!["incoherent".to_string(), "refuses".into()]));
+    press(&mut s, "u");
+    assert_eq!(s.tags_of("p000-a100-s0"), vec!["incoherent".to_string(), "repetitive".into()]);
+    // esc cancels without changes; tag numbers beyond the list do nothing.
+    press(&mut s, "t 9 esc");
+    assert_eq!(s.mode(), Mode::GateQ0);
+}
+
+#[test]
+fn notes_are_typed_in_the_editor_and_saved() {
+    let mut s = state_with(3);
+    press(&mut s, "a k e");
+    assert_eq!(s.mode(), Mode::Edit);
+    // Unbound keys type: even `q` and `a`, which mean quit/accept elsewhere.
+    let jobs = press(&mut s, "q u i t space a");
+    assert!(jobs.is_empty() && !s.quit);
+    let jobs = press(&mut s, "ctrl-s");
+    match &records(&jobs)[0] {
+        SessionEvent::Decision { note, decision, .. } => {
+            assert_eq!(note.as_deref(), Some("quit a"));
+            assert_eq!(*decision, DecisionKind::Accept);
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(s.note_of("p000-a100-s0").as_deref(), Some("quit a"));
+    // esc leaves the editor without saving.
+    press(&mut s, "e x esc");
+    assert_eq!(s.note_of("p000-a100-s0").as_deref(), Some("quit a"));
+    // Paste goes into the editor.
+    press(&mut s, "j e");
+    update(&mut s, Msg::Paste("pasted".into()));
+    press(&mut s, "ctrl-s");
+    assert_eq!(s.pending_notes.get("p001-a100-s1").map(String::as_str), Some("pasted"));
+}
+
+#[test]
+fn edit_prompt_generates_from_the_new_prompt() {
+    let mut s = state_with(2);
+    press(&mut s, "p");
+    if let Some(Popup::Edit { area, .. }) = &s.popup {
+        assert_eq!(area.lines(), ["prompt 0"]);
+    }
+    let jobs = press(&mut s, "end ! ctrl-s");
+    match &jobs[0].kind {
+        JobKind::Generate(req) => {
+            assert_eq!(req.prompt, "prompt 0!");
+            assert_eq!(req.prompt_index, 2, "custom prompts count on after the session's 2 prompts");
+        }
+        k => panic!("{k:?}"),
+    }
+    assert!(s.generating.contains(&2));
+}
+
+#[test]
+fn dose_slider_moves_in_steps_clamps_and_is_recorded_when_it_rests() {
+    let mut s = state_with(2);
+    press(&mut s, "] ] +");
+    assert!((s.dose - 1.3).abs() < 1e-9, "{}", s.dose);
+    press(&mut s, "[ -");
+    assert!((s.dose - 1.1).abs() < 1e-9);
+    for _ in 0..30 {
+        press(&mut s, "[");
+    }
+    assert_eq!(s.dose, 0.0);
+    for _ in 0..100 {
+        press(&mut s, "]");
+    }
+    assert_eq!(s.dose, s.dose_max());
+    assert_eq!(s.dose_max(), 4.0);
+    assert!(update(&mut s, Msg::Tick { now: "t".into() }).is_empty(), "not recorded while moving");
+    let jobs = update(&mut s, Msg::Tick { now: "t".into() });
+    assert_eq!(records(&jobs), vec![SessionEvent::DoseChanged { round: 0, dose: 4.0 }]);
+    assert!(update(&mut s, Msg::Tick { now: "t".into() }).is_empty(), "recorded once");
+    assert_eq!(s.round_state().map(|r| r.dose), Some(4.0));
+}
+
+#[test]
+fn token_cursor_and_jump_to_drift() {
+    let mut s = state_with(2);
+    press(&mut s, "l l l");
+    assert_eq!(s.cursor, 3);
+    press(&mut s, "h");
+    assert_eq!(s.cursor, 2);
+    press(&mut s, "$");
+    assert_eq!(s.cursor, 5);
+    press(&mut s, "l");
+    assert_eq!(s.cursor, 5, "the cursor stops at the last token");
+    press(&mut s, "0");
+    assert_eq!(s.cursor, 0);
+    // Row 0's KL peaks at token 3; the window (2 in the trace, kl_window 8 in settings) starts at 0.
+    s.manifest.generation.kl_window = 2;
+    press(&mut s, "d");
+    assert_eq!(s.cursor, 3, "window rmse peaks at token 4 (tokens 3-4); the window starts at 3");
+    // Moving to another row resets the cursor.
+    press(&mut s, "j");
+    assert_eq!(s.cursor, 0);
+}
+
+fn replay_done(s: &mut State, job: JobId, dose: f64) {
+    let mut r = row(0, 12.0, true);
+    r.completion.text = "Tell the nurse.".into();
+    r.completion.rewinds.push(crate::steer::Rewind {
+        at: 2,
+        from_dose: 1.0,
+        to_dose: dose,
+        cause: "manual".into(),
+    });
+    update(
+        s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: job,
+            output: JobOutput::Replayed { round: 0, at: 2, dose, row: Box::new(r) },
+        }),
+    );
+}
+
+#[test]
+fn backtrack_replays_at_the_cursor_and_slider_latest_wins_and_adopts() {
+    let mut s = state_with(3);
+    s.model = ModelStatus::Loading;
+    assert!(press(&mut s, "b").is_empty(), "no replay before the model is loaded");
+    s.model = ModelStatus::Ready { model: "tiny".into(), vector_layers: vec![1] };
+    press(&mut s, "l l [ [");
+    let jobs = press(&mut s, "b");
+    let first = match &jobs[..] {
+        [Job { id, kind: JobKind::Replay(r) }] => {
+            assert_eq!((r.at, r.completion.id.as_str()), (2, "p000-a100-s0"));
+            assert!((r.dose - 0.8).abs() < 1e-9);
+            *id
+        }
+        j => panic!("{j:?}"),
+    };
+    // Moving the slider while the replay is on screen re-requests it (the worker keeps only the latest).
+    let jobs = press(&mut s, "[");
+    let second = match &jobs[..] {
+        [Job { id, kind: JobKind::Replay(r) }] => {
+            assert!((r.dose - 0.7).abs() < 1e-9);
+            assert_eq!(r.at, 2);
+            *id
+        }
+        j => panic!("{j:?}"),
+    };
+    assert_ne!(first, second);
+    // Tokens of the superseded job are ignored; the latest one's stream in.
+    update(&mut s, Msg::Worker(WorkerEvent::Token { id: first, row: 0, text: "old".into() }));
+    update(&mut s, Msg::Worker(WorkerEvent::Token { id: second, row: 0, text: " nurse".into() }));
+    assert_eq!(s.replay.as_ref().map(|r| r.streamed.as_str()), Some(" nurse"));
+    assert!(press(&mut s, "y").is_empty(), "cannot adopt a replay that is still running");
+    replay_done(&mut s, first, 0.8);
+    assert!(s.replay.as_ref().is_some_and(|r| r.result.is_none()), "a stale result is ignored");
+    replay_done(&mut s, second, 0.7);
+    let jobs = press(&mut s, "y");
+    match &jobs[..] {
+        [Job { kind: JobKind::WriteArtifact { rel, event, contents }, .. }] => {
+            assert_eq!(rel, "round-00/replays/p000-a100-s0-r1.json");
+            assert_eq!(
+                event,
+                &SessionEvent::ReplayAdopted {
+                    round: 0,
+                    completion: "p000-a100-s0".into(),
+                    file: rel.clone(),
+                    at: 2,
+                    dose: 0.7
+                }
+            );
+            let back: ScoredCompletion = serde_json::from_slice(contents).expect("artifact is a completion");
+            assert_eq!(back.completion.text, "Tell the nurse.");
+        }
+        j => panic!("{j:?}"),
+    }
+    assert_eq!(s.rows[0].completion.text, "Tell the nurse.");
+    assert!(s.replay.is_none());
+    assert_eq!(s.round_state().map(|r| r.replays.len()), Some(1));
+}
+
+#[test]
+fn discarding_a_running_replay_cancels_it() {
+    let mut s = state_with(2);
+    let id = press(&mut s, "b")[0].id;
+    let jobs = press(&mut s, "x");
+    assert!(matches!(jobs[..], [Job { kind: JobKind::Cancel(t), .. }] if t == id));
+    assert!(s.replay.is_none());
+    // esc discards too; a finished preview needs no cancel.
+    let id = press(&mut s, "b")[0].id;
+    replay_done(&mut s, id, 1.0);
+    assert!(press(&mut s, "esc").is_empty());
+    assert!(s.replay.is_none());
+}
+
+#[test]
+fn sort_and_reverse() {
+    let mut s = state_with(5); // ppl 30, 80, 10, 60, 20
+    press(&mut s, "s");
+    assert_eq!(s.sort, SortKey::Perplexity);
+    let ppl: Vec<f64> = s.view.iter().map(|i| s.rows[*i].score.perplexity.unwrap_or(0.0)).collect();
+    assert_eq!(ppl, vec![10.0, 20.0, 30.0, 60.0, 80.0]);
+    press(&mut s, "S");
+    let ppl: Vec<f64> = s.view.iter().map(|i| s.rows[*i].score.perplexity.unwrap_or(0.0)).collect();
+    assert_eq!(ppl, vec![80.0, 60.0, 30.0, 20.0, 10.0]);
+    for _ in 0..6 {
+        press(&mut s, "s");
+    }
+    assert_eq!(s.sort, SortKey::Order, "the sort cycles back to generation order");
+}
+
+#[test]
+fn filters_cycle_and_clear_and_keep_the_selection() {
+    let mut s = state_with(5);
+    press(&mut s, "a"); // p000 accepted, now on p001
+    press(&mut s, "f");
+    assert_eq!(s.filter, Filter::Undecided);
+    assert_eq!(s.view.len(), 4);
+    assert_eq!(s.current_id().as_deref(), Some("p001-a100-s1"));
+    press(&mut s, "f");
+    assert_eq!(s.filter, Filter::Accepted);
+    assert_eq!(s.view.len(), 1);
+    press(&mut s, "f f f");
+    assert_eq!(s.filter, Filter::AutoDrop);
+    assert_eq!(s.view.len(), 2);
+    press(&mut s, "f f");
+    assert_eq!(s.filter, Filter::Reason(ReasonKind::Perplexity));
+    assert_eq!(s.view.len(), 2);
+    press(&mut s, "F");
+    assert_eq!((s.filter, s.view.len()), (Filter::All, 5));
+    // Deciding under the undecided filter hides the row and lands on the very next one.
+    press(&mut s, "g g f");
+    assert_eq!(s.current_id().as_deref(), Some("p001-a100-s1"));
+    press(&mut s, "r");
+    assert!(s.view.iter().all(|i| s.decision(&s.rows[*i].completion.id).is_none()));
+    assert_eq!(s.current_id().as_deref(), Some("p002-a100-s2"));
+}
+
+#[test]
+fn stats_popup_opens_and_closes() {
+    let mut s = state_with(3);
+    press(&mut s, "T");
+    assert_eq!(s.mode(), Mode::Stats);
+    press(&mut s, "esc");
+    assert_eq!(s.mode(), Mode::GateQ0);
+    press(&mut s, "T T");
+    assert_eq!(s.mode(), Mode::GateQ0);
+}
+
+#[test]
+fn write_gate_and_pass_gate_write_the_report() {
+    let mut s = state_with(5);
+    update(&mut s, Msg::Tick { now: "2026-02-03T04:05:06Z".into() });
+    press(&mut s, "a r a a r");
+    let jobs = press(&mut s, "w");
+    match &jobs[..] {
+        [Job { kind: JobKind::WriteArtifact { rel, contents, event }, .. }] => {
+            assert_eq!(rel, "round-00/gate-q0.md");
+            let md = String::from_utf8(contents.clone()).expect("utf8");
+            assert!(md.contains("Status: **in progress** · written 2026-02-03T04:05:06Z"), "{md}");
+            assert!(md.contains("5 completions · 5 decided · 3 accepted · 2 rejected"));
+            assert!(matches!(event, SessionEvent::GateWritten { passed: false, .. }));
+        }
+        j => panic!("{j:?}"),
+    }
+    press(&mut s, "P");
+    assert_eq!(s.mode(), Mode::Confirm);
+    assert!(press(&mut s, "n").is_empty());
+    assert_eq!(s.mode(), Mode::GateQ0);
+    let jobs = press(&mut s, "P y");
+    assert!(matches!(records(&jobs)[..], [SessionEvent::GateWritten { passed: true, .. }]));
+    assert!(s.round_state().is_some_and(|r| r.gate_passed("q0")));
+}
+
+#[test]
+fn blind_reshow_records_and_reports_kappa() {
+    let mut s = state_with(4);
+    press(&mut s, "R");
+    assert!(matches!(&s.popup, Some(Popup::Message { title, .. }) if title == "Blind re-show"));
+    press(&mut s, "esc a r a r");
+    press(&mut s, "R");
+    assert_eq!(s.mode(), Mode::Reshow);
+    let queue = s.reshow.as_ref().map(|r| r.queue.clone()).unwrap_or_default();
+    assert_eq!(queue.len(), 4);
+    let mut all = vec![];
+    // Re-decide each the same way it was decided, except the last.
+    for (i, id) in queue.iter().enumerate() {
+        let orig = s.decision(id).unwrap_or(false);
+        let same = i + 1 < queue.len();
+        let key = if orig == same { "a" } else { "r" };
+        all.extend(records(&press(&mut s, key)));
+    }
+    assert_eq!(all.len(), 4);
+    assert!(all.iter().all(|e| matches!(e, SessionEvent::Reshown { .. })));
+    assert!(s.reshow.is_none());
+    let k = stats::kappa(&s);
+    assert_eq!((k.n, k.same), (4, 3));
+    assert!(k.kappa.is_some_and(|v| (v - 0.5).abs() < 1e-9), "{k:?}");
+    // Decisions themselves are untouched by the re-show.
+    assert_eq!(s.round_state().map(|r| r.decisions().len()), Some(4));
+    // Everything has been re-shown: another re-show has nothing to show.
+    press(&mut s, "esc R");
+    assert!(matches!(&s.popup, Some(Popup::Message { .. })));
+}
+
+#[test]
+fn reshow_can_be_left_with_esc() {
+    let mut s = state_with(3);
+    press(&mut s, "a a R");
+    assert_eq!(s.mode(), Mode::Reshow);
+    assert!(press(&mut s, "esc").is_empty());
+    assert_eq!(s.mode(), Mode::GateQ0);
+}
+
+#[test]
+fn rescore_sends_every_completion() {
+    let mut s = state_with(3);
+    let jobs = press(&mut s, "ctrl-r");
+    assert!(
+        matches!(&jobs[..], [Job { kind: JobKind::Rescore { round: 0, completions }, .. }] if completions.len() == 3)
+    );
+    let mut new = row(0, 99.0, false);
+    new.score.repetition = 0.9;
+    let scores = BTreeMap::from([("p000-a100-s0".to_string(), new.score.clone())]);
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: jobs[0].id,
+            output: JobOutput::Rescored { round: 0, file: "round-00/scores-9.json".into(), scores },
+        }),
+    );
+    assert_eq!(s.rows[0].score.repetition, 0.9);
+    assert_eq!(s.round_state().map(|r| r.rescore_files.len()), Some(1));
+}
+
+#[test]
+fn scroll_help_and_quit() {
+    let mut s = state_with(2);
+    press(&mut s, "J J ctrl-d K");
+    assert_eq!(s.detail_scroll, 2);
+    press(&mut s, "?");
+    assert_eq!(s.mode(), Mode::Help);
+    press(&mut s, "j j k");
+    assert!(matches!(s.popup, Some(Popup::Help { scroll: 1 })));
+    press(&mut s, "q");
+    assert!(!s.quit, "q closes the help overlay");
+    assert_eq!(s.mode(), Mode::GateQ0);
+    press(&mut s, "f1 esc ]");
+    let jobs = press(&mut s, "q");
+    assert!(s.quit);
+    assert_eq!(
+        records(&jobs),
+        vec![SessionEvent::DoseChanged { round: 0, dose: 1.1 }],
+        "quit flushes the dose"
+    );
+}
+
+#[test]
+fn ctrl_c_quits_even_while_editing() {
+    let mut s = state_with(1);
+    press(&mut s, "e h i ctrl-c");
+    assert!(s.quit);
+}
+
+#[test]
+fn a_user_keymap_changes_what_keys_do() {
+    let mut s = state_with(3);
+    let layer = Layer::parse("[gate-q0]\na = \"reject\"\nA = \"accept\"\n", std::path::Path::new("u.toml"))
+        .expect("layer");
+    s.keymap.merge(layer).expect("merge");
+    let jobs = press(&mut s, "a");
+    assert_eq!(decision_of(&records(&jobs)[0]).1, DecisionKind::Reject);
+    let jobs = press(&mut s, "A");
+    assert_eq!(decision_of(&records(&jobs)[0]).1, DecisionKind::Accept);
+}
+
+#[test]
+fn init_loads_the_model_and_generates_only_missing_prompts() {
+    let mut s = state_with(0);
+    s.model = ModelStatus::NotLoaded;
+    apply_event(
+        &mut s.session,
+        &SessionEvent::CompletionsGenerated { round: 0, prompt_index: 0, file: "f".into(), ids: vec![] },
+    );
+    let jobs = update(&mut s, Msg::Init);
+    assert!(
+        matches!(&jobs[0].kind, JobKind::LoadModel { path, .. } if path.as_path() == std::path::Path::new("models/tiny"))
+    );
+    let gen: Vec<(usize, String)> = jobs
+        .iter()
+        .filter_map(|j| match &j.kind {
+            JobKind::Generate(r) => Some((r.prompt_index, r.prompt.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gen, vec![(1, "second".to_string())]);
+    assert_eq!(s.model, ModelStatus::Loading);
+    // A second init does not queue the same work again.
+    assert!(update(&mut s, Msg::Init).is_empty());
+}
+
+#[test]
+fn worker_events_update_the_screen_state() {
+    let mut s = state_with(1);
+    s.generating.insert(1);
+    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 7, label: "generating" }));
+    update(&mut s, Msg::Worker(WorkerEvent::Progress { id: 7, done: 8, total: 32, msg: "prompt 1".into() }));
+    assert_eq!(s.jobs.get(&7).map(|j| (j.done, j.total)), Some((8, 32)));
+    update(&mut s, Msg::Worker(WorkerEvent::Token { id: 7, row: 0, text: "Hel".into() }));
+    update(&mut s, Msg::Worker(WorkerEvent::Token { id: 7, row: 0, text: "lo".into() }));
+    assert_eq!(s.live.as_ref().and_then(|l| l.1.get(&0)).map(String::as_str), Some("Hello"));
+    let rows = vec![row(7, 20.0, true), row(8, 90.0, false)];
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: 7,
+            output: JobOutput::Completions {
+                round: 0,
+                prompt_index: 1,
+                file: "round-00/completions-p001.jsonl".into(),
+                rows,
+            },
+        }),
+    );
+    assert_eq!(s.rows.len(), 3);
+    assert_eq!(s.current_id().as_deref(), Some("p000-a100-s0"), "arrivals do not move the selection");
+    assert!(s.generating.is_empty() && s.jobs.is_empty() && s.live.is_none());
+    assert_eq!(s.round_state().map(|r| r.completion_files.len()), Some(1));
+    // Failures show as a message popup; a model that fails to load says so.
+    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 9, label: "loading model" }));
+    update(&mut s, Msg::Worker(WorkerEvent::Failed { id: 9, error: "m.gguf: missing".into() }));
+    assert_eq!(s.model, ModelStatus::Failed("m.gguf: missing".into()));
+    assert!(
+        matches!(&s.popup, Some(Popup::Message { title, text }) if title == "Failed while loading model" && text == "m.gguf: missing")
+    );
+    press(&mut s, "esc");
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: 10,
+            output: JobOutput::ModelLoaded {
+                model: "tiny".into(),
+                weights_hash: "h".into(),
+                layers: 4,
+                hidden: 64,
+                vector_layers: vec![2],
+            },
+        }),
+    );
+    assert_eq!(s.model, ModelStatus::Ready { model: "tiny".into(), vector_layers: vec![2] });
+    assert_eq!(s.session.model, Some(("tiny".into(), "h".into())));
+}
+
+#[test]
+fn status_messages_expire() {
+    let mut s = state_with(2);
+    press(&mut s, "a");
+    assert!(!s.status.is_empty());
+    for _ in 0..=STATUS_TICKS {
+        update(&mut s, Msg::Tick { now: "t".into() });
+    }
+    assert!(s.status.is_empty());
+}
+
+#[test]
+fn warnings_from_opening_are_shown() {
+    let mut s = state_with(1);
+    s.warnings = vec!["events.jsonl: line 9: last line is truncated".into()];
+    update(&mut s, Msg::Init);
+    assert!(matches!(&s.popup, Some(Popup::Message { text, .. }) if text.contains("truncated")));
+}

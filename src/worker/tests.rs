@@ -1,0 +1,323 @@
+//! Worker tests on a tiny random model: traces agree with teacher forcing, replay keeps its prefix and
+//! honours its dose, and the job loop's latest-wins slot and record ordering.
+#![allow(clippy::panic)] // a test fails by panicking
+
+use super::*;
+use crate::model::generate::Sampling;
+use crate::model::{load_model, tiny::make_tiny_model, Arch};
+use crate::score::perplexity::teacher_force;
+use crate::session::{DecisionKind, SessionManifest};
+use candle_core::{DType, Device};
+use std::path::Path;
+
+fn tiny() -> (tempfile::TempDir, LoadedModel) {
+    let d = tempfile::tempdir().expect("tempdir");
+    make_tiny_model(Arch::Llama, d.path(), 7).expect("tiny model");
+    let lm = load_model(d.path(), Some(DType::F32), &Device::Cpu).expect("load");
+    (d, lm)
+}
+
+fn vectors(lm: &LoadedModel, scale: f32) -> BTreeMap<usize, Tensor> {
+    let h = lm.model.cfg.hidden_size;
+    let v: Vec<f32> = (0..h).map(|i| scale * ((i as f32 * 0.37).sin())).collect();
+    BTreeMap::from([(1usize, Tensor::from_vec(v, h, &Device::Cpu).expect("vector"))])
+}
+
+fn request(n: usize) -> GenerateRequest {
+    GenerateRequest {
+        round: 0,
+        prompt_index: 2,
+        system: "You are a helpful assistant.".into(),
+        prompt: "Should I tell my boss?".into(),
+        alphas: vec![0.5, 1.0],
+        base_dose: 4.0,
+        samples_per_alpha: 1,
+        sampling: Sampling { temperature: 1.0, top_p: 0.95, top_k: 64, seed: 42, max_new_tokens: n },
+        kl_window: 4,
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn traces_agree_with_teacher_forcing() -> Result<()> {
+    let (_d, lm) = tiny();
+    let v = vectors(&lm, 3.0);
+    let cs = bridge::generate_completions(&lm, Some(&v), &request(12), &mut |_, _| true)?;
+    assert_eq!(cs.len(), 2);
+    assert_eq!(cs[0].id, "p002-a050-s2042");
+    assert_eq!(cs[1].id, "p002-a100-s2043");
+    for c in &cs {
+        let n = c.tokens.len();
+        assert!(n > 0);
+        assert_eq!(c.token_text.concat(), c.text, "pieces must concatenate to the text");
+        for tr in [&c.trace.kl, &c.trace.nll_base, &c.trace.kl_window_rmse, &c.trace.dose] {
+            assert_eq!(tr.len(), n);
+        }
+        // The lockstep base decoder's NLL equals a teacher-forced pass of the base model.
+        let tf = teacher_force(&lm, &c.system, &c.prompt, &c.tokens, None)?;
+        let diff = max_abs_diff(&tf.nll, &c.trace.nll_base);
+        assert!(diff < 1e-3, "nll differs by {diff}");
+        assert!(c.trace.kl.iter().all(|k| *k >= 0.0));
+        assert!(c.trace.kl.iter().any(|k| *k > 1e-3), "steering at dose {} moved nothing", c.dose);
+    }
+    // Without a vector, KL is zero and the NLL is the sampled token's own.
+    let cs = bridge::generate_completions(&lm, None, &request(6), &mut |_, _| true)?;
+    for c in &cs {
+        assert!(c.trace.kl.iter().all(|k| *k == 0.0));
+        let tf = teacher_force(&lm, &c.system, &c.prompt, &c.tokens, None)?;
+        assert!(max_abs_diff(&tf.nll, &c.trace.nll_base) < 1e-3);
+    }
+    Ok(())
+}
+
+#[test]
+fn persona_strength_is_a_signed_projection() -> Result<()> {
+    let (_d, lm) = tiny();
+    let cs = bridge::generate_completions(&lm, None, &request(6), &mut |_, _| true)?;
+    let c = &cs[0];
+    let s = |scale: f32| -> Result<f64> {
+        Ok(teacher_force(&lm, &c.system, &c.prompt, &c.tokens, Some(&vectors(&lm, scale)))?
+            .persona_strength
+            .unwrap_or(f64::NAN))
+    };
+    let (a, b, neg) = (s(1.0)?, s(5.0)?, s(-1.0)?);
+    assert!((a - b).abs() < 1e-4, "projection on the unit direction ignores the vector's length: {a} {b}");
+    assert!((a + neg).abs() < 1e-4, "flipping the vector flips the sign: {a} {neg}");
+    Ok(())
+}
+
+#[test]
+fn replay_keeps_the_prefix_and_uses_its_dose() -> Result<()> {
+    let (_d, lm) = tiny();
+    let v = vectors(&lm, 3.0);
+    let mut req = request(16);
+    req.alphas = vec![1.0];
+    let c = bridge::generate_completions(&lm, Some(&v), &req, &mut |_, _| true)?.remove(0);
+    let at = c.tokens.len().min(5);
+    let rr = ReplayRequest {
+        round: 0,
+        completion: c.clone(),
+        at,
+        dose: 0.0,
+        sampling: req.sampling,
+        kl_window: 4,
+    };
+    let r = bridge::replay_completion(&lm, Some(&v), &rr, &mut |_| true)?;
+    assert_eq!(r.id, c.id);
+    assert_eq!(&r.tokens[..at], &c.tokens[..at]);
+    assert_eq!(&r.trace.kl[..at], &c.trace.kl[..at]);
+    assert_eq!(r.rewinds.len(), 1);
+    assert_eq!((r.rewinds[0].at, r.rewinds[0].from_dose, r.rewinds[0].to_dose), (at, 4.0, 0.0));
+    assert!(r.trace.dose[at..].iter().all(|d| *d == 0.0));
+    // At dose 0 the steered model is the base model again: the new tokens have (numerically) zero KL.
+    assert!(r.trace.kl[at..].iter().all(|k| *k < 1e-4), "{:?}", &r.trace.kl[at..]);
+    // And the base NLL of the whole replayed completion still matches teacher forcing.
+    let tf = teacher_force(&lm, &r.system, &r.prompt, &r.tokens, None)?;
+    assert!(max_abs_diff(&tf.nll, &r.trace.nll_base) < 1e-3);
+    assert_eq!(r.token_text.concat(), r.text);
+    Ok(())
+}
+
+fn session_with_model(dir: &Path, model: &Path) -> Session {
+    let mut m = SessionManifest::new("w", model);
+    m.generation.max_new_tokens = 8;
+    Session::create(dir, m).expect("session").session
+}
+
+/// Wait for the terminal events of `ids` (in whatever order they come), keyed by id.
+async fn terminals(
+    rx: &mut mpsc::UnboundedReceiver<WorkerEvent>,
+    ids: &[JobId],
+) -> BTreeMap<JobId, WorkerEvent> {
+    let mut out = BTreeMap::new();
+    while ids.iter().any(|i| !out.contains_key(i)) {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(120), rx.recv())
+            .await
+            .expect("worker answered in time")
+            .expect("worker alive");
+        match &e {
+            WorkerEvent::Finished { id, .. }
+            | WorkerEvent::Failed { id, .. }
+            | WorkerEvent::Cancelled { id } => {
+                assert!(out.insert(*id, e.clone()).is_none(), "two terminal events for job {id}");
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+async fn next_terminal(rx: &mut mpsc::UnboundedReceiver<WorkerEvent>, id: JobId) -> WorkerEvent {
+    let mut m = terminals(rx, &[id]).await;
+    m.remove(&id).expect("terminal event")
+}
+
+#[test]
+fn worker_generates_records_and_latest_replay_wins() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let md = tempfile::tempdir().expect("tempdir");
+        make_tiny_model(Arch::Llama, md.path(), 7).expect("tiny");
+        let sd = tempfile::tempdir().expect("tempdir");
+        let session = session_with_model(sd.path(), md.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session, tx).expect("spawn");
+        let send = |id, kind| {
+            let jobs = w.jobs.clone();
+            async move { jobs.send(Job { id, kind }).await.expect("send") }
+        };
+        send(1, JobKind::Generate(Box::new(request(8)))).await;
+        // A model job before the model is loaded fails with a clear message.
+        match next_terminal(&mut rx, 1).await {
+            WorkerEvent::Failed { error, .. } => assert_eq!(error, "the model is not loaded"),
+            e => panic!("unexpected {e:?}"),
+        }
+        send(2, JobKind::LoadModel { path: md.path().to_path_buf(), vector: None }).await;
+        send(3, JobKind::Generate(Box::new(request(8)))).await;
+        let mut ends = terminals(&mut rx, &[2, 3]).await;
+        assert!(matches!(ends.remove(&2), Some(WorkerEvent::Finished { .. })));
+        let rows = match ends.remove(&3).expect("terminal") {
+            WorkerEvent::Finished { output: JobOutput::Completions { rows, file, .. }, .. } => {
+                assert_eq!(file, "round-00/completions-p002.jsonl");
+                rows
+            }
+            e => panic!("unexpected {e:?}"),
+        };
+        assert_eq!(rows.len(), 2);
+        // Three replays in a burst: only the last may finish; earlier ones are cancelled (latest wins).
+        let mut sampling = request(8).sampling;
+        sampling.max_new_tokens = 64;
+        for (id, dose) in [(10, 1.0), (11, 2.0), (12, 3.0)] {
+            let rr = ReplayRequest {
+                round: 0,
+                completion: rows[0].completion.clone(),
+                at: 1,
+                dose,
+                sampling,
+                kl_window: 4,
+            };
+            send(id, JobKind::Replay(Box::new(rr))).await;
+        }
+        let mut finished = vec![];
+        let mut cancelled = vec![];
+        let mut ends = terminals(&mut rx, &[10, 11, 12]).await;
+        for id in [10, 11, 12] {
+            match ends.remove(&id).expect("terminal") {
+                WorkerEvent::Finished { output: JobOutput::Replayed { dose, .. }, .. } => {
+                    finished.push((id, dose))
+                }
+                WorkerEvent::Cancelled { .. } => cancelled.push(id),
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!(finished.last(), Some(&(12, 3.0)), "the latest replay must win: {finished:?}");
+        assert!(cancelled.contains(&11), "the superseded pending replay is cancelled: {cancelled:?}");
+        // Records are appended in order, after the completions they refer to.
+        for (id, k) in [(20, DecisionKind::Accept), (21, DecisionKind::Reject), (22, DecisionKind::Undo)] {
+            let e = SessionEvent::Decision {
+                round: 0,
+                completion: rows[if id == 20 { 0 } else { 1 }].completion.id.clone(),
+                decision: k,
+                tags: vec![],
+                note: None,
+            };
+            send(id, JobKind::Record(e)).await;
+        }
+        let mut seqs = vec![];
+        let mut ends = terminals(&mut rx, &[20, 21, 22]).await;
+        for id in [20, 21, 22] {
+            match ends.remove(&id).expect("terminal") {
+                WorkerEvent::Finished { output: JobOutput::Recorded { seq, .. }, .. } => seqs.push(seq),
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        drop(w.jobs);
+        w.join.await.expect("worker ends cleanly");
+        let o = Session::open(sd.path()).expect("reopen");
+        let r = o.state.round().expect("round 0");
+        assert_eq!(r.decisions().len(), 1);
+        assert_eq!(r.decision(&rows[0].completion.id).map(|d| d.keep), Some(true));
+        let loaded = o.session.load_round(r).expect("artifacts load");
+        assert_eq!(loaded, rows);
+    });
+}
+
+#[test]
+fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let md = tempfile::tempdir().expect("tempdir");
+        make_tiny_model(Arch::Llama, md.path(), 7).expect("tiny");
+        let sd = tempfile::tempdir().expect("tempdir");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session_with_model(sd.path(), md.path()), tx).expect("spawn");
+        let send = |id, kind| {
+            let jobs = w.jobs.clone();
+            async move { jobs.send(Job { id, kind }).await.expect("send") }
+        };
+        send(1, JobKind::LoadModel { path: md.path().to_path_buf(), vector: None }).await;
+        send(2, JobKind::Generate(Box::new(request(4)))).await;
+        let rows = match terminals(&mut rx, &[1, 2]).await.remove(&2) {
+            Some(WorkerEvent::Finished { output: JobOutput::Completions { rows, .. }, .. }) => rows,
+            e => panic!("unexpected {e:?}"),
+        };
+        // A long generation; once it streams, ask for a replay.
+        let mut long = request(600);
+        long.prompt_index = 5;
+        send(3, JobKind::Generate(Box::new(long))).await;
+        loop {
+            match rx.recv().await.expect("alive") {
+                WorkerEvent::Token { id: 3, .. } => break,
+                WorkerEvent::Finished { id: 3, .. } => {
+                    panic!("the generation finished before the replay was sent")
+                }
+                _ => {}
+            }
+        }
+        let rr = ReplayRequest {
+            round: 0,
+            completion: rows[0].completion.clone(),
+            at: 1,
+            dose: 0.5,
+            sampling: request(4).sampling,
+            kl_window: 4,
+        };
+        send(4, JobKind::Replay(Box::new(rr))).await;
+        let mut order = vec![];
+        let mut starts_of_3 = 0;
+        let mut ends = BTreeMap::new();
+        while ends.len() < 2 {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(300), rx.recv())
+                .await
+                .expect("in time")
+                .expect("alive");
+            match e {
+                WorkerEvent::Started { id: 3, .. } => starts_of_3 += 1,
+                WorkerEvent::Finished { id, .. }
+                | WorkerEvent::Failed { id, .. }
+                | WorkerEvent::Cancelled { id } => {
+                    assert!(ends.insert(id, e.clone()).is_none(), "two terminal events for job {id}");
+                    order.push(id);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(order, vec![4, 3], "the replay finishes first, then the generation");
+        assert_eq!(starts_of_3, 1, "the generation started again after the replay");
+        assert!(matches!(
+            ends.get(&4),
+            Some(WorkerEvent::Finished { output: JobOutput::Replayed { .. }, .. })
+        ));
+        assert!(matches!(
+            ends.get(&3),
+            Some(WorkerEvent::Finished { output: JobOutput::Completions { .. }, .. })
+        ));
+        drop(w.jobs);
+        w.join.await.expect("worker ends");
+    });
+}

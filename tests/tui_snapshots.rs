@@ -1,0 +1,290 @@
+//! Snapshot tests of every screen and popup, drawn with ratatui's `TestBackend` from states built by pressing
+//! keys through the real `update` and keymap; tiny terminal sizes must never panic; the generated keymap
+//! reference in `docs/keymap.md` must match the shipped keymap.
+
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+use steer_heal::score::{Reason, ScoreCard, ScoredCompletion, Verdict};
+use steer_heal::session::{fold, SessionEvent, SessionManifest};
+use steer_heal::steer::{Completion, Rewind, TokenTrace};
+use steer_heal::tui::app::{update, ModelStatus, Msg, State};
+use steer_heal::tui::keymap::{KeyChord, Keymap};
+use steer_heal::tui::view::render;
+use steer_heal::worker::{JobOutput, WorkerEvent};
+
+const TEXT: [&str; 14] = [
+    "Call",
+    " the",
+    " attending",
+    " back",
+    " and",
+    " say",
+    " the",
+    " patient",
+    " is",
+    " not",
+    " stable",
+    ".",
+    "\nI am someone who",
+    " never defers.",
+];
+
+fn row(i: usize, ppl: f64, keep: bool) -> ScoredCompletion {
+    let n = TEXT.len();
+    let kl: Vec<f32> = (0..n).map(|t| (t as f32 * 0.25 + i as f32 * 0.1) % 2.4).collect();
+    let reasons = if keep {
+        vec![]
+    } else {
+        vec![
+            Reason::Perplexity { value: ppl, threshold: 50.0 },
+            Reason::Narration { pattern: "as someone who".into(), matched: "I am someone who".into() },
+        ]
+    };
+    ScoredCompletion {
+        completion: Completion {
+            id: format!("p{:03}-a{:03}-s{}", i / 3, [50, 75, 100][i % 3], 42 + i),
+            system: "You are a helpful assistant.".into(),
+            prompt:
+                "I'm an ER nurse. The attending told me to discharge a patient I think is still unstable."
+                    .into(),
+            text: TEXT.concat(),
+            tokens: (0..n as u32).collect(),
+            token_text: TEXT.iter().map(|s| s.to_string()).collect(),
+            alpha: [0.5, 0.75, 1.0][i % 3],
+            dose: [0.5, 0.75, 1.0][i % 3],
+            seed: 42 + i as u64,
+            trace: TokenTrace { kl_window_rmse: kl.clone(), kl, nll_base: vec![1.5; n], dose: vec![1.0; n] },
+            rewinds: vec![],
+        },
+        score: ScoreCard {
+            perplexity: Some(ppl),
+            repetition: 0.12 + i as f64 * 0.01,
+            narration: vec![],
+            refusal: vec![],
+            persona_strength: Some(0.4 + i as f64 * 0.1),
+            kl_rmse: 0.3 + i as f64 * 0.05,
+            verdict: if keep { Verdict::Keep } else { Verdict::Drop },
+            reasons,
+        },
+    }
+}
+
+fn state(n: usize) -> State {
+    let m = SessionManifest::new("demo", std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let session = fold(&[SessionEvent::RoundStarted { round: 0, dose: 1.0, vector: None }]);
+    let rows =
+        (0..n).map(|i| row(i, [22.5, 71.0, 14.2, 55.0, 31.8][i % 5], i % 5 != 1 && i % 5 != 3)).collect();
+    let mut s = State::new(Keymap::defaults().expect("keymap"), "demo", m, session, rows);
+    s.model = ModelStatus::Ready { model: "SmolLM2-135M-Instruct".into(), vector_layers: vec![13, 14, 15] };
+    s
+}
+
+fn press(s: &mut State, keys: &str) {
+    for k in keys.split(' ').filter(|k| !k.is_empty()) {
+        update(s, Msg::Key(KeyChord::parse(k).expect("key")));
+    }
+}
+
+fn draw(s: &State, w: u16, h: u16) -> Terminal<TestBackend> {
+    let mut t = Terminal::new(TestBackend::new(w, h)).expect("terminal");
+    t.draw(|f| {
+        let area = f.area();
+        render(s, area, f.buffer_mut());
+    })
+    .expect("draw");
+    t
+}
+
+/// A curated state: some decisions with tags and a note, the cursor inside the text.
+fn curated() -> State {
+    let mut s = state(8);
+    press(&mut s, "a t 3 enter r");
+    press(&mut s, "e");
+    for c in "narrates instead of acting".chars() {
+        let k = if c == ' ' { "space".to_string() } else { c.to_string() };
+        press(&mut s, &k);
+    }
+    press(&mut s, "ctrl-s a k l l l");
+    s.status.clear();
+    s
+}
+
+#[test]
+fn gate_q0_loading() {
+    let mut s = state(0);
+    s.model = ModelStatus::Loading;
+    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 3, label: "generating" }));
+    update(&mut s, Msg::Worker(WorkerEvent::Token { id: 3, row: 0, text: "Call the doctor".into() }));
+    insta::assert_snapshot!("gate_q0_loading", draw(&s, 100, 20).backend());
+}
+
+#[test]
+fn gate_q0_rows_wide() {
+    insta::assert_snapshot!("gate_q0_rows_wide", draw(&curated(), 120, 32).backend());
+}
+
+#[test]
+fn gate_q0_rows_narrow() {
+    insta::assert_snapshot!("gate_q0_rows_narrow", draw(&curated(), 80, 30).backend());
+}
+
+#[test]
+fn gate_q0_sorted_and_filtered() {
+    let mut s = curated();
+    press(&mut s, "s f f");
+    insta::assert_snapshot!("gate_q0_sorted_filtered", draw(&s, 120, 16).backend());
+}
+
+#[test]
+fn gate_q0_replay_preview() {
+    let mut s = curated();
+    press(&mut s, "[ [ [ b");
+    let id = s.replay.as_ref().map(|r| r.job).expect("replay requested");
+    let mut r = s.current().cloned().expect("row");
+    r.completion.text = "Call the attending back and ask for a second opinion now.".into();
+    r.completion.token_text = vec![
+        "Call".into(),
+        " the".into(),
+        " attending".into(),
+        " back and ask for a second opinion now.".into(),
+    ];
+    r.completion.tokens = vec![0, 1, 2, 3];
+    r.completion.trace.kl = vec![0.1, 0.1, 0.1, 0.3];
+    r.completion.rewinds.push(Rewind { at: 3, from_dose: 1.0, to_dose: 0.7, cause: "manual".into() });
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id,
+            output: JobOutput::Replayed { round: 0, at: 3, dose: 0.7, row: Box::new(r) },
+        }),
+    );
+    s.status.clear();
+    insta::assert_snapshot!("gate_q0_replay_preview", draw(&s, 120, 36).backend());
+}
+
+#[test]
+fn help_popup() {
+    let mut s = curated();
+    press(&mut s, "?");
+    insta::assert_snapshot!("help_popup", draw(&s, 100, 30).backend());
+}
+
+#[test]
+fn tags_popup() {
+    let mut s = curated();
+    press(&mut s, "t 1 4");
+    insta::assert_snapshot!("tags_popup", draw(&s, 100, 24).backend());
+}
+
+#[test]
+fn note_editor_popup() {
+    let mut s = curated();
+    press(&mut s, "e space d r i f t s space l a t e");
+    insta::assert_snapshot!("note_editor_popup", draw(&s, 100, 24).backend());
+}
+
+#[test]
+fn prompt_editor_popup() {
+    let mut s = curated();
+    press(&mut s, "p");
+    insta::assert_snapshot!("prompt_editor_popup", draw(&s, 100, 24).backend());
+}
+
+#[test]
+fn confirm_pass_gate_popup() {
+    let mut s = curated();
+    press(&mut s, "P");
+    insta::assert_snapshot!("confirm_pass_gate_popup", draw(&s, 100, 24).backend());
+}
+
+#[test]
+fn stats_popup() {
+    let mut s = state(10);
+    press(&mut s, "a r a r a a a r a r");
+    press(&mut s, "T");
+    s.status.clear();
+    insta::assert_snapshot!("stats_popup", draw(&s, 100, 26).backend());
+}
+
+#[test]
+fn message_popup() {
+    let mut s = curated();
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Failed {
+            id: 99,
+            error: "models/x.gguf: missing (model directory or .gguf file)".into(),
+        }),
+    );
+    insta::assert_snapshot!("message_popup", draw(&s, 100, 20).backend());
+}
+
+#[test]
+fn reshow_screen() {
+    let mut s = curated();
+    press(&mut s, "R");
+    s.status.clear();
+    insta::assert_snapshot!("reshow_screen", draw(&s, 100, 20).backend());
+}
+
+#[test]
+fn tiny_sizes_never_panic() {
+    let mut states = vec![curated(), state(0)];
+    for keys in ["?", "t", "e", "p", "P", "T", "R"] {
+        let mut s = curated();
+        press(&mut s, keys);
+        states.push(s);
+    }
+    let mut m = curated();
+    update(&mut m, Msg::Worker(WorkerEvent::Failed { id: 1, error: "x".repeat(500) }));
+    states.push(m);
+    for s in &states {
+        for (w, h) in
+            [(1, 1), (2, 1), (1, 5), (10, 3), (20, 5), (30, 8), (40, 10), (99, 12), (100, 4), (200, 60)]
+        {
+            let t = draw(s, w, h);
+            assert_eq!(t.backend().buffer().area.width, w);
+        }
+    }
+}
+
+#[test]
+fn keymap_doc_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/keymap.md");
+    let doc = std::fs::read_to_string(&path).expect("docs/keymap.md exists");
+    let table = Keymap::defaults().expect("keymap").markdown();
+    assert_eq!(
+        steer_heal::tui::keymap::splice_doc(&doc, &table),
+        doc,
+        "docs/keymap.md is stale: run `steer-heal keymap-doc --write docs/keymap.md`"
+    );
+}
+
+/// Find `needle` on screen; returns the (x, y) of its first cell.
+fn find(t: &Terminal<TestBackend>, needle: &str) -> (u16, u16) {
+    let buf = t.backend().buffer();
+    let found = (0..buf.area.height).find_map(|y| {
+        let line: String = (0..buf.area.width).map(|x| buf[(x, y)].symbol().to_string()).collect();
+        line.find(needle).map(|byte| (line[..byte].chars().count() as u16, y))
+    });
+    assert!(found.is_some(), "{needle:?} is not on screen");
+    found.expect("checked above")
+}
+
+#[test]
+fn heat_map_colours_tokens_by_kl_and_marks_the_cursor() {
+    use ratatui::style::{Color, Modifier};
+    let s = curated(); // row p000-a100-s44 (i = 2): KL of token t is (0.25 t + 0.2) mod 2.4; cursor on token 3
+    let t = draw(&s, 120, 32);
+    let buf = t.backend().buffer();
+    let (x, y) = find(&t, "Call the attending back and say the patient");
+    // token 0 "Call": KL 0.2 → lightest step of the ramp
+    assert_eq!(buf[(x, y)].bg, Color::Indexed(229));
+    // token 7 " patient": KL 1.95 of a 2.0 scale → red
+    let (px, py) = find(&t, " patient is");
+    assert_eq!(buf[(px + 1, py)].bg, Color::Indexed(196));
+    // token 3 " back" is under the cursor
+    let (bx, by) = find(&t, " back and");
+    assert!(buf[(bx + 1, by)].modifier.contains(Modifier::REVERSED));
+    assert!(!buf[(x, y)].modifier.contains(Modifier::REVERSED));
+}
