@@ -189,7 +189,7 @@ impl HealConfig {
             }
         }
         let (lo, hi) = self.layer_range;
-        if !(0.0..1.0).contains(&lo) || !(lo < hi && hi <= 1.0) {
+        if !((0.0..1.0).contains(&lo) && lo < hi && hi <= 1.0) {
             return bad(format!("layer range {lo}..{hi} must satisfy 0 ≤ lo < hi ≤ 1"));
         }
         if cfg.num_hidden_layers == 0 {

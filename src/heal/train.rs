@@ -201,14 +201,20 @@ fn completion_log_probs(model: &Model, ex: &Example, path: FwdPath) -> Result<Te
     loss::log_softmax(&logits)
 }
 
-/// The values of one micro-step.
-struct Micro {
-    loss: Tensor,
-    nll: f64,
-    d: f64,
-    kl_mean: f64,
-    barrier: f64,
-    spectral: f64,
+/// The loss of one example and its parts.
+pub struct LossParts {
+    /// Total loss (differentiable).
+    pub loss: Tensor,
+    /// NLL of the completion tokens.
+    pub nll: f64,
+    /// Aggregated KL D.
+    pub d: f64,
+    /// Plain mean of the per-position KL.
+    pub kl_mean: f64,
+    /// Barrier term.
+    pub barrier: f64,
+    /// Spectral penalty term.
+    pub spectral: f64,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -230,7 +236,14 @@ fn reference_log_probs(model: &mut Model, ex: &Example, cfg: &HealConfig, name: 
     Ok(lp?.detach())
 }
 
-fn micro_step(model: &mut Model, lora: &TrainableLora, ex: &Example, cfg: &HealConfig) -> Result<Micro> {
+/// The heal loss of one example for the attached trainable adapter: reference pass (no grad, gate off), student
+/// pass on the training path, NLL + barrier (+ spectral penalty).
+pub fn example_loss(
+    model: &mut Model,
+    lora: &TrainableLora,
+    ex: &Example,
+    cfg: &HealConfig,
+) -> Result<LossParts> {
     let ref_lp = reference_log_probs(model, ex, cfg, &lora.name)?;
     let lp = completion_log_probs(model, ex, FwdPath::Training)?;
     let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
@@ -262,7 +275,7 @@ fn micro_step(model: &mut Model, lora: &TrainableLora, ex: &Example, cfg: &HealC
             total = (total + pen)?;
         }
     }
-    Ok(Micro {
+    Ok(LossParts {
         nll: scalar(&nll)?,
         d: scalar(&d)?,
         kl_mean: scalar(&kl.mean_all()?)?,
@@ -270,6 +283,41 @@ fn micro_step(model: &mut Model, lora: &TrainableLora, ex: &Example, cfg: &HealC
         spectral,
         loss: total,
     })
+}
+
+/// Loss parts of an attached adapter over a data set, without gradients (both passes on the inference path).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Mean NLL of completion tokens over examples.
+    pub nll: f64,
+    /// Mean aggregated KL D to the reference over examples.
+    pub d: f64,
+    /// Largest per-example D.
+    pub d_max: f64,
+    /// Mean plain per-position KL.
+    pub kl_mean: f64,
+}
+
+/// Measure the adapter `name` (as attached, at its gate) against the reference `cfg.reference` with the
+/// aggregation and divergence of `cfg`.
+pub fn evaluate(model: &mut Model, name: &str, data: &Dataset, cfg: &HealConfig) -> Result<Evaluation> {
+    if data.examples.is_empty() {
+        return Err(Error::invalid("nothing to evaluate"));
+    }
+    let mut ev = Evaluation { nll: 0.0, d: 0.0, d_max: 0.0, kl_mean: 0.0 };
+    let n = data.examples.len() as f64;
+    for ex in &data.examples {
+        let ref_lp = reference_log_probs(model, ex, cfg, name)?;
+        let lp = completion_log_probs(model, ex, FwdPath::Inference)?;
+        let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
+        let kl = loss::per_position_kl(&lp, &ref_lp, cfg.reg)?;
+        let d = scalar(&loss::aggregate(&kl, cfg.agg)?)?;
+        ev.nll += scalar(&loss::nll(&lp, &targets)?)? / n;
+        ev.d += d / n;
+        ev.d_max = ev.d_max.max(d);
+        ev.kl_mean += scalar(&kl.mean_all()?)? / n;
+    }
+    Ok(ev)
 }
 
 /// Gradients of `loss` for every variable, by name; a variable the gradient never reached is an error (the
@@ -470,7 +518,7 @@ pub fn heal(
             let epoch = k / n;
             let order = orders.entry(epoch).or_insert_with(|| epoch_order(n, cfg.seed, epoch));
             let ex = &data.examples[order[k % n]];
-            let m = micro_step(model, &lora, ex, cfg)?;
+            let m = example_loss(model, &lora, ex, cfg)?;
             let l = scalar(&m.loss)?;
             if !l.is_finite() {
                 bad = Some(format!("loss became {l} on example `{}`", ex.id));
