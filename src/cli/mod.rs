@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod heal_cmd;
 mod model_cmd;
 
 #[derive(Parser)]
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Model(model_cmd::ModelCmd),
+    #[command(flatten)]
+    Heal(heal_cmd::HealCmd),
 }
 
 /// Parse arguments and run.
@@ -24,5 +27,6 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Command::Model(c) => model_cmd::run(c),
+        Command::Heal(c) => heal_cmd::run(c),
     }
 }

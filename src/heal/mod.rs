@@ -17,13 +17,16 @@
 
 pub mod adapter;
 pub mod bake;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod export;
+pub mod gate;
 pub mod loss;
 pub mod optim;
 pub mod peft;
 pub mod st_io;
+pub mod sweep;
 pub mod train;
 
 pub use adapter::{LoraAdapter, Site, TrainableLora};

@@ -9,6 +9,7 @@
 //! optimiser step), `adapter/` (PEFT layout, written on completion) and `heal.json` (the `HealLog`).
 
 use super::adapter::{self, LoraAdapter, Site, TrainableLora};
+use super::bake::HistoryEntry;
 use super::config::{HealConfig, Reference};
 use super::data::{Dataset, Example};
 use super::loss;
@@ -95,6 +96,9 @@ pub struct HealLog {
     pub model: ModelInfo,
     /// Adapters on the model at their gates during training (the `prev` reference).
     pub history_gates: BTreeMap<String, f64>,
+    /// Where those adapters came from, as given by the caller.
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
     /// Settings.
     pub config: HealConfig,
     /// Fingerprint of the training token sequences.
@@ -136,6 +140,8 @@ pub struct RunOptions {
     pub stop_after_steps: Option<usize>,
     /// Gate the adapter is left at after training (default 1).
     pub final_gate: Option<f64>,
+    /// The kept rounds the model carries (recorded in the log so the run can be re-created and exported).
+    pub history: Vec<HistoryEntry>,
 }
 
 /// Paths of a run directory.
@@ -185,7 +191,7 @@ pub fn read_step_log(path: &Path) -> Result<Vec<StepRecord>> {
 
 /// Logits of `ex`'s completion positions `[C, vocab]` (f32 log-probs), via the last block's hidden states so the
 /// prompt positions never go through the vocabulary projection.
-fn completion_log_probs(model: &Model, ex: &Example, path: FwdPath) -> Result<Tensor> {
+pub(crate) fn completion_log_probs(model: &Model, ex: &Example, path: FwdPath) -> Result<Tensor> {
     let ids = Tensor::new(ex.ids.as_slice(), model.device())?.unsqueeze(0)?;
     let last = model.layers.len() - 1;
     let hooks = Hooks::capture(vec![last], CapturePositions::All);
@@ -222,7 +228,12 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 /// Reference log-probs: the same weights with this round's adapter (or every adapter) gated off, no grad.
-fn reference_log_probs(model: &mut Model, ex: &Example, cfg: &HealConfig, name: &str) -> Result<Tensor> {
+pub(crate) fn reference_log_probs(
+    model: &mut Model,
+    ex: &Example,
+    cfg: &HealConfig,
+    name: &str,
+) -> Result<Tensor> {
     let saved = match cfg.reference {
         Reference::Prev => {
             let g = adapter::gates(model);
@@ -382,7 +393,7 @@ fn load_checkpoint(path: &Path, lora: &TrainableLora, opt: &mut AdamW, identity:
     let bad = |m: &str| Error::bad_file(path, m);
     if md.get("identity").map(String::as_str) != Some(identity) {
         return Err(bad(
-            "checkpoint was made with a different config, data, model or history; start fresh to overwrite it",
+            "checkpoint was made with a different config, data, model or history; start fresh (--fresh) to overwrite it",
         ));
     }
     let step: usize =
@@ -642,6 +653,7 @@ pub fn heal(
         message,
         model: info.clone(),
         history_gates: history,
+        history: opts.history.clone(),
         config: cfg.clone(),
         data_fingerprint: data_fp,
         n_examples: n,
