@@ -524,3 +524,143 @@ fn history_reapplies_rounds_gated_so_any_round_can_be_unbaked() {
     adapter::detach(&mut lm.model, "round-1");
     assert_eq!(max_abs(&logits(&lm, &ids), &base_logits), 0.0);
 }
+
+#[test]
+fn measure_scores_generations_under_the_base_and_restores_gates() {
+    let (_d, mut lm) = tiny(Arch::Llama);
+    let targets = HealConfig::default().targets;
+    let t = TrainableLora::init(&lm.model, "round-0", &[1, 2], &targets, 4, 8.0, 5).expect("init");
+    let mut ad = t.to_adapter().expect("frozen");
+    for (_, b) in ad.pairs.values_mut() {
+        *b = Tensor::randn(0f32, 0.05, b.dims(), &Device::Cpu).expect("randn");
+    }
+    ad.attach(&mut lm.model, 0.7).expect("attach");
+    let spec = heal::gate::MeasureSpec {
+        prompts: vec!["Say something.".into(), "What now?".into()],
+        neutral_system: "You are a helpful assistant.".into(),
+        persona_system: Some("You are a pirate.".into()),
+        sampling: steer_heal::model::generate::Sampling::greedy(12),
+    };
+    let m = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    assert_eq!(adapter::gates(&lm.model).get("round-0"), Some(&0.7), "gates restored");
+    assert_eq!(m.samples.len(), 2);
+    assert!(m.tokens > 0 && m.coherence.is_finite() && m.persona_strength.is_some_and(f64::is_finite));
+    assert!((m.ppl - (-m.coherence).exp()).abs() < 1e-9);
+    // With the adapter off the student is the base: greedy generation's own log-probs (KV-cache decoding) must
+    // equal the teacher-forced base scores.
+    adapter::set_gate(&mut lm.model, "round-0", 0.0);
+    let m0 = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    let mut lp_sum = 0.0f64;
+    let mut n = 0usize;
+    for p in &spec.prompts {
+        let ids = lm
+            .tokenizer
+            .encode(&lm.chat.prompt(Some(&spec.neutral_system), p).expect("prompt"))
+            .expect("enc");
+        let g = steer_heal::model::generate::generate(
+            &lm.model,
+            &[ids],
+            &spec.sampling,
+            &Hooks::none(),
+            &lm.tokenizer.stop_ids,
+            lm.tokenizer.pad_id,
+            &mut |_| true,
+        )
+        .expect("generate");
+        lp_sum += g.logprobs[0].iter().map(|x| *x as f64).sum::<f64>();
+        n += g.tokens[0].len();
+    }
+    assert_eq!(n, m0.tokens);
+    let d = (lp_sum / n as f64 - m0.coherence).abs();
+    assert!(d < 1e-4, "teacher-forced base score differs from decoding log-probs by {d}");
+}
+
+#[test]
+fn cli_heal_then_export_and_bake() {
+    let bin = env!("CARGO_BIN_EXE_steer-heal");
+    let (dir, lm) = tiny(Arch::Llama);
+    let work = tempfile::tempdir().expect("work");
+    let comps = work.path().join("accepted.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| serde_json::to_string(&completion(&lm, i, "zq vex zq vex plugh")).expect("json"))
+        .collect();
+    std::fs::write(&comps, lines.join("\n") + "\n").expect("write");
+    let run_dir = work.path().join("run");
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().expect("run binary");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let model = dir.path().to_str().expect("utf8");
+    let run = run_dir.to_str().expect("utf8");
+    sh(&[
+        "heal",
+        "--model",
+        model,
+        "--completions",
+        comps.to_str().expect("utf8"),
+        "--out",
+        run,
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--lr",
+        "3e-3",
+        "--epochs",
+        "2",
+        "--grad-accum",
+        "2",
+        "--eval-n",
+        "2",
+        "--eval-tokens",
+        "8",
+        "--persona",
+        "You are a pirate.",
+    ]);
+    for f in ["heal.json", "gate-q1.md", "gate-q1.json", "adapter/adapter_config.json", "train/log.jsonl"] {
+        assert!(run_dir.join(f).exists(), "missing {f}");
+    }
+    let md = std::fs::read_to_string(run_dir.join("gate-q1.md")).expect("gate");
+    assert!(md.contains("| before |") && md.contains("| after |") && md.contains("Steered teacher"), "{md}");
+    let peft_dir = work.path().join("peft");
+    sh(&[
+        "export-peft",
+        "--from",
+        run,
+        "--out",
+        peft_dir.to_str().expect("utf8"),
+        "--base-model",
+        "org/tiny",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft_dir.join("adapter_config.json")).expect("read"))
+            .expect("json");
+    assert_eq!(cfg["base_model_name_or_path"], "org/tiny");
+    let merged = work.path().join("merged");
+    sh(&["export-merged", "--run", run, "--out", merged.to_str().expect("utf8")]);
+    let baked = work.path().join("baked");
+    let adapter_arg = format!("{}@1", run_dir.join("adapter").display());
+    sh(&["bake", "--model", model, "--adapter", &adapter_arg, "--out", baked.to_str().expect("utf8")]);
+    // Both exports load with our loader and agree with each other and with the gated adapter.
+    let ids: Vec<u32> = (0..12u32).map(|i| (i * 13 + 7) % 250).collect();
+    let a = logits(&reload(&merged), &ids);
+    let b = logits(&reload(&baked), &ids);
+    let gated = heal::load_with_history(
+        dir.path(),
+        Some(DType::F32),
+        &Device::Cpu,
+        &[HistoryEntry { dir: run_dir.join("adapter"), gate: 1.0 }],
+    )
+    .expect("history");
+    assert!(max_abs(&a, &b) <= 1e-5);
+    assert!(max_abs(&a, &logits(&gated, &ids)) <= 1e-4);
+    // Bad input: one line naming the file.
+    let out = std::process::Command::new(bin)
+        .args(["heal", "--model", model, "--completions", "/nonexistent/c.jsonl", "--out", run])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/c.jsonl") && err.lines().count() == 1, "{err}");
+}

@@ -115,10 +115,12 @@ impl LoraArgs {
 
 #[derive(Subcommand)]
 pub enum HealCmd {
-    /// Heal: train this round's LoRA on accepted completions from the neutral prompt under the KL barrier, then
-    /// measure the student before and after and write gate-q1.md. Resumes from OUT's checkpoint if there is one.
+    /// Train this round's LoRA on accepted completions under the KL barrier and write gate-q1.md.
+    ///
+    /// The student sees the neutral prompt and learns the steered completion; the student is measured before and
+    /// after on fresh neutral generations. Resumes from OUT's checkpoint if there is one; Ctrl-C stops cleanly.
     Heal(Box<HealArgs>),
-    /// Gated bake: merge kept rounds' adapters into the base at their gates and write a Hugging Face directory.
+    /// Gated bake: merge kept rounds' adapters into the base at their gates (a Hugging Face directory).
     Bake {
         /// Base model directory or .gguf file.
         #[arg(long)]
@@ -133,7 +135,7 @@ pub enum HealCmd {
         #[arg(long, value_parser = parse_dtype)]
         dtype: Option<DType>,
     },
-    /// Export an adapter in PEFT layout from a heal run directory, an adapter directory or a checkpoint file.
+    /// Export an adapter in PEFT layout (from a run, an adapter directory or a checkpoint).
     ExportPeft {
         /// Run directory, adapter directory or train/checkpoint.safetensors.
         #[arg(long)]
@@ -145,7 +147,7 @@ pub enum HealCmd {
         #[arg(long)]
         base_model: Option<String>,
     },
-    /// Export a heal run's model (base + kept rounds + this round's adapter) merged, as a Hugging Face directory.
+    /// Export a heal run's model (base + kept rounds + its adapter) merged, as a Hugging Face directory.
     ExportMerged {
         /// Heal run directory (with heal.json and adapter/).
         #[arg(long)]
@@ -160,7 +162,7 @@ pub enum HealCmd {
         #[arg(long, default_value_t = 1.0)]
         gate: f64,
     },
-    /// Benchmark heal training throughput (reference pass + forward + backward + AdamW) and write JSON.
+    /// Benchmark heal training tokens/s (reference pass + forward + backward + AdamW) and write JSON.
     BenchHeal(Box<BenchArgs>),
 }
 
