@@ -546,6 +546,15 @@ fn measure_scores_generations_under_the_base_and_restores_gates() {
     assert_eq!(m.samples.len(), 2);
     assert!(m.tokens > 0 && m.coherence.is_finite() && m.persona_strength.is_some_and(f64::is_finite));
     assert!((m.ppl - (-m.coherence).exp()).abs() < 1e-9);
+    // The heat-map KL: positive with the adapter on, exactly zero with it off.
+    let toks = lm.tokenizer.encode("zq vex plugh").expect("enc");
+    let kl = heal::gate::token_kl_to_base(&mut lm, "You are a helpful assistant.", "Hi", &toks).expect("kl");
+    assert_eq!(kl.len(), toks.len());
+    assert!(kl.iter().all(|k| k.is_finite() && *k >= -1e-6) && kl.iter().any(|k| *k > 1e-4), "{kl:?}");
+    adapter::set_gate(&mut lm.model, "round-0", 0.0);
+    let off = heal::gate::token_kl_to_base(&mut lm, "You are a helpful assistant.", "Hi", &toks).expect("kl");
+    assert!(off.iter().all(|k| *k == 0.0), "{off:?}");
+    adapter::set_gate(&mut lm.model, "round-0", 0.7);
     // With the adapter off the student is the base: greedy generation's own log-probs (KV-cache decoding) must
     // equal the teacher-forced base scores.
     adapter::set_gate(&mut lm.model, "round-0", 0.0);

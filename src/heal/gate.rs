@@ -137,6 +137,30 @@ fn score_under_base(
     Ok((samples, sum_lp, sum_gain, tokens))
 }
 
+/// Per-token KL(student ‖ base) of a completion after the neutral prompt, nats: the student is the model as it is
+/// (adapters at their gates), the base has every gate at 0 (restored afterwards). One value per completion token,
+/// for the heal screen's heat map.
+pub fn token_kl_to_base(
+    lm: &mut LoadedModel,
+    system: &str,
+    prompt: &str,
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?;
+    let prompt_len = ids.len();
+    ids.extend_from_slice(tokens);
+    let ex = Example { id: String::new(), ids, prompt_len };
+    let student = completion_log_probs(&lm.model, &ex, FwdPath::Inference)?;
+    let saved = adapter::zero_all_gates(&mut lm.model);
+    let base = completion_log_probs(&lm.model, &ex, FwdPath::Inference);
+    adapter::restore_gates(&mut lm.model, &saved);
+    let kl = super::loss::per_position_kl(&student, &base?, super::config::Reg::KlRev)?;
+    Ok(kl.to_vec1()?)
+}
+
 /// Coherence and trait of one model state, in whatever units the report's labels name.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
