@@ -338,7 +338,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 let Some(spec) = spec else { bail!("--sweep needs the gate measurement; drop --no-gate") };
                 let before = before.context("measurement before healing")?;
                 let arms = sweep::arms(&cfg, &sweep_regs, &sweep_strengths)?;
-                let results = sweep::run_sweep(&mut lm, &data, &arms, &out, &spec, &mut bar)?;
+                let results = sweep::run_sweep(&mut lm, &data, &arms, &out, &spec, &opts, &mut bar)?;
                 bar.finish();
                 write_gate(&out, &lm, &cfg, &comps, &gate, &before, None, &results)?;
                 println!("wrote {}", out.join("gate-q1.md").display());

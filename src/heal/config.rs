@@ -198,12 +198,7 @@ impl HealConfig {
         if self.r == 0 {
             return bad("rank r must be positive".into());
         }
-        let positive = [
-            ("alpha", self.alpha),
-            ("lr", self.lr),
-            ("eps", self.eps),
-            ("tau", self.tau.max(f64::MIN_POSITIVE)),
-        ];
+        let positive = [("alpha", self.alpha), ("lr", self.lr), ("eps", self.eps)];
         for (name, v) in positive {
             if !(v.is_finite() && v > 0.0) {
                 return bad(format!("{name} must be a positive number, got {v}"));

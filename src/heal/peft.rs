@@ -73,7 +73,8 @@ pub fn peft_config(ad: &LoraAdapter, base_model_name_or_path: &str) -> Value {
         "layers_pattern": if layers.is_some() { json!("layers") } else { Value::Null },
         "layers_to_transform": layers,
         "loftq_config": {},
-        "lora_alpha": ad.alpha,
+        // PEFT writes an integer α; keep ours integral when it is.
+        "lora_alpha": if ad.alpha.fract() == 0.0 && ad.alpha.abs() < 1e15 { json!(ad.alpha as i64) } else { json!(ad.alpha) },
         "lora_dropout": 0.0,
         "megatron_config": null,
         "megatron_core": "megatron.core",

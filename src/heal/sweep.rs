@@ -147,13 +147,15 @@ pub struct ArmResult {
     pub log: train::HealLog,
 }
 
-/// Heal and measure each arm in `out_dir/sweep/<arm>/`, detaching its adapter afterwards.
+/// Heal and measure each arm in `out_dir/sweep/<arm>/` (resuming an arm's checkpoint unless `opts.fresh`),
+/// detaching its adapter afterwards.
 pub fn run_sweep(
     lm: &mut LoadedModel,
     data: &Dataset,
     arms: &[SweepArm],
     out_dir: &Path,
     spec: &MeasureSpec,
+    opts: &RunOptions,
     progress: &mut dyn Progress,
 ) -> Result<Vec<ArmResult>> {
     let mut out = Vec::with_capacity(arms.len());
@@ -166,16 +168,7 @@ pub fn run_sweep(
             outer: &mut *progress,
             prefix: format!("[{}/{}] {}", i + 1, arms.len(), arm.label),
         };
-        let log = train::heal(
-            &mut lm.model,
-            &lm.info,
-            data,
-            &arm.cfg,
-            &dir,
-            &RunOptions::default(),
-            &mut p,
-            &mut |_| {},
-        )?;
+        let log = train::heal(&mut lm.model, &lm.info, data, &arm.cfg, &dir, opts, &mut p, &mut |_| {})?;
         let name = arm.cfg.adapter_name();
         let measured = if log.status == HealStatus::Completed {
             let ev = train::evaluate(&mut lm.model, &name, data, &arm.cfg);
