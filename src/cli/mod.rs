@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod heal_cmd;
 mod model_cmd;
 mod tui_cmd;
 
@@ -20,6 +21,8 @@ enum Command {
     Model(model_cmd::ModelCmd),
     #[command(flatten)]
     Tui(tui_cmd::TuiCmd),
+    #[command(flatten)]
+    Heal(heal_cmd::HealCmd),
 }
 
 /// Parse arguments and run.
@@ -28,5 +31,6 @@ pub fn run() -> Result<()> {
     match cli.cmd {
         Command::Model(c) => model_cmd::run(c),
         Command::Tui(c) => tui_cmd::run(c),
+        Command::Heal(c) => heal_cmd::run(c),
     }
 }

@@ -381,6 +381,12 @@ impl Model {
         Ok(Output { logits, hidden })
     }
 
+    /// Final norm, vocabulary projection and soft-capping of hidden states `[b, t, hidden]` taken after the last
+    /// block, e.g. a capture narrowed to the positions that need logits (training skips the prompt's positions).
+    pub fn logits_from_hidden(&self, xs: &Tensor, path: Path) -> Result<Tensor> {
+        self.head(xs, path)
+    }
+
     /// Final norm, vocabulary projection and optional soft-capping.
     fn head(&self, xs: &Tensor, path: Path) -> Result<Tensor> {
         let xs = self.norm.forward(xs, path)?;

@@ -1,0 +1,163 @@
+//! `bench-heal`: training throughput of one heal step — reference pass (no grad, adapter gated off), student
+//! forward on the training path with the loss, backward, AdamW update — at a given rank on a given model, timed
+//! per phase on synthetic sequences and written as JSON. Speed lives here, never in tests.
+
+use super::adapter::TrainableLora;
+use super::config::HealConfig;
+use super::data::Example;
+use super::loss;
+use super::optim::AdamW;
+use super::train::{completion_log_probs, gradients, reference_log_probs};
+use crate::error::{Error, Result};
+use crate::model::decoder::Path as FwdPath;
+use crate::model::{LoadedModel, ModelInfo};
+use candle_core::Tensor;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// What to benchmark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchSpec {
+    /// Tokens per sequence (prompt + completion).
+    pub seq_len: usize,
+    /// Prompt tokens per sequence (no loss on them).
+    pub prompt_len: usize,
+    /// Timed steps (one sequence each), after one untimed warm-up step.
+    pub steps: usize,
+    /// Heal config (rank, targets, layer range, regulariser...).
+    pub cfg: HealConfig,
+}
+
+/// Seconds spent per phase over the timed steps.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Phases {
+    /// Reference pass (inference path, adapter off).
+    pub reference_s: f64,
+    /// Student forward on the training path plus the loss.
+    pub forward_s: f64,
+    /// Backward.
+    pub backward_s: f64,
+    /// AdamW update.
+    pub optimizer_s: f64,
+}
+
+/// The benchmark's result (the JSON written by `steer-heal bench-heal`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchResult {
+    /// What ran.
+    pub spec: BenchSpec,
+    /// Model identity.
+    pub model: ModelInfo,
+    /// Activation dtype.
+    pub dtype: String,
+    /// Device description.
+    pub device: String,
+    /// Worker threads candle's CPU kernels use.
+    pub threads: usize,
+    /// Trainable parameters (all A and B).
+    pub trainable_params: usize,
+    /// Adapted projections.
+    pub adapted_projections: usize,
+    /// Tokens per second of full heal steps (reference + forward + backward + update).
+    pub tokens_per_s: f64,
+    /// Tokens per second without the reference pass (plain LoRA SFT, for comparison).
+    pub tokens_per_s_without_reference: f64,
+    /// Optimiser steps per second (one sequence per step).
+    pub steps_per_s: f64,
+    /// Time per phase.
+    pub phases: Phases,
+    /// Peak resident memory of the process, MiB (Linux; 0 elsewhere).
+    pub peak_rss_mib: f64,
+    /// Loss at the first and last timed step (a sanity check that training moved).
+    pub loss_first_last: (f64, f64),
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Run the benchmark. The adapter is attached for the run and detached afterwards.
+pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult> {
+    let cfg = &spec.cfg;
+    cfg.validate(&lm.model.cfg)?;
+    if spec.prompt_len == 0 || spec.prompt_len >= spec.seq_len || spec.steps == 0 {
+        return Err(Error::invalid("bench needs 0 < prompt_len < seq_len and at least one step"));
+    }
+    let model = &mut lm.model;
+    let vocab = model.cfg.vocab_size as u32;
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    // Ordinary-token ids only: stay below the special tokens at the top of small vocabularies.
+    let hi = vocab.saturating_sub(16).max(2);
+    let examples: Vec<Example> = (0..=spec.steps)
+        .map(|i| Example {
+            id: format!("bench-{i}"),
+            ids: (0..spec.seq_len).map(|_| rng.random_range(0..hi)).collect(),
+            prompt_len: spec.prompt_len,
+        })
+        .collect();
+    let name = format!("bench-{}", cfg.adapter_name());
+    let layers = cfg.layers(model.cfg.num_hidden_layers);
+    let lora = TrainableLora::init(model, &name, &layers, &cfg.targets, cfg.r, cfg.alpha, cfg.seed)?;
+    lora.attach(model, 1.0)?;
+    let vars = lora.named_vars();
+    let mut opt = AdamW::new(&vars, cfg.betas, cfg.eps, cfg.weight_decay)?;
+    let mut phases = Phases::default();
+    let mut losses = Vec::new();
+    let mut run = |ex: &Example, phases: &mut Phases, model: &mut crate::model::Model| -> Result<f64> {
+        let t0 = Instant::now();
+        let ref_lp = reference_log_probs(model, ex, cfg, &name)?;
+        let t1 = Instant::now();
+        let lp = completion_log_probs(model, ex, FwdPath::Training)?;
+        let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
+        let kl = loss::per_position_kl(&lp, &ref_lp, cfg.reg)?;
+        let d = loss::aggregate(&kl, cfg.agg)?;
+        let total = (loss::nll(&lp, &targets)? + loss::barrier(&d, cfg.reg, cfg.lambda_eff(), cfg.tau)?)?;
+        let value = total.to_scalar::<f32>()? as f64;
+        let t2 = Instant::now();
+        let grads = gradients(&total, &lora)?;
+        let t3 = Instant::now();
+        opt.step(&vars, &grads, cfg.lr)?;
+        let t4 = Instant::now();
+        phases.reference_s += (t1 - t0).as_secs_f64();
+        phases.forward_s += (t2 - t1).as_secs_f64();
+        phases.backward_s += (t3 - t2).as_secs_f64();
+        phases.optimizer_s += (t4 - t3).as_secs_f64();
+        Ok(value)
+    };
+    let mut warm = Phases::default();
+    run(&examples[0], &mut warm, model)?;
+    for ex in &examples[1..] {
+        losses.push(run(ex, &mut phases, model)?);
+    }
+    super::adapter::detach(model, &name);
+    let total_s = phases.reference_s + phases.forward_s + phases.backward_s + phases.optimizer_s;
+    let tokens = (spec.steps * spec.seq_len) as f64;
+    let params: usize = lora.vars.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum();
+    Ok(BenchResult {
+        spec: spec.clone(),
+        model: lm.info.clone(),
+        dtype: format!("{:?}", lm.model.dtype()).to_lowercase(),
+        device: if lm.model.device().is_cuda() { "cuda".into() } else { "cpu".into() },
+        threads: candle_core::utils::get_num_threads(),
+        trainable_params: params,
+        adapted_projections: lora.vars.len(),
+        tokens_per_s: tokens / total_s.max(1e-9),
+        tokens_per_s_without_reference: tokens / (total_s - phases.reference_s).max(1e-9),
+        steps_per_s: spec.steps as f64 / total_s.max(1e-9),
+        phases,
+        peak_rss_mib: peak_rss_mib(),
+        loss_first_last: (
+            losses.first().copied().unwrap_or(f64::NAN),
+            losses.last().copied().unwrap_or(f64::NAN),
+        ),
+    })
+}

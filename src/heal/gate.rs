@@ -1,0 +1,480 @@
+//! Gate Q1: how the student changed. Measures a model (with its adapters at their gates) on fresh neutral-prompt
+//! generations — coherence as the base model's log-likelihood of them, persona strength as the log-probability gain
+//! of the same tokens under the persona prompt — and writes `gate-q1.md`: coherence and trait before vs after,
+//! the sweep table ranked by coherence cost per nat of trait moved, and sample generations side by side.
+//! When the eval stage's metrics exist they can be passed in instead; the report says which it used.
+
+use super::adapter;
+use super::data::Example;
+use super::train::completion_log_probs;
+use crate::error::{Error, Result};
+use crate::fsutil::atomic_write;
+use crate::model::decoder::Path as FwdPath;
+use crate::model::generate::{generate, Sampling};
+use crate::model::{Hooks, LoadedModel};
+use crate::progress::Progress;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// What to generate and score when measuring a model.
+#[derive(Debug, Clone)]
+pub struct MeasureSpec {
+    /// Neutral user prompts (held out from training where possible).
+    pub prompts: Vec<String>,
+    /// The neutral system prompt used for generation and distillation.
+    pub neutral_system: String,
+    /// The persona system prompt, for persona strength; `None` leaves the trait unmeasured.
+    pub persona_system: Option<String>,
+    /// Sampling of the fresh generations.
+    pub sampling: Sampling,
+}
+
+/// One fresh generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// User prompt.
+    pub prompt: String,
+    /// Generated text.
+    pub text: String,
+    /// Base-model NLL per token of the text, nats.
+    pub nll_base: f64,
+}
+
+/// A model's coherence and trait on fresh neutral generations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    /// Mean base-model log-likelihood per generated token, nats (higher is more coherent); `-ln ppl`.
+    pub coherence: f64,
+    /// Base-model perplexity of the generations.
+    pub ppl: f64,
+    /// Mean log-probability gain per token under the persona prompt vs the neutral one (base model), nats.
+    pub persona_strength: Option<f64>,
+    /// Generated tokens scored.
+    pub tokens: usize,
+    /// The generations.
+    pub samples: Vec<Sample>,
+}
+
+/// Log-probabilities of `gen` after `prompt` under the model as it is.
+fn token_log_probs(lm: &LoadedModel, prompt: &[u32], gen: &[u32]) -> Result<Vec<f32>> {
+    let mut ids = prompt.to_vec();
+    ids.extend_from_slice(gen);
+    let ex = Example { id: String::new(), ids, prompt_len: prompt.len() };
+    let lp = completion_log_probs(&lm.model, &ex, FwdPath::Inference)?;
+    let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
+    Ok(lp.gather(&targets, 1)?.squeeze(1)?.to_vec1()?)
+}
+
+/// Generate from the model as it is (adapters at their gates), then score the generations under the pristine base
+/// (every gate 0; restored afterwards).
+pub fn measure(lm: &mut LoadedModel, spec: &MeasureSpec, progress: &mut dyn Progress) -> Result<Measurement> {
+    if spec.prompts.is_empty() {
+        return Err(Error::invalid("no prompts to measure on"));
+    }
+    let neutral: Vec<Vec<u32>> = spec
+        .prompts
+        .iter()
+        .map(|p| lm.tokenizer.encode(&lm.chat.prompt(Some(&spec.neutral_system), p)?))
+        .collect::<Result<_>>()?;
+    progress.step(0, 2, "generating");
+    let gen = generate(
+        &lm.model,
+        &neutral,
+        &spec.sampling,
+        &Hooks::none(),
+        &lm.tokenizer.stop_ids,
+        lm.tokenizer.pad_id,
+        &mut |_| !progress.is_cancelled(),
+    )?;
+    if progress.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    progress.step(1, 2, "scoring under the base model");
+    let saved = adapter::zero_all_gates(&mut lm.model);
+    let scored = score_under_base(lm, spec, &neutral, &gen.tokens);
+    adapter::restore_gates(&mut lm.model, &saved);
+    let (samples, sum_lp, sum_gain, tokens) = scored?;
+    progress.step(2, 2, "measured");
+    let mean_lp = if tokens > 0 { sum_lp / tokens as f64 } else { f64::NAN };
+    Ok(Measurement {
+        coherence: mean_lp,
+        ppl: (-mean_lp).exp(),
+        persona_strength: spec.persona_system.as_ref().map(|_| sum_gain / tokens.max(1) as f64),
+        tokens,
+        samples,
+    })
+}
+
+type Scored = (Vec<Sample>, f64, f64, usize);
+
+fn score_under_base(
+    lm: &LoadedModel,
+    spec: &MeasureSpec,
+    neutral: &[Vec<u32>],
+    gens: &[Vec<u32>],
+) -> Result<Scored> {
+    let mut samples = Vec::new();
+    let (mut sum_lp, mut sum_gain, mut tokens) = (0.0f64, 0.0f64, 0usize);
+    for ((prompt, ids), gen) in spec.prompts.iter().zip(neutral).zip(gens) {
+        let text = lm.tokenizer.decode(gen, false)?;
+        if gen.is_empty() {
+            samples.push(Sample { prompt: prompt.clone(), text, nll_base: f64::NAN });
+            continue;
+        }
+        let lp = token_log_probs(lm, ids, gen)?;
+        let s: f64 = lp.iter().map(|x| *x as f64).sum();
+        if let Some(persona) = &spec.persona_system {
+            let pids = lm.tokenizer.encode(&lm.chat.prompt(Some(persona), prompt)?)?;
+            let plp = token_log_probs(lm, &pids, gen)?;
+            sum_gain += plp.iter().map(|x| *x as f64).sum::<f64>() - s;
+        }
+        sum_lp += s;
+        tokens += gen.len();
+        samples.push(Sample { prompt: prompt.clone(), text, nll_base: -s / gen.len() as f64 });
+    }
+    Ok((samples, sum_lp, sum_gain, tokens))
+}
+
+/// Per-token KL(student ‖ base) of a completion after the neutral prompt, nats: the student is the model as it is
+/// (adapters at their gates), the base has every gate at 0 (restored afterwards). One value per completion token,
+/// for the heal screen's heat map.
+pub fn token_kl_to_base(
+    lm: &mut LoadedModel,
+    system: &str,
+    prompt: &str,
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?;
+    let prompt_len = ids.len();
+    ids.extend_from_slice(tokens);
+    let ex = Example { id: String::new(), ids, prompt_len };
+    let student = completion_log_probs(&lm.model, &ex, FwdPath::Inference)?;
+    let saved = adapter::zero_all_gates(&mut lm.model);
+    let base = completion_log_probs(&lm.model, &ex, FwdPath::Inference);
+    adapter::restore_gates(&mut lm.model, &saved);
+    let kl = super::loss::per_position_kl(&student, &base?, super::config::Reg::KlRev)?;
+    Ok(kl.to_vec1()?)
+}
+
+/// Coherence and trait of one model state, in whatever units the report's labels name.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Coherence (higher is better).
+    pub coherence: f64,
+    /// Trait value, if measured.
+    pub trait_value: Option<f64>,
+}
+
+impl From<&Measurement> for Metrics {
+    fn from(m: &Measurement) -> Self {
+        Metrics { coherence: m.coherence, trait_value: m.persona_strength }
+    }
+}
+
+/// One row of the `heal --sweep` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepRow {
+    /// Arm label, e.g. `kl_rev λ=0.3`.
+    pub label: String,
+    /// Regulariser name.
+    pub reg: String,
+    /// Its strength (λ, spectral weight or weight decay).
+    pub strength: f64,
+    /// Metrics after healing with this arm.
+    pub after: Metrics,
+    /// Mean aggregated KL to the reference at the end of training.
+    pub d_final: Option<f64>,
+    /// How the arm's run ended.
+    pub status: String,
+    /// First sample generation after healing.
+    pub sample: String,
+}
+
+/// A before/after sample for one prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplePair {
+    /// User prompt.
+    pub prompt: String,
+    /// A steered teacher completion for it, if the training set has one.
+    pub teacher: Option<String>,
+    /// Student before healing.
+    pub before: String,
+    /// Student after healing.
+    pub after: String,
+}
+
+/// Everything `gate-q1.md` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateQ1 {
+    /// Round index.
+    pub round: usize,
+    /// Model id.
+    pub model: String,
+    /// Where the numbers come from (eval metrics or the fallback), in words.
+    pub source: String,
+    /// Name and unit of the coherence metric.
+    pub coherence_label: String,
+    /// Name and unit of the trait metric.
+    pub trait_label: String,
+    /// +1 when healing is meant to raise the trait (persona strength), −1 when it is meant to lower it (e.g.
+    /// tinymfv authority for a care-over-authority persona).
+    pub trait_sign: f64,
+    /// Before healing.
+    pub before: Metrics,
+    /// After healing (the run that produced the adapter).
+    pub after: Option<Metrics>,
+    /// Lines about the heal run (config, steps, final loss), free-form.
+    pub heal_summary: Vec<String>,
+    /// Sweep rows, if a sweep ran.
+    pub sweep: Vec<SweepRow>,
+    /// Sample generations.
+    pub samples: Vec<SamplePair>,
+    /// Notes (e.g. that the prompts were not held out).
+    pub notes: Vec<String>,
+}
+
+/// |trait moved| below this leaves the slope blank (a ratio over a non-move is noise).
+pub const MIN_TRAIT_MOVE: f64 = 0.05;
+
+/// Coherence cost per nat of trait moved, in centinats: `−100 · Δcoh / (sign · Δtrait)`. Negative means coherence
+/// rose while the trait moved the intended way (a "free lunch"); for a trait meant to go down this equals the
+/// reference's `100 · Δcoh / Δtrait`. `None` when the trait is unmeasured or moved less than `MIN_TRAIT_MOVE`.
+pub fn slope(before: &Metrics, after: &Metrics, trait_sign: f64) -> Option<f64> {
+    let moved = trait_sign * (after.trait_value? - before.trait_value?);
+    if moved.abs() < MIN_TRAIT_MOVE || !moved.is_finite() {
+        return None;
+    }
+    Some(-100.0 * (after.coherence - before.coherence) / moved)
+}
+
+/// Sweep rows ranked: rows whose trait moved the intended way first, by slope (most negative first); then rows
+/// whose trait moved the wrong way (their slope's sign no longer means a free lunch), by slope; then rows with a
+/// blank slope, in input order.
+pub fn rank_sweep<'a>(
+    rows: &'a [SweepRow],
+    before: &Metrics,
+    trait_sign: f64,
+) -> Vec<(&'a SweepRow, Option<f64>)> {
+    let tier = |r: &SweepRow, sl: Option<f64>| -> u8 {
+        match (sl, r.after.trait_value.zip(before.trait_value)) {
+            (Some(_), Some((a, b))) if trait_sign * (a - b) > 0.0 => 0,
+            (Some(_), _) => 1,
+            (None, _) => 2,
+        }
+    };
+    let mut v: Vec<(&SweepRow, Option<f64>)> =
+        rows.iter().map(|r| (r, slope(before, &r.after, trait_sign))).collect();
+    v.sort_by(|a, b| {
+        tier(a.0, a.1).cmp(&tier(b.0, b.1)).then_with(|| match (a.1, b.1) {
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            _ => std::cmp::Ordering::Equal,
+        })
+    });
+    v
+}
+
+/// True when the row's trait moved against the intended direction by at least `MIN_TRAIT_MOVE`.
+fn wrong_way(r: &SweepRow, before: &Metrics, trait_sign: f64) -> bool {
+    match r.after.trait_value.zip(before.trait_value) {
+        Some((a, b)) => trait_sign * (a - b) <= -MIN_TRAIT_MOVE,
+        None => false,
+    }
+}
+
+fn num(x: Option<f64>, digits: usize) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{v:.digits$}"),
+        Some(v) => format!("{v}"),
+        None => String::new(),
+    }
+}
+
+/// Make text safe inside a Markdown table cell.
+fn cell(s: &str, max_chars: usize) -> String {
+    let one: String = s.replace('|', "\\|").replace(['\n', '\r'], " ⏎ ");
+    if one.chars().count() > max_chars {
+        format!("{}…", one.chars().take(max_chars).collect::<String>())
+    } else {
+        one
+    }
+}
+
+/// Render `gate-q1.md`.
+pub fn render(g: &GateQ1) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Gate Q1 — round {}: heal\n", g.round);
+    let _ = writeln!(s, "Model: `{}`  ", g.model);
+    let _ = writeln!(s, "Metrics: {}  ", g.source);
+    let _ = writeln!(
+        s,
+        "Coherence = {}; trait = {} (healing is meant to move it {}).\n",
+        g.coherence_label,
+        g.trait_label,
+        if g.trait_sign >= 0.0 { "up" } else { "down" }
+    );
+    let _ = writeln!(s, "## Before vs after\n");
+    let _ = writeln!(s, "| | coherence | trait |");
+    let _ = writeln!(s, "|---|---:|---:|");
+    let _ =
+        writeln!(s, "| before | {} | {} |", num(Some(g.before.coherence), 4), num(g.before.trait_value, 4));
+    if let Some(a) = &g.after {
+        let _ = writeln!(s, "| after | {} | {} |", num(Some(a.coherence), 4), num(a.trait_value, 4));
+        let dt = match (a.trait_value, g.before.trait_value) {
+            (Some(x), Some(y)) => Some(x - y),
+            _ => None,
+        };
+        let _ = writeln!(s, "| Δ | {} | {} |", num(Some(a.coherence - g.before.coherence), 4), num(dt, 4));
+        let _ = writeln!(
+            s,
+            "\nCoherence cost per nat of trait moved: {} cnat/nat (negative = coherence rose while the trait moved; \
+             blank when |Δtrait| < {MIN_TRAIT_MOVE}).",
+            num(slope(&g.before, a, g.trait_sign), 1)
+        );
+    }
+    if !g.heal_summary.is_empty() {
+        let _ = writeln!(s, "\n## Heal run\n");
+        for l in &g.heal_summary {
+            let _ = writeln!(s, "- {l}");
+        }
+    }
+    if !g.sweep.is_empty() {
+        let _ = writeln!(s, "\n## Sweep: regularisers × strengths\n");
+        let _ = writeln!(
+            s,
+            "Ranked by coherence cost per nat of trait moved (`−100·Δcoh / Δtrait` toward the intended direction, \
+             cnat/nat), most negative first; blank when |Δtrait| < {MIN_TRAIT_MOVE}. Arms whose trait moved the \
+             wrong way come after the others and are marked ↩.\n"
+        );
+        let _ = writeln!(s, "| rank | arm | Δcoh | Δtrait | slope | D final | status | sample |");
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---|---|");
+        for (i, (r, sl)) in rank_sweep(&g.sweep, &g.before, g.trait_sign).into_iter().enumerate() {
+            let dt = match (r.after.trait_value, g.before.trait_value) {
+                (Some(x), Some(y)) => Some(x - y),
+                _ => None,
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                i + 1,
+                cell(&r.label, 40),
+                num(Some(r.after.coherence - g.before.coherence), 4),
+                num(dt, 4),
+                if wrong_way(r, &g.before, g.trait_sign) {
+                    format!("{} ↩", num(sl, 1))
+                } else {
+                    num(sl, 1)
+                },
+                num(r.d_final, 3),
+                r.status,
+                cell(&r.sample, 120)
+            );
+        }
+    }
+    if !g.samples.is_empty() {
+        let _ = writeln!(s, "\n## Samples (same neutral prompts)\n");
+        for (i, p) in g.samples.iter().enumerate() {
+            let _ = writeln!(s, "### {}. {}\n", i + 1, p.prompt.trim());
+            if let Some(t) = &p.teacher {
+                let _ = writeln!(s, "**Steered teacher:**\n\n```text\n{}\n```\n", t.trim_end());
+            }
+            let _ = writeln!(s, "**Student before:**\n\n```text\n{}\n```\n", p.before.trim_end());
+            let _ = writeln!(s, "**Student after:**\n\n```text\n{}\n```\n", p.after.trim_end());
+        }
+    }
+    if !g.notes.is_empty() {
+        let _ = writeln!(s, "## Notes\n");
+        for n in &g.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+/// Write `gate-q1.md` atomically.
+pub fn write(path: &Path, g: &GateQ1) -> Result<()> {
+    atomic_write(path, render(g).as_bytes())
+}
+
+/// The fallback metrics' description and labels.
+pub fn fallback_labels(persona: bool) -> (String, String, String) {
+    (
+        "fallback (no eval metrics): fresh neutral-prompt generations scored by the base model".into(),
+        "mean base-model log-likelihood per generated token (nats; −ln perplexity)".into(),
+        if persona {
+            "persona strength: mean log-prob gain per token under the persona prompt vs the neutral one (nats)".into()
+        } else {
+            "unmeasured (no persona prompt given)".into()
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(label: &str, coh: f64, tr: f64) -> SweepRow {
+        SweepRow {
+            label: label.into(),
+            reg: "kl_rev".into(),
+            strength: 0.3,
+            after: Metrics { coherence: coh, trait_value: Some(tr) },
+            d_final: Some(0.4),
+            status: "completed".into(),
+            sample: "a | b\nc".into(),
+        }
+    }
+
+    #[test]
+    fn slope_matches_the_reference_for_a_trait_pushed_down() {
+        let before = Metrics { coherence: 0.9, trait_value: Some(-1.3) };
+        let after = Metrics { coherence: 0.95, trait_value: Some(-1.8) };
+        // Reference: cohΔ / authΔ × 100 = 0.05 / −0.5 × 100 = −10.
+        assert!((slope(&before, &after, -1.0).unwrap_or(0.0) + 10.0).abs() < 1e-9);
+        // Same numbers for a trait meant to go up: it moved the wrong way, so the sign flips.
+        assert!((slope(&before, &after, 1.0).unwrap_or(0.0) - 10.0).abs() < 1e-9);
+        let tiny = Metrics { coherence: 0.5, trait_value: Some(-1.32) };
+        assert_eq!(slope(&before, &tiny, -1.0), None);
+    }
+
+    #[test]
+    fn sweep_ranks_most_negative_first_and_blanks_last() {
+        let before = Metrics { coherence: -2.0, trait_value: Some(0.0) };
+        let rows = vec![
+            row("costly", -2.5, 1.0),     // coherence fell 0.5 per nat: +50
+            row("still", -1.0, 0.01),     // trait did not move: blank
+            row("free", -1.9, 0.5),       // coherence rose: −20
+            row("cheap", -2.05, 1.0),     // +5
+            row("backwards", -2.5, -0.5), // trait moved the wrong way: −100, but ranked after the right-way rows
+        ];
+        let ranked: Vec<&str> =
+            rank_sweep(&rows, &before, 1.0).iter().map(|(r, _)| r.label.as_str()).collect();
+        assert_eq!(ranked, vec!["free", "cheap", "costly", "backwards", "still"]);
+        let g = GateQ1 {
+            round: 1,
+            model: "tiny".into(),
+            source: "test".into(),
+            coherence_label: "c".into(),
+            trait_label: "t".into(),
+            trait_sign: 1.0,
+            before,
+            after: Some(rows[2].after),
+            heal_summary: vec!["kl_rev".into()],
+            sweep: rows,
+            samples: vec![],
+            notes: vec![],
+        };
+        let md = render(&g);
+        let free_line = md.lines().find(|l| l.contains("| free |")).unwrap_or_default();
+        assert!(free_line.starts_with("| 1 | free | 0.1000 | 0.5000 | -20.0 |"), "{free_line}");
+        let still = md.lines().find(|l| l.contains("| still |")).unwrap_or_default();
+        assert!(still.starts_with("| 5 | still | 1.0000 | 0.0100 |  |"), "{still}");
+        let back = md.lines().find(|l| l.contains("| backwards |")).unwrap_or_default();
+        assert!(back.contains("| -100.0 ↩ |"), "{back}");
+        assert!(md.contains("a \\| b ⏎ c"), "cells are escaped");
+    }
+}
