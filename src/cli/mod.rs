@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod eval_cmd;
 mod model_cmd;
 
 #[derive(Parser)]
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Model(model_cmd::ModelCmd),
+    #[command(flatten)]
+    Eval(eval_cmd::EvalCmd),
 }
 
 /// Parse arguments and run.
@@ -24,5 +27,6 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Command::Model(c) => model_cmd::run(c),
+        Command::Eval(c) => eval_cmd::run(c),
     }
 }

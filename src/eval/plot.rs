@@ -159,7 +159,16 @@ fn padded_range(vals: impl Iterator<Item = f64>, min_span: f64) -> (f64, f64) {
 const KEPT: RGBColor = RGBColor(31, 90, 180);
 const DROPPED: RGBColor = RGBColor(200, 30, 30);
 const JSON_C: RGBColor = RGBColor(30, 140, 60);
-const FLOOR_C: RGBColor = RGBColor(170, 170, 170);
+const FLOOR_C: RGBColor = RGBColor(230, 120, 0);
+
+/// Round axes label whole rounds only.
+fn round_tick(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-9 && *x >= 0.0 {
+        format!("{}", x.round() as i64)
+    } else {
+        String::new()
+    }
+}
 
 type DrawResult<DB> = std::result::Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
@@ -266,11 +275,21 @@ fn draw_coherence<DB: DrawingBackend>(
         .x_label_area_size(36)
         .y_label_area_size(50)
         .build_cartesian_2d(-0.3..max_round + 0.3, 0.0..1.05)?;
-    rates.configure_mesh().x_desc("round").label_style(("sans-serif", 12)).draw()?;
     rates
-        .draw_series(LineSeries::new(vec![(-0.3, floor), (max_round + 0.3, floor)], FLOOR_C.stroke_width(1)))?
+        .configure_mesh()
+        .x_desc("round")
+        .x_label_formatter(&round_tick)
+        .label_style(("sans-serif", 12))
+        .draw()?;
+    rates
+        .draw_series(DashedLineSeries::new(
+            vec![(-0.3, floor), (max_round + 0.3, floor)],
+            6,
+            4,
+            FLOOR_C.stroke_width(2),
+        ))?
         .label(format!("floor {floor}"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FLOOR_C.stroke_width(1)));
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FLOOR_C.stroke_width(2)));
     draw_over_rounds(&mut rates, points, |p| Some(p.p_ans_any), KEPT, "p_ans_any")?;
     draw_over_rounds(&mut rates, points, |p| p.json_is_valid, JSON_C, "json_is_valid")?;
     rates
@@ -287,7 +306,11 @@ fn draw_coherence<DB: DrawingBackend>(
         .x_label_area_size(36)
         .y_label_area_size(50)
         .build_cartesian_2d(-0.3..max_round + 0.3, p0.max(0.0)..p1)?;
-    ppx.configure_mesh().x_desc("round").label_style(("sans-serif", 12)).draw()?;
+    ppx.configure_mesh()
+        .x_desc("round")
+        .x_label_formatter(&round_tick)
+        .label_style(("sans-serif", 12))
+        .draw()?;
     draw_over_rounds(&mut ppx, points, |p| Some(p.ppx_json), RGBColor(120, 60, 160), "ppx_json")?;
     ppx.configure_series_labels()
         .background_style(WHITE.mix(0.85))
