@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod heal_cmd;
+mod eval_cmd;
 mod model_cmd;
 mod tui_cmd;
 
@@ -23,6 +24,7 @@ enum Command {
     Tui(tui_cmd::TuiCmd),
     #[command(flatten)]
     Heal(heal_cmd::HealCmd),
+    Eval(eval_cmd::EvalCmd),
 }
 
 /// Parse arguments and run.
@@ -32,5 +34,6 @@ pub fn run() -> Result<()> {
         Command::Model(c) => model_cmd::run(c),
         Command::Tui(c) => tui_cmd::run(c),
         Command::Heal(c) => heal_cmd::run(c),
+        Command::Eval(c) => eval_cmd::run(c),
     }
 }

@@ -1,1 +1,28 @@
-//! tinymfv evaluation and coherence metrics.
+//! tinymfv evaluation and coherence metrics (science.md §3), and the round-level outputs built on them: the
+//! progress map (PNG/SVG) and the gate-Q2 report. Owns `data/tinymfv/` (embedded at build time). Uses the model
+//! runtime only through `model::{Model, Decoder, ChatTemplate, TextTokenizer}`; no terminal code here.
+//!
+//! - `data`: the vignettes and the seven foundations.
+//! - `protocol`: prompts, suffix, answer-token ids, think classification.
+//! - `runner`: batched, cached scoring of a model → `EvalReport`.
+//! - `metrics`: every headline number from the raw rows.
+//! - `json_probe`: the json_is_valid free-generation probe.
+//! - `report`: `eval.json` (save, load, recompute).
+//! - `plot`: `RoundPoint` and the progress map.
+//! - `gate_q2`: `gate-q2.md` and the monotonic-with-coherence verdict.
+
+pub mod data;
+pub mod gate_q2;
+pub mod json_probe;
+pub mod metrics;
+pub mod plot;
+pub mod protocol;
+pub mod report;
+pub mod runner;
+
+pub use data::{Condition, Foundation, Variant, FOUNDATIONS};
+pub use gate_q2::{verdict, write_gate_q2, Direction, GateQ2Spec, TraitAxis, Verdict};
+pub use metrics::{compute_metrics, Metrics};
+pub use plot::{load_rounds, write_progress_map, RoundPoint, RoundStatus};
+pub use report::{EvalConfig, EvalReport, FrameRecord, RowRecord};
+pub use runner::{run_eval, EvalModel};

@@ -1,0 +1,301 @@
+//! Running the tinymfv protocol on a model, batched and cached: every (item, frame) is one sequence; sequences
+//! are sorted by prompt length and left-padded into batches; one prefill, `think` greedy steps on one KV cache,
+//! then one forward over the forced-answer suffix on top of that cache, with vocabulary logits only where the
+//! answer and the prefill NLL are read. Returns the full `EvalReport`.
+
+use super::data::{select_items, EvalItem};
+use super::json_probe::run_json_probe;
+use super::metrics::compute_metrics;
+use super::protocol::{answer_token_ids, frame_tokens, read_think, AnswerCase, FrameOrder, FrameTokens};
+use super::report::{EvalConfig, EvalReport, FrameRecord, RowRecord, Timings, SCHEMA_VERSION};
+use crate::error::{Error, Result};
+use crate::model::decoder::{Forward, LogitsAt, Path};
+use crate::model::generate::Decoder;
+use crate::model::{ChatTemplate, Hooks, LoadedModel, Model, TextTokenizer};
+use crate::progress::Progress;
+use candle_core::{DType, IndexOp, Tensor};
+use std::time::Instant;
+
+/// The model under evaluation and everything needed to prompt it.
+#[derive(Clone, Copy)]
+pub struct EvalModel<'a> {
+    /// The decoder (base, baked student, ...).
+    pub model: &'a Model,
+    /// Its tokenizer.
+    pub tokenizer: &'a TextTokenizer,
+    /// Its own chat template.
+    pub chat: &'a ChatTemplate,
+    /// Hooks applied at every position (steering for control arms; empty for plain eval).
+    pub hooks: &'a Hooks,
+    /// Recorded in the report.
+    pub model_id: &'a str,
+    /// Recorded in the report.
+    pub weights_hash: &'a str,
+}
+
+impl<'a> EvalModel<'a> {
+    /// Evaluate a loaded model as it is, with the given hooks.
+    pub fn from_loaded(lm: &'a LoadedModel, hooks: &'a Hooks) -> Self {
+        EvalModel {
+            model: &lm.model,
+            tokenizer: &lm.tokenizer,
+            chat: &lm.chat,
+            hooks,
+            model_id: &lm.info.id,
+            weights_hash: &lm.info.weights_hash,
+        }
+    }
+}
+
+/// One sequence to score: an item in one frame.
+struct Sequence {
+    item: usize,
+    order: FrameOrder,
+    tokens: FrameTokens,
+}
+
+/// ln Σ exp over one row of logits.
+fn logsumexp(logits: &[f32]) -> f32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    m + logits.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+}
+
+/// Greedy pick that never returns a stop id: the think has a fixed length (tinymfv forces min = max new tokens,
+/// which masks end-of-sequence until the budget is spent).
+fn argmax_excluding(logits: &[f32], banned: &[u32]) -> u32 {
+    let mut best: Option<usize> = None;
+    for (i, x) in logits.iter().enumerate() {
+        if banned.contains(&(i as u32)) {
+            continue;
+        }
+        if best.map(|b| *x > logits[b]).unwrap_or(true) {
+            best = Some(i);
+        }
+    }
+    best.unwrap_or(0) as u32
+}
+
+/// Log-probabilities of the answer ids in one row of logits.
+fn answer_lp(logits: &[f32], lse: f32, ids: &[u32; 7]) -> [f64; 7] {
+    ids.map(|id| (logits[id as usize] - lse) as f64)
+}
+
+/// Progress units of one sequence: prefill, each think step, the answer forward.
+fn units_per_sequence(think: usize) -> u64 {
+    think as u64 + 2
+}
+
+/// Progress across batches: units done so far of the run's total.
+struct Tally<'p> {
+    progress: &'p mut dyn Progress,
+    done: u64,
+    total: u64,
+}
+
+impl Tally<'_> {
+    fn add(&mut self, units: usize, msg: &str) -> Result<()> {
+        self.done += units as u64;
+        self.progress.step(self.done, self.total, msg);
+        if self.progress.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// Score one batch of sequences; returns one frame record per sequence, in order.
+fn run_batch(
+    m: &EvalModel,
+    seqs: &[&Sequence],
+    think: usize,
+    ids: &[u32; 7],
+    timings: &mut Timings,
+    tally: &mut Tally,
+) -> Result<Vec<FrameRecord>> {
+    let b = seqs.len();
+    let tok = m.tokenizer;
+    let t0 = Instant::now();
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.prompt.clone()).collect();
+    let mut dec = Decoder::prefill(m.model, &prompts, tok.pad_id, m.hooks)?;
+    timings.prefill_s += t0.elapsed().as_secs_f64();
+    tally.add(b, "prefill")?;
+
+    // Think: exactly `think` greedy tokens, keeping what the natural case needs (answer log-probs at every
+    // step, log-prob of each generated token).
+    let t1 = Instant::now();
+    let mut think_ids: Vec<Vec<u32>> = vec![Vec::with_capacity(think); b];
+    let mut gen_lp: Vec<Vec<f64>> = vec![Vec::with_capacity(think); b];
+    let mut slot_lp: Vec<Vec<[f64; 7]>> = vec![Vec::with_capacity(think + 1); b];
+    for k in 0..think {
+        let mut next = vec![0u32; b];
+        for r in 0..b {
+            let logits = &dec.last_logits[r];
+            let lse = logsumexp(logits);
+            slot_lp[r].push(answer_lp(logits, lse, ids));
+            let t = argmax_excluding(logits, &tok.stop_ids);
+            gen_lp[r].push((logits[t as usize] - lse) as f64);
+            think_ids[r].push(t);
+            next[r] = t;
+        }
+        dec.step(&next, m.hooks)?;
+        tally.add(b, &format!("think {}/{think}", k + 1))?;
+    }
+    for (slots, logits) in slot_lp.iter_mut().zip(&dec.last_logits) {
+        slots.push(answer_lp(logits, logsumexp(logits), ids));
+    }
+    timings.think_s += t1.elapsed().as_secs_f64();
+
+    // Forced answer: one forward over the suffix (right-padded if lengths differ; causal attention keeps the
+    // padding invisible to the real positions).
+    let t2 = Instant::now();
+    let readings = think_ids.iter().map(|t| read_think(tok, t)).collect::<Result<Vec<_>>>()?;
+    let forced_logits = if readings.iter().any(|r| r.case == AnswerCase::Interrupted) {
+        let s_max = seqs.iter().map(|s| s.tokens.suffix.len()).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(b * s_max);
+        for s in seqs {
+            flat.extend_from_slice(&s.tokens.suffix);
+            flat.extend(std::iter::repeat_n(tok.pad_id, s_max - s.tokens.suffix.len()));
+        }
+        let x = Tensor::from_vec(flat, (b, s_max), m.model.device())?;
+        let pad = dec.pad().to_vec();
+        let f = Forward { hooks: m.hooks, pad: &pad, logits: LogitsAt::All, path: Path::Inference };
+        let out = m.model.forward(&x, Some(&mut dec.cache), &f)?;
+        Some(
+            out.logits
+                .ok_or_else(|| Error::invalid("suffix forward returned no logits"))?
+                .to_dtype(DType::F32)?,
+        )
+    } else {
+        None
+    };
+    let mut records = Vec::with_capacity(b);
+    for (r, (s, reading)) in seqs.iter().zip(readings).enumerate() {
+        let (lp, pmass, nll_json, n_prefill) = match reading.case {
+            AnswerCase::Natural => {
+                let span = reading.natural.ok_or_else(|| Error::invalid("natural case without a span"))?;
+                let lp = slot_lp[r][span.slot];
+                let nll = gen_lp[r][span.start..span.slot].iter().map(|x| -x).sum::<f64>()
+                    / (span.slot - span.start).max(1) as f64;
+                (lp, lp.iter().map(|x| x.exp()).sum(), nll, span.slot - span.start)
+            }
+            AnswerCase::AnsweredElsewhere => ([f64::NAN; 7], 0.0, f64::NAN, 0),
+            AnswerCase::Interrupted => {
+                let logits = forced_logits.as_ref().ok_or_else(|| Error::invalid("no suffix logits"))?;
+                let suffix = &s.tokens.suffix;
+                let st = s.tokens.prefill_start;
+                // Positions st-1 ..= len-1: each predicts the next suffix token; the last one is the answer slot.
+                let rows: Vec<Vec<f32>> = logits.i(r)?.narrow(0, st - 1, suffix.len() - st + 1)?.to_vec2()?;
+                let mut nll = 0.0;
+                for (i, &target) in suffix.iter().enumerate().skip(st) {
+                    let row = &rows[i - st];
+                    nll -= (row[target as usize] - logsumexp(row)) as f64;
+                }
+                let n = suffix.len() - st;
+                let last = &rows[rows.len() - 1];
+                let lp = answer_lp(last, logsumexp(last), ids);
+                (lp, lp.iter().map(|x| x.exp()).sum(), nll / n as f64, n)
+            }
+        };
+        records.push(FrameRecord {
+            order: s.order,
+            case: reading.case,
+            lp,
+            pmass,
+            nll_json,
+            n_prefill_tokens: n_prefill,
+            think_tokens: think,
+            emitted_close: reading.emitted_close,
+            think_text: reading.text,
+        });
+    }
+    timings.answer_s += t2.elapsed().as_secs_f64();
+    tally.add(b, "answer")?;
+    Ok(records)
+}
+
+/// Run the whole eval: items, both frames, batched scoring, the json_is_valid probe, metrics.
+pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) -> Result<EvalReport> {
+    cfg.validate()?;
+    let start = Instant::now();
+    let ids = answer_token_ids(m.tokenizer)?;
+    let items: Vec<EvalItem> = select_items(cfg.variant, &cfg.conditions, cfg.n_vignettes)?;
+    let mut seqs = Vec::with_capacity(items.len() * 2);
+    for (i, it) in items.iter().enumerate() {
+        for order in [FrameOrder::Forward, FrameOrder::Reversed] {
+            seqs.push(Sequence {
+                item: i,
+                order,
+                tokens: frame_tokens(m.chat, m.tokenizer, &it.text, order)?,
+            });
+        }
+    }
+    // Similar lengths share a batch, so little compute goes to padding.
+    let mut by_len: Vec<usize> = (0..seqs.len()).collect();
+    by_len.sort_by_key(|&i| seqs[i].tokens.prompt.len());
+    let total = seqs.len() as u64 * units_per_sequence(cfg.think_tokens);
+    let mut timings = Timings::default();
+    let mut results: Vec<Option<FrameRecord>> = vec![None; seqs.len()];
+    {
+        let mut tally = Tally { progress: &mut *progress, done: 0, total };
+        for chunk in by_len.chunks(cfg.batch_size) {
+            let batch: Vec<&Sequence> = chunk.iter().map(|&i| &seqs[i]).collect();
+            let recs = run_batch(m, &batch, cfg.think_tokens, &ids, &mut timings, &mut tally)?;
+            for (&i, rec) in chunk.iter().zip(recs) {
+                results[i] = Some(rec);
+            }
+        }
+    }
+    let mut rows: Vec<RowRecord> = items
+        .iter()
+        .map(|it| RowRecord {
+            id: it.id.clone(),
+            condition: it.condition,
+            foundation: it.foundation.clone(),
+            foundation_coarse: it.coarse,
+            human: it.human,
+            frames: Vec::with_capacity(2),
+        })
+        .collect();
+    for (s, rec) in seqs.iter().zip(results) {
+        rows[s.item].frames.push(rec.ok_or_else(|| Error::invalid("a sequence was not scored"))?);
+    }
+    let json_probe = if cfg.json_probe {
+        let t = Instant::now();
+        let r = run_json_probe(m.model, m.tokenizer, m.chat, m.hooks, cfg.json_probe_max_tokens, progress)?;
+        timings.json_probe_s = t.elapsed().as_secs_f64();
+        Some(r)
+    } else {
+        None
+    };
+    let metrics = compute_metrics(&rows, json_probe.as_ref().map(|j| j.fraction_valid()));
+    timings.total_s = start.elapsed().as_secs_f64();
+    Ok(EvalReport {
+        schema_version: SCHEMA_VERSION,
+        created: chrono::Utc::now().to_rfc3339(),
+        model_id: m.model_id.to_string(),
+        weights_hash: m.weights_hash.to_string(),
+        config: cfg.clone(),
+        answer_token_ids: ids,
+        metrics,
+        rows,
+        json_probe,
+        timings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_skips_banned_ids() {
+        assert_eq!(argmax_excluding(&[0.0, 5.0, 3.0], &[1]), 2);
+        assert_eq!(argmax_excluding(&[0.0, 5.0, 3.0], &[]), 1);
+    }
+
+    #[test]
+    fn logsumexp_is_stable() {
+        let v = logsumexp(&[1000.0, 1000.0]);
+        assert!((v - (1000.0 + 2f32.ln())).abs() < 1e-3);
+    }
+}
