@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod model_cmd;
+mod steer_cmd;
 
 #[derive(Parser)]
 #[command(name = "steer-heal", version, about = "Persona steering, curation and LoRA healing for small LMs")]
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Model(model_cmd::ModelCmd),
+    #[command(flatten)]
+    Steer(Box<steer_cmd::SteerCmd>),
 }
 
 /// Parse arguments and run.
@@ -24,5 +27,6 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Command::Model(c) => model_cmd::run(c),
+        Command::Steer(c) => steer_cmd::run(*c),
     }
 }
