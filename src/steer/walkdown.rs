@@ -293,3 +293,43 @@ pub fn walk_down(
     };
     Ok(WalkDownResult { kept, rejected, surplus, report })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::steer::completion::TokenTrace;
+
+    fn completion(nll: Vec<f32>) -> Completion {
+        Completion {
+            id: "c".into(),
+            system: String::new(),
+            prompt: String::new(),
+            text: String::new(),
+            tokens: vec![0; nll.len()],
+            token_text: vec![String::new(); nll.len()],
+            alpha: 1.0,
+            dose: 1.0,
+            seed: 0,
+            trace: TokenTrace { nll_base: nll, ..TokenTrace::default() },
+            rewinds: vec![],
+        }
+    }
+
+    #[test]
+    fn coherence_scorer_reads_the_tail_of_the_base_nll() -> Result<()> {
+        // 8 tokens: the first 6 fluent, the last 2 (the scored 25%) at 5 nats each: ppl e^5 ≈ 148.
+        let mut nll = vec![0.1f32; 6];
+        nll.extend([5.0, 5.0]);
+        let c = completion(nll);
+        assert!((tail_perplexity(&c, 0.25)? - 5f64.exp()).abs() < 1e-3);
+        let v = CoherenceScorer::default().score(&c)?;
+        assert!(!v.pass && v.reason.contains("148"), "{v:?}");
+        // The same tokens with the bad ones at the start pass: only the tail counts.
+        let mut nll = vec![5.0f32, 5.0];
+        nll.extend([0.1; 6]);
+        let v = CoherenceScorer::default().score(&completion(nll))?;
+        assert!(v.pass, "{v:?}");
+        assert!(!CoherenceScorer::default().score(&completion(vec![]))?.pass, "empty completions fail");
+        Ok(())
+    }
+}
