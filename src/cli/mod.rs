@@ -8,6 +8,7 @@ mod heal_cmd;
 mod eval_cmd;
 mod model_cmd;
 mod tui_cmd;
+mod steer_cmd;
 
 #[derive(Parser)]
 #[command(name = "steer-heal", version, about = "Persona steering, curation and LoRA healing for small LMs")]
@@ -25,6 +26,7 @@ enum Command {
     #[command(flatten)]
     Heal(heal_cmd::HealCmd),
     Eval(eval_cmd::EvalCmd),
+    Steer(Box<steer_cmd::SteerCmd>),
 }
 
 /// Parse arguments and run.
@@ -35,5 +37,6 @@ pub fn run() -> Result<()> {
         Command::Tui(c) => tui_cmd::run(c),
         Command::Heal(c) => heal_cmd::run(c),
         Command::Eval(c) => eval_cmd::run(c),
+        Command::Steer(c) => steer_cmd::run(*c),
     }
 }

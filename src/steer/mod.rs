@@ -1,6 +1,23 @@
 //! Steering: personas, mean-difference vectors, iso-KL dosing, steered generation with incoherence traces,
-//! backtrack/replay. Plain library code; no terminal.
+//! backtrack/replay, the walk-down controller, llama.cpp control-vector exchange and a benchmark.
+//! Plain library code; no terminal.
 
+pub mod bench;
 pub mod completion;
+pub mod dose;
+pub mod extract;
+pub mod generate;
+pub mod gguf;
+pub mod kl;
+pub mod persona;
+pub mod vector;
+pub mod walkdown;
 
 pub use completion::{Completion, Rewind, TokenTrace};
+pub use dose::{calibrate, DoseConfig, DoseReport, SolverConfig};
+pub use extract::{extract_mean_diff, random_like, ExtractConfig};
+pub use generate::{generate_completions, replay, GenConfig, Request, Watchdog};
+pub use kl::{KlStats, Statistic};
+pub use persona::Persona;
+pub use vector::{SteerVector, Steering, VectorMeta};
+pub use walkdown::{walk_down, CoherenceScorer, Scorer, WalkDownConfig};
