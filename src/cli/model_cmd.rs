@@ -121,7 +121,7 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
         }
         ModelCmd::FetchModel { name, dir, hf, file, python } => {
             if let Some(repo) = hf {
-                let path = model::fetch::fetch_hf(&repo, file.as_deref(), &dir)?;
+                let path = fetch_hf(&repo, file.as_deref(), &dir)?;
                 println!("{}", path.display());
                 return Ok(());
             }
@@ -148,4 +148,51 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Files of a Hugging Face repository that make a loadable model directory.
+#[cfg(feature = "hf")]
+const HF_PATTERNS: [&str; 5] = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"];
+
+/// Download a Hugging Face repository (config, tokenizer, safetensors) or one named file of it into
+/// `dir/<repo name>`, through hf-hub's cache.
+#[cfg(feature = "hf")]
+fn fetch_hf(repo: &str, file: Option<&str>, dir: &std::path::Path) -> Result<PathBuf> {
+    let (owner, name) = hf_hub::split_id(repo);
+    let target = dir.join(name);
+    let rt = tokio::runtime::Runtime::new().context("starting the download runtime")?;
+    rt.block_on(async {
+        let client = hf_hub::HFClient::new().context("Hugging Face hub client")?;
+        let handle = client.model(owner, name);
+        if let Some(f) = file {
+            return handle
+                .download_file()
+                .filename(f)
+                .local_dir(target.clone())
+                .send()
+                .await
+                .with_context(|| format!("downloading {f} from {repo}"));
+        }
+        let patterns = HF_PATTERNS.iter().map(|p| p.to_string()).collect();
+        handle
+            .snapshot_download()
+            .allow_patterns(patterns)
+            .local_dir(target.clone())
+            .send()
+            .await
+            .with_context(|| format!("downloading {repo}"))?;
+        anyhow::ensure!(
+            target.join("config.json").exists(),
+            "{repo} has no config.json (a GGUF repository? pass --file NAME.gguf)"
+        );
+        Ok(target.clone())
+    })
+}
+
+/// Without the `hf` feature, hub downloads are not compiled in.
+#[cfg(not(feature = "hf"))]
+fn fetch_hf(repo: &str, _file: Option<&str>, _dir: &std::path::Path) -> Result<PathBuf> {
+    anyhow::bail!(
+        "cannot download {repo}: this build has no Hugging Face hub support; rebuild with `cargo build --features hf`"
+    )
 }

