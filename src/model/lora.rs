@@ -59,7 +59,7 @@ impl LoraLinear {
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, d_in))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = matmul_wt(&x2, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -109,6 +109,20 @@ impl LoraLinear {
             v = w.broadcast_div(&(n + 1e-12)?)?;
         }
         ad.b.matmul(&ad.a.matmul(&v)?)?.sqr()?.sum_all()?.sqrt()
+    }
+}
+
+/// Rows at or below which `x·Wᵀ` is computed as `(W·xᵀ)ᵀ`: for the few rows of a decode step candle's gemm is
+/// 2–4× faster with the weight as the left operand (measured on SmolLM2 shapes); for prefill-sized inputs the
+/// plain product is faster.
+const FEW_ROWS: usize = 32;
+
+/// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`, choosing the faster operand order for the row count.
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dim(0)? <= FEW_ROWS {
+        w.matmul(&x.t()?)?.t()
+    } else {
+        x.matmul(&w.t()?)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod hook;

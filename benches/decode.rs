@@ -1,0 +1,190 @@
+//! Decode throughput: our decoder against candle-transformers' own (non-quantized) `llama::Llama` on the same f32
+//! weights, greedy, at batch 1 and batch 16, measured in the same run. Writes a JSON of numbers.
+//!
+//! `cargo bench --bench decode -- [--model PATH.gguf] [--out bench/decode.json] [--new-tokens 32] [--reps 3]`
+//!
+//! The GGUF is dequantised and converted to a Hugging Face directory first (`convert_gguf`), so both models read
+//! the very same f32 tensors; the reference loads that directory's safetensors. Timing covers decode steps only
+//! (one token per row per step, after a shared-length prompt prefill); the best of `reps` runs is reported.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use candle_transformers::models::llama;
+use std::path::PathBuf;
+use std::time::Instant;
+use steer_heal::model::{gguf::convert_gguf, load_model, Forward, Hooks, LogitsAt, Model, Path};
+
+struct Args {
+    model: PathBuf,
+    out: PathBuf,
+    new_tokens: usize,
+    reps: usize,
+    batches: Vec<usize>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        model: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        out: PathBuf::from("bench/decode.json"),
+        new_tokens: 32,
+        reps: 3,
+        batches: vec![1, 16],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            // cargo bench passes --bench to harness-less targets.
+            "--bench" => {}
+            "--model" => a.model = PathBuf::from(value("--model")?),
+            "--out" => a.out = PathBuf::from(value("--out")?),
+            "--new-tokens" => {
+                a.new_tokens = value("--new-tokens")?.parse().map_err(|e| format!("--new-tokens: {e}"))?
+            }
+            "--reps" => a.reps = value("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--batches" => {
+                a.batches = value("--batches")?
+                    .split(',')
+                    .map(|s| s.trim().parse().map_err(|e| format!("--batches: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(a)
+}
+
+fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()
+}
+
+/// Greedy decode with our model; returns (seconds spent in decode steps, tokens of row 0).
+fn decode_ours(
+    model: &Model,
+    prompt: &[u32],
+    batch: usize,
+    n: usize,
+) -> candle_core::Result<(f64, Vec<u32>)> {
+    let dev = model.device();
+    let ids: Vec<u32> = prompt.iter().copied().cycle().take(prompt.len() * batch).collect();
+    let x = Tensor::from_vec(ids, (batch, prompt.len()), dev)?;
+    let hooks = Hooks::none();
+    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::Last, path: Path::Inference };
+    let mut cache = model.new_cache();
+    let run = |x: &Tensor, cache: &mut steer_heal::model::KvCache| -> candle_core::Result<Tensor> {
+        let out = model.forward(x, Some(cache), &f).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        out.logits.ok_or_else(|| candle_core::Error::Msg("no logits".into()))
+    };
+    let mut next = argmax_rows(&run(&x, &mut cache)?)?;
+    let mut row0 = vec![next[0]];
+    let start = Instant::now();
+    for _ in 1..n {
+        let x = Tensor::from_vec(next.clone(), (batch, 1), dev)?;
+        next = argmax_rows(&run(&x, &mut cache)?)?;
+        row0.push(next[0]);
+    }
+    Ok((start.elapsed().as_secs_f64(), row0))
+}
+
+/// The same loop with candle-transformers' llama.
+fn decode_reference(
+    model: &llama::Llama,
+    cfg: &llama::Config,
+    prompt: &[u32],
+    batch: usize,
+    n: usize,
+) -> candle_core::Result<(f64, Vec<u32>)> {
+    let dev = Device::Cpu;
+    let ids: Vec<u32> = prompt.iter().copied().cycle().take(prompt.len() * batch).collect();
+    let x = Tensor::from_vec(ids, (batch, prompt.len()), &dev)?;
+    let mut cache = llama::Cache::new(true, DType::F32, cfg, &dev)?;
+    let mut next = argmax_rows(&model.forward(&x, 0, &mut cache)?)?;
+    let mut row0 = vec![next[0]];
+    let start = Instant::now();
+    for pos in prompt.len()..prompt.len() + n - 1 {
+        let x = Tensor::from_vec(next.clone(), (batch, 1), &dev)?;
+        next = argmax_rows(&model.forward(&x, pos, &mut cache)?)?;
+        row0.push(next[0]);
+    }
+    Ok((start.elapsed().as_secs_f64(), row0))
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let dev = Device::Cpu;
+    let tmp = std::env::temp_dir().join(format!("steer-heal-bench-{}", std::process::id()));
+    eprintln!("converting {} to f32 safetensors in {}", args.model.display(), tmp.display());
+    convert_gguf(&args.model, &tmp)?;
+    let ours = load_model(&tmp, Some(DType::F32), &dev)?;
+    let cfg: llama::LlamaConfig = serde_json::from_str(&std::fs::read_to_string(tmp.join("config.json"))?)?;
+    let cfg = cfg.into_config(false);
+    let weights = candle_core::safetensors::load(tmp.join("model.safetensors"), &dev)?;
+    let reference = llama::Llama::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    let prompt_text = ours.chat.prompt(None, "What is the capital of France?")?;
+    let prompt = ours.tokenizer.encode(&prompt_text)?;
+    let n = args.new_tokens.max(2);
+    let steps = (n - 1) as f64;
+    let mut results = Vec::new();
+    let mut rates = std::collections::HashMap::new();
+    let mut agree = true;
+    for &b in &args.batches {
+        // Warm-up run of each (allocator, thread pool), then the best of `reps`.
+        let (_, ours_tokens) = decode_ours(&ours.model, &prompt, b, n)?;
+        let (_, ref_tokens) = decode_reference(&reference, &cfg, &prompt, b, n)?;
+        agree &= ours_tokens == ref_tokens;
+        let mut best_ours = f64::INFINITY;
+        let mut best_ref = f64::INFINITY;
+        for _ in 0..args.reps {
+            best_ours = best_ours.min(decode_ours(&ours.model, &prompt, b, n)?.0);
+            best_ref = best_ref.min(decode_reference(&reference, &cfg, &prompt, b, n)?.0);
+        }
+        for (name, secs) in [("steer-heal", best_ours), ("candle-transformers llama", best_ref)] {
+            let tps = b as f64 * steps / secs;
+            eprintln!("{name:>26}  batch {b:>2}: {tps:8.1} tokens/s  ({:.2} ms/step)", 1e3 * secs / steps);
+            rates.insert((name, b), tps);
+            results.push(serde_json::json!({
+                "implementation": name, "batch": b, "tokens_per_s": tps, "ms_per_step": 1e3 * secs / steps,
+            }));
+        }
+    }
+    let ratio = |a: (&str, usize), b: (&str, usize)| match (rates.get(&a), rates.get(&b)) {
+        (Some(x), Some(y)) => serde_json::json!(x / y),
+        _ => serde_json::Value::Null,
+    };
+    let report = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "dtype": "f32",
+        "device": "cpu",
+        "cpu": cpu_name(),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "profile": "bench (release, cargo bench)",
+        "prompt_tokens": prompt.len(),
+        "new_tokens": n,
+        "timed_steps": n - 1,
+        "reps": args.reps,
+        "greedy_tokens_agree": agree,
+        "results": results,
+        "ours_batch1_vs_reference_batch1": ratio(("steer-heal", 1), ("candle-transformers llama", 1)),
+        "ours_batch16_vs_reference_batch16": ratio(("steer-heal", 16), ("candle-transformers llama", 16)),
+        "ours_batch16_vs_ours_batch1": ratio(("steer-heal", 16), ("steer-heal", 1)),
+    });
+    if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    steer_heal::fsutil::atomic_write_json(&args.out, &report)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
