@@ -4,11 +4,11 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-mod heal_cmd;
 mod eval_cmd;
+mod heal_cmd;
 mod model_cmd;
-mod tui_cmd;
 mod steer_cmd;
+mod tui_cmd;
 
 #[derive(Parser)]
 #[command(name = "steer-heal", version, about = "Persona steering, curation and LoRA healing for small LMs")]
@@ -25,7 +25,9 @@ enum Command {
     Tui(tui_cmd::TuiCmd),
     #[command(flatten)]
     Heal(heal_cmd::HealCmd),
+    #[command(flatten)]
     Eval(eval_cmd::EvalCmd),
+    #[command(flatten)]
     Steer(Box<steer_cmd::SteerCmd>),
 }
 
