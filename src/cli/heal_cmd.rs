@@ -113,6 +113,7 @@ impl LoraArgs {
     }
 }
 
+/// The heal concept's subcommands, flattened into the top-level command list.
 #[derive(Subcommand)]
 pub enum HealCmd {
     /// Train this round's LoRA on accepted completions under the KL barrier and write gate-q1.md.
