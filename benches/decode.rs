@@ -122,6 +122,12 @@ fn cpu_name() -> String {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
+    // As the steer-heal binary does (see `pin_thread_count` in src/main.rs): without it candle re-reads
+    // /proc/cpuinfo on every matmul, which costs both implementations about a third of a batch-1 step.
+    let pinned_by_user = std::env::var_os("RAYON_NUM_THREADS").is_some();
+    if !pinned_by_user {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    }
     let dev = Device::Cpu;
     let tmp = std::env::temp_dir().join(format!("steer-heal-bench-{}", std::process::id()));
     eprintln!("converting {} to f32 safetensors in {}", args.model.display(), tmp.display());
@@ -170,6 +176,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "device": "cpu",
         "cpu": cpu_name(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "rayon_num_threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        "rayon_num_threads_set_by_user": pinned_by_user,
         "profile": "bench (release, cargo bench)",
         "prompt_tokens": prompt.len(),
         "new_tokens": n,
