@@ -685,3 +685,25 @@ fn headless_cli_extract_dose_generate_replay() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("bad.toml") && err.contains("positive"), "{err}");
 }
+
+#[test]
+fn bench_report_is_complete() {
+    use steer_heal::steer::bench::{bench_steer, BenchConfig};
+    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let v = unit_vector(&lm);
+    let s = Steering::new(&v, &lm.model).expect("steering");
+    let cfg = BenchConfig {
+        batch: 2,
+        new_tokens: 4,
+        reps: 2,
+        coeff: 1.0,
+        prompts: users(),
+        system: "You are a helpful assistant.".into(),
+        dose: Some(dose_cfg(4)),
+    };
+    let r = bench_steer(&lm, &s, v.meta.layers.clone(), &cfg, &mut Silent::default()).expect("bench");
+    assert_eq!((r.plain_s.len(), r.steered_s.len(), r.traced_s.len()), (2, 2, 2));
+    assert!(r.plain_tok_s > 0.0 && r.steered_tok_s > 0.0 && r.traced_tok_s > 0.0);
+    assert!(r.dose_wall_s.is_some() && r.dose_evaluations.unwrap_or(0) >= 1);
+    assert_eq!(r.layers, vec![1, 2]);
+}

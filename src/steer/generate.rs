@@ -12,10 +12,11 @@
 //! dose cannot be truncated and reused); at dose 0 the continuation is exactly the base model's.
 
 use super::completion::{Completion, Rewind, TokenTrace};
-use super::kl::{kl_rows, nll_row, window_rmse};
+use super::kl::{kl_tensor, nll_row, window_rmse};
 use super::vector::Steering;
 use crate::error::{Error, Result};
 use crate::model::generate::{left_pad, rows_f32, sample_row, Sampling};
+use crate::model::Output;
 use crate::model::{Forward, KvCache, LoadedModel, LogitsAt, Path};
 use crate::progress::Progress;
 use candle_core::Tensor;
@@ -188,7 +189,7 @@ impl Run<'_> {
         let mut cache = KvCache::new(lm.model.cfg.num_hidden_layers);
         let ids = Tensor::from_vec(flat, (2 * n, t), lm.model.device())?;
         let f = Forward { hooks: &hooks, pad: &pad, logits: LogitsAt::Last, path: Path::Inference };
-        let mut logits = rows_f32(lm.model.forward(&ids, Some(&mut cache), &f)?.logits.as_ref())?;
+        let (mut logits, mut kl) = split_step(lm.model.forward(&ids, Some(&mut cache), &f)?, n)?;
         let mut active = vec![true; n];
         let total = lanes.len() as u64;
         loop {
@@ -206,7 +207,7 @@ impl Run<'_> {
                     continue;
                 }
                 lane.tokens.push(tok);
-                lane.kl.push(kl_rows(steered, base));
+                lane.kl.push(kl[r]);
                 lane.nll.push(nll_row(base, tok));
                 lane.doses.push(lane.dose as f32);
                 if lane.tokens.len() >= max_new {
@@ -231,7 +232,7 @@ impl Run<'_> {
                 return Err(Error::Cancelled);
             }
             let ids = Tensor::from_vec(next, (2 * n, 1), lm.model.device())?;
-            logits = rows_f32(lm.model.forward(&ids, Some(&mut cache), &f)?.logits.as_ref())?;
+            (logits, kl) = split_step(lm.model.forward(&ids, Some(&mut cache), &f)?, n)?;
         }
     }
 
@@ -259,6 +260,15 @@ impl Run<'_> {
         lane.auto_rewinds += 1;
         true
     }
+}
+
+/// Last-position logits of a 2n-row step as f32 rows, and KL(steered row r ‖ base row n + r) for each r.
+fn split_step(out: Output, n: usize) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+    let l = out.logits.ok_or_else(|| Error::invalid("forward returned no logits"))?;
+    let v = l.dim(2)?;
+    let flat = l.reshape((2 * n, v))?;
+    let kl = kl_tensor(&flat.narrow(0, 0, n)?, &flat.narrow(0, n, n)?)?.to_vec1::<f32>()?;
+    Ok((rows_f32(Some(&l))?, kl))
 }
 
 /// Render and tokenise the steered and base prompts of one user message.

@@ -117,8 +117,12 @@ pub fn kl_rows(steered: &[f32], base: &[f32]) -> f32 {
 
 /// Negative log-likelihood of `token` under one row of raw logits, nats.
 pub fn nll_row(logits: &[f32], token: u32) -> f32 {
-    let l = log_softmax64(logits);
-    (-l.get(token as usize).copied().unwrap_or(f64::NEG_INFINITY)) as f32
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + logits.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
+    match logits.get(token as usize) {
+        Some(x) => (lse - *x as f64) as f32,
+        None => f32::INFINITY,
+    }
 }
 
 fn log_softmax64(x: &[f32]) -> Vec<f64> {
