@@ -80,8 +80,9 @@ fn suffix_closes_the_think_and_prefills_the_answer_in_each_family_template() {
     ] {
         let d = tempfile::tempdir().expect("tmp");
         let lm = tiny_with_answer_words(arch, d.path());
-        let ft = frame_tokens(&lm.chat, &lm.tokenizer, "You see a man kick a dog.", FrameOrder::Reversed)
-            .expect("frame");
+        let ft =
+            frame_tokens(&lm.chat, &lm.tokenizer, None, "You see a man kick a dog.", FrameOrder::Reversed)
+                .expect("frame");
         let suffix = lm.tokenizer.decode(&ft.suffix, true).expect("decode");
         assert_eq!(suffix, format!("{want}{PREFILL}"), "{arch:?}");
         let prefill = lm.tokenizer.decode(&ft.suffix[ft.prefill_start..], true).expect("decode");
@@ -90,6 +91,18 @@ fn suffix_closes_the_think_and_prefills_the_answer_in_each_family_template() {
         assert!(prompt.ends_with("<think>\n"), "{prompt}");
         assert!(prompt.contains("You see a man kick a dog.\n\nThis is wrong because:\n"));
         assert!(!suffix.contains("<bos>"), "no second BOS in the middle of the chat");
+        // A system prompt (prompt-only control arm) goes into the prompt and leaves the suffix as it was.
+        let sys = "You are a careful judge.";
+        let with_sys = frame_tokens(
+            &lm.chat,
+            &lm.tokenizer,
+            Some(sys),
+            "You see a man kick a dog.",
+            FrameOrder::Reversed,
+        )
+        .expect("frame");
+        assert!(lm.tokenizer.decode(&with_sys.prompt, true).expect("decode").contains(sys));
+        assert_eq!(with_sys.suffix, ft.suffix);
     }
 }
 
@@ -180,7 +193,7 @@ fn batched_cached_eval_matches_flat_scoring_and_eval_json_round_trips() {
     for (row, item) in report.rows.iter().zip(&items) {
         assert_eq!(row.id, item.id);
         for frame in &row.frames {
-            let ft = frame_tokens(&lm.chat, &lm.tokenizer, &item.text, frame.order).expect("frame");
+            let ft = frame_tokens(&lm.chat, &lm.tokenizer, None, &item.text, frame.order).expect("frame");
             if frame.case != AnswerCase::Interrupted {
                 continue;
             }
@@ -328,5 +341,37 @@ fn eval_and_plot_subcommands_write_their_files() {
     assert!(
         err.contains("rounds.json") && err.contains("not a rounds file") && err.lines().count() == 1,
         "{err}"
+    );
+}
+
+/// SmolLM2-135M-Instruct (the real demo model), 2 vignettes, think 4. The expected numbers come from the same
+/// GGUF dequantised to f32 by a scratch script (Q4_1/Q8_0 → f32, llama.cpp's Q/K row permutation undone) and
+/// run through this eval, so this also checks the GGUF loader end to end. Ignored until the GGUF loader (another
+/// branch) is merged: run with `cargo test --test eval_tiny -- --ignored`.
+#[test]
+#[ignore = "needs the GGUF loader from the gguf branch and models/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn smollm2_short_eval_matches_the_dequantised_reference() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let lm = load_model(&path, Some(DType::F32), &Device::Cpu).expect("load SmolLM2");
+    let ids = answer_token_ids(&lm.tokenizer).expect("distinct first tokens");
+    assert_eq!(ids, [3325, 29389, 92, 7076, 30388, 5474, 17009]);
+    let hooks = Hooks::none();
+    let cfg = EvalConfig {
+        n_vignettes: Some(2),
+        think_tokens: 4,
+        json_probe_max_tokens: 16,
+        ..EvalConfig::default()
+    };
+    let r = run_eval(&EvalModel::from_loaded(&lm, &hooks), &cfg, &mut Silent::default()).expect("eval");
+    let m = &r.metrics;
+    assert!((m.p_ans_any - 0.2745).abs() < 0.02, "p_ans_any {}", m.p_ans_any);
+    assert!((m.ppx_json - 11.28).abs() < 0.5, "ppx_json {}", m.ppx_json);
+    assert!((m.authority - -4.400).abs() < 0.1, "authority {}", m.authority);
+    assert!((m.care - -4.923).abs() < 0.1, "care {}", m.care);
+    assert_eq!(m.json_is_valid, Some(1.0));
+    assert!(
+        r.rows[0].frames[0].think_text.starts_with("\nThe sentence is"),
+        "{:?}",
+        r.rows[0].frames[0].think_text
     );
 }

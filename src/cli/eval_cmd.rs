@@ -31,14 +31,17 @@ pub enum EvalCmd {
         #[arg(long, default_value = "other_violate")]
         conditions: String,
         /// Sequences (item × frame) per batch.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 32)]
         batch_size: usize,
         /// Token budget of each json_is_valid probe generation.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 128)]
         json_probe_tokens: usize,
         /// Skip the json_is_valid probe.
         #[arg(long)]
         no_json_probe: bool,
+        /// System prompt for every eval conversation (e.g. a persona for a prompt-only control).
+        #[arg(long)]
+        system: Option<String>,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
@@ -100,6 +103,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
             batch_size,
             json_probe_tokens,
             no_json_probe,
+            system,
             out,
         } => {
             let variant = Variant::parse(&variant).with_context(|| {
@@ -113,6 +117,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 batch_size,
                 json_probe: !no_json_probe,
                 json_probe_max_tokens: json_probe_tokens,
+                system_prompt: system,
             };
             cfg.validate()?;
             let dev = Device::Cpu;

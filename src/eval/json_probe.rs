@@ -1,48 +1,53 @@
-//! The `json_is_valid` coherence probe (ours; tinymfv has none): three long single-turn tasks in different
-//! registers, each ending by asking for a verdict as `{"ans": true|false}`. The model generates freely
-//! (greedy, bounded); the metric is the fraction of outputs whose first parseable JSON object has a boolean
-//! `ans`. It catches collapse the forced prefill of p_ans_any can hide: no JSON, a copied placeholder, loops.
+//! The `json_is_valid` coherence probe (ours; tinymfv has none): three long single-turn prompts in different
+//! registers (a logistics report, a poem, a table of figures), each with a yes/no question and a request to
+//! reply in JSON `{"ans": true|false}`. The model generates freely (greedy, bounded); the metric is the
+//! fraction of outputs whose first parseable JSON object has a boolean `ans`. It catches collapse that the
+//! forced prefill of p_ans_any can hide: no JSON at all, prose instead of the format, gibberish, loops.
 
+use super::runner::EvalModel;
 use crate::error::{Error, Result};
 use crate::model::generate::{generate, Sampling};
-use crate::model::{ChatTemplate, Hooks, Model, TextTokenizer};
 use crate::progress::Progress;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The tail every probe ends with. `ANSWER` is not a JSON literal, so copying the template verbatim fails.
-pub const JSON_TAIL: &str =
-    "\n\nWhen you have finished, end your reply with your verdict as a JSON object on its own \
-line, exactly in this form, with ANSWER replaced by true or false:\n{\"ans\": ANSWER}";
+/// The tail every probe ends with. Its example is itself valid (a model that copies it passes): the probe checks
+/// that free generation still produces well-formed JSON after a long prompt, not that the answer is right.
+/// SmolLM2-135M-Instruct answers all three with `{"ans":true}`; with "either true or false" wording it answered
+/// only two of three in JSON, which leaves no room to see coherence fall.
+pub const JSON_TAIL: &str = "\n\nReply in JSON, like this: {\"ans\": true}";
 
-/// The probe tasks (without the tail): arithmetic planning, close reading, and data description.
+/// The probe texts (without the tail): a long passage in a different register each time (a logistics report,
+/// a poem, a table of figures) and a yes/no question about it.
 pub const JSON_PROBES: [&str; 3] = [
-    "A river ferry can carry at most 1,000 kg on each crossing, and every crossing takes twenty minutes. \
-On the near bank wait a tractor of 640 kg, two pallets of roof tiles of 310 kg each, a water tank of 420 kg, \
-four sacks of seed of 45 kg each, and the farmer, who weighs 80 kg and must ride on every crossing because \
-nobody else can steer the ferry. The ferry returns empty apart from the farmer. Plan the loads crossing by \
-crossing: write down what goes on each trip, add up the weight of each load including the farmer, and check \
-that no load exceeds the limit. Then explain in a few sentences whether a cleverer grouping could save a trip, \
-and what the total time on the river would be. The question to settle: can everything reach the far bank in \
-three loaded crossings?",
-    "Read this short poem closely.\n\nThe lamps along the harbour wall\nlean out to hear the water call;\n\
+    "Here is a report from a river crossing. The ferry can carry at most 1,000 kg on each crossing, and every \
+crossing takes twenty minutes. On the near bank waited a tractor of 640 kg, two pallets of roof tiles of 310 kg \
+each, a water tank of 420 kg, four sacks of seed of 45 kg each, and the farmer, who weighs 80 kg and rode on every \
+crossing because nobody else could steer. On the first crossing the farmer took the tractor and two sacks of seed. \
+On the second he took both pallets of tiles. On the third he took the water tank and the last two sacks. The ferry \
+came back empty apart from the farmer each time, and by noon everything stood on the far bank, where his \
+daughter checked the load against her list and found nothing missing.\n\nQuestion: according to the report, did \
+everything reach the far bank in three loaded crossings?",
+    "Read this short poem.\n\nThe lamps along the harbour wall\nlean out to hear the water call;\n\
 the gulls have folded up their cries\nand tucked them under cloudy skies.\nA rope complains, a hull replies,\n\
 the tide counts slowly to the sea,\nand every boat that sleeps in line\nis dreaming it is still a tree.\n\n\
-Describe what happens in the poem in your own words, name two images you find striking and say what each one \
-does, and describe the rhyme pattern line by line, marking which lines rhyme with which. Comment on the last \
-two lines and how they change the mood of the poem. The question to settle: does every line of the poem rhyme \
-with at least one other line?",
+The poem describes a harbour at night. The lamps, the gulls, the rope and the hull are all given human actions: \
+they lean, listen, fold, complain and reply. The last two lines turn from the sounds of the harbour to the boats \
+themselves, which remember the forests their timber came from.\n\nQuestion: does the poem mention gulls?",
     "A weather station in a small valley town recorded these monthly rainfall totals last year, in millimetres: \
 January 88, February 74, March 61, April 47, May 35, June 22, July 14, August 19, September 33, October 58, \
-November 81, December 95. Describe the pattern across the year in plain language, say which season is wettest \
-and which is driest, compute the total for the year and the average per month showing your arithmetic, and \
-suggest one reason a valley town might see a pattern like this. Then compare the wettest month with the driest \
-month. The question to settle: did the wettest month get more than six times the rain of the driest month?",
+November 81, December 95. The wet season runs from late autumn to early spring, when storms come in from the \
+west and the hills around the valley push the clouds up until they rain out. In summer a ridge of high pressure \
+sits over the region and the river falls to its lowest level of the year. The total for the year was 627 mm, an \
+average of a little over 52 mm a month.\n\nQuestion: was July the driest month of the year?",
 ];
 
-/// The full text of probe `i`, tail included.
+/// Said before each passage, so the format is known before the long text.
+pub const JSON_HEAD: &str = "Read the text below and answer the yes/no question at the end in JSON.\n\n";
+
+/// The full text of probe `i`, head and tail included.
 pub fn probe_prompt(i: usize) -> Option<String> {
-    JSON_PROBES.get(i).map(|p| format!("{p}{JSON_TAIL}"))
+    JSON_PROBES.get(i).map(|p| format!("{JSON_HEAD}{p}{JSON_TAIL}"))
 }
 
 /// The boolean `ans` of the first JSON object that parses in `text`; None when there is none, or when the first
@@ -91,19 +96,19 @@ impl JsonProbeReport {
     }
 }
 
-/// Generate greedily from every probe in one batch and parse the answers.
+/// Generate greedily from every probe in one batch (with the model's hooks and an optional system prompt) and
+/// parse the answers.
 pub fn run_json_probe(
-    model: &Model,
-    tokenizer: &TextTokenizer,
-    chat: &ChatTemplate,
-    hooks: &Hooks,
+    m: &EvalModel,
+    system: Option<&str>,
     max_new_tokens: usize,
     progress: &mut dyn Progress,
 ) -> Result<JsonProbeReport> {
+    let (model, tokenizer, hooks) = (m.model, m.tokenizer, m.hooks);
     let mut prompts = Vec::new();
     for i in 0..JSON_PROBES.len() {
         let text = probe_prompt(i).ok_or_else(|| Error::invalid("probe index out of range"))?;
-        prompts.push(tokenizer.encode(&chat.prompt(None, &text)?)?);
+        prompts.push(tokenizer.encode(&m.chat.prompt(system, &text)?)?);
     }
     let total = max_new_tokens as u64;
     let mut cancelled = false;
@@ -169,7 +174,7 @@ mod tests {
         for i in 0..JSON_PROBES.len() {
             let p = probe_prompt(i).expect("probe");
             assert!(p.split_whitespace().count() > 120, "probe {i} is long");
-            assert!(p.ends_with("{\"ans\": ANSWER}"));
+            assert!(p.ends_with(JSON_TAIL));
         }
     }
 }

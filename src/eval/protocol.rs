@@ -102,14 +102,16 @@ pub struct FrameTokens {
 /// The text after the think: `</think>`, the template's assistant close, the "Just answer" user turn and the
 /// assistant turn continued from the prefill. Rendered as one conversation and cut after the think, so BOS
 /// tokens and default system prompts that some templates insert at the start of a chat are not repeated.
+/// `system` is the optional system prompt of the conversation (the prompt-only control arm uses one).
 /// Returns (suffix text, the same text without the prefill).
-pub fn suffix_text(chat: &ChatTemplate, user: &str) -> Result<(String, String)> {
-    let msgs = [
+pub fn suffix_text(chat: &ChatTemplate, system: Option<&str>, user: &str) -> Result<(String, String)> {
+    let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
+    msgs.extend([
         Message::user(user),
         Message::assistant(THINK_SENTINEL),
         Message::user(NUDGE),
         Message::assistant(PREFILL),
-    ];
+    ]);
     let full = chat.render_continue(&msgs)?;
     let at = full
         .find(THINK_SENTINEL)
@@ -121,17 +123,18 @@ pub fn suffix_text(chat: &ChatTemplate, user: &str) -> Result<(String, String)> 
     Ok((format!("{THINK_CLOSE}{after}"), format!("{THINK_CLOSE}{head}")))
 }
 
-/// Tokenise one frame of one vignette.
+/// Tokenise one frame of one vignette, with an optional system prompt.
 pub fn frame_tokens(
     chat: &ChatTemplate,
     tok: &TextTokenizer,
+    system: Option<&str>,
     text: &str,
     order: FrameOrder,
 ) -> Result<FrameTokens> {
     let user = user_prompt(text, order);
-    let prompt_text = format!("{}{THINK_OPEN}", chat.render(&[Message::user(user.as_str())], true)?);
+    let prompt_text = format!("{}{THINK_OPEN}", chat.prompt(system, &user)?);
     let prompt = tok.encode(&prompt_text)?;
-    let (suffix_text, head_text) = suffix_text(chat, &user)?;
+    let (suffix_text, head_text) = suffix_text(chat, system, &user)?;
     let suffix = tok.encode(&suffix_text)?;
     let head = tok.encode(&head_text)?;
     // The prefill tokens are what the suffix adds after its header; normally the header tokenises the same alone.

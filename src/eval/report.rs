@@ -134,6 +134,10 @@ pub struct EvalConfig {
     pub json_probe: bool,
     /// Most new tokens per `json_is_valid` probe generation.
     pub json_probe_max_tokens: usize,
+    /// System prompt of every eval conversation (None: the template's default). The prompt-only control arm
+    /// sets a persona here; the json_is_valid probe gets it too.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
 }
 
 impl Default for EvalConfig {
@@ -143,9 +147,10 @@ impl Default for EvalConfig {
             conditions: vec![Condition::OtherViolate],
             n_vignettes: None,
             think_tokens: 128,
-            batch_size: 16,
+            batch_size: 32,
             json_probe: true,
-            json_probe_max_tokens: 256,
+            json_probe_max_tokens: 128,
+            system_prompt: None,
         }
     }
 }
@@ -169,10 +174,18 @@ impl EvalConfig {
     }
 }
 
-/// Wall-clock seconds of each phase of a run.
+/// Wall-clock seconds of each phase of a run, and the work it did (for speed comparisons).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timings {
+    /// Scored sequences (items × 2 frames).
+    pub sequences: usize,
+    /// Prompt tokens prefilled (without padding).
+    pub prompt_tokens: usize,
+    /// Prompt tokens including left padding.
+    pub padded_prompt_tokens: usize,
+    /// Think tokens generated over all sequences.
+    pub think_tokens: usize,
     /// Prompt prefill forwards.
     pub prefill_s: f64,
     /// Think decoding.

@@ -118,6 +118,10 @@ fn run_batch(
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.prompt.clone()).collect();
     let mut dec = Decoder::prefill(m.model, &prompts, tok.pad_id, m.hooks)?;
     timings.prefill_s += t0.elapsed().as_secs_f64();
+    timings.sequences += b;
+    timings.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
+    timings.padded_prompt_tokens += b * prompts.iter().map(Vec::len).max().unwrap_or(0);
+    timings.think_tokens += b * think;
     tally.add(b, "prefill")?;
 
     // Think: exactly `think` greedy tokens, keeping what the natural case needs (answer log-probs at every
@@ -225,7 +229,7 @@ pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) ->
             seqs.push(Sequence {
                 item: i,
                 order,
-                tokens: frame_tokens(m.chat, m.tokenizer, &it.text, order)?,
+                tokens: frame_tokens(m.chat, m.tokenizer, cfg.system_prompt.as_deref(), &it.text, order)?,
             });
         }
     }
@@ -261,7 +265,7 @@ pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) ->
     }
     let json_probe = if cfg.json_probe {
         let t = Instant::now();
-        let r = run_json_probe(m.model, m.tokenizer, m.chat, m.hooks, cfg.json_probe_max_tokens, progress)?;
+        let r = run_json_probe(m, cfg.system_prompt.as_deref(), cfg.json_probe_max_tokens, progress)?;
         timings.json_probe_s = t.elapsed().as_secs_f64();
         Some(r)
     } else {
