@@ -30,3 +30,7 @@ tiny arch="llama":
 # Format the code.
 fmt:
     cargo fmt
+
+# Decode tokens/s (batch 1 and 16) of our decoder vs candle-transformers' llama on SmolLM2 f32; writes bench/decode.json.
+bench: fetch-model
+    cargo bench --locked --bench decode -- --model {{model}} --out bench/decode.json

@@ -122,6 +122,8 @@ fn cpu_name() -> String {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
+    // Other work on the machine moves these numbers a lot; record how busy it was.
+    let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     // As the steer-heal binary does (see `pin_thread_count` in src/main.rs): without it candle re-reads
     // /proc/cpuinfo on every matmul, which costs both implementations about a third of a batch-1 step.
     let pinned_by_user = std::env::var_os("RAYON_NUM_THREADS").is_some();
@@ -153,9 +155,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         agree &= ours_tokens == ref_tokens;
         let mut best_ours = f64::INFINITY;
         let mut best_ref = f64::INFINITY;
-        for _ in 0..args.reps {
-            best_ours = best_ours.min(decode_ours(&ours.model, &prompt, b, n)?.0);
-            best_ref = best_ref.min(decode_reference(&reference, &cfg, &prompt, b, n)?.0);
+        for rep in 0..args.reps {
+            // Alternate which goes first, so neither always runs right after the other's allocations.
+            if rep % 2 == 0 {
+                best_ours = best_ours.min(decode_ours(&ours.model, &prompt, b, n)?.0);
+                best_ref = best_ref.min(decode_reference(&reference, &cfg, &prompt, b, n)?.0);
+            } else {
+                best_ref = best_ref.min(decode_reference(&reference, &cfg, &prompt, b, n)?.0);
+                best_ours = best_ours.min(decode_ours(&ours.model, &prompt, b, n)?.0);
+            }
         }
         for (name, secs) in [("steer-heal", best_ours), ("candle-transformers llama", best_ref)] {
             let tps = b as f64 * steps / secs;
@@ -176,6 +184,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "device": "cpu",
         "cpu": cpu_name(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "load_average_at_start": load_average,
         "rayon_num_threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         "rayon_num_threads_set_by_user": pinned_by_user,
         "profile": "bench (release, cargo bench)",

@@ -19,7 +19,7 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::io::{BufReader, Seek};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::BPE;
 use tokenizers::{AddedToken, Tokenizer};
@@ -452,19 +452,19 @@ fn build_tokenizer(meta: &Meta) -> Result<Tokenizer> {
         .collect();
     tok.add_special_tokens(added)
         .map_err(|e| Error::bad_file(path, format!("cannot add special tokens: {e}")))?;
-    if meta.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false) {
-        if let Some(bos) = meta.opt_id("tokenizer.ggml.bos_token_id").and_then(|i| tokens.get(i as usize)) {
-            let bos_id = meta.opt_id("tokenizer.ggml.bos_token_id").unwrap_or(0);
-            tok.with_post_processor(Some(from_json::<tokenizers::PostProcessorWrapper>(
-                serde_json::json!({"type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}}}),
-                path,
-                "post-processor",
-            )?));
-        }
+    let bos = meta.opt_id("tokenizer.ggml.bos_token_id").and_then(|i| Some((i, tokens.get(i as usize)?)));
+    if let (true, Some((bos_id, bos))) = (meta.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false), bos)
+    {
+        // Plain encodes (not chat templates, which write BOS themselves) get BOS prepended, as llama.cpp does.
+        tok.with_post_processor(Some(from_json::<tokenizers::PostProcessorWrapper>(
+            serde_json::json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}}}),
+            path,
+            "post-processor",
+        )?));
     }
     Ok(tok)
 }
@@ -609,8 +609,6 @@ impl GgufCheckpoint {
             let t = t.to_dtype(DType::F32)?;
             tensors.insert(hf, t);
         }
-        // Leave the reader positioned sanely for nothing else; dropping it closes the file.
-        let _ = reader.rewind();
         let embed = tensors.get("model.embed_tokens.weight").ok_or_else(|| Error::MissingTensor {
             path: path.to_path_buf(),
             name: "token_embd.weight".into(),
