@@ -1,5 +1,5 @@
 //! The tinymfv forced-choice protocol as text and token ids: the JSON-schema answer block, the think opener,
-//! the forced-answer suffix ("</think>", assistant close, "Just answer", the `{"violation": "` prefill) rendered
+//! the forced-answer suffix (`</think>`, assistant close, "Just answer", the `{"violation": "` prefill) rendered
 //! through the model's own chat template, the seven answer-token ids, and how a think trace is classified
 //! (natural / interrupted / answered elsewhere). No model math here.
 

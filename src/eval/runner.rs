@@ -125,7 +125,8 @@ fn run_batch(
     tally.add(b, "prefill")?;
 
     // Think: exactly `think` greedy tokens, keeping what the natural case needs (answer log-probs at every
-    // step, log-prob of each generated token).
+    // step, log-prob of each generated token). Those log-probs come from the model's full distribution; only the
+    // greedy pick skips stop ids.
     let t1 = Instant::now();
     let mut think_ids: Vec<Vec<u32>> = vec![Vec::with_capacity(think); b];
     let mut gen_lp: Vec<Vec<f64>> = vec![Vec::with_capacity(think); b];
