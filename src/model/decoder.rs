@@ -394,7 +394,7 @@ impl Model {
             Some(l) => l.forward(&xs)?,
             None => {
                 let (b, t, h) = xs.dims3()?;
-                super::lora::matmul_wt(&xs.reshape((b * t, h))?, &self.embed_tokens)?.reshape((
+                super::lora::frozen_matmul_wt(&xs.reshape((b * t, h))?, &self.embed_tokens)?.reshape((
                     b,
                     t,
                     self.cfg.vocab_size,
