@@ -31,6 +31,13 @@ tiny arch="llama":
 fmt:
     cargo fmt
 
-# Decode tokens/s (batch 1 and 16) of our decoder vs candle-transformers' llama on SmolLM2 f32; writes bench/decode.json.
+# Release build, then every benchmark on the real model, the PyTorch peer when $PEER_PY names its python,
+# and bench/results.json plus the bench/README.md table (ratios, machine, date, commit, peak memory).
 bench: fetch-model
+    cargo build --release --locked
     cargo bench --locked --bench decode -- --model {{model}} --out bench/decode.json
+    /usr/bin/time -f '%M' -o bench/heal.rss target/release/steer-heal bench-heal --model {{model}} --out bench/heal.json --seq-len 128 --prompt-len 1 --steps 4 --layers-from 0 --layers-to 1
+    /usr/bin/time -f '%M' -o bench/steer.rss target/release/steer-heal bench-steer --model {{model}} --out bench/steer.json
+    /usr/bin/time -f '%M' -o bench/tui.rss target/release/steer-heal bench-tui --out bench/tui.json
+    if [ -n "${PEER_PY:-}" ]; then "$PEER_PY" bench/torch_peer.py {{model}} | tail -1 > bench/peer.json; else rm -f bench/peer.json; fi
+    python3 bench/report.py bench

@@ -120,6 +120,53 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Sustained read bandwidth in bytes/s: every available thread sums its share of a buffer far larger than the
+/// caches (the access pattern of a batch-1 decode step streaming the weights); best of five passes.
+fn read_bandwidth() -> f64 {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let buf: Vec<f32> = (0..64usize << 20).map(|i| (i % 7) as f32).collect();
+    let chunk = buf.len().div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        // Eight independent accumulators so the sum is bound by memory, not by add latency.
+                        let mut acc = [0f32; 8];
+                        for block in c.chunks_exact(8) {
+                            for (a, x) in acc.iter_mut().zip(block) {
+                                *a += *x;
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        best = best.max((buf.len() * 4) as f64 / secs);
+    }
+    best
+}
+
+/// Peak resident memory of this process so far, MiB (VmHWM; 0 where /proc is absent).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     // Other work on the machine moves these numbers a lot; record how busy it was.
@@ -138,6 +185,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg: llama::LlamaConfig = serde_json::from_str(&std::fs::read_to_string(tmp.join("config.json"))?)?;
     let cfg = cfg.into_config(false);
     let weights = candle_core::safetensors::load(tmp.join("model.safetensors"), &dev)?;
+    // Bytes a batch-1 step must stream: every weight once (the tied head is stored once).
+    let weight_bytes: usize = weights.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
     let reference = llama::Llama::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg)?;
     let _ = std::fs::remove_dir_all(&tmp);
 
@@ -174,6 +223,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }));
         }
     }
+    let bandwidth = read_bandwidth();
+    let bound = bandwidth / weight_bytes as f64;
+    let ours_b1 = rates.get(&("steer-heal", 1)).copied();
+    eprintln!(
+        "read bandwidth {:.1} GB/s, weights {:.3} GB per token ⇒ batch-1 bound {bound:.1} tokens/s; ours {}",
+        bandwidth / 1e9,
+        weight_bytes as f64 / 1e9,
+        ours_b1
+            .map(|r| format!("{r:.1} tokens/s = {:.0} % of the bound", 100.0 * r / bound))
+            .unwrap_or_default()
+    );
     let ratio = |a: (&str, usize), b: (&str, usize)| match (rates.get(&a), rates.get(&b)) {
         (Some(x), Some(y)) => serde_json::json!(x / y),
         _ => serde_json::Value::Null,
@@ -197,6 +257,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ours_batch1_vs_reference_batch1": ratio(("steer-heal", 1), ("candle-transformers llama", 1)),
         "ours_batch16_vs_reference_batch16": ratio(("steer-heal", 16), ("candle-transformers llama", 16)),
         "ours_batch16_vs_ours_batch1": ratio(("steer-heal", 16), ("steer-heal", 1)),
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes_per_token": weight_bytes,
+        "batch1_bandwidth_bound_tokens_per_s": bound,
+        "ours_batch1_fraction_of_bound": ours_b1.map(|r| r / bound),
+        "peak_rss_mib": peak_rss_mib(),
     });
     if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;

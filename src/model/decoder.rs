@@ -363,7 +363,7 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             let (cos, sin, mask) =
                 if layer.sliding { (&cos_l, &sin_l, &mask_l) } else { (&cos_g, &sin_g, &mask_g) };
-            let kv = cache.as_mut().map(|c| c.layer_mut(li));
+            let kv = cache.as_mut().map(|c| (&mut **c, li));
             xs = self.block_forward(layer, &xs, cos, sin, mask.as_ref(), kv, f.path)?;
             if hooked {
                 xs = apply_hooks(li, xs, f.hooks, offset, &mut hidden)?;
@@ -394,7 +394,7 @@ impl Model {
             Some(l) => l.forward(&xs)?,
             None => {
                 let (b, t, h) = xs.dims3()?;
-                super::lora::matmul_wt(&xs.reshape((b * t, h))?, &self.embed_tokens)?.reshape((
+                super::lora::frozen_matmul_wt(&xs.reshape((b * t, h))?, &self.embed_tokens)?.reshape((
                     b,
                     t,
                     self.cfg.vocab_size,
@@ -415,7 +415,7 @@ impl Model {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        kv: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        kv: Option<(&mut KvCache, usize)>,
         path: Path,
     ) -> Result<Tensor> {
         let residual = xs;
@@ -453,7 +453,7 @@ impl Model {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        kv: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        kv: Option<(&mut KvCache, usize)>,
         path: Path,
     ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
@@ -477,19 +477,7 @@ impl Model {
         let q = apply_rope(&q, cos, sin, path)?;
         let k = apply_rope(&k, cos, sin, path)?;
         let (k, v) = match kv {
-            Some(slot) => {
-                let k = match &slot.0 {
-                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                    None => k,
-                };
-                let v = match &slot.1 {
-                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                    None => v,
-                };
-                slot.0 = Some(k.clone());
-                slot.1 = Some(v.clone());
-                (k, v)
-            }
+            Some((cache, li)) => cache.append(li, &k, &v)?,
             None => (k, v),
         };
         let s = k.dim(2)?;

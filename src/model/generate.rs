@@ -91,6 +91,14 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|x| x - lse).collect()
 }
 
+/// Log-probability of token `id` under one row of logits: `log_softmax(logits)[id]` without materialising the
+/// whole vocabulary's log-probabilities (one pass for the max, one for the sum, no allocation).
+pub fn log_prob_of(logits: &[f32], id: u32) -> f32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+    logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY) - lse
+}
+
 /// Pick a token from one row of logits.
 pub fn sample_row(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
     if s.temperature <= 0.0 {
@@ -236,7 +244,7 @@ pub fn continue_generation(
                 gen.stop[r] = StopReason::Stop;
                 continue;
             }
-            let lp = log_softmax(logits)[tok as usize];
+            let lp = log_prob_of(logits, tok);
             gen.tokens[r].push(tok);
             gen.logprobs[r].push(lp);
             next[r] = tok;
@@ -291,6 +299,15 @@ mod tests {
         let ones = (0..4000).filter(|_| sample_row(&logits, &s, &mut rng) == 1).count();
         let frac = ones as f64 / 4000.0;
         assert!((frac - 0.75).abs() < 0.03, "{frac}");
+    }
+
+    #[test]
+    fn log_prob_of_matches_the_full_log_softmax() {
+        let logits = vec![0.5, -2.0, 3.25, 1.0];
+        let full = log_softmax(&logits);
+        for (id, want) in full.iter().enumerate() {
+            assert!((log_prob_of(&logits, id as u32) - want).abs() < 1e-6);
+        }
     }
 
     #[test]

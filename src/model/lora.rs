@@ -2,7 +2,8 @@
 //! scale α/r and a runtime gate c, so one model can carry several rounds at once, train one of them, or have
 //! them merged into the weight.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D};
 
 /// One low-rank adapter: `y += c · (α/r) · B(A x)`.
 #[derive(Debug, Clone)]
@@ -59,7 +60,7 @@ impl LoraLinear {
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, d_in))?;
-        let mut y = matmul_wt(&x2, &self.weight)?;
+        let mut y = frozen_matmul_wt(&x2, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -128,6 +129,63 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `x·Wᵀ` with `W` frozen: the gradient flows to `x` only. candle's own matmul backward always computes the
+/// weight's gradient too (a full `xᵀ·g` product plus a weight-sized buffer), even for a constant weight; on a
+/// training step that is a third of every frozen projection's work, the tied vocabulary head included.
+/// For an input outside the autograd graph this is the plain product.
+pub fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() || w.track_op() || x.rank() != 2 || w.rank() != 2 {
+        return matmul_wt(x, w);
+    }
+    x.apply_op1(FrozenMatmulWt { w: w.clone() })
+}
+
+/// The custom op behind `frozen_matmul_wt`; it holds the frozen weight `[out, in]`.
+struct FrozenMatmulWt {
+    w: Tensor,
+}
+
+impl FrozenMatmulWt {
+    /// `(batch, m, n, k)` of the product and the layout of `Wᵀ` as a strided view of the weight's storage.
+    fn dims(&self, x_layout: &Layout, w_layout: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+        let (m, k) = x_layout.shape().dims2()?;
+        let (n, k2) = w_layout.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
+        }
+        Ok(((1, m, n, k), w_layout.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp1 for FrozenMatmulWt {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-wt"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("frozen matmul: the weight is not on the CPU");
+        };
+        let (bmnk, wt_layout) = self.dims(x_layout, w_layout)?;
+        Ok((x.matmul(w, bmnk, x_layout, &wt_layout)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, x_layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cuda(w) = &*w_storage else {
+            candle_core::bail!("frozen matmul: the weight is not on the GPU");
+        };
+        let (bmnk, wt_layout) = self.dims(x_layout, w_layout)?;
+        Ok((x.matmul(w, bmnk, x_layout, &wt_layout)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        // y = x Wᵀ ⇒ ∂L/∂x = (∂L/∂y) W; no gradient for the frozen W.
+        Ok(Some(grad_y.matmul(&self.w)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +212,26 @@ mod tests {
         let y2 = merged.forward(&x)?;
         let diff = (y1 - y2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-4, "diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_matmul_matches_candle_in_value_and_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (7, 5), &dev)?;
+        for rows in [3usize, 40] {
+            let x = candle_core::Var::randn(0f32, 1.0, (rows, 5), &dev)?;
+            let y_ref = x.as_tensor().matmul(&w.t()?)?;
+            let y = frozen_matmul_wt(x.as_tensor(), &w)?;
+            let diff = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "forward diff {diff} at {rows} rows");
+            let g_ref = y_ref.sqr()?.sum_all()?.backward()?;
+            let g = y.sqr()?.sum_all()?.backward()?;
+            let (g_ref, g) = (g_ref.get(&x).expect("ref grad"), g.get(&x).expect("grad"));
+            let diff = (g - g_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "gradient diff {diff} at {rows} rows");
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
         Ok(())
     }
 

@@ -1,0 +1,157 @@
+"""Collect the JSON of every steer-heal benchmark in bench/ into bench/results.json and a markdown table in
+bench/README.md, with ratios against the PyTorch peer (bench/peer.json when `just bench` ran the peer in the same
+run, else the peer's published figures, marked as coming from another run), the machine, date and commit.
+
+Usage: python3 bench/report.py BENCH_DIR   (called by `just bench`)."""
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+# Figures the peer script gave on a 2-core AMD EPYC like ours (quoted when the peer could not run here).
+PUBLISHED_PEER = {
+    "decode_tok_s_b1": 14.4,
+    "decode_tok_s_b16": 132.0,
+    "train_tok_s": 158.0,
+    "train_tok_s_with_ref": 102.0,
+    "source": "published figures from another run (2-core AMD EPYC, 2026-11-25), not measured in this run",
+}
+
+
+def load(d, name):
+    p = os.path.join(d, name)
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        text = f.read().strip()
+    # bench-tui prints other lines before its JSON; take the last JSON object.
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start = text.rfind("\n{")
+        return json.loads(text[start + 1 :]) if start >= 0 else None
+
+
+def rss(d, name):
+    p = os.path.join(d, name)
+    try:
+        with open(p) as f:
+            return round(int(f.read().split()[-1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def machine():
+    cpu, cores = "unknown", 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu == "unknown":
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("processor"):
+                    cores += 1
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": cores}
+
+
+def commit():
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    d = sys.argv[1] if len(sys.argv) > 1 else "bench"
+    decode, heal, steer, tui = (load(d, n) for n in ("decode.json", "heal.json", "steer.json", "tui.json"))
+    peer = load(d, "peer.json")
+    peer_src = "measured in this run (bench/torch_peer.py)"
+    if peer is None:
+        peer, peer_src = PUBLISHED_PEER, PUBLISHED_PEER["source"]
+    rows = []  # (benchmark, ours, unit, peer, ratio, peak MiB)
+
+    def ratio(a, b):
+        return round(a / b, 2) if a is not None and b else None
+
+    if decode:
+        by = {(r["implementation"], r["batch"]): r["tokens_per_s"] for r in decode["results"]}
+        for b, key in ((1, "decode_tok_s_b1"), (16, "decode_tok_s_b16")):
+            ours = by.get(("steer-heal", b))
+            cand = by.get(("candle-transformers llama", b))
+            rows.append({"benchmark": f"greedy decode, batch {b}", "ours": ours, "unit": "tokens/s",
+                         "peer": peer.get(key), "ratio_vs_peer": ratio(ours, peer.get(key)),
+                         "candle_transformers": cand, "ratio_vs_candle_transformers": ratio(ours, cand),
+                         "peak_rss_mib": decode.get("peak_rss_mib")})
+    if heal:
+        for key, ours, label in (("train_tok_s_with_ref", heal["tokens_per_s"], "LoRA + KL-barrier training"),
+                                 ("train_tok_s", heal["tokens_per_s_without_reference"],
+                                  "LoRA training without the reference pass")):
+            rows.append({"benchmark": label, "ours": ours, "unit": "tokens/s", "peer": peer.get(key),
+                         "ratio_vs_peer": ratio(ours, peer.get(key)), "peak_rss_mib": heal.get("peak_rss_mib")})
+    if steer:
+        rows.append({"benchmark": "steered decode (bench-steer)", "ours": steer, "unit": "see JSON",
+                     "peak_rss_mib": rss(d, "steer.rss")})
+    if tui:
+        rows.append({"benchmark": "TUI latency while generating (bench-tui)", "ours": tui, "unit": "see JSON",
+                     "peak_rss_mib": rss(d, "tui.rss")})
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": machine(),
+        "peer": peer,
+        "peer_source": peer_src,
+        "bandwidth": None if not decode else {
+            "read_bandwidth_gb_s": decode.get("read_bandwidth_gb_s"),
+            "weight_bytes_per_token": decode.get("weight_bytes_per_token"),
+            "batch1_bound_tokens_per_s": decode.get("batch1_bandwidth_bound_tokens_per_s"),
+            "ours_batch1_fraction_of_bound": decode.get("ours_batch1_fraction_of_bound"),
+        },
+        "rows": rows,
+    }
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    def fmt(x):
+        return "–" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
+
+    m = results["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `just bench` on {results['date']} at commit `{results['commit']}`, "
+        f"on {m['cpu']} ({m['logical_cores']} logical cores). Peer (PyTorch + transformers + peft, "
+        f"`bench/torch_peer.py`): {peer_src}.",
+        "",
+        "| benchmark | ours | peer | ours / peer | candle-transformers | ours / candle-transformers | peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["unit"] != "tokens/s":
+            continue
+        lines.append(f"| {r['benchmark']} | {fmt(r['ours'])} tok/s | {fmt(r.get('peer'))} | "
+                     f"{fmt(r.get('ratio_vs_peer'))} | {fmt(r.get('candle_transformers'))} | "
+                     f"{fmt(r.get('ratio_vs_candle_transformers'))} | {fmt(r.get('peak_rss_mib'))} |")
+    bw = results["bandwidth"]
+    if bw and bw.get("read_bandwidth_gb_s"):
+        frac = bw.get("ours_batch1_fraction_of_bound")
+        lines += ["", f"Memory-bandwidth bound at batch 1: {bw['weight_bytes_per_token'] / 1e9:.3f} GB of weights "
+                  f"per token at a measured {bw['read_bandwidth_gb_s']:.1f} GB/s read bandwidth ⇒ "
+                  f"{bw['batch1_bound_tokens_per_s']:.1f} tokens/s; ours reaches "
+                  f"{'–' if frac is None else f'{100 * frac:.0f} %'} of it."]
+    for r in rows:
+        if r["unit"] == "see JSON":
+            lines += ["", f"## {r['benchmark']} (peak {fmt(r.get('peak_rss_mib'))} MiB)", "", "```json",
+                      json.dumps(r["ours"], indent=2), "```"]
+    lines += ["", "Timings on a shared machine are noisy; ratios within one run are what to compare."]
+    with open(os.path.join(d, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
