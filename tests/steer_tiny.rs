@@ -671,6 +671,7 @@ fn headless_cli_extract_dose_generate_replay() {
     assert_eq!(c.tokens[..2], cs[2].tokens[..2]);
     assert_eq!(c.rewinds.len(), 1);
     assert!((c.rewinds[0].to_dose - 0.5 * c_star).abs() < 1e-9);
+    assert_eq!(c.rewinds[0].from_dose, c_star, "the dose before the rewind is the run's exact c*");
     run_cli(&["export-gguf", "--vector", "round-01/vector.safetensors", "--out", "round-01/cv.gguf"], d);
     run_cli(&["import-gguf", "--gguf", "round-01/cv.gguf", "--out", "round-01/back.safetensors"], d);
     let back = SteerVector::load(&d.join("round-01/back.safetensors")).expect("back");

@@ -376,6 +376,15 @@ pub fn generate_completions(
     lanes.into_iter().zip(heads).map(|(lane, head)| finish(lm, lane, cfg.window, head)).collect()
 }
 
+/// The dose in effect at token `t` of `c`, as the exact f64 the run used when the f32 trace matches one.
+fn dose_at(c: &Completion, t: usize) -> f64 {
+    let Some(traced) = c.trace.dose.get(t).or(c.trace.dose.last()).map(|d| *d as f64) else { return c.dose };
+    std::iter::once(c.dose)
+        .chain(c.rewinds.iter().map(|r| r.to_dose))
+        .find(|d| (d - traced).abs() <= 1e-6 * d.abs().max(1.0))
+        .unwrap_or(traced)
+}
+
 /// The sampling seed of a completion's next replay: derived from its seed and rewind count, so a replayed
 /// completion can be reproduced from the file alone.
 pub fn replay_seed(c: &Completion) -> u64 {
@@ -419,7 +428,7 @@ pub fn replay(
     if steering.is_prompt_only() && dose == 0.0 {
         steered_prompt = base_prompt.clone();
     }
-    let old = c.trace.dose.get(from).or(c.trace.dose.last()).map(|d| *d as f64).unwrap_or(c.dose);
+    let old = dose_at(c, from);
     let mut lane = Lane {
         steered_prompt,
         base_prompt,
