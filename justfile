@@ -30,3 +30,7 @@ tiny arch="llama":
 # Format the code.
 fmt:
     cargo fmt
+
+# One short headless round on SmolLM2 (small settings; a few minutes on this CPU).
+demo-headless: fetch-model
+    cargo run --locked -q -- run --session sessions/demo-headless --model {{model}} --rounds 1 --floor 0 --n-prompts 4 --max-new-tokens 48 --extract-pairs 16 --eval-n 8 --think 16
