@@ -19,9 +19,12 @@ check:
 fetch-model:
     @test -f {{model}} || cargo run --locked -q -- fetch-model smollm2
 
-# Run the main job on the real demo model.
+# Open the TUI on SmolLM2 with a freshly extracted and iso-KL-dosed authority vector (short completions), to
+# curate a round's gate Q0; `just demo-headless` runs the whole round (heal, bake, eval) without the TUI.
 demo: fetch-model
-    cargo run --locked -q -- chat --model {{model}} "What is the capital of France?"
+    @test -f sessions/demo-vector/vector.safetensors || cargo run --locked -q -- extract --model {{model}} --n-pairs 16 --out sessions/demo-vector
+    @test -f sessions/demo-vector/dose.json || cargo run --locked -q -- dose --model {{model}} --vector sessions/demo-vector/vector.safetensors --n-prompts 4 --tokens 12 --out sessions/demo-vector
+    cargo run --locked -q -- tui demo --model {{model}} --vector sessions/demo-vector/vector.safetensors --max-new-tokens 48
 
 # A tiny random model for fast development runs.
 tiny arch="llama":

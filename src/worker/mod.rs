@@ -14,7 +14,6 @@
 //! `Cancelled`.
 
 pub mod bridge;
-pub mod rollout;
 pub mod vectors;
 
 use crate::error::{Error, Result};
@@ -444,7 +443,8 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let total = (rows * req.sampling.max_new_tokens) as u64;
             let mut done = 0u64;
             let vectors = (!ms.vectors.is_empty()).then_some(&ms.vectors);
-            let cs = bridge::generate_completions(&ms.lm, vectors, &req, &mut |row, text| {
+            let is_cancelled = || cancel.is_cancelled();
+            let cs = bridge::generate_completions(&ms.lm, vectors, &req, &is_cancelled, &mut |row, text| {
                 done += 1;
                 send(WorkerEvent::Token { id, row, text: text.to_string() });
                 if done % 8 == 0 {
@@ -455,8 +455,10 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
                         msg: format!("prompt {}", req.prompt_index),
                     });
                 }
-                !cancel.is_cancelled()
             })?;
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
             let det = lock(&ctx.detectors)?.clone();
             let th = lock(&ctx.session)?.manifest().filter.thresholds.clone();
             let scored = score_all(ms, &det, &th, cs, cancel)?;
@@ -481,10 +483,13 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let guard = lock(&ctx.model)?;
             let ms = guard.as_ref().ok_or_else(|| Error::invalid("the model is not loaded"))?;
             let vectors = (!ms.vectors.is_empty()).then_some(&ms.vectors);
-            let c = bridge::replay_completion(&ms.lm, vectors, &req, &mut |text| {
-                send(WorkerEvent::Token { id, row: 0, text: text.to_string() });
-                !cancel.is_cancelled()
+            let is_cancelled = || cancel.is_cancelled();
+            let c = bridge::replay_completion(&ms.lm, vectors, &req, &is_cancelled, &mut |text| {
+                send(WorkerEvent::Token { id, row: 0, text: text.to_string() })
             })?;
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
             let det = lock(&ctx.detectors)?.clone();
             let th = lock(&ctx.session)?.manifest().filter.thresholds.clone();
             let row = score_all(ms, &det, &th, vec![c], cancel)?

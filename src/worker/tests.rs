@@ -46,7 +46,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn traces_agree_with_teacher_forcing() -> Result<()> {
     let (_d, lm) = tiny();
     let v = vectors(&lm, 3.0);
-    let cs = bridge::generate_completions(&lm, Some(&v), &request(12), &mut |_, _| true)?;
+    let cs = bridge::generate_completions(&lm, Some(&v), &request(12), &|| false, &mut |_, _| {})?;
     assert_eq!(cs.len(), 2);
     assert_eq!(cs[0].id, "p002-a050-s2042");
     assert_eq!(cs[1].id, "p002-a100-s2043");
@@ -65,7 +65,7 @@ fn traces_agree_with_teacher_forcing() -> Result<()> {
         assert!(c.trace.kl.iter().any(|k| *k > 1e-3), "steering at dose {} moved nothing", c.dose);
     }
     // Without a vector, KL is zero and the NLL is the sampled token's own.
-    let cs = bridge::generate_completions(&lm, None, &request(6), &mut |_, _| true)?;
+    let cs = bridge::generate_completions(&lm, None, &request(6), &|| false, &mut |_, _| {})?;
     for c in &cs {
         assert!(c.trace.kl.iter().all(|k| *k == 0.0));
         let tf = teacher_force(&lm, &c.system, &c.prompt, &c.tokens, None)?;
@@ -77,7 +77,7 @@ fn traces_agree_with_teacher_forcing() -> Result<()> {
 #[test]
 fn persona_strength_is_a_signed_projection() -> Result<()> {
     let (_d, lm) = tiny();
-    let cs = bridge::generate_completions(&lm, None, &request(6), &mut |_, _| true)?;
+    let cs = bridge::generate_completions(&lm, None, &request(6), &|| false, &mut |_, _| {})?;
     let c = &cs[0];
     let s = |scale: f32| -> Result<f64> {
         Ok(teacher_force(&lm, &c.system, &c.prompt, &c.tokens, Some(&vectors(&lm, scale)))?
@@ -96,7 +96,7 @@ fn replay_keeps_the_prefix_and_uses_its_dose() -> Result<()> {
     let v = vectors(&lm, 3.0);
     let mut req = request(16);
     req.alphas = vec![1.0];
-    let c = bridge::generate_completions(&lm, Some(&v), &req, &mut |_, _| true)?.remove(0);
+    let c = bridge::generate_completions(&lm, Some(&v), &req, &|| false, &mut |_, _| {})?.remove(0);
     let at = c.tokens.len().min(5);
     let rr = ReplayRequest {
         round: 0,
@@ -106,7 +106,7 @@ fn replay_keeps_the_prefix_and_uses_its_dose() -> Result<()> {
         sampling: req.sampling,
         kl_window: 4,
     };
-    let r = bridge::replay_completion(&lm, Some(&v), &rr, &mut |_| true)?;
+    let r = bridge::replay_completion(&lm, Some(&v), &rr, &|| false, &mut |_| {})?;
     assert_eq!(r.id, c.id);
     assert_eq!(&r.tokens[..at], &c.tokens[..at]);
     assert_eq!(&r.trace.kl[..at], &c.trace.kl[..at]);

@@ -29,7 +29,7 @@ fn row(i: usize, ppl: f64, keep: bool) -> ScoredCompletion {
             dose: 1.0,
             seed: i as u64,
             trace: TokenTrace {
-                kl_window_rmse: crate::worker::rollout::window_rmse(&kl, 2),
+                kl_window_rmse: crate::steer::kl::window_rmse(&kl, 2),
                 kl,
                 nll_base: vec![1.0; n],
                 dose: vec![1.0; n],
