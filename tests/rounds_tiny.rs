@@ -62,6 +62,7 @@ fn tiny_config(model: &Path, rounds: u32) -> RoundsConfig {
     c.eval.think_tokens = 4;
     c.eval.json_probe_max_tokens = 8;
     c.eval.batch_size = 4;
+    c.controls = true;
     c
 }
 
@@ -117,6 +118,9 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
             "history.json",
             "round.json",
             "eval/eval.json",
+            "controls.json",
+            "controls/steered/eval.json",
+            "controls/random/eval.json",
         ] {
             let p = s.join(r).join(f);
             assert!(p.exists(), "missing {}", p.display());
@@ -146,7 +150,7 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
     let kl = summary.points.iter().map(|p| p.kl_spent.expect("kl")).collect::<Vec<_>>();
     assert!(kl[2] >= kl[1] && kl[1] >= kl[0], "cumulative KL never falls: {kl:?}");
     let full_stages = stage_events(&s);
-    assert_eq!(full_stages.len(), 1 + 2 * 8, "{full_stages:?}");
+    assert_eq!(full_stages.len(), 1 + 2 * 9, "{full_stages:?}");
 
     // Rollback to round 1 drops round 2 from the student; fork from the base empties the chain; neither erases.
     {

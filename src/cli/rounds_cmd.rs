@@ -3,6 +3,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use steer_heal::progress::Bar;
 use steer_heal::rounds::{RoundsConfig, Runner};
@@ -67,6 +69,9 @@ pub struct RunArgs {
     /// Held-out prompts measured before/after healing.
     #[arg(long, default_value_t = 2)]
     measure_n: usize,
+    /// Also evaluate control arms on the same items (real vector at c*, norm-matched random vector at c*).
+    #[arg(long)]
+    controls: bool,
 }
 
 /// The rounds concept's subcommands, flattened into the top-level command list.
@@ -103,6 +108,24 @@ pub enum RoundsCmd {
     },
 }
 
+/// The first Ctrl-C stops the loop at the next check (finished stages are kept; a rerun resumes); a second quits.
+fn stop_on_ctrl_c(flag: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "\nsteer-heal: stopping (Ctrl-C again to quit now); rerun the same command to resume"
+                );
+                flag.store(true, Ordering::Relaxed);
+            }
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        });
+    });
+}
+
 fn config(a: &RunArgs) -> RoundsConfig {
     let mut c = RoundsConfig::small(&a.model);
     c.persona = a.persona.clone();
@@ -125,6 +148,7 @@ fn config(a: &RunArgs) -> RoundsConfig {
     c.eval.think_tokens = a.think;
     c.eval.json_probe_max_tokens = a.json_probe_tokens;
     c.measure_n = a.measure_n;
+    c.controls = a.controls;
     c
 }
 
@@ -134,6 +158,7 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
         RoundsCmd::Run(a) => {
             let started = Instant::now();
             let mut bar = Bar::new("rounds");
+            stop_on_ctrl_c(bar.cancel.clone());
             let mut log = |s: &str| eprintln!("steer-heal: {s}");
             let runner = Runner::open(&a.session, config(&a), &mut bar, &mut log)
                 .with_context(|| format!("opening session {}", a.session.display()))?;

@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 
 pub use lineage::Lineage;
 
-/// The stages of a round, in order.
-pub const STAGES: [&str; 8] = ["extract", "dose", "generate", "score", "gate_q0", "heal", "bake", "eval"];
+/// The stages of a round, in order (`controls` only when `RoundsConfig::controls` is set).
+pub const STAGES: [&str; 9] =
+    ["extract", "dose", "generate", "score", "gate_q0", "heal", "bake", "eval", "controls"];
 
 /// Everything a run of rounds needs; the defaults are small enough for a CPU demo.
 #[derive(Debug, Clone)]
@@ -68,6 +69,9 @@ pub struct RoundsConfig {
     pub measure_tokens: usize,
     /// tinymfv eval settings.
     pub eval: EvalConfig,
+    /// Also evaluate control arms on the same items: the student steered by this round's vector at c*, and by a
+    /// norm-matched random vector at the same c*.
+    pub controls: bool,
     /// Base seed.
     pub seed: u64,
     /// Test and crash-simulation hook: stop right after this stage of this round.
@@ -116,6 +120,7 @@ impl RoundsConfig {
                 json_probe_max_tokens: 48,
                 ..EvalConfig::default()
             },
+            controls: false,
             seed: 42,
             stop_after: None,
         }
@@ -374,7 +379,12 @@ impl<'a> Runner<'a> {
 
     /// Run until the configured count, the coherence floor, the hook or a cancel stops it.
     pub fn run(mut self) -> Result<RunSummary> {
-        let stopped = self.run_inner()?;
+        let stopped = match self.run_inner() {
+            Err(Error::Cancelled) => {
+                "cancelled; run again to resume from the last finished stage".to_string()
+            }
+            other => other?,
+        };
         let points = self.points()?;
         self.write_q2(&points)?;
         let rounds_done = self.lineage().verdicts.len() as u32;
@@ -570,6 +580,9 @@ impl<'a> Runner<'a> {
         if !self.lineage().is_done(round, "eval") {
             step!(self.eval_model(&lm, round));
         }
+        if self.cfg.controls && !self.lineage().is_done(round, "controls") {
+            step!(self.controls(round, &lm, &v));
+        }
         // gate Q2, headless: keep unless coherence fell under the floor.
         let report = EvalReport::load(&self.path(&rel(round, "eval/eval.json"))?)?;
         let p = report.metrics.p_ans_any;
@@ -582,6 +595,30 @@ impl<'a> Runner<'a> {
         let points = self.points()?;
         self.write_q2(&points)?;
         Ok(Flow::Go)
+    }
+
+    /// The control arms on the same eval items: the student steered by the real vector at c*, and by a random
+    /// direction with the same per-layer norms at the same c* (`round-NN/controls.json`).
+    fn controls(&mut self, round: u32, lm: &LoadedModel, v: &SteerVector) -> Result<Flow> {
+        let c_star = v.calibrated()? as f32;
+        let random = steer::random_like(v, self.cfg.seed + round as u64)?;
+        let mut arms = Vec::new();
+        for (arm, vec) in [("steered", v), ("random", &random)] {
+            let hooks = Steering::new(vec, &lm.model)?.hooks(&[c_star]);
+            let report = eval::run_eval(&EvalModel::from_loaded(lm, &hooks), &self.cfg.eval, self.progress)?;
+            report.save(&self.path(&rel(round, &format!("controls/{arm}")))?)?;
+            let m = &report.metrics;
+            (self.log)(&format!(
+                "round {round}: control {arm}: authority {:.4} care {:.4} p_ans_any {:.4}",
+                m.authority, m.care, m.p_ans_any
+            ));
+            arms.push(serde_json::json!({
+                "arm": arm, "coefficient": c_star, "n": m.n_rows, "authority": m.authority, "care": m.care,
+                "p_ans_any": m.p_ans_any, "ppx_json": m.ppx_json, "json_is_valid": m.json_is_valid,
+            }));
+        }
+        atomic_write_json(&self.path(&rel(round, "controls.json"))?, &arms)?;
+        self.done(round, "controls", rel(round, "controls.json"))
     }
 
     fn gate_q0(&mut self, round: u32, lm: &LoadedModel) -> Result<Flow> {
