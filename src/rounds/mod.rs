@@ -283,9 +283,30 @@ pub fn student_shift(
         .collect()
 }
 
+/// The session a runner writes to: its own, or one the caller (the TUI worker) holds.
+enum Held<'a> {
+    Owned(Box<Session>),
+    Borrowed(&'a mut Session),
+}
+
+impl Held<'_> {
+    fn get(&self) -> &Session {
+        match self {
+            Held::Owned(s) => s,
+            Held::Borrowed(s) => s,
+        }
+    }
+    fn get_mut(&mut self) -> &mut Session {
+        match self {
+            Held::Owned(s) => s,
+            Held::Borrowed(s) => s,
+        }
+    }
+}
+
 /// One run of the loop over a session folder (created when absent).
 pub struct Runner<'a> {
-    session: Session,
+    session: Held<'a>,
     events: Vec<SessionEvent>,
     cfg: RoundsConfig,
     persona: Persona,
@@ -315,7 +336,20 @@ impl<'a> Runner<'a> {
             log(&format!("warning: {w}"));
         }
         let events = opened.events.into_iter().map(|l| l.event).collect();
-        Ok(Runner { session: opened.session, events, cfg, persona, progress, log })
+        Ok(Runner { session: Held::Owned(Box::new(opened.session)), events, cfg, persona, progress, log })
+    }
+
+    /// Run on a session the caller already has open (its log is re-read from disk for the lineage).
+    pub fn with_session(
+        session: &'a mut Session,
+        cfg: RoundsConfig,
+        progress: &'a mut dyn Progress,
+        log: &'a mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let persona = Persona::load_or_default(cfg.persona.as_deref())?;
+        let contents = crate::session::event::read_log(&session.dir().join(session::EVENTS))?;
+        let events = contents.events.into_iter().map(|l| l.event).collect();
+        Ok(Runner { session: Held::Borrowed(session), events, cfg, persona, progress, log })
     }
 
     /// The lineage as the log tells it now.
@@ -324,11 +358,11 @@ impl<'a> Runner<'a> {
     }
 
     fn path(&self, rel: &str) -> Result<PathBuf> {
-        self.session.artifact_path(rel)
+        self.session.get().artifact_path(rel)
     }
 
     fn append(&mut self, e: SessionEvent) -> Result<()> {
-        self.session.append(e.clone())?;
+        self.session.get_mut().append(e.clone())?;
         self.events.push(e);
         Ok(())
     }
@@ -373,7 +407,7 @@ impl<'a> Runner<'a> {
             m.ppx_json,
             m.json_is_valid.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into())
         ));
-        let rel_file = file.strip_prefix(self.session.dir()).unwrap_or(&file).display().to_string();
+        let rel_file = file.strip_prefix(self.session.get().dir()).unwrap_or(&file).display().to_string();
         self.done(round, "eval", rel_file)
     }
 
@@ -512,7 +546,7 @@ impl<'a> Runner<'a> {
         // score: the gate-Q0 filter scores, with persona strength from the teacher-forced base pass.
         if !self.lineage().is_done(round, "score") {
             let comps: Vec<Completion> = read_jsonl(&self.path(&rel(round, "completions.jsonl"))?)?;
-            let det = self.session.detectors()?;
+            let det = self.session.get().detectors()?;
             let mut rows = Vec::with_capacity(comps.len());
             for c in comps {
                 let tf = score::perplexity::teacher_force(
@@ -657,7 +691,7 @@ impl<'a> Runner<'a> {
             .collect();
         let md = score::gate::render_gate_q0(&score::gate::GateInputs {
             round,
-            session: &self.session.manifest().name,
+            session: &self.session.get().manifest().name,
             model: &lm.info.id,
             written_at: &now,
             passed: !accepted.is_empty(),
@@ -803,7 +837,7 @@ impl<'a> Runner<'a> {
         if points.is_empty() {
             return Ok(());
         }
-        let dir = self.session.dir().to_path_buf();
+        let dir = self.session.get().dir().to_path_buf();
         atomic_write_json(&dir.join("rounds.json"), &points)?;
         eval::write_progress_map(points, self.cfg.floor, &dir)?;
         let spec = GateQ2Spec { floor: self.cfg.floor, ..GateQ2Spec::default() };
@@ -831,6 +865,15 @@ impl<'a> Runner<'a> {
         }
         self.append(SessionEvent::Fork { from_round, branch: branch.into() })
     }
+}
+
+/// The rounds table (`rounds.json`, empty before the first round) and the lineage folded from the event log.
+pub fn read_status(dir: &Path) -> Result<(Vec<RoundPoint>, Lineage)> {
+    let contents = crate::session::event::read_log(&dir.join(session::EVENTS))?;
+    let lineage = Lineage::fold(contents.events.iter().map(|l| &l.event));
+    let rp = dir.join("rounds.json");
+    let points = if rp.exists() { read_json(&rp)? } else { Vec::new() };
+    Ok((points, lineage))
 }
 
 /// `lineage.json`: the lineage in a form a reader can use without the event log.

@@ -76,6 +76,18 @@ pub enum JobKind {
         /// The event that references it.
         event: SessionEvent,
     },
+    /// Run the rounds loop on the session up to `rounds` judged rounds (extract → … → eval per round), loading
+    /// its own copy of the base model plus the kept rounds.
+    RunRounds {
+        /// Base model path.
+        model: PathBuf,
+        /// Judged rounds to reach.
+        rounds: u32,
+        /// Coherence floor of the automatic gate Q2 (the researcher can still roll back).
+        floor: f64,
+    },
+    /// Read the rounds table and lineage of the session.
+    RoundsStatus,
     /// Cancel a queued or running job.
     Cancel(JobId),
 }
@@ -90,6 +102,8 @@ impl JobKind {
             JobKind::Rescore { .. } => "rescoring",
             JobKind::Record(_) => "recording",
             JobKind::WriteArtifact { .. } => "writing",
+            JobKind::RunRounds { .. } => "running a round",
+            JobKind::RoundsStatus => "reading rounds",
             JobKind::Cancel(_) => "cancelling",
         }
     }
@@ -156,6 +170,33 @@ pub enum JobOutput {
         /// The event.
         event: SessionEvent,
     },
+    /// The rounds table (base first) and lineage, after a run or on request.
+    Rounds {
+        /// Progress-map points.
+        points: Vec<crate::eval::RoundPoint>,
+        /// Kept rounds the student carries.
+        chain: Vec<u32>,
+        /// Current branch.
+        branch: String,
+        /// How the last run ended (empty when only read).
+        stopped: String,
+    },
+}
+
+/// Progress of a rounds run as worker events; cancelled with the job.
+struct RoundsProgress<'a> {
+    id: JobId,
+    events: &'a mpsc::UnboundedSender<WorkerEvent>,
+    cancel: &'a CancellationToken,
+}
+
+impl crate::progress::Progress for RoundsProgress<'_> {
+    fn step(&mut self, done: u64, total: u64, msg: &str) {
+        let _ = self.events.send(WorkerEvent::Progress { id: self.id, done, total, msg: msg.to_string() });
+    }
+    fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
 }
 
 /// What the worker tells the UI.
@@ -532,6 +573,27 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
         JobKind::WriteArtifact { rel, contents, event } => {
             let l = lock(&ctx.session)?.write_artifact(&rel, &contents, event)?;
             Ok(JobOutput::Recorded { seq: l.seq, event: l.event })
+        }
+        JobKind::RunRounds { model, rounds, floor } => {
+            let mut cfg = crate::rounds::RoundsConfig::small(&model);
+            cfg.rounds = rounds;
+            cfg.floor = floor;
+            let mut s = lock(&ctx.session)?;
+            let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
+            let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
+            let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?.run()?;
+            let (_, after) = crate::rounds::read_status(s.dir())?;
+            Ok(JobOutput::Rounds {
+                points: summary.points,
+                chain: after.chain,
+                branch: after.branch,
+                stopped: summary.stopped,
+            })
+        }
+        JobKind::RoundsStatus => {
+            let s = lock(&ctx.session)?;
+            let (points, lineage) = crate::rounds::read_status(s.dir())?;
+            Ok(JobOutput::Rounds { points, chain: lineage.chain, branch: lineage.branch, stopped: String::new() })
         }
         JobKind::Cancel(_) => Err(Error::invalid("cancel is a control message, not a job")),
     }
