@@ -288,3 +288,42 @@ fn heat_map_colours_tokens_by_kl_and_marks_the_cursor() {
     assert!(buf[(bx + 1, by)].modifier.contains(Modifier::REVERSED));
     assert!(!buf[(x, y)].modifier.contains(Modifier::REVERSED));
 }
+
+#[test]
+fn iterate_screen() {
+    use steer_heal::eval::{RoundPoint, RoundStatus};
+    use steer_heal::worker::JobOutput;
+    let p = |round: usize, status: RoundStatus, auth: f64, care: f64| RoundPoint {
+        round,
+        status,
+        authority: auth,
+        care,
+        p_ans_any: 0.254 - 0.01 * round as f64,
+        json_is_valid: Some(0.0),
+        ppx_json: 13.9 + round as f64,
+        n: 8,
+        kl_spent: Some(0.958 * round as f64),
+        cos_teacher_r0: (round > 0).then_some(1.0 - 0.05 * round as f64),
+        cos_student_teacher: (round > 0).then_some(0.276),
+    };
+    let mut s = state(2);
+    press(&mut s, "I");
+    let output = JobOutput::Rounds {
+        points: vec![
+            p(0, RoundStatus::Base, -5.565, -4.340),
+            p(1, RoundStatus::Kept, -5.683, -4.195),
+            p(2, RoundStatus::Dropped, -5.90, -4.10),
+            p(3, RoundStatus::Kept, -5.80, -4.05),
+        ],
+        chain: vec![1, 3],
+        branch: "main".into(),
+        stopped: String::new(),
+    };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 1, output }));
+    press(&mut s, "j");
+    s.status.clear();
+    insta::assert_snapshot!("iterate_screen", draw(&s, 100, 32).backend());
+    let mut empty = state(0);
+    press(&mut empty, "I");
+    insta::assert_snapshot!("iterate_empty", draw(&empty, 80, 12).backend());
+}

@@ -285,7 +285,14 @@ impl Action {
             Mode::Message => matches!(self, Cancel | Confirm),
             Mode::Iterate => matches!(
                 self,
-                ContinueRounds | StopRounds | RollbackRound | ForkRound | NextRound | PrevRound | Cancel | Quit
+                ContinueRounds
+                    | StopRounds
+                    | RollbackRound
+                    | ForkRound
+                    | NextRound
+                    | PrevRound
+                    | Cancel
+                    | Quit
                     | ToggleHelp
             ),
         }

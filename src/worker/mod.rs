@@ -593,7 +593,12 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
         JobKind::RoundsStatus => {
             let s = lock(&ctx.session)?;
             let (points, lineage) = crate::rounds::read_status(s.dir())?;
-            Ok(JobOutput::Rounds { points, chain: lineage.chain, branch: lineage.branch, stopped: String::new() })
+            Ok(JobOutput::Rounds {
+                points,
+                chain: lineage.chain,
+                branch: lineage.branch,
+                stopped: String::new(),
+            })
         }
         JobKind::Cancel(_) => Err(Error::invalid("cancel is a control message, not a job")),
     }

@@ -90,7 +90,8 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
                 return vec![];
             }
             if !v.is_kept(round) {
-                s.status = format!("round {round} is not in the current lineage; pick the base or a kept round");
+                s.status =
+                    format!("round {round} is not in the current lineage; pick the base or a kept round");
                 return vec![];
             }
             let e = if a == Action::RollbackRound {
@@ -113,7 +114,14 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
 }
 
 /// A rounds table arrived from the worker.
-pub fn on_rounds(s: &mut State, id: JobId, points: Vec<RoundPoint>, chain: Vec<u32>, branch: String, stopped: String) {
+pub fn on_rounds(
+    s: &mut State,
+    id: JobId,
+    points: Vec<RoundPoint>,
+    chain: Vec<u32>,
+    branch: String,
+    stopped: String,
+) {
     let v = s.iterate.get_or_insert_with(IterateView::default);
     if v.running == Some(id) {
         v.running = None;

@@ -373,8 +373,23 @@ pub fn hint_line(s: &State, area: Rect, buf: &mut Buffer) {
         return;
     }
     // Hints describe the screen under any popup; popups carry their own key hints.
-    let mode = if s.reshow.is_some() { Mode::Reshow } else { Mode::GateQ0 };
+    let mode = if s.iterate.is_some() {
+        Mode::Iterate
+    } else if s.reshow.is_some() {
+        Mode::Reshow
+    } else {
+        Mode::GateQ0
+    };
     let wanted: &[(Action, &str)] = match mode {
+        Mode::Iterate => &[
+            (Action::ContinueRounds, "continue"),
+            (Action::StopRounds, "stop"),
+            (Action::RollbackRound, "roll back"),
+            (Action::ForkRound, "fork"),
+            (Action::NextRound, "next"),
+            (Action::PrevRound, "prev"),
+            (Action::Cancel, "back"),
+        ],
         Mode::Reshow => &[(Action::Accept, "accept"), (Action::Reject, "reject"), (Action::Cancel, "stop")],
         _ => &[
             (Action::Accept, "accept"),

@@ -9,7 +9,7 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::symbols::Marker;
 use ratatui::text::Line;
-use ratatui::widgets::{Axis, Block, Chart, Dataset, GraphType, Paragraph, Row, Table, Widget};
+use ratatui::widgets::{Axis, Block, Chart, Dataset, GraphType, Paragraph, Row, Table, Widget, Wrap};
 
 fn fmt(x: f64) -> String {
     if x.is_finite() {
@@ -35,8 +35,11 @@ fn bounds(xs: impl Iterator<Item = f64>) -> [f64; 2] {
     [lo - pad, hi + pad]
 }
 
+/// Chart points `(authority, care)`.
+type Xy = Vec<(f64, f64)>;
+
 /// The kept trajectory (base, then the current chain in order) and the other judged rounds.
-fn split(v: &IterateView) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+fn split(v: &IterateView) -> (Xy, Xy) {
     let mut path = Vec::new();
     let mut other = Vec::new();
     for p in &v.points {
@@ -95,8 +98,9 @@ fn status(v: &IterateView, p: &RoundPoint) -> String {
 }
 
 fn table(v: &IterateView, area: Rect, buf: &mut Buffer) {
-    let header = Row::new(["", "round", "status", "auth", "care", "p_ans", "json", "ppx", "KL", "cos v0", "cos sh"])
-        .style(Style::default().add_modifier(Modifier::BOLD));
+    let header =
+        Row::new(["", "round", "status", "auth", "care", "p_ans", "json", "ppx", "KL", "cos v0", "cos sh"])
+            .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = v.points.iter().enumerate().map(|(i, p)| {
         let row = Row::new(vec![
             if i == v.selected { "›".to_string() } else { " ".to_string() },
@@ -130,7 +134,8 @@ fn table(v: &IterateView, area: Rect, buf: &mut Buffer) {
         Constraint::Length(6),
         Constraint::Length(6),
     ];
-    let title = format!(" rounds · branch {} · n = {} ", v.branch, v.points.first().map(|p| p.n).unwrap_or(0));
+    let title =
+        format!(" rounds · branch {} · n = {} ", v.branch, v.points.first().map(|p| p.n).unwrap_or(0));
     Table::new(rows, widths).header(header).block(Block::bordered().title(title)).render(area, buf);
 }
 
@@ -145,10 +150,14 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
              gate Q0 → heal → bake → eval) in the background."
                 .to_string()
         };
-        Paragraph::new(text).block(Block::bordered().title(" iterate (gate Q2) ")).render(area, buf);
+        Paragraph::new(text)
+            .wrap(Wrap { trim: true })
+            .block(Block::bordered().title(" iterate (gate Q2) "))
+            .render(area, buf);
         return;
     }
-    let [top, bottom] = Layout::vertical([Constraint::Percentage(60), Constraint::Percentage(40)]).areas(area);
+    let [top, bottom] =
+        Layout::vertical([Constraint::Percentage(60), Constraint::Percentage(40)]).areas(area);
     chart(v, top, buf);
     table(v, bottom, buf);
 }
