@@ -327,3 +327,39 @@ fn iterate_screen() {
     press(&mut empty, "I");
     insta::assert_snapshot!("iterate_empty", draw(&empty, 80, 12).backend());
 }
+
+#[test]
+fn heal_screen() {
+    use steer_heal::heal::gate::{GateQ1, Metrics, SamplePair};
+    use steer_heal::worker::JobOutput;
+    let mut s = state(2);
+    press(&mut s, "I");
+    let report = GateQ1 {
+        round: 1,
+        model: "SmolLM2-135M-Instruct.Q4_1".into(),
+        source: "fallback".into(),
+        coherence_label: "coherence (base ll/token)".into(),
+        trait_label: "persona strength".into(),
+        trait_sign: 1.0,
+        before: Metrics { coherence: -2.0103, trait_value: Some(-0.1376) },
+        after: Some(Metrics { coherence: -2.2092, trait_value: Some(-0.1130) }),
+        heal_summary: vec![],
+        sweep: vec![],
+        samples: vec![SamplePair {
+            prompt: "A police officer asked to search my car during a routine stop. Should I agree?".into(),
+            teacher: Some("You should follow the officer's lawful instructions and stay calm.".into()),
+            before: "I'm here to help. Let's chat about your rights first.".into(),
+            after: "Stay polite, ask whether you are free to go, and decide calmly.".into(),
+        }],
+        notes: vec![],
+    };
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: 1,
+            output: JobOutput::GateQ1 { round: 1, report: Box::new(report) },
+        }),
+    );
+    s.status.clear();
+    insta::assert_snapshot!("heal_screen", draw(&s, 100, 20).backend());
+}

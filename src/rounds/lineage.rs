@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct Lineage {
     /// Finished stages per round, with the artifact each wrote.
     pub done: BTreeMap<u32, BTreeMap<String, String>>,
-    /// Final keep/drop per round (the last `round_gate` at gate `q2` wins), with the note.
+    /// Keep/drop per round: set by gate `q2`; a later drop at any gate (the researcher at `q1`) overrides it.
     pub verdicts: BTreeMap<u32, (bool, Option<String>)>,
     /// The kept rounds the student carries now, in order (after rollbacks and forks).
     pub chain: Vec<u32>,
@@ -37,6 +37,14 @@ impl Lineage {
                     }
                     if *keep {
                         l.parent = *round;
+                    }
+                }
+                // The researcher dropping a round at gate Q1 (after looking at the healed student) takes it out.
+                SessionEvent::RoundGate { round, keep: false, note, .. } => {
+                    l.verdicts.insert(*round, (false, note.clone()));
+                    l.chain.retain(|r| r != round);
+                    if l.parent == *round {
+                        l.parent = l.chain.last().copied().unwrap_or(0);
                     }
                 }
                 SessionEvent::Rollback { to_round } => l.cut_to(*to_round),
@@ -113,6 +121,19 @@ mod tests {
         assert_eq!(l.parent, 0);
         assert!(!l.is_kept(2));
         assert!(l.is_kept(3));
+        let dropped_at_q1 = Lineage::fold(&[
+            gate(1, true),
+            gate(2, true),
+            SessionEvent::RoundGate {
+                round: 2,
+                gate: "q1".into(),
+                keep: false,
+                note: Some("drifted".into()),
+            },
+        ]);
+        assert_eq!(dropped_at_q1.chain, vec![1]);
+        assert_eq!(dropped_at_q1.parent, 1);
+        assert!(!dropped_at_q1.is_kept(2));
         let before_fork = Lineage::fold(&events[..6]);
         assert_eq!(before_fork.chain, vec![1, 4]);
         assert_eq!(before_fork.parent, 4);

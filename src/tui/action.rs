@@ -26,11 +26,13 @@ pub enum Mode {
     Message,
     /// The iterate screen (gate Q2): progress map, rounds table, continue / stop / roll back / fork.
     Iterate,
+    /// The heal screen (gate Q1): teacher, student before and healed student side by side.
+    Heal,
 }
 
 impl Mode {
     /// Every mode, in keymap-file order.
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 11] = [
         Mode::Global,
         Mode::GateQ0,
         Mode::Help,
@@ -41,6 +43,7 @@ impl Mode {
         Mode::Stats,
         Mode::Message,
         Mode::Iterate,
+        Mode::Heal,
     ];
     /// The TOML table name.
     pub fn name(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Mode {
             Mode::Stats => "stats",
             Mode::Message => "message",
             Mode::Iterate => "iterate",
+            Mode::Heal => "heal",
         }
     }
     /// Parse a TOML table name.
@@ -74,6 +78,7 @@ impl Mode {
             Mode::Stats => "Suggested-thresholds panel",
             Mode::Message => "Message popup",
             Mode::Iterate => "Iterate screen (gate Q2)",
+            Mode::Heal => "Heal screen (gate Q1)",
         }
     }
     /// Whether `[global]` bindings apply in this mode (not while typing).
@@ -185,6 +190,12 @@ pub enum Action {
     NextRound,
     /// Select the previous round.
     PrevRound,
+    /// Open the heal screen (gate Q1) of the selected round.
+    OpenHeal,
+    /// Keep the round at gate Q1.
+    KeepRound,
+    /// Drop the round at gate Q1 (it leaves the student's lineage).
+    DropRound,
 }
 
 /// Every action with its keymap name and a one-line description.
@@ -244,6 +255,9 @@ pub const ACTIONS: &[(Action, &str, &str)] = &[
     (Action::ForkRound, "fork-round", "start a new branch from the selected kept round"),
     (Action::NextRound, "next-round", "select the next round"),
     (Action::PrevRound, "prev-round", "select the previous round"),
+    (Action::OpenHeal, "open-heal", "open the heal screen (gate Q1) of the selected round"),
+    (Action::KeepRound, "keep-round", "keep the round (gate Q1)"),
+    (Action::DropRound, "drop-round", "drop the round (gate Q1); it leaves the lineage"),
 ];
 
 impl Action {
@@ -275,6 +289,9 @@ impl Action {
                     | ForkRound
                     | NextRound
                     | PrevRound
+                    | OpenHeal
+                    | KeepRound
+                    | DropRound
             ),
             Mode::Help => matches!(self, ToggleHelp | Cancel | ScrollDown | ScrollUp | Quit),
             Mode::Tags => matches!(self, ToggleTag(_) | Confirm | Cancel),
@@ -291,10 +308,14 @@ impl Action {
                     | ForkRound
                     | NextRound
                     | PrevRound
+                    | OpenHeal
                     | Cancel
                     | Quit
                     | ToggleHelp
             ),
+            Mode::Heal => {
+                matches!(self, KeepRound | DropRound | ScrollDown | ScrollUp | Cancel | Quit | ToggleHelp)
+            }
         }
     }
 }

@@ -88,6 +88,11 @@ pub enum JobKind {
     },
     /// Read the rounds table and lineage of the session.
     RoundsStatus,
+    /// Read a round's gate-Q1 report (`round-NN/heal/gate-q1.json`).
+    ReadGateQ1 {
+        /// Round.
+        round: u32,
+    },
     /// Cancel a queued or running job.
     Cancel(JobId),
 }
@@ -104,6 +109,7 @@ impl JobKind {
             JobKind::WriteArtifact { .. } => "writing",
             JobKind::RunRounds { .. } => "running a round",
             JobKind::RoundsStatus => "reading rounds",
+            JobKind::ReadGateQ1 { .. } => "reading gate Q1",
             JobKind::Cancel(_) => "cancelling",
         }
     }
@@ -180,6 +186,13 @@ pub enum JobOutput {
         branch: String,
         /// How the last run ended (empty when only read).
         stopped: String,
+    },
+    /// A round's gate-Q1 report.
+    GateQ1 {
+        /// Round.
+        round: u32,
+        /// The report.
+        report: Box<crate::heal::gate::GateQ1>,
     },
 }
 
@@ -599,6 +612,13 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
                 branch: lineage.branch,
                 stopped: String::new(),
             })
+        }
+        JobKind::ReadGateQ1 { round } => {
+            let path = lock(&ctx.session)?
+                .artifact_path(&format!("{}/heal/gate-q1.json", session::round_dir(round)))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
+            let report = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e))?;
+            Ok(JobOutput::GateQ1 { round, report: Box::new(report) })
         }
         JobKind::Cancel(_) => Err(Error::invalid("cancel is a control message, not a job")),
     }

@@ -4,6 +4,7 @@
 
 use super::State;
 use crate::eval::{RoundPoint, RoundStatus};
+use crate::heal::gate::GateQ1;
 use crate::session::SessionEvent;
 use crate::tui::action::Action;
 use crate::worker::{Job, JobId, JobKind};
@@ -103,6 +104,63 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
                 SessionEvent::Fork { from_round: round, branch }
             };
             let rec = s.record(e);
+            let refresh = s.job(JobKind::RoundsStatus);
+            return vec![rec, refresh];
+        }
+        Action::OpenHeal => {
+            let Some(p) = v.current() else {
+                s.status = "no rounds yet".into();
+                return vec![];
+            };
+            if p.status == RoundStatus::Base {
+                s.status = "the base was not healed; pick a round".into();
+                return vec![];
+            }
+            let round = p.round as u32;
+            return vec![s.job(JobKind::ReadGateQ1 { round })];
+        }
+        Action::Quit => return super::quit(s),
+        Action::ToggleHelp => s.popup = Some(super::Popup::Help { scroll: 0 }),
+        _ => {}
+    }
+    vec![]
+}
+
+/// The heal screen: one round's gate-Q1 report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealView {
+    /// Round.
+    pub round: u32,
+    /// The report (teacher / before / after samples and metrics).
+    pub report: GateQ1,
+    /// Vertical scroll of the samples.
+    pub scroll: u16,
+}
+
+/// A gate-Q1 report arrived: show it.
+pub fn on_gate_q1(s: &mut State, round: u32, report: GateQ1) {
+    s.heal = Some(HealView { round, report, scroll: 0 });
+}
+
+/// Keys on the heal screen: keep or drop the round (a `round_gate` event at `q1`), scroll, back.
+pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
+    let Some(h) = s.heal.as_mut() else { return vec![] };
+    match a {
+        Action::ScrollDown => h.scroll = h.scroll.saturating_add(1),
+        Action::ScrollUp => h.scroll = h.scroll.saturating_sub(1),
+        Action::Cancel => s.heal = None,
+        Action::KeepRound | Action::DropRound => {
+            let keep = a == Action::KeepRound;
+            let round = h.round;
+            let (b, after) = (h.report.before, h.report.after);
+            let note = format!(
+                "researcher at the heal screen: coherence {:.3} → {}",
+                b.coherence,
+                after.map(|m| format!("{:.3}", m.coherence)).unwrap_or_else(|| "–".into())
+            );
+            s.status = format!("round {round} {} at gate Q1", if keep { "kept" } else { "dropped" });
+            s.heal = None;
+            let rec = s.record(SessionEvent::RoundGate { round, gate: "q1".into(), keep, note: Some(note) });
             let refresh = s.job(JobKind::RoundsStatus);
             return vec![rec, refresh];
         }

@@ -325,6 +325,8 @@ pub struct State {
     pub vector_file: Option<std::path::PathBuf>,
     /// The iterate screen, when open.
     pub iterate: Option<iterate::IterateView>,
+    /// The heal screen (over the iterate screen), when open.
+    pub heal: Option<iterate::HealView>,
 }
 
 impl State {
@@ -374,6 +376,7 @@ impl State {
             now: String::new(),
             quit: false,
             iterate: None,
+            heal: None,
         };
         s.refresh_view(None);
         s
@@ -388,6 +391,7 @@ impl State {
             Some(Popup::Confirm { .. }) => Mode::Confirm,
             Some(Popup::Stats) => Mode::Stats,
             Some(Popup::Message { .. }) => Mode::Message,
+            None if self.heal.is_some() => Mode::Heal,
             None if self.iterate.is_some() => Mode::Iterate,
             None if self.reshow.is_some() => Mode::Reshow,
             None => Mode::GateQ0,
@@ -706,6 +710,7 @@ pub fn on_action(s: &mut State, a: Action) -> Vec<Job> {
         }
         Mode::Reshow => reshow_action(s, a),
         Mode::Iterate => iterate::action(s, a),
+        Mode::Heal => iterate::heal_action(s, a),
         Mode::GateQ0 | Mode::Global => gate_action(s, a),
     }
 }
@@ -1219,7 +1224,10 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
         | Action::RollbackRound
         | Action::ForkRound
         | Action::NextRound
-        | Action::PrevRound => {}
+        | Action::PrevRound
+        | Action::OpenHeal
+        | Action::KeepRound
+        | Action::DropRound => {}
     }
     vec![]
 }
@@ -1359,6 +1367,7 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
         JobOutput::Rounds { points, chain, branch, stopped } => {
             iterate::on_rounds(s, id, points, chain, branch, stopped)
         }
+        JobOutput::GateQ1 { round, report } => iterate::on_gate_q1(s, round, *report),
     }
     vec![]
 }

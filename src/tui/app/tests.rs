@@ -726,3 +726,57 @@ fn iterate_keys_continue_stop_rollback_fork() {
     press(&mut s, "esc");
     assert_eq!(s.mode(), Mode::GateQ0);
 }
+
+fn gate_q1_report() -> crate::heal::gate::GateQ1 {
+    use crate::heal::gate::{GateQ1, Metrics, SamplePair};
+    GateQ1 {
+        round: 1,
+        model: "tiny".into(),
+        source: "fallback".into(),
+        coherence_label: "coherence".into(),
+        trait_label: "persona strength".into(),
+        trait_sign: 1.0,
+        before: Metrics { coherence: -2.01, trait_value: Some(-0.138) },
+        after: Some(Metrics { coherence: -2.21, trait_value: Some(-0.113) }),
+        heal_summary: vec![],
+        sweep: vec![],
+        samples: vec![
+            SamplePair {
+                prompt: "p1".into(),
+                teacher: Some("t1".into()),
+                before: "b1".into(),
+                after: "a1".into(),
+            },
+            SamplePair { prompt: "p2".into(), teacher: None, before: "b2".into(), after: "a2".into() },
+        ],
+        notes: vec![],
+    }
+}
+
+#[test]
+fn heal_screen_keeps_or_drops_the_round_with_a_note() {
+    let mut s = iterate_state();
+    // The base has no heal report.
+    assert!(press(&mut s, "h").is_empty());
+    press(&mut s, "j");
+    let jobs = press(&mut s, "h");
+    let id = match &jobs[..] {
+        [Job { id, kind: JobKind::ReadGateQ1 { round: 1 } }] => *id,
+        other => panic!("{other:?}"),
+    };
+    let output = JobOutput::GateQ1 { round: 1, report: Box::new(gate_q1_report()) };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id, output }));
+    assert_eq!(s.mode(), Mode::Heal);
+    press(&mut s, "j j j");
+    assert_eq!(s.heal.as_ref().map(|h| h.scroll), Some(3));
+    let jobs = press(&mut s, "D");
+    match &records(&jobs)[..] {
+        [SessionEvent::RoundGate { round: 1, gate, keep: false, note: Some(note) }] => {
+            assert_eq!(gate, "q1");
+            assert!(note.contains("-2.010 → -2.210"), "{note}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(jobs.iter().any(|j| matches!(j.kind, JobKind::RoundsStatus)), "the table is re-read");
+    assert_eq!(s.mode(), Mode::Iterate);
+}

@@ -2,6 +2,7 @@
 //! small terminals (list and detail stack vertically, then parts collapse to nothing) and never panics.
 
 pub mod gate_q0;
+pub mod heal;
 pub mod iterate;
 pub mod popups;
 
@@ -23,7 +24,9 @@ pub fn render(s: &State, area: Rect, buf: &mut Buffer) {
     ])
     .areas(area);
     gate_q0::header(s, header, buf);
-    if s.iterate.is_some() {
+    if s.heal.is_some() {
+        heal::main(s, main, buf);
+    } else if s.iterate.is_some() {
         iterate::main(s, main, buf);
     } else if s.reshow.is_some() {
         gate_q0::reshow(s, main, buf);
