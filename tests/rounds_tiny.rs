@@ -9,7 +9,7 @@ use steer_heal::model::tiny::{make_tiny_model, random_weights};
 use steer_heal::model::{load_model, Arch, ModelConfig};
 use steer_heal::progress::Silent;
 use steer_heal::rounds::{Lineage, RoundRecord, RoundsConfig, RunSummary, Runner};
-use steer_heal::session::{event::read_log, SessionEvent};
+use steer_heal::session::{event::read_log, Session, SessionEvent};
 use tokenizers::{AddedToken, Tokenizer};
 
 /// A tiny model whose tokenizer has the seven answer words as tokens (so tinymfv can score it).
