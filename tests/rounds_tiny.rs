@@ -194,4 +194,22 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
     {
         assert!(c.join(f).exists(), "missing {f} after resume");
     }
+
+    // The TUI worker runs the loop on the session it already holds: nothing is left to do here, and the
+    // caller's log stays one consistent sequence it can go on appending to.
+    let mut opened = Session::open(&c).expect("open session");
+    let mut progress = Silent::default();
+    let mut log = |_: &str| {};
+    let again =
+        Runner::with_session(&mut opened.session, tiny_config(mdir.path(), 1), &mut progress, &mut log)
+            .expect("runner")
+            .run()
+            .expect("run");
+    assert_eq!(again.rounds_done, 1);
+    assert_eq!(stage_events(&c), full_round1, "a finished run redoes nothing");
+    let logged = opened.session.append(SessionEvent::Rollback { to_round: 0 }).expect("append");
+    let seqs: Vec<u64> =
+        read_log(&c.join("events.jsonl")).expect("log").events.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs.last(), Some(&logged.seq));
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 }
