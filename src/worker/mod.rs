@@ -592,6 +592,8 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             cfg.rounds = rounds;
             cfg.floor = floor;
             let mut s = lock(&ctx.session)?;
+            // The session's persona file, taken as recorded (like its model path).
+            cfg.persona = s.manifest().persona_file.clone();
             let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
             let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
             let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?.run()?;
