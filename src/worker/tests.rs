@@ -321,3 +321,33 @@ fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
         w.join.await.expect("worker ends");
     });
 }
+
+#[test]
+fn rounds_jobs_report_the_table_and_fail_clearly() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let md = tempfile::tempdir().expect("tempdir");
+        make_tiny_model(Arch::Llama, md.path(), 7).expect("tiny");
+        let sd = tempfile::tempdir().expect("tempdir");
+        let session = session_with_model(sd.path(), md.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session, tx).expect("spawn");
+        w.jobs.send(Job { id: 1, kind: JobKind::RoundsStatus }).await.expect("send");
+        match next_terminal(&mut rx, 1).await {
+            WorkerEvent::Finished {
+                output: JobOutput::Rounds { points, chain, branch, stopped }, ..
+            } => {
+                assert!(points.is_empty() && chain.is_empty() && stopped.is_empty());
+                assert_eq!(branch, "main");
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // The plain tiny tokenizer cannot score tinymfv: the run stops at the base eval with that reason.
+        let kind = JobKind::RunRounds { model: md.path().to_path_buf(), rounds: 1, floor: 0.0 };
+        w.jobs.send(Job { id: 2, kind }).await.expect("send");
+        match next_terminal(&mut rx, 2).await {
+            WorkerEvent::Failed { error, .. } => assert!(error.contains("seven answer words"), "{error}"),
+            e => panic!("unexpected {e:?}"),
+        }
+    });
+}
