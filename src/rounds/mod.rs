@@ -466,13 +466,8 @@ impl<'a> Runner<'a> {
         let history = self.history(&lin.chain)?;
         let dir = self.path(&session::round_dir(round))?;
         std::fs::create_dir_all(&dir).map_err(|e| Error::bad_file(&dir, e))?;
-        if !lin.done.contains_key(&round) {
-            self.append(SessionEvent::RoundStarted {
-                round,
-                dose: 0.0,
-                vector: Some(rel(round, "vector.safetensors")),
-            })?;
-        }
+        // No `round_started` here: that event moves the TUI's gate-Q0 screen to a round; the loop's rounds are
+        // tracked by their `stage_done` events instead.
         let mut lm = self.load_student(&history)?;
         let vector_path = self.path(&rel(round, "vector.safetensors"))?;
         macro_rules! step {
