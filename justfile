@@ -19,9 +19,12 @@ check:
 fetch-model:
     @test -f {{model}} || cargo run --locked -q -- fetch-model smollm2
 
-# Run the main job on the real demo model.
+# Open the TUI on SmolLM2 with a freshly extracted and iso-KL-dosed authority vector (short completions), to
+# curate a round's gate Q0; `just demo-headless` runs the whole round (heal, bake, eval) without the TUI.
 demo: fetch-model
-    cargo run --locked -q -- chat --model {{model}} "What is the capital of France?"
+    @test -f sessions/demo-vector/vector.safetensors || cargo run --locked -q -- extract --model {{model}} --n-pairs 16 --out sessions/demo-vector
+    @test -f sessions/demo-vector/dose.json || cargo run --locked -q -- dose --model {{model}} --vector sessions/demo-vector/vector.safetensors --n-prompts 4 --tokens 12 --out sessions/demo-vector
+    cargo run --locked -q -- tui demo --model {{model}} --vector sessions/demo-vector/vector.safetensors --max-new-tokens 48
 
 # A tiny random model for fast development runs.
 tiny arch="llama":
@@ -41,3 +44,7 @@ bench: fetch-model
     /usr/bin/time -f '%M' -o bench/tui.rss target/release/steer-heal bench-tui --out bench/tui.json
     if [ -n "${PEER_PY:-}" ]; then "$PEER_PY" bench/torch_peer.py {{model}} | tail -1 > bench/peer.json; else rm -f bench/peer.json; fi
     python3 bench/report.py bench
+
+# One short headless round on SmolLM2 (small settings; a few minutes on this CPU).
+demo-headless: fetch-model
+    cargo run --locked -q -- run --session sessions/demo-headless --model {{model}} --rounds 1 --floor 0 --n-prompts 4 --max-new-tokens 48 --extract-pairs 16 --eval-n 8 --think 16

@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod heal;
 pub mod model;
 pub mod progress;
+pub mod rounds;
 pub mod score;
 pub mod session;
 pub mod steer;

@@ -288,3 +288,78 @@ fn heat_map_colours_tokens_by_kl_and_marks_the_cursor() {
     assert!(buf[(bx + 1, by)].modifier.contains(Modifier::REVERSED));
     assert!(!buf[(x, y)].modifier.contains(Modifier::REVERSED));
 }
+
+#[test]
+fn iterate_screen() {
+    use steer_heal::eval::{RoundPoint, RoundStatus};
+    use steer_heal::worker::JobOutput;
+    let p = |round: usize, status: RoundStatus, auth: f64, care: f64| RoundPoint {
+        round,
+        status,
+        authority: auth,
+        care,
+        p_ans_any: 0.254 - 0.01 * round as f64,
+        json_is_valid: Some(0.0),
+        ppx_json: 13.9 + round as f64,
+        n: 8,
+        kl_spent: Some(0.958 * round as f64),
+        cos_teacher_r0: (round > 0).then_some(1.0 - 0.05 * round as f64),
+        cos_student_teacher: (round > 0).then_some(0.276),
+    };
+    let mut s = state(2);
+    press(&mut s, "I");
+    let output = JobOutput::Rounds {
+        points: vec![
+            p(0, RoundStatus::Base, -5.565, -4.340),
+            p(1, RoundStatus::Kept, -5.683, -4.195),
+            p(2, RoundStatus::Dropped, -5.90, -4.10),
+            p(3, RoundStatus::Kept, -5.80, -4.05),
+        ],
+        chain: vec![1, 3],
+        branch: "main".into(),
+        stopped: String::new(),
+    };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 1, output }));
+    press(&mut s, "j");
+    s.status.clear();
+    insta::assert_snapshot!("iterate_screen", draw(&s, 100, 32).backend());
+    let mut empty = state(0);
+    press(&mut empty, "I");
+    insta::assert_snapshot!("iterate_empty", draw(&empty, 80, 12).backend());
+}
+
+#[test]
+fn heal_screen() {
+    use steer_heal::heal::gate::{GateQ1, Metrics, SamplePair};
+    use steer_heal::worker::JobOutput;
+    let mut s = state(2);
+    press(&mut s, "I");
+    let report = GateQ1 {
+        round: 1,
+        model: "SmolLM2-135M-Instruct.Q4_1".into(),
+        source: "fallback".into(),
+        coherence_label: "coherence (base ll/token)".into(),
+        trait_label: "persona strength".into(),
+        trait_sign: 1.0,
+        before: Metrics { coherence: -2.0103, trait_value: Some(-0.1376) },
+        after: Some(Metrics { coherence: -2.2092, trait_value: Some(-0.1130) }),
+        heal_summary: vec![],
+        sweep: vec![],
+        samples: vec![SamplePair {
+            prompt: "A police officer asked to search my car during a routine stop. Should I agree?".into(),
+            teacher: Some("You should follow the officer's lawful instructions and stay calm.".into()),
+            before: "I'm here to help. Let's chat about your rights first.".into(),
+            after: "Stay polite, ask whether you are free to go, and decide calmly.".into(),
+        }],
+        notes: vec![],
+    };
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: 1,
+            output: JobOutput::GateQ1 { round: 1, report: Box::new(report) },
+        }),
+    );
+    s.status.clear();
+    insta::assert_snapshot!("heal_screen", draw(&s, 100, 20).backend());
+}

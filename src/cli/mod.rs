@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod eval_cmd;
 mod heal_cmd;
 mod model_cmd;
+mod rounds_cmd;
 mod steer_cmd;
 mod tui_cmd;
 
@@ -29,6 +30,8 @@ enum Command {
     Eval(eval_cmd::EvalCmd),
     #[command(flatten)]
     Steer(Box<steer_cmd::SteerCmd>),
+    #[command(flatten)]
+    Rounds(rounds_cmd::RoundsCmd),
 }
 
 /// Parse arguments and run.
@@ -40,5 +43,6 @@ pub fn run() -> Result<()> {
         Command::Heal(c) => heal_cmd::run(c),
         Command::Eval(c) => eval_cmd::run(c),
         Command::Steer(c) => steer_cmd::run(*c),
+        Command::Rounds(c) => rounds_cmd::run(c),
     }
 }

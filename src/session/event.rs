@@ -118,10 +118,43 @@ pub enum SessionEvent {
         /// Whether the researcher passed the gate with it.
         passed: bool,
     },
+    /// A stage of the rounds loop finished and wrote its artifact (resume skips stages that have this event).
+    StageDone {
+        /// Round number.
+        round: u32,
+        /// Stage name (`extract`, `dose`, `generate`, `score`, `gate_q0`, `heal`, `bake`, `eval`).
+        stage: String,
+        /// Main artifact of the stage, relative to the session folder.
+        file: String,
+    },
+    /// The keep/drop call on a round at a gate (`q0`, `q1` or `q2`), with the reason.
+    RoundGate {
+        /// Round number.
+        round: u32,
+        /// Gate name.
+        gate: String,
+        /// Whether the round is kept.
+        keep: bool,
+        /// Why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
+    /// The researcher rolled the lineage back: later kept rounds leave the student (they stay on disk and in the log).
+    Rollback {
+        /// The kept round (0 = the base) the student returns to.
+        to_round: u32,
+    },
+    /// A new branch of the lineage starts from a kept round.
+    Fork {
+        /// The kept round (0 = the base) the branch starts from.
+        from_round: u32,
+        /// Branch name.
+        branch: String,
+    },
 }
 
 /// Every `kind` this build understands; a test checks it against the enum.
-pub const KNOWN_KINDS: [&str; 9] = [
+pub const KNOWN_KINDS: [&str; 13] = [
     "round_started",
     "model_loaded",
     "completions_generated",
@@ -131,6 +164,10 @@ pub const KNOWN_KINDS: [&str; 9] = [
     "replay_adopted",
     "reshown",
     "gate_written",
+    "stage_done",
+    "round_gate",
+    "rollback",
+    "fork",
 ];
 
 /// An event as stored: sequence number, time and the event.
@@ -339,6 +376,10 @@ mod tests {
             },
             SessionEvent::Reshown { round: 0, completion: "c".into(), decision: DecisionKind::Reject },
             SessionEvent::GateWritten { round: 0, gate: "q0".into(), file: "g".into(), passed: false },
+            SessionEvent::StageDone { round: 1, stage: "heal".into(), file: "round-01/heal".into() },
+            SessionEvent::RoundGate { round: 1, gate: "q2".into(), keep: true, note: Some("n".into()) },
+            SessionEvent::Rollback { to_round: 0 },
+            SessionEvent::Fork { from_round: 0, branch: "b".into() },
         ]
     }
 

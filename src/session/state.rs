@@ -185,6 +185,11 @@ pub fn apply(s: &mut SessionState, e: &SessionEvent) {
                 passed: *passed,
             });
         }
+        // The rounds loop folds its own lineage from these (see `rounds::lineage`); a round they name exists.
+        SessionEvent::StageDone { round, .. } | SessionEvent::RoundGate { round, .. } => {
+            s.rounds.entry(*round).or_default();
+        }
+        SessionEvent::Rollback { .. } | SessionEvent::Fork { .. } => {}
     }
 }
 

@@ -24,11 +24,15 @@ pub enum Mode {
     Stats,
     /// An error or information message.
     Message,
+    /// The iterate screen (gate Q2): progress map, rounds table, continue / stop / roll back / fork.
+    Iterate,
+    /// The heal screen (gate Q1): teacher, student before and healed student side by side.
+    Heal,
 }
 
 impl Mode {
     /// Every mode, in keymap-file order.
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 11] = [
         Mode::Global,
         Mode::GateQ0,
         Mode::Help,
@@ -38,6 +42,8 @@ impl Mode {
         Mode::Reshow,
         Mode::Stats,
         Mode::Message,
+        Mode::Iterate,
+        Mode::Heal,
     ];
     /// The TOML table name.
     pub fn name(self) -> &'static str {
@@ -51,6 +57,8 @@ impl Mode {
             Mode::Reshow => "reshow",
             Mode::Stats => "stats",
             Mode::Message => "message",
+            Mode::Iterate => "iterate",
+            Mode::Heal => "heal",
         }
     }
     /// Parse a TOML table name.
@@ -69,6 +77,8 @@ impl Mode {
             Mode::Reshow => "Blind re-show",
             Mode::Stats => "Suggested-thresholds panel",
             Mode::Message => "Message popup",
+            Mode::Iterate => "Iterate screen (gate Q2)",
+            Mode::Heal => "Heal screen (gate Q1)",
         }
     }
     /// Whether `[global]` bindings apply in this mode (not while typing).
@@ -166,6 +176,26 @@ pub enum Action {
     Cancel,
     /// Save the text being edited.
     SaveEdit,
+    /// Open the iterate screen (gate Q2).
+    OpenIterate,
+    /// Run one more round in the background.
+    ContinueRounds,
+    /// Stop the round that is running (finished stages are kept; continuing resumes).
+    StopRounds,
+    /// Roll the student back to the selected kept round.
+    RollbackRound,
+    /// Start a new branch from the selected kept round.
+    ForkRound,
+    /// Select the next round.
+    NextRound,
+    /// Select the previous round.
+    PrevRound,
+    /// Open the heal screen (gate Q1) of the selected round.
+    OpenHeal,
+    /// Keep the round at gate Q1.
+    KeepRound,
+    /// Drop the round at gate Q1 (it leaves the student's lineage).
+    DropRound,
 }
 
 /// Every action with its keymap name and a one-line description.
@@ -218,6 +248,16 @@ pub const ACTIONS: &[(Action, &str, &str)] = &[
     (Action::Confirm, "confirm", "yes / apply"),
     (Action::Cancel, "cancel", "no / close"),
     (Action::SaveEdit, "save-edit", "save the text"),
+    (Action::OpenIterate, "open-iterate", "open the iterate screen (gate Q2: progress map and rounds)"),
+    (Action::ContinueRounds, "continue-rounds", "run one more round in the background"),
+    (Action::StopRounds, "stop-rounds", "stop the running round (resumes on continue)"),
+    (Action::RollbackRound, "rollback-round", "roll the student back to the selected kept round"),
+    (Action::ForkRound, "fork-round", "start a new branch from the selected kept round"),
+    (Action::NextRound, "next-round", "select the next round"),
+    (Action::PrevRound, "prev-round", "select the previous round"),
+    (Action::OpenHeal, "open-heal", "open the heal screen (gate Q1) of the selected round"),
+    (Action::KeepRound, "keep-round", "keep the round (gate Q1)"),
+    (Action::DropRound, "drop-round", "drop the round (gate Q1); it leaves the lineage"),
 ];
 
 impl Action {
@@ -238,7 +278,21 @@ impl Action {
         use Action::*;
         match mode {
             Mode::Global => matches!(self, Quit | ToggleHelp),
-            Mode::GateQ0 => !matches!(self, ToggleTag(_) | Confirm | SaveEdit),
+            Mode::GateQ0 => !matches!(
+                self,
+                ToggleTag(_)
+                    | Confirm
+                    | SaveEdit
+                    | ContinueRounds
+                    | StopRounds
+                    | RollbackRound
+                    | ForkRound
+                    | NextRound
+                    | PrevRound
+                    | OpenHeal
+                    | KeepRound
+                    | DropRound
+            ),
             Mode::Help => matches!(self, ToggleHelp | Cancel | ScrollDown | ScrollUp | Quit),
             Mode::Tags => matches!(self, ToggleTag(_) | Confirm | Cancel),
             Mode::Edit => matches!(self, SaveEdit | Cancel | Quit),
@@ -246,6 +300,22 @@ impl Action {
             Mode::Reshow => matches!(self, Accept | Reject | Cancel | ScrollDown | ScrollUp),
             Mode::Stats => matches!(self, ToggleStats | Cancel),
             Mode::Message => matches!(self, Cancel | Confirm),
+            Mode::Iterate => matches!(
+                self,
+                ContinueRounds
+                    | StopRounds
+                    | RollbackRound
+                    | ForkRound
+                    | NextRound
+                    | PrevRound
+                    | OpenHeal
+                    | Cancel
+                    | Quit
+                    | ToggleHelp
+            ),
+            Mode::Heal => {
+                matches!(self, KeepRound | DropRound | ScrollDown | ScrollUp | Cancel | Quit | ToggleHelp)
+            }
         }
     }
 }

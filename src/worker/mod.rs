@@ -14,7 +14,6 @@
 //! `Cancelled`.
 
 pub mod bridge;
-pub mod rollout;
 pub mod vectors;
 
 use crate::error::{Error, Result};
@@ -77,6 +76,23 @@ pub enum JobKind {
         /// The event that references it.
         event: SessionEvent,
     },
+    /// Run the rounds loop on the session up to `rounds` judged rounds (extract → … → eval per round), loading
+    /// its own copy of the base model plus the kept rounds.
+    RunRounds {
+        /// Base model path.
+        model: PathBuf,
+        /// Judged rounds to reach.
+        rounds: u32,
+        /// Coherence floor of the automatic gate Q2 (the researcher can still roll back).
+        floor: f64,
+    },
+    /// Read the rounds table and lineage of the session.
+    RoundsStatus,
+    /// Read a round's gate-Q1 report (`round-NN/heal/gate-q1.json`).
+    ReadGateQ1 {
+        /// Round.
+        round: u32,
+    },
     /// Cancel a queued or running job.
     Cancel(JobId),
 }
@@ -91,6 +107,9 @@ impl JobKind {
             JobKind::Rescore { .. } => "rescoring",
             JobKind::Record(_) => "recording",
             JobKind::WriteArtifact { .. } => "writing",
+            JobKind::RunRounds { .. } => "running a round",
+            JobKind::RoundsStatus => "reading rounds",
+            JobKind::ReadGateQ1 { .. } => "reading gate Q1",
             JobKind::Cancel(_) => "cancelling",
         }
     }
@@ -157,6 +176,40 @@ pub enum JobOutput {
         /// The event.
         event: SessionEvent,
     },
+    /// The rounds table (base first) and lineage, after a run or on request.
+    Rounds {
+        /// Progress-map points.
+        points: Vec<crate::eval::RoundPoint>,
+        /// Kept rounds the student carries.
+        chain: Vec<u32>,
+        /// Current branch.
+        branch: String,
+        /// How the last run ended (empty when only read).
+        stopped: String,
+    },
+    /// A round's gate-Q1 report.
+    GateQ1 {
+        /// Round.
+        round: u32,
+        /// The report.
+        report: Box<crate::heal::gate::GateQ1>,
+    },
+}
+
+/// Progress of a rounds run as worker events; cancelled with the job.
+struct RoundsProgress<'a> {
+    id: JobId,
+    events: &'a mpsc::UnboundedSender<WorkerEvent>,
+    cancel: &'a CancellationToken,
+}
+
+impl crate::progress::Progress for RoundsProgress<'_> {
+    fn step(&mut self, done: u64, total: u64, msg: &str) {
+        let _ = self.events.send(WorkerEvent::Progress { id: self.id, done, total, msg: msg.to_string() });
+    }
+    fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
 }
 
 /// What the worker tells the UI.
@@ -444,7 +497,8 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let total = (rows * req.sampling.max_new_tokens) as u64;
             let mut done = 0u64;
             let vectors = (!ms.vectors.is_empty()).then_some(&ms.vectors);
-            let cs = bridge::generate_completions(&ms.lm, vectors, &req, &mut |row, text| {
+            let is_cancelled = || cancel.is_cancelled();
+            let cs = bridge::generate_completions(&ms.lm, vectors, &req, &is_cancelled, &mut |row, text| {
                 done += 1;
                 send(WorkerEvent::Token { id, row, text: text.to_string() });
                 if done % 8 == 0 {
@@ -455,8 +509,10 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
                         msg: format!("prompt {}", req.prompt_index),
                     });
                 }
-                !cancel.is_cancelled()
             })?;
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
             let det = lock(&ctx.detectors)?.clone();
             let th = lock(&ctx.session)?.manifest().filter.thresholds.clone();
             let scored = score_all(ms, &det, &th, cs, cancel)?;
@@ -481,10 +537,13 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let guard = lock(&ctx.model)?;
             let ms = guard.as_ref().ok_or_else(|| Error::invalid("the model is not loaded"))?;
             let vectors = (!ms.vectors.is_empty()).then_some(&ms.vectors);
-            let c = bridge::replay_completion(&ms.lm, vectors, &req, &mut |text| {
-                send(WorkerEvent::Token { id, row: 0, text: text.to_string() });
-                !cancel.is_cancelled()
+            let is_cancelled = || cancel.is_cancelled();
+            let c = bridge::replay_completion(&ms.lm, vectors, &req, &is_cancelled, &mut |text| {
+                send(WorkerEvent::Token { id, row: 0, text: text.to_string() })
             })?;
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
             let det = lock(&ctx.detectors)?.clone();
             let th = lock(&ctx.session)?.manifest().filter.thresholds.clone();
             let row = score_all(ms, &det, &th, vec![c], cancel)?
@@ -527,6 +586,41 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
         JobKind::WriteArtifact { rel, contents, event } => {
             let l = lock(&ctx.session)?.write_artifact(&rel, &contents, event)?;
             Ok(JobOutput::Recorded { seq: l.seq, event: l.event })
+        }
+        JobKind::RunRounds { model, rounds, floor } => {
+            let mut cfg = crate::rounds::RoundsConfig::small(&model);
+            cfg.rounds = rounds;
+            cfg.floor = floor;
+            let mut s = lock(&ctx.session)?;
+            // The session's persona file, taken as recorded (like its model path).
+            cfg.persona = s.manifest().persona_file.clone();
+            let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
+            let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
+            let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?.run()?;
+            let (_, after) = crate::rounds::read_status(s.dir())?;
+            Ok(JobOutput::Rounds {
+                points: summary.points,
+                chain: after.chain,
+                branch: after.branch,
+                stopped: summary.stopped,
+            })
+        }
+        JobKind::RoundsStatus => {
+            let s = lock(&ctx.session)?;
+            let (points, lineage) = crate::rounds::read_status(s.dir())?;
+            Ok(JobOutput::Rounds {
+                points,
+                chain: lineage.chain,
+                branch: lineage.branch,
+                stopped: String::new(),
+            })
+        }
+        JobKind::ReadGateQ1 { round } => {
+            let path = lock(&ctx.session)?
+                .artifact_path(&format!("{}/heal/gate-q1.json", session::round_dir(round)))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
+            let report = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e))?;
+            Ok(JobOutput::GateQ1 { round, report: Box::new(report) })
         }
         JobKind::Cancel(_) => Err(Error::invalid("cancel is a control message, not a job")),
     }

@@ -46,7 +46,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn traces_agree_with_teacher_forcing() -> Result<()> {
     let (_d, lm) = tiny();
     let v = vectors(&lm, 3.0);
-    let cs = bridge::generate_completions(&lm, Some(&v), &request(12), &mut |_, _| true)?;
+    let cs = bridge::generate_completions(&lm, Some(&v), &request(12), &|| false, &mut |_, _| {})?;
     assert_eq!(cs.len(), 2);
     assert_eq!(cs[0].id, "p002-a050-s2042");
     assert_eq!(cs[1].id, "p002-a100-s2043");
@@ -65,7 +65,7 @@ fn traces_agree_with_teacher_forcing() -> Result<()> {
         assert!(c.trace.kl.iter().any(|k| *k > 1e-3), "steering at dose {} moved nothing", c.dose);
     }
     // Without a vector, KL is zero and the NLL is the sampled token's own.
-    let cs = bridge::generate_completions(&lm, None, &request(6), &mut |_, _| true)?;
+    let cs = bridge::generate_completions(&lm, None, &request(6), &|| false, &mut |_, _| {})?;
     for c in &cs {
         assert!(c.trace.kl.iter().all(|k| *k == 0.0));
         let tf = teacher_force(&lm, &c.system, &c.prompt, &c.tokens, None)?;
@@ -77,7 +77,7 @@ fn traces_agree_with_teacher_forcing() -> Result<()> {
 #[test]
 fn persona_strength_is_a_signed_projection() -> Result<()> {
     let (_d, lm) = tiny();
-    let cs = bridge::generate_completions(&lm, None, &request(6), &mut |_, _| true)?;
+    let cs = bridge::generate_completions(&lm, None, &request(6), &|| false, &mut |_, _| {})?;
     let c = &cs[0];
     let s = |scale: f32| -> Result<f64> {
         Ok(teacher_force(&lm, &c.system, &c.prompt, &c.tokens, Some(&vectors(&lm, scale)))?
@@ -96,7 +96,7 @@ fn replay_keeps_the_prefix_and_uses_its_dose() -> Result<()> {
     let v = vectors(&lm, 3.0);
     let mut req = request(16);
     req.alphas = vec![1.0];
-    let c = bridge::generate_completions(&lm, Some(&v), &req, &mut |_, _| true)?.remove(0);
+    let c = bridge::generate_completions(&lm, Some(&v), &req, &|| false, &mut |_, _| {})?.remove(0);
     let at = c.tokens.len().min(5);
     let rr = ReplayRequest {
         round: 0,
@@ -106,7 +106,7 @@ fn replay_keeps_the_prefix_and_uses_its_dose() -> Result<()> {
         sampling: req.sampling,
         kl_window: 4,
     };
-    let r = bridge::replay_completion(&lm, Some(&v), &rr, &mut |_| true)?;
+    let r = bridge::replay_completion(&lm, Some(&v), &rr, &|| false, &mut |_| {})?;
     assert_eq!(r.id, c.id);
     assert_eq!(&r.tokens[..at], &c.tokens[..at]);
     assert_eq!(&r.trace.kl[..at], &c.trace.kl[..at]);
@@ -319,5 +319,35 @@ fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
         ));
         drop(w.jobs);
         w.join.await.expect("worker ends");
+    });
+}
+
+#[test]
+fn rounds_jobs_report_the_table_and_fail_clearly() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let md = tempfile::tempdir().expect("tempdir");
+        make_tiny_model(Arch::Llama, md.path(), 7).expect("tiny");
+        let sd = tempfile::tempdir().expect("tempdir");
+        let session = session_with_model(sd.path(), md.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session, tx).expect("spawn");
+        w.jobs.send(Job { id: 1, kind: JobKind::RoundsStatus }).await.expect("send");
+        match next_terminal(&mut rx, 1).await {
+            WorkerEvent::Finished {
+                output: JobOutput::Rounds { points, chain, branch, stopped }, ..
+            } => {
+                assert!(points.is_empty() && chain.is_empty() && stopped.is_empty());
+                assert_eq!(branch, "main");
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // The plain tiny tokenizer cannot score tinymfv: the run stops at the base eval with that reason.
+        let kind = JobKind::RunRounds { model: md.path().to_path_buf(), rounds: 1, floor: 0.0 };
+        w.jobs.send(Job { id: 2, kind }).await.expect("send");
+        match next_terminal(&mut rx, 2).await {
+            WorkerEvent::Failed { error, .. } => assert!(error.contains("seven answer words"), "{error}"),
+            e => panic!("unexpected {e:?}"),
+        }
     });
 }

@@ -3,6 +3,7 @@
 //! decisions become `SessionEvent`s that are applied to the in-memory fold at once (so the screen never
 //! waits) and sent to the worker to append.
 
+pub mod iterate;
 pub mod stats;
 
 use super::action::{Action, Mode};
@@ -322,6 +323,10 @@ pub struct State {
     pub quit: bool,
     /// Vector file to load with the model.
     pub vector_file: Option<std::path::PathBuf>,
+    /// The iterate screen, when open.
+    pub iterate: Option<iterate::IterateView>,
+    /// The heal screen (over the iterate screen), when open.
+    pub heal: Option<iterate::HealView>,
 }
 
 impl State {
@@ -370,6 +375,8 @@ impl State {
             tags: DEFAULT_TAGS.iter().map(|s| s.to_string()).collect(),
             now: String::new(),
             quit: false,
+            iterate: None,
+            heal: None,
         };
         s.refresh_view(None);
         s
@@ -384,6 +391,8 @@ impl State {
             Some(Popup::Confirm { .. }) => Mode::Confirm,
             Some(Popup::Stats) => Mode::Stats,
             Some(Popup::Message { .. }) => Mode::Message,
+            None if self.heal.is_some() => Mode::Heal,
+            None if self.iterate.is_some() => Mode::Iterate,
             None if self.reshow.is_some() => Mode::Reshow,
             None => Mode::GateQ0,
         }
@@ -700,6 +709,8 @@ pub fn on_action(s: &mut State, a: Action) -> Vec<Job> {
             vec![]
         }
         Mode::Reshow => reshow_action(s, a),
+        Mode::Iterate => iterate::action(s, a),
+        Mode::Heal => iterate::heal_action(s, a),
         Mode::GateQ0 | Mode::Global => gate_action(s, a),
     }
 }
@@ -1060,6 +1071,7 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
     match a {
         Action::Quit => return quit(s),
         Action::ToggleHelp => s.popup = Some(Popup::Help { scroll: 0 }),
+        Action::OpenIterate => return iterate::open(s),
         Action::Accept => return decide(s, true),
         Action::Reject => return decide(s, false),
         Action::Undo => {
@@ -1203,7 +1215,19 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
         }
         Action::ScrollDown => s.detail_scroll = s.detail_scroll.saturating_add(1),
         Action::ScrollUp => s.detail_scroll = s.detail_scroll.saturating_sub(1),
-        Action::ToggleTag(_) | Action::Confirm | Action::Cancel | Action::SaveEdit => {}
+        Action::ToggleTag(_)
+        | Action::Confirm
+        | Action::Cancel
+        | Action::SaveEdit
+        | Action::ContinueRounds
+        | Action::StopRounds
+        | Action::RollbackRound
+        | Action::ForkRound
+        | Action::NextRound
+        | Action::PrevRound
+        | Action::OpenHeal
+        | Action::KeepRound
+        | Action::DropRound => {}
     }
     vec![]
 }
@@ -1340,6 +1364,10 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
             }
         }
         JobOutput::Recorded { .. } => {}
+        JobOutput::Rounds { points, chain, branch, stopped } => {
+            iterate::on_rounds(s, id, points, chain, branch, stopped)
+        }
+        JobOutput::GateQ1 { round, report } => iterate::on_gate_q1(s, round, *report),
     }
     vec![]
 }

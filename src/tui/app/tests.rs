@@ -29,7 +29,7 @@ fn row(i: usize, ppl: f64, keep: bool) -> ScoredCompletion {
             dose: 1.0,
             seed: i as u64,
             trace: TokenTrace {
-                kl_window_rmse: crate::worker::rollout::window_rmse(&kl, 2),
+                kl_window_rmse: crate::steer::kl::window_rmse(&kl, 2),
                 kl,
                 nll_base: vec![1.0; n],
                 dose: vec![1.0; n],
@@ -656,4 +656,127 @@ fn warnings_from_opening_are_shown() {
     s.warnings = vec!["events.jsonl: line 9: last line is truncated".into()];
     update(&mut s, Msg::Init);
     assert!(matches!(&s.popup, Some(Popup::Message { text, .. }) if text.contains("truncated")));
+}
+
+fn point(round: usize, status: crate::eval::RoundStatus, auth: f64) -> crate::eval::RoundPoint {
+    crate::eval::RoundPoint {
+        round,
+        status,
+        authority: auth,
+        care: -4.3 + 0.1 * round as f64,
+        p_ans_any: 0.25,
+        json_is_valid: Some(0.0),
+        ppx_json: 14.0,
+        n: 8,
+        kl_spent: Some(round as f64),
+        cos_teacher_r0: None,
+        cos_student_teacher: None,
+    }
+}
+
+/// The iterate screen with base, kept round 1 and dropped round 2, as the worker would report them.
+fn iterate_state() -> State {
+    use crate::eval::RoundStatus::*;
+    let mut s = state_with(2);
+    let jobs = press(&mut s, "I");
+    assert!(matches!(jobs[..], [Job { kind: JobKind::RoundsStatus, .. }]), "{jobs:?}");
+    let output = JobOutput::Rounds {
+        points: vec![point(0, Base, -5.56), point(1, Kept, -5.68), point(2, Dropped, -5.9)],
+        chain: vec![1],
+        branch: "main".into(),
+        stopped: String::new(),
+    };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: jobs[0].id, output }));
+    s
+}
+
+#[test]
+fn iterate_keys_continue_stop_rollback_fork() {
+    let mut s = iterate_state();
+    assert_eq!(s.mode(), Mode::Iterate);
+    // Continue runs round 3 (two judged so far) in the worker; a second continue while it runs does nothing.
+    let jobs = press(&mut s, "c");
+    let run_id = match &jobs[..] {
+        [Job { id, kind: JobKind::RunRounds { rounds: 3, .. } }] => *id,
+        other => panic!("{other:?}"),
+    };
+    assert!(press(&mut s, "c").is_empty());
+    // Stop cancels that job; rollback is refused while it runs.
+    assert!(matches!(press(&mut s, "s")[..], [Job { kind: JobKind::Cancel(id), .. }] if id == run_id));
+    assert!(records(&press(&mut s, "b")).is_empty());
+    let output = JobOutput::Rounds {
+        points: iterate_state().iterate.expect("view").points,
+        chain: vec![1],
+        branch: "main".into(),
+        stopped: "cancelled; run again to resume from the last finished stage".into(),
+    };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: run_id, output }));
+    assert!(s.status.starts_with("cancelled"));
+    // Round 2 was dropped: neither a rollback nor a fork target.
+    press(&mut s, "j j");
+    assert!(records(&press(&mut s, "b f")).is_empty());
+    assert!(s.status.contains("not in the current lineage"), "{}", s.status);
+    // Round 1 is kept: roll back to it; the base: fork from it.
+    press(&mut s, "k");
+    assert_eq!(records(&press(&mut s, "b")), vec![SessionEvent::Rollback { to_round: 1 }]);
+    press(&mut s, "k k");
+    let forks = records(&press(&mut s, "f"));
+    assert!(matches!(&forks[..], [SessionEvent::Fork { from_round: 0, .. }]), "{forks:?}");
+    // Esc goes back to gate Q0.
+    press(&mut s, "esc");
+    assert_eq!(s.mode(), Mode::GateQ0);
+}
+
+fn gate_q1_report() -> crate::heal::gate::GateQ1 {
+    use crate::heal::gate::{GateQ1, Metrics, SamplePair};
+    GateQ1 {
+        round: 1,
+        model: "tiny".into(),
+        source: "fallback".into(),
+        coherence_label: "coherence".into(),
+        trait_label: "persona strength".into(),
+        trait_sign: 1.0,
+        before: Metrics { coherence: -2.01, trait_value: Some(-0.138) },
+        after: Some(Metrics { coherence: -2.21, trait_value: Some(-0.113) }),
+        heal_summary: vec![],
+        sweep: vec![],
+        samples: vec![
+            SamplePair {
+                prompt: "p1".into(),
+                teacher: Some("t1".into()),
+                before: "b1".into(),
+                after: "a1".into(),
+            },
+            SamplePair { prompt: "p2".into(), teacher: None, before: "b2".into(), after: "a2".into() },
+        ],
+        notes: vec![],
+    }
+}
+
+#[test]
+fn heal_screen_keeps_or_drops_the_round_with_a_note() {
+    let mut s = iterate_state();
+    // The base has no heal report.
+    assert!(press(&mut s, "h").is_empty());
+    press(&mut s, "j");
+    let jobs = press(&mut s, "h");
+    let id = match &jobs[..] {
+        [Job { id, kind: JobKind::ReadGateQ1 { round: 1 } }] => *id,
+        other => panic!("{other:?}"),
+    };
+    let output = JobOutput::GateQ1 { round: 1, report: Box::new(gate_q1_report()) };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id, output }));
+    assert_eq!(s.mode(), Mode::Heal);
+    press(&mut s, "j j j");
+    assert_eq!(s.heal.as_ref().map(|h| h.scroll), Some(3));
+    let jobs = press(&mut s, "D");
+    match &records(&jobs)[..] {
+        [SessionEvent::RoundGate { round: 1, gate, keep: false, note: Some(note) }] => {
+            assert_eq!(gate, "q1");
+            assert!(note.contains("-2.010 → -2.210"), "{note}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(jobs.iter().any(|j| matches!(j.kind, JobKind::RoundsStatus)), "the table is re-read");
+    assert_eq!(s.mode(), Mode::Iterate);
 }

@@ -373,8 +373,33 @@ pub fn hint_line(s: &State, area: Rect, buf: &mut Buffer) {
         return;
     }
     // Hints describe the screen under any popup; popups carry their own key hints.
-    let mode = if s.reshow.is_some() { Mode::Reshow } else { Mode::GateQ0 };
+    let mode = if s.heal.is_some() {
+        Mode::Heal
+    } else if s.iterate.is_some() {
+        Mode::Iterate
+    } else if s.reshow.is_some() {
+        Mode::Reshow
+    } else {
+        Mode::GateQ0
+    };
     let wanted: &[(Action, &str)] = match mode {
+        Mode::Heal => &[
+            (Action::KeepRound, "keep round"),
+            (Action::DropRound, "drop round"),
+            (Action::ScrollDown, "next sample"),
+            (Action::ScrollUp, "prev sample"),
+            (Action::Cancel, "back"),
+        ],
+        Mode::Iterate => &[
+            (Action::ContinueRounds, "continue"),
+            (Action::StopRounds, "stop"),
+            (Action::RollbackRound, "roll back"),
+            (Action::ForkRound, "fork"),
+            (Action::OpenHeal, "heal view"),
+            (Action::NextRound, "next"),
+            (Action::PrevRound, "prev"),
+            (Action::Cancel, "back"),
+        ],
         Mode::Reshow => &[(Action::Accept, "accept"), (Action::Reject, "reject"), (Action::Cancel, "stop")],
         _ => &[
             (Action::Accept, "accept"),

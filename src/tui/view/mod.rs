@@ -2,6 +2,8 @@
 //! small terminals (list and detail stack vertically, then parts collapse to nothing) and never panics.
 
 pub mod gate_q0;
+pub mod heal;
+pub mod iterate;
 pub mod popups;
 
 use super::app::{Popup, State};
@@ -22,7 +24,11 @@ pub fn render(s: &State, area: Rect, buf: &mut Buffer) {
     ])
     .areas(area);
     gate_q0::header(s, header, buf);
-    if s.reshow.is_some() {
+    if s.heal.is_some() {
+        heal::main(s, main, buf);
+    } else if s.iterate.is_some() {
+        iterate::main(s, main, buf);
+    } else if s.reshow.is_some() {
         gate_q0::reshow(s, main, buf);
     } else {
         gate_q0::main(s, main, buf);

@@ -1,0 +1,211 @@
+//! Rounds subcommands: `run` (the whole loop headless, resumable), `rollback` and `fork` of a session's lineage.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use steer_heal::progress::Bar;
+use steer_heal::rounds::{RoundsConfig, Runner};
+
+/// Settings of `run`; the defaults are the small CPU demo settings.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Session folder (created when absent; an existing one is resumed).
+    #[arg(long)]
+    session: PathBuf,
+    /// Base model directory or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Persona TOML [default: the built-in authority persona].
+    #[arg(long)]
+    persona: Option<PathBuf>,
+    /// Rounds to run (judged rounds count, so a resumed run goes on to this total).
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Stop when p_ans_any falls under this.
+    #[arg(long, default_value_t = 0.95)]
+    floor: f64,
+    /// Steering prompts used for generation.
+    #[arg(long, default_value_t = 4)]
+    n_prompts: usize,
+    /// New tokens per steered completion.
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    /// Extraction contexts used.
+    #[arg(long, default_value_t = 16)]
+    extract_pairs: usize,
+    /// Iso-KL target (p95 per-token KL), nats.
+    #[arg(long, default_value_t = 1.0)]
+    dose_target: f64,
+    /// Walk-down: generations per probe and per top-up batch.
+    #[arg(long, default_value_t = 4)]
+    probe_n: usize,
+    /// Walk-down: stop topping up at this many passing completions.
+    #[arg(long, default_value_t = 4)]
+    min_keep: usize,
+    /// Gate Q0 and walk-down: highest tail perplexity kept.
+    #[arg(long, default_value_t = 50.0)]
+    max_ppl: f64,
+    /// Heal epochs.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    r: usize,
+    /// Heal learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// tinymfv vignettes per eval.
+    #[arg(long, default_value_t = 8)]
+    eval_n: usize,
+    /// Forced think tokens per eval frame.
+    #[arg(long, default_value_t = 16)]
+    think: usize,
+    /// Token budget of each json_is_valid probe.
+    #[arg(long, default_value_t = 48)]
+    json_probe_tokens: usize,
+    /// Held-out prompts measured before/after healing.
+    #[arg(long, default_value_t = 2)]
+    measure_n: usize,
+    /// Also evaluate control arms on the same items (real vector at c*, norm-matched random vector at c*).
+    #[arg(long)]
+    controls: bool,
+}
+
+/// The rounds concept's subcommands, flattened into the top-level command list.
+#[derive(Subcommand)]
+pub enum RoundsCmd {
+    /// Run the rounds loop headless: extract → dose → generate → score → gate Q0 → heal → bake → eval, per round.
+    Run(Box<RunArgs>),
+    /// Roll a session's student back to a kept round (0 = the base); later rounds stay visible.
+    Rollback {
+        /// Session folder.
+        #[arg(long)]
+        session: PathBuf,
+        /// Base model (as in `run`).
+        #[arg(long)]
+        model: PathBuf,
+        /// Kept round to return to.
+        #[arg(long)]
+        to: u32,
+    },
+    /// Fork a new lineage branch from a kept round (0 = the base).
+    Fork {
+        /// Session folder.
+        #[arg(long)]
+        session: PathBuf,
+        /// Base model (as in `run`).
+        #[arg(long)]
+        model: PathBuf,
+        /// Kept round to branch from.
+        #[arg(long)]
+        from: u32,
+        /// Branch name.
+        #[arg(long)]
+        branch: String,
+    },
+}
+
+/// The first Ctrl-C stops the loop at the next check (finished stages are kept; a rerun resumes); a second quits.
+fn stop_on_ctrl_c(flag: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "\nsteer-heal: stopping (Ctrl-C again to quit now); rerun the same command to resume"
+                );
+                flag.store(true, Ordering::Relaxed);
+            }
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        });
+    });
+}
+
+fn config(a: &RunArgs) -> RoundsConfig {
+    let mut c = RoundsConfig::small(&a.model);
+    c.persona = a.persona.clone();
+    c.rounds = a.rounds;
+    c.floor = a.floor;
+    c.n_prompts = a.n_prompts;
+    c.max_new_tokens = a.max_new_tokens;
+    c.extract_pairs = Some(a.extract_pairs);
+    c.dose_target = a.dose_target;
+    c.walk.probe_n = a.probe_n;
+    c.walk.batch_n = a.probe_n;
+    c.walk.min_keep = a.min_keep;
+    c.walk_max_ppl = a.max_ppl;
+    c.thresholds.max_perplexity = a.max_ppl;
+    c.heal.epochs = a.epochs;
+    c.heal.r = a.r;
+    c.heal.alpha = 2.0 * a.r as f64;
+    c.heal.lr = a.lr;
+    c.eval.n_vignettes = Some(a.eval_n);
+    c.eval.think_tokens = a.think;
+    c.eval.json_probe_max_tokens = a.json_probe_tokens;
+    c.measure_n = a.measure_n;
+    c.controls = a.controls;
+    c
+}
+
+/// Run a rounds subcommand.
+pub fn run(cmd: RoundsCmd) -> Result<()> {
+    match cmd {
+        RoundsCmd::Run(a) => {
+            let started = Instant::now();
+            let mut bar = Bar::new("rounds");
+            stop_on_ctrl_c(bar.cancel.clone());
+            let mut log = |s: &str| eprintln!("steer-heal: {s}");
+            let runner = Runner::open(&a.session, config(&a), &mut bar, &mut log)
+                .with_context(|| format!("opening session {}", a.session.display()))?;
+            let summary = runner.run()?;
+            bar.finish();
+            println!(
+                "{} ({} rounds judged, {:.0} s)",
+                summary.stopped,
+                summary.rounds_done,
+                started.elapsed().as_secs_f64()
+            );
+            println!("round  status   authority    care  p_ans_any  ppx_json  json_ok  kl_spent  cos_v0  cos_shift");
+            for p in &summary.points {
+                let f = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:>5}  {:<7} {:>10.4} {:>7.4} {:>10.4} {:>9.3} {:>8} {:>9} {:>7} {:>10}",
+                    p.round,
+                    format!("{:?}", p.status).to_lowercase(),
+                    p.authority,
+                    p.care,
+                    p.p_ans_any,
+                    p.ppx_json,
+                    f(p.json_is_valid),
+                    f(p.kl_spent),
+                    f(p.cos_teacher_r0),
+                    f(p.cos_student_teacher)
+                );
+            }
+            println!(
+                "wrote {}/progress.png, progress.svg, gate-q2.md, rounds.json, lineage.json",
+                a.session.display()
+            );
+        }
+        RoundsCmd::Rollback { session, model, to } => {
+            let mut bar = Bar::new("rollback");
+            let mut log = |s: &str| eprintln!("steer-heal: {s}");
+            let mut runner = Runner::open(&session, RoundsConfig::small(&model), &mut bar, &mut log)?;
+            runner.rollback(to)?;
+            println!("rolled back to round {to}; the next round starts from it");
+        }
+        RoundsCmd::Fork { session, model, from, branch } => {
+            let mut bar = Bar::new("fork");
+            let mut log = |s: &str| eprintln!("steer-heal: {s}");
+            let mut runner = Runner::open(&session, RoundsConfig::small(&model), &mut bar, &mut log)?;
+            runner.fork(from, &branch)?;
+            println!("branch `{branch}` starts from round {from}");
+        }
+    }
+    Ok(())
+}

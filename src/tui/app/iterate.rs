@@ -1,0 +1,193 @@
+//! The iterate screen's state and keys (gate Q2): the rounds table and lineage as the worker last read them, the
+//! selected round, and the run in progress. Continue runs one more round in the worker; stop cancels it (its
+//! finished stages stay and a later continue resumes); roll back and fork append lineage events.
+
+use super::State;
+use crate::eval::{RoundPoint, RoundStatus};
+use crate::heal::gate::GateQ1;
+use crate::session::SessionEvent;
+use crate::tui::action::Action;
+use crate::worker::{Job, JobId, JobKind};
+
+/// Coherence floor of the automatic gate Q2 when rounds run from the TUI: off, because the researcher is the
+/// gate here (roll back a round that should not have been kept).
+pub const TUI_FLOOR: f64 = 0.0;
+
+/// What the iterate screen shows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IterateView {
+    /// Progress-map points, base first.
+    pub points: Vec<RoundPoint>,
+    /// Kept rounds the student carries.
+    pub chain: Vec<u32>,
+    /// Current branch.
+    pub branch: String,
+    /// Selected row of the rounds table.
+    pub selected: usize,
+    /// The rounds job in progress.
+    pub running: Option<JobId>,
+    /// How the last run ended.
+    pub last_run: String,
+}
+
+impl IterateView {
+    /// The selected point.
+    pub fn current(&self) -> Option<&RoundPoint> {
+        self.points.get(self.selected)
+    }
+    /// Rounds judged so far (every point but the base).
+    pub fn judged(&self) -> u32 {
+        self.points.iter().filter(|p| p.status != RoundStatus::Base).count() as u32
+    }
+    /// Whether `round` is the base or in the current chain (roll back / fork targets).
+    pub fn is_kept(&self, round: u32) -> bool {
+        round == 0 || self.chain.contains(&round)
+    }
+}
+
+/// Open the screen and ask the worker for the rounds table.
+pub fn open(s: &mut State) -> Vec<Job> {
+    if s.iterate.is_none() {
+        s.iterate = Some(IterateView { branch: "main".into(), ..IterateView::default() });
+    }
+    vec![s.job(JobKind::RoundsStatus)]
+}
+
+/// Keys on the iterate screen.
+pub fn action(s: &mut State, a: Action) -> Vec<Job> {
+    let Some(v) = s.iterate.as_mut() else { return vec![] };
+    match a {
+        Action::NextRound => v.selected = (v.selected + 1).min(v.points.len().saturating_sub(1)),
+        Action::PrevRound => v.selected = v.selected.saturating_sub(1),
+        Action::Cancel => s.iterate = None,
+        Action::ContinueRounds => {
+            if v.running.is_some() {
+                s.status = "a round is already running".into();
+                return vec![];
+            }
+            let rounds = v.judged() + 1;
+            let job = s.job(JobKind::RunRounds { model: s.manifest.model.clone(), rounds, floor: TUI_FLOOR });
+            if let Some(v) = s.iterate.as_mut() {
+                v.running = Some(job.id);
+            }
+            s.status = format!("running round {rounds} in the background");
+            return vec![job];
+        }
+        Action::StopRounds => match v.running {
+            Some(id) => {
+                s.status = "stopping the round (finished stages are kept)".into();
+                return vec![s.job(JobKind::Cancel(id))];
+            }
+            None => s.status = "no round is running".into(),
+        },
+        Action::RollbackRound | Action::ForkRound => {
+            let Some(p) = v.current() else {
+                s.status = "no rounds yet".into();
+                return vec![];
+            };
+            let round = p.round as u32;
+            if v.running.is_some() {
+                s.status = "stop the running round first".into();
+                return vec![];
+            }
+            if !v.is_kept(round) {
+                s.status =
+                    format!("round {round} is not in the current lineage; pick the base or a kept round");
+                return vec![];
+            }
+            let e = if a == Action::RollbackRound {
+                s.status = format!("rolled back to round {round}");
+                SessionEvent::Rollback { to_round: round }
+            } else {
+                let branch = format!("from-r{round}-{}", s.next_job);
+                s.status = format!("branch `{branch}` starts from round {round}");
+                SessionEvent::Fork { from_round: round, branch }
+            };
+            let rec = s.record(e);
+            let refresh = s.job(JobKind::RoundsStatus);
+            return vec![rec, refresh];
+        }
+        Action::OpenHeal => {
+            let Some(p) = v.current() else {
+                s.status = "no rounds yet".into();
+                return vec![];
+            };
+            if p.status == RoundStatus::Base {
+                s.status = "the base was not healed; pick a round".into();
+                return vec![];
+            }
+            let round = p.round as u32;
+            return vec![s.job(JobKind::ReadGateQ1 { round })];
+        }
+        Action::Quit => return super::quit(s),
+        Action::ToggleHelp => s.popup = Some(super::Popup::Help { scroll: 0 }),
+        _ => {}
+    }
+    vec![]
+}
+
+/// The heal screen: one round's gate-Q1 report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealView {
+    /// Round.
+    pub round: u32,
+    /// The report (teacher / before / after samples and metrics).
+    pub report: GateQ1,
+    /// Vertical scroll of the samples.
+    pub scroll: u16,
+}
+
+/// A gate-Q1 report arrived: show it.
+pub fn on_gate_q1(s: &mut State, round: u32, report: GateQ1) {
+    s.heal = Some(HealView { round, report, scroll: 0 });
+}
+
+/// Keys on the heal screen: keep or drop the round (a `round_gate` event at `q1`), scroll, back.
+pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
+    let Some(h) = s.heal.as_mut() else { return vec![] };
+    match a {
+        Action::ScrollDown => h.scroll = h.scroll.saturating_add(1),
+        Action::ScrollUp => h.scroll = h.scroll.saturating_sub(1),
+        Action::Cancel => s.heal = None,
+        Action::KeepRound | Action::DropRound => {
+            let keep = a == Action::KeepRound;
+            let round = h.round;
+            let (b, after) = (h.report.before, h.report.after);
+            let note = format!(
+                "researcher at the heal screen: coherence {:.3} → {}",
+                b.coherence,
+                after.map(|m| format!("{:.3}", m.coherence)).unwrap_or_else(|| "–".into())
+            );
+            s.status = format!("round {round} {} at gate Q1", if keep { "kept" } else { "dropped" });
+            s.heal = None;
+            let rec = s.record(SessionEvent::RoundGate { round, gate: "q1".into(), keep, note: Some(note) });
+            let refresh = s.job(JobKind::RoundsStatus);
+            return vec![rec, refresh];
+        }
+        Action::Quit => return super::quit(s),
+        Action::ToggleHelp => s.popup = Some(super::Popup::Help { scroll: 0 }),
+        _ => {}
+    }
+    vec![]
+}
+
+/// A rounds table arrived from the worker.
+pub fn on_rounds(
+    s: &mut State,
+    id: JobId,
+    points: Vec<RoundPoint>,
+    chain: Vec<u32>,
+    branch: String,
+    stopped: String,
+) {
+    let v = s.iterate.get_or_insert_with(IterateView::default);
+    if v.running == Some(id) {
+        v.running = None;
+        v.last_run = stopped.clone();
+        s.status = stopped;
+    }
+    v.selected = v.selected.min(points.len().saturating_sub(1));
+    v.points = points;
+    v.chain = chain;
+    v.branch = branch;
+}

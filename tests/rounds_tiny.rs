@@ -1,0 +1,215 @@
+//! The rounds loop end to end on a tiny random model: two full headless rounds write every artifact and the
+//! lineage; a run stopped right after a round's heal stage (a simulated crash, plus a torn last log line) resumes
+//! to the same end state without redoing finished stages; rollback and fork move the lineage.
+
+use candle_core::{DType, Device};
+use std::path::Path;
+use steer_heal::eval::FOUNDATIONS;
+use steer_heal::model::tiny::{make_tiny_model, random_weights};
+use steer_heal::model::{load_model, Arch, ModelConfig};
+use steer_heal::progress::Silent;
+use steer_heal::rounds::{Lineage, RoundRecord, RoundsConfig, RunSummary, Runner};
+use steer_heal::session::{event::read_log, Session, SessionEvent};
+use tokenizers::{AddedToken, Tokenizer};
+
+/// A tiny model whose tokenizer has the seven answer words as tokens (so tinymfv can score it).
+fn tiny_with_answer_words(dir: &Path) {
+    make_tiny_model(Arch::Llama, dir, 7).expect("tiny model");
+    let tp = dir.join("tokenizer.json");
+    let mut tok = Tokenizer::from_file(&tp).expect("tokenizer");
+    let words: Vec<AddedToken> = FOUNDATIONS.iter().map(|f| AddedToken::from(f.word(), false)).collect();
+    tok.add_tokens(words).expect("add answer words");
+    tok.save(&tp, true).expect("save tokenizer");
+    let cp = dir.join("config.json");
+    let mut cfg = ModelConfig::from_hf_json(&cp).expect("config");
+    cfg.vocab_size = tok.get_vocab_size(true);
+    cfg.max_position_embeddings = 4096;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cp).expect("read")).expect("json");
+    v["vocab_size"] = cfg.vocab_size.into();
+    v["max_position_embeddings"] = cfg.max_position_embeddings.into();
+    std::fs::write(&cp, serde_json::to_string_pretty(&v).expect("json")).expect("write config");
+    let w = random_weights(&cfg, 11).expect("weights");
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).expect("save weights");
+}
+
+fn tiny_config(model: &Path, rounds: u32) -> RoundsConfig {
+    let mut c = RoundsConfig::small(model);
+    c.rounds = rounds;
+    c.floor = 0.0; // a random model puts almost no mass on the answers
+    c.extract_pairs = Some(4);
+    c.dose_tokens = 4;
+    c.dose_prompts = 2;
+    c.n_prompts = 2;
+    c.max_new_tokens = 8;
+    c.walk.probe_n = 2;
+    c.walk.batch_n = 2;
+    c.walk.min_keep = 2;
+    c.walk.max_keep = 4;
+    c.walk.max_batches = 1;
+    // Random weights write gibberish: open the coherence filters so the loop has data to heal on.
+    c.walk_max_ppl = 1e30;
+    c.thresholds.max_perplexity = 1e30;
+    c.thresholds.max_repetition = 1.01;
+    c.heal.epochs = 1;
+    c.heal.grad_accum = 1;
+    c.heal.r = 2;
+    c.heal.alpha = 4.0;
+    c.heal.max_len = 512;
+    c.measure_n = 1;
+    c.measure_tokens = 4;
+    c.eval.n_vignettes = Some(2);
+    c.eval.think_tokens = 4;
+    c.eval.json_probe_max_tokens = 8;
+    c.eval.batch_size = 4;
+    c.controls = true;
+    c
+}
+
+fn run(session: &Path, cfg: RoundsConfig) -> RunSummary {
+    let mut progress = Silent::default();
+    let mut log = |_: &str| {};
+    Runner::open(session, cfg, &mut progress, &mut log).expect("open").run().expect("run")
+}
+
+fn events(session: &Path) -> Vec<SessionEvent> {
+    read_log(&session.join("events.jsonl")).expect("log").events.into_iter().map(|l| l.event).collect()
+}
+
+fn stage_events(session: &Path) -> Vec<(u32, String)> {
+    events(session)
+        .into_iter()
+        .filter_map(|e| match e {
+            SessionEvent::StageDone { round, stage, .. } => Some((round, stage)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    std::fs::read(path).expect("read")
+}
+
+#[test]
+fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
+    let mdir = tempfile::tempdir().expect("tempdir");
+    tiny_with_answer_words(mdir.path());
+    load_model(mdir.path(), Some(DType::F32), &Device::Cpu).expect("loads");
+    let work = tempfile::tempdir().expect("tempdir");
+
+    // Two full rounds.
+    let s = work.path().join("full");
+    let summary = run(&s, tiny_config(mdir.path(), 2));
+    assert_eq!(summary.rounds_done, 2, "{}", summary.stopped);
+    assert_eq!(summary.points.len(), 3, "base + two rounds");
+    for r in ["round-01", "round-02"] {
+        for f in [
+            "vector.safetensors",
+            "dose.json",
+            "completions.jsonl",
+            "walkdown.json",
+            "scored.jsonl",
+            "decisions.jsonl",
+            "accepted.jsonl",
+            "gate-q0.md",
+            "heal/adapter/adapter_config.json",
+            "heal/heal.json",
+            "heal/gate-q1.md",
+            "history.json",
+            "round.json",
+            "eval/eval.json",
+            "controls.json",
+            "controls/steered/eval.json",
+            "controls/random/eval.json",
+        ] {
+            let p = s.join(r).join(f);
+            assert!(p.exists(), "missing {}", p.display());
+        }
+    }
+    for f in [
+        "round-00/eval/eval.json",
+        "progress.png",
+        "progress.svg",
+        "gate-q2.md",
+        "rounds.json",
+        "lineage.json",
+    ] {
+        assert!(s.join(f).exists(), "missing {f}");
+    }
+    assert!(sha(&s.join("progress.png")).starts_with(b"\x89PNG"));
+    assert!(String::from_utf8(sha(&s.join("progress.svg"))).expect("utf8").contains("<svg"));
+    // Lineage: round 2 descends from round 1 and carries its adapter.
+    let rec2: RoundRecord =
+        serde_json::from_slice(&sha(&s.join("round-02/round.json"))).expect("round record");
+    assert_eq!(rec2.parent, 1);
+    assert_eq!(rec2.history.len(), 2);
+    assert!(rec2.history[0].dir.ends_with("round-01/heal/adapter"));
+    assert_eq!(rec2.vector_sha256.len(), 64);
+    assert!(rec2.cos_teacher_r0.is_some_and(|c| c.abs() <= 1.0 + 1e-9));
+    assert!(rec2.cos_student_teacher.is_some_and(|c| c.is_finite()));
+    let kl = summary.points.iter().map(|p| p.kl_spent.expect("kl")).collect::<Vec<_>>();
+    assert!(kl[2] >= kl[1] && kl[1] >= kl[0], "cumulative KL never falls: {kl:?}");
+    let full_stages = stage_events(&s);
+    assert_eq!(full_stages.len(), 1 + 2 * 9, "{full_stages:?}");
+
+    // Rollback to round 1 drops round 2 from the student; fork from the base empties the chain; neither erases.
+    {
+        let mut progress = Silent::default();
+        let mut log = |_: &str| {};
+        let mut r = Runner::open(&s, tiny_config(mdir.path(), 2), &mut progress, &mut log).expect("open");
+        assert!(r.rollback(7).is_err(), "round 7 was never kept");
+        r.rollback(1).expect("rollback");
+        assert_eq!(r.lineage().chain, vec![1]);
+        r.fork(0, "alt").expect("fork");
+        let l: Lineage = r.lineage();
+        assert!(l.chain.is_empty());
+        assert_eq!(l.branch, "alt");
+        assert_eq!(l.verdicts.len(), 2, "judged rounds stay visible");
+    }
+
+    // Crash right after round 1's heal, with a torn last line in the log.
+    let c = work.path().join("crash");
+    let mut cfg = tiny_config(mdir.path(), 1);
+    cfg.stop_after = Some((1, "heal".into()));
+    let stopped = run(&c, cfg);
+    assert!(stopped.stopped.contains("stopped after round 1 heal"), "{}", stopped.stopped);
+    assert_eq!(stopped.rounds_done, 0);
+    assert!(!c.join("round-01/eval/eval.json").exists());
+    let vector_before = sha(&c.join("round-01/vector.safetensors"));
+    let adapter_before = sha(&c.join("round-01/heal/adapter/adapter_model.safetensors"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(c.join("events.jsonl")).expect("log");
+        f.write_all(br#"{"v":1,"seq":999,"at":"x","kind":"stage_do"#).expect("torn write");
+    }
+    let resumed = run(&c, tiny_config(mdir.path(), 1));
+    assert_eq!(resumed.rounds_done, 1, "{}", resumed.stopped);
+    // Finished stages were skipped: their artifacts are byte-identical and each stage event is there once.
+    assert_eq!(sha(&c.join("round-01/vector.safetensors")), vector_before);
+    assert_eq!(sha(&c.join("round-01/heal/adapter/adapter_model.safetensors")), adapter_before);
+    let crash_stages = stage_events(&c);
+    let full_round1: Vec<(u32, String)> = full_stages.iter().filter(|(r, _)| *r <= 1).cloned().collect();
+    assert_eq!(crash_stages, full_round1, "same stages, each once, in order");
+    for f in ["round-01/eval/eval.json", "round-01/round.json", "progress.png", "progress.svg", "gate-q2.md"]
+    {
+        assert!(c.join(f).exists(), "missing {f} after resume");
+    }
+
+    // The TUI worker runs the loop on the session it already holds: nothing is left to do here, and the
+    // caller's log stays one consistent sequence it can go on appending to.
+    let mut opened = Session::open(&c).expect("open session");
+    let mut progress = Silent::default();
+    let mut log = |_: &str| {};
+    let again =
+        Runner::with_session(&mut opened.session, tiny_config(mdir.path(), 1), &mut progress, &mut log)
+            .expect("runner")
+            .run()
+            .expect("run");
+    assert_eq!(again.rounds_done, 1);
+    assert_eq!(stage_events(&c), full_round1, "a finished run redoes nothing");
+    let logged = opened.session.append(SessionEvent::Rollback { to_round: 0 }).expect("append");
+    let seqs: Vec<u64> =
+        read_log(&c.join("events.jsonl")).expect("log").events.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs.last(), Some(&logged.seq));
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
