@@ -57,11 +57,15 @@ impl Tmux {
     }
     fn wait_dead(&self, secs: u64) -> String {
         let start = Instant::now();
-        while self.pane("#{pane_dead}") != "1" {
+        // tmux marks the pane dead slightly before it records the exit status; wait for both.
+        loop {
+            let status = self.pane("#{pane_dead_status}");
+            if self.pane("#{pane_dead}") == "1" && !status.is_empty() {
+                return status;
+            }
             assert!(start.elapsed() < Duration::from_secs(secs), "the TUI did not exit:\n{}", self.capture());
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.pane("#{pane_dead_status}")
     }
 }
 
@@ -113,13 +117,13 @@ fn accept_two_reject_one_undo_one_quit_and_reopen() {
     let screen = t.wait_for("all 24 completions", 180, |s| s.contains("completions 24/24") && decided(s, 0));
     assert!(screen.contains("(unsteered)"), "{screen}");
     t.keys("a");
-    t.wait_for("first accept", 10, |s| decided(s, 1));
+    t.wait_for("first accept", 60, |s| decided(s, 1));
     t.keys("a");
-    t.wait_for("second accept", 10, |s| decided(s, 2) && s.contains("kept 2"));
+    t.wait_for("second accept", 60, |s| decided(s, 2) && s.contains("kept 2"));
     t.keys("r");
-    t.wait_for("reject", 10, |s| decided(s, 3) && s.contains("kept 2"));
+    t.wait_for("reject", 60, |s| decided(s, 3) && s.contains("kept 2"));
     t.keys("u");
-    let screen = t.wait_for("undo", 10, |s| decided(s, 2) && s.contains("undid reject of p000-a100-s44"));
+    let screen = t.wait_for("undo", 60, |s| decided(s, 2) && s.contains("undid reject of p000-a100-s44"));
     assert!(screen.contains("✓ p000-a050-s42") && screen.contains("✓ p000-a075-s43"), "{screen}");
     assert!(screen.contains("· p000-a100-s44"), "{screen}");
     t.keys("q");

@@ -266,13 +266,14 @@ fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
             Some(WorkerEvent::Finished { output: JobOutput::Completions { rows, .. }, .. }) => rows,
             e => panic!("unexpected {e:?}"),
         };
-        // A long generation; once it streams, ask for a replay.
+        // A long generation; as soon as it starts, ask for a replay. (Tokens stream per finished row, so
+        // waiting for the first token would race with the end of the whole batch.)
         let mut long = request(600);
         long.prompt_index = 5;
         send(3, JobKind::Generate(Box::new(long))).await;
         loop {
             match rx.recv().await.expect("alive") {
-                WorkerEvent::Token { id: 3, .. } => break,
+                WorkerEvent::Started { id: 3, .. } => break,
                 WorkerEvent::Finished { id: 3, .. } => {
                     panic!("the generation finished before the replay was sent")
                 }
