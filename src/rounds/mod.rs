@@ -304,6 +304,9 @@ impl Held<'_> {
     }
 }
 
+/// A receiver of heal optimiser steps with their round.
+pub type HealStepSink<'s> = dyn FnMut(u32, &heal::StepRecord) + 's;
+
 /// One run of the loop over a session folder (created when absent).
 pub struct Runner<'a> {
     session: Held<'a>,
@@ -312,6 +315,8 @@ pub struct Runner<'a> {
     persona: Persona,
     progress: &'a mut dyn Progress,
     log: &'a mut dyn FnMut(&str),
+    /// Sees every heal optimiser step with its round (the TUI charts them live).
+    heal_steps: Option<&'a mut HealStepSink<'a>>,
 }
 
 /// Whether the run goes on after a stage.
@@ -336,7 +341,15 @@ impl<'a> Runner<'a> {
             log(&format!("warning: {w}"));
         }
         let events = opened.events.into_iter().map(|l| l.event).collect();
-        Ok(Runner { session: Held::Owned(Box::new(opened.session)), events, cfg, persona, progress, log })
+        Ok(Runner {
+            session: Held::Owned(Box::new(opened.session)),
+            events,
+            cfg,
+            persona,
+            progress,
+            log,
+            heal_steps: None,
+        })
     }
 
     /// Run on a session the caller already has open (its log is re-read from disk for the lineage).
@@ -349,7 +362,13 @@ impl<'a> Runner<'a> {
         let persona = Persona::load_or_default(cfg.persona.as_deref())?;
         let contents = crate::session::event::read_log(&session.dir().join(session::EVENTS))?;
         let events = contents.events.into_iter().map(|l| l.event).collect();
-        Ok(Runner { session: Held::Borrowed(session), events, cfg, persona, progress, log })
+        Ok(Runner { session: Held::Borrowed(session), events, cfg, persona, progress, log, heal_steps: None })
+    }
+
+    /// Pass every heal optimiser step (with its round) to `sink`, e.g. to stream it to a UI.
+    pub fn on_heal_step(mut self, sink: &'a mut HealStepSink<'a>) -> Self {
+        self.heal_steps = Some(sink);
+        self
     }
 
     /// The lineage as the log tells it now.
@@ -752,7 +771,13 @@ impl<'a> Runner<'a> {
         };
         let before = hgate::measure(lm, &spec, self.progress)?;
         let opts = RunOptions { fresh: false, stop_after_steps: None, final_gate: None, history };
-        let log = heal::heal(&mut lm.model, &lm.info, &data, &cfg, out, &opts, self.progress, &mut |_| {})?;
+        let sink = &mut self.heal_steps;
+        let mut on_step = |r: &heal::StepRecord| {
+            if let Some(f) = sink.as_mut() {
+                f(round, r)
+            }
+        };
+        let log = heal::heal(&mut lm.model, &lm.info, &data, &cfg, out, &opts, self.progress, &mut on_step)?;
         match log.status {
             HealStatus::Completed => {}
             HealStatus::Cancelled | HealStatus::Stopped => return Ok(Flow::Stop(log.message)),

@@ -242,6 +242,15 @@ pub enum WorkerEvent {
         /// Its text piece.
         text: String,
     },
+    /// One heal optimiser step of a rounds job (for the live training chart).
+    HealStep {
+        /// Job.
+        id: JobId,
+        /// Round being healed.
+        round: u32,
+        /// The step's metrics.
+        record: Box<crate::heal::StepRecord>,
+    },
     /// A job succeeded.
     Finished {
         /// Job.
@@ -596,7 +605,12 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             cfg.persona = s.manifest().persona_file.clone();
             let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
             let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
-            let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?.run()?;
+            let mut on_step = |round: u32, r: &crate::heal::StepRecord| {
+                send(WorkerEvent::HealStep { id, round, record: Box::new(r.clone()) })
+            };
+            let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?
+                .on_heal_step(&mut on_step)
+                .run()?;
             let (_, after) = crate::rounds::read_status(s.dir())?;
             Ok(JobOutput::Rounds {
                 points: summary.points,
