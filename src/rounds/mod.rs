@@ -1,7 +1,7 @@
 //! The rounds loop (gate Q2): per round, re-extract the persona vector from the current student (base + kept
 //! rounds' adapters), dose it by iso-KL, generate with the walk-down controller, score, pass gate Q0
-//! (automatic verdicts headless), heal, bake the history, evaluate; then keep or drop the round and redraw the
-//! progress map and `gate-q2.md`. Every stage writes its artifact atomically under `round-NN/` and appends a
+//! (automatic verdicts headless; from the TUI, the researcher's accepts when they decided the round), heal, bake
+//! the history, evaluate; then keep or drop the round and redraw the progress map and `gate-q2.md`. Every stage writes its artifact atomically under `round-NN/` and appends a
 //! `stage_done` event; a resumed run skips stages whose event exists. Stage work is the other modules' library
 //! functions; this module only sequences them and records lineage.
 //!
@@ -76,7 +76,14 @@ pub struct RoundsConfig {
     pub seed: u64,
     /// Test and crash-simulation hook: stop right after this stage of this round.
     pub stop_after: Option<(u32, String)>,
+    /// Gate Q0 by the researcher: when the session log holds the researcher's decisions for the round (made on
+    /// the TUI's gate-Q0 screen), heal trains on the completions they accepted instead of the automatic
+    /// verdicts. Off headless.
+    pub human_gate: bool,
 }
+
+/// The note on the decisions the loop records for its automatic gate Q0 (they are not the researcher's).
+pub const AUTOMATIC_NOTE: &str = "automatic (headless)";
 
 impl RoundsConfig {
     /// Small defaults for `model`.
@@ -123,6 +130,7 @@ impl RoundsConfig {
             controls: false,
             seed: 42,
             stop_after: None,
+            human_gate: false,
         }
     }
 }
@@ -576,7 +584,8 @@ impl<'a> Runner<'a> {
             atomic_write(&self.path(&rel(round, "scored.jsonl"))?, &session::to_jsonl(&rows)?)?;
             step!(self.done(round, "score", rel(round, "scored.jsonl")));
         }
-        // gate Q0: headless, the automatic verdict is the decision.
+        // gate Q0: the researcher's decisions when the TUI runs the loop and they decided this round; else the
+        // automatic verdict is the decision.
         if !self.lineage().is_done(round, "gate_q0") {
             step!(self.gate_q0(round, &lm));
         }
@@ -669,7 +678,67 @@ impl<'a> Runner<'a> {
         self.done(round, "controls", rel(round, "controls.json"))
     }
 
+    /// With `human_gate` on and the researcher's decisions in the log for `round`: the completions they accepted
+    /// (their current decision, after undos and replays) and how many they decided.
+    fn human_accepted(&self, round: u32) -> Result<Option<(Vec<Completion>, usize)>> {
+        if !self.cfg.human_gate {
+            return Ok(None);
+        }
+        let state = session::fold(&self.events);
+        let Some(rs) = state.rounds.get(&round) else { return Ok(None) };
+        let decided: BTreeMap<&str, bool> = rs
+            .decisions()
+            .into_iter()
+            .filter(|(_, d)| d.note.as_deref() != Some(AUTOMATIC_NOTE))
+            .map(|(id, d)| (id, d.keep))
+            .collect();
+        if decided.is_empty() {
+            return Ok(None);
+        }
+        let rows = self.session.get().load_round(rs)?;
+        let accepted: Vec<Completion> = rows
+            .into_iter()
+            .filter(|r| decided.get(r.completion.id.as_str()) == Some(&true))
+            .map(|r| r.completion)
+            .collect();
+        Ok(Some((accepted, decided.len())))
+    }
+
+    /// Gate Q0 by the researcher's decisions: write `decisions.jsonl` and `accepted.jsonl` from them (the loop's
+    /// own completions are not used); the researcher's gate report stands if they wrote one.
+    fn human_gate_q0(&mut self, round: u32, accepted: Vec<Completion>, decided: usize) -> Result<Flow> {
+        let state = session::fold(&self.events);
+        let rs = state.rounds.get(&round);
+        let decisions: Vec<serde_json::Value> = rs
+            .map(|rs| {
+                rs.decisions()
+                    .into_iter()
+                    .filter(|(_, d)| d.note.as_deref() != Some(AUTOMATIC_NOTE))
+                    .map(|(id, d)| serde_json::json!({"id": id, "keep": d.keep, "tags": d.tags, "note": d.note}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        write_jsonl(&self.path(&rel(round, "decisions.jsonl"))?, &decisions)?;
+        write_jsonl(&self.path(&rel(round, "accepted.jsonl"))?, &accepted)?;
+        (self.log)(&format!(
+            "round {round}: gate Q0 by the researcher: {} accepted of {decided} decided",
+            accepted.len()
+        ));
+        if accepted.is_empty() {
+            return Err(Error::invalid(format!(
+                "round {round}: the researcher accepted none of the {decided} decided completions; accept some on                  the gate-Q0 screen"
+            )));
+        }
+        let file = rs
+            .and_then(|rs| rs.gates.iter().rev().find(|g| g.gate == "q0").map(|g| g.file.clone()))
+            .unwrap_or_else(|| rel(round, "decisions.jsonl"));
+        self.done(round, "gate_q0", file)
+    }
+
     fn gate_q0(&mut self, round: u32, lm: &LoadedModel) -> Result<Flow> {
+        if let Some((accepted, decided)) = self.human_accepted(round)? {
+            return self.human_gate_q0(round, accepted, decided);
+        }
         let rows: Vec<ScoredCompletion> = read_jsonl(&self.path(&rel(round, "scored.jsonl"))?)?;
         let mut accepted = Vec::new();
         let mut decisions = Vec::new();
@@ -682,7 +751,7 @@ impl<'a> Runner<'a> {
                 completion: r.completion.id.clone(),
                 decision: if keep { DecisionKind::Accept } else { DecisionKind::Reject },
                 tags: r.score.reasons.iter().map(|x| x.kind().label().to_string()).collect(),
-                note: Some("automatic (headless)".into()),
+                note: Some(AUTOMATIC_NOTE.into()),
             })?;
             if keep {
                 accepted.push(r.completion.clone());
@@ -769,6 +838,7 @@ impl<'a> Runner<'a> {
             persona_system: Some(self.persona.spec.positive.clone()),
             sampling: Sampling::default_sampling(self.cfg.measure_tokens, 1234),
         };
+        let gate_by = if self.human_accepted(round)?.is_some() { "researcher's" } else { "automatic" };
         let before = hgate::measure(lm, &spec, self.progress)?;
         let opts = RunOptions { fresh: false, stop_after_steps: None, final_gate: None, history };
         let sink = &mut self.heal_steps;
@@ -808,7 +878,7 @@ impl<'a> Runner<'a> {
             heal_summary: vec![log.message.clone()],
             sweep: vec![],
             samples,
-            notes: vec![format!("{} accepted completions from the automatic gate Q0.", accepted.len())],
+            notes: vec![format!("{} accepted completions from the {gate_by} gate Q0.", accepted.len())],
         };
         hgate::write(&out.join("gate-q1.md"), &report)?;
         atomic_write_json(&out.join("gate-q1.json"), &report)?;

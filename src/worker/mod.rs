@@ -600,6 +600,8 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let mut cfg = crate::rounds::RoundsConfig::small(&model);
             cfg.rounds = rounds;
             cfg.floor = floor;
+            // The researcher is gate Q0 here: a round they decided on heals on what they accepted.
+            cfg.human_gate = true;
             let mut s = lock(&ctx.session)?;
             // The session's persona file, taken as recorded (like its model path).
             cfg.persona = s.manifest().persona_file.clone();
