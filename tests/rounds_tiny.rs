@@ -11,7 +11,9 @@ use steer_heal::heal::StepRecord;
 use steer_heal::model::tiny::{make_tiny_model, random_weights};
 use steer_heal::model::{load_model, Arch, ModelConfig};
 use steer_heal::progress::Silent;
-use steer_heal::rounds::{Lineage, RoundRecord, RoundsConfig, RunSummary, Runner, AUTOMATIC_NOTE};
+use steer_heal::rounds::{
+    Lineage, RoundRecord, RoundsConfig, RunSummary, Runner, AUTOMATIC_NOTE, HUMAN_GATE_FILE,
+};
 use steer_heal::score::{ScoredCompletion, Verdict};
 use steer_heal::session::{event::read_log, DecisionKind, Session, SessionEvent};
 use steer_heal::steer::Completion;
@@ -250,8 +252,8 @@ fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_headless_ignore
     let mut cfg = tiny_config(mdir.path(), 1);
     cfg.stop_after = Some((1, "score".into()));
     run(&s, cfg);
-    // The researcher decides round 1 on the gate-Q0 screen: accept the first completion; accept the second, undo
-    // that, and reject it (its current decision: reject).
+    // The researcher decides on the gate-Q0 screen (its round 0, the TUI's default): accept the first
+    // completion; accept the second, undo that, and reject it (its current decision: reject).
     let rows: Vec<ScoredCompletion> = std::fs::read_to_string(s.join("round-01/scored.jsonl"))
         .expect("scored")
         .lines()
@@ -264,7 +266,7 @@ fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_headless_ignore
     {
         let mut opened = Session::open(&s).expect("open");
         let decide = |id: &str, decision| SessionEvent::Decision {
-            round: 1,
+            round: 0,
             completion: id.into(),
             decision,
             tags: vec![],
@@ -272,7 +274,7 @@ fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_headless_ignore
         };
         for e in [
             SessionEvent::CompletionsGenerated {
-                round: 1,
+                round: 0,
                 prompt_index: 0,
                 file: "round-01/scored.jsonl".into(),
                 ids: ids.clone(),
@@ -288,9 +290,9 @@ fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_headless_ignore
     let headless = work.path().join("headless");
     copy_dir(&s, &headless);
 
-    // From the TUI (human gate on): heal trains on the one accepted completion, and streams its steps.
+    // From the TUI (human gate on round 0): round 1 heals on the one accepted completion, and streams its steps.
     let mut cfg = tiny_config(mdir.path(), 1);
-    cfg.human_gate = true;
+    cfg.human_gate = Some(0);
     cfg.stop_after = Some((1, "heal".into()));
     let mut progress = Silent::default();
     let mut log = |_: &str| {};
@@ -312,6 +314,22 @@ fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_headless_ignore
         .filter(|e| matches!(e, SessionEvent::Decision { note: Some(n), .. } if n == AUTOMATIC_NOTE))
         .count();
     assert_eq!(automatic, 0, "the researcher's decisions are not overwritten");
+    assert!(s.join("round-01").join(HUMAN_GATE_FILE).exists());
+
+    // Those decisions are used once: round 2, with nothing new decided, takes the automatic verdicts.
+    let mut cfg = tiny_config(mdir.path(), 2);
+    cfg.human_gate = Some(0);
+    cfg.stop_after = Some((2, "gate_q0".into()));
+    run(&s, cfg);
+    let keeps2: Vec<String> = std::fs::read_to_string(s.join("round-02/scored.jsonl"))
+        .expect("scored")
+        .lines()
+        .map(|l| serde_json::from_str::<ScoredCompletion>(l).expect("row"))
+        .filter(|r| r.score.verdict == Verdict::Keep)
+        .map(|r| r.completion.id)
+        .collect();
+    assert_eq!(ids_in(&s.join("round-02/accepted.jsonl")), keeps2);
+    assert!(!s.join("round-02").join(HUMAN_GATE_FILE).exists());
 
     // Headless on the same log: the automatic verdicts decide.
     let mut cfg = tiny_config(mdir.path(), 1);

@@ -76,11 +76,14 @@ pub struct RoundsConfig {
     pub seed: u64,
     /// Test and crash-simulation hook: stop right after this stage of this round.
     pub stop_after: Option<(u32, String)>,
-    /// Gate Q0 by the researcher: when the session log holds the researcher's decisions for the round (made on
-    /// the TUI's gate-Q0 screen), heal trains on the completions they accepted instead of the automatic
-    /// verdicts. Off headless.
-    pub human_gate: bool,
+    /// Gate Q0 by the researcher, from the TUI: the gate-Q0 screen's round. When the log holds researcher
+    /// decisions on it made since the loop last passed a gate Q0, the round in progress heals on the completions
+    /// they accepted instead of the automatic verdicts (each set of decisions is used once). `None` headless.
+    pub human_gate: Option<u32>,
 }
+
+/// The marker a researcher-gated round writes beside `accepted.jsonl`.
+pub const HUMAN_GATE_FILE: &str = "gate-q0-human.json";
 
 /// The note on the decisions the loop records for its automatic gate Q0 (they are not the researcher's).
 pub const AUTOMATIC_NOTE: &str = "automatic (headless)";
@@ -130,7 +133,7 @@ impl RoundsConfig {
             controls: false,
             seed: 42,
             stop_after: None,
-            human_gate: false,
+            human_gate: None,
         }
     }
 }
@@ -678,14 +681,27 @@ impl<'a> Runner<'a> {
         self.done(round, "controls", rel(round, "controls.json"))
     }
 
-    /// With `human_gate` on and the researcher's decisions in the log for `round`: the completions they accepted
-    /// (their current decision, after undos and replays) and how many they decided.
-    fn human_accepted(&self, round: u32) -> Result<Option<(Vec<Completion>, usize)>> {
-        if !self.cfg.human_gate {
-            return Ok(None);
+    /// With `human_gate` naming the gate-Q0 screen's round and researcher decisions on it logged after the
+    /// loop's last gate-Q0 stage: that round, the completions they accept (current decision, after undos and
+    /// replays) and how many they decided.
+    fn human_accepted(&self) -> Result<Option<(u32, Vec<Completion>, usize)>> {
+        let Some(source) = self.cfg.human_gate else { return Ok(None) };
+        let is_human = |e: &SessionEvent| {
+            matches!(e, SessionEvent::Decision { round, note, .. }
+                if *round == source && note.as_deref() != Some(AUTOMATIC_NOTE))
+        };
+        let last_gate = self
+            .events
+            .iter()
+            .rposition(|e| matches!(e, SessionEvent::StageDone { stage, .. } if stage == "gate_q0"));
+        let last_human = self.events.iter().rposition(is_human);
+        match (last_human, last_gate) {
+            (None, _) => return Ok(None),
+            (Some(h), Some(g)) if h < g => return Ok(None),
+            _ => {}
         }
         let state = session::fold(&self.events);
-        let Some(rs) = state.rounds.get(&round) else { return Ok(None) };
+        let Some(rs) = state.rounds.get(&source) else { return Ok(None) };
         let decided: BTreeMap<&str, bool> = rs
             .decisions()
             .into_iter()
@@ -701,15 +717,23 @@ impl<'a> Runner<'a> {
             .filter(|r| decided.get(r.completion.id.as_str()) == Some(&true))
             .map(|r| r.completion)
             .collect();
-        Ok(Some((accepted, decided.len())))
+        Ok(Some((source, accepted, decided.len())))
     }
 
-    /// Gate Q0 by the researcher's decisions: write `decisions.jsonl` and `accepted.jsonl` from them (the loop's
-    /// own completions are not used); the researcher's gate report stands if they wrote one.
-    fn human_gate_q0(&mut self, round: u32, accepted: Vec<Completion>, decided: usize) -> Result<Flow> {
+    /// Gate Q0 by the researcher's decisions on gate-Q0 round `source`: write `decisions.jsonl`,
+    /// `accepted.jsonl` and `gate-q0-human.json` (which marks the round as researcher-gated); the loop's own
+    /// completions of the round are not used.
+    fn human_gate_q0(
+        &mut self,
+        round: u32,
+        source: u32,
+        accepted: Vec<Completion>,
+        decided: usize,
+    ) -> Result<Flow> {
         let state = session::fold(&self.events);
-        let rs = state.rounds.get(&round);
-        let decisions: Vec<serde_json::Value> = rs
+        let decisions: Vec<serde_json::Value> = state
+            .rounds
+            .get(&source)
             .map(|rs| {
                 rs.decisions()
                     .into_iter()
@@ -721,23 +745,26 @@ impl<'a> Runner<'a> {
         write_jsonl(&self.path(&rel(round, "decisions.jsonl"))?, &decisions)?;
         write_jsonl(&self.path(&rel(round, "accepted.jsonl"))?, &accepted)?;
         (self.log)(&format!(
-            "round {round}: gate Q0 by the researcher: {} accepted of {decided} decided",
+            "round {round}: gate Q0 by the researcher (gate-Q0 round {source}): {} accepted of {decided} decided",
             accepted.len()
         ));
         if accepted.is_empty() {
             return Err(Error::invalid(format!(
-                "round {round}: the researcher accepted none of the {decided} decided completions; accept some on                  the gate-Q0 screen"
+                "round {round}: the researcher accepted none of the {decided} decided completions of gate-Q0 round \
+                 {source}; accept some on the gate-Q0 screen"
             )));
         }
-        let file = rs
-            .and_then(|rs| rs.gates.iter().rev().find(|g| g.gate == "q0").map(|g| g.file.clone()))
-            .unwrap_or_else(|| rel(round, "decisions.jsonl"));
+        let file = rel(round, HUMAN_GATE_FILE);
+        atomic_write_json(
+            &self.path(&file)?,
+            &serde_json::json!({"from_round": source, "decided": decided, "accepted": accepted.len()}),
+        )?;
         self.done(round, "gate_q0", file)
     }
 
     fn gate_q0(&mut self, round: u32, lm: &LoadedModel) -> Result<Flow> {
-        if let Some((accepted, decided)) = self.human_accepted(round)? {
-            return self.human_gate_q0(round, accepted, decided);
+        if let Some((source, accepted, decided)) = self.human_accepted()? {
+            return self.human_gate_q0(round, source, accepted, decided);
         }
         let rows: Vec<ScoredCompletion> = read_jsonl(&self.path(&rel(round, "scored.jsonl"))?)?;
         let mut accepted = Vec::new();
@@ -838,7 +865,8 @@ impl<'a> Runner<'a> {
             persona_system: Some(self.persona.spec.positive.clone()),
             sampling: Sampling::default_sampling(self.cfg.measure_tokens, 1234),
         };
-        let gate_by = if self.human_accepted(round)?.is_some() { "researcher's" } else { "automatic" };
+        let gate_by =
+            if self.path(&rel(round, HUMAN_GATE_FILE))?.exists() { "researcher's" } else { "automatic" };
         let before = hgate::measure(lm, &spec, self.progress)?;
         let opts = RunOptions { fresh: false, stop_after_steps: None, final_gate: None, history };
         let sink = &mut self.heal_steps;

@@ -85,6 +85,8 @@ pub enum JobKind {
         rounds: u32,
         /// Coherence floor of the automatic gate Q2 (the researcher can still roll back).
         floor: f64,
+        /// The gate-Q0 screen's round: the researcher's new decisions on it are the round's gate Q0.
+        human_round: Option<u32>,
     },
     /// Read the rounds table and lineage of the session.
     RoundsStatus,
@@ -596,12 +598,12 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let l = lock(&ctx.session)?.write_artifact(&rel, &contents, event)?;
             Ok(JobOutput::Recorded { seq: l.seq, event: l.event })
         }
-        JobKind::RunRounds { model, rounds, floor } => {
+        JobKind::RunRounds { model, rounds, floor, human_round } => {
             let mut cfg = crate::rounds::RoundsConfig::small(&model);
             cfg.rounds = rounds;
             cfg.floor = floor;
             // The researcher is gate Q0 here: a round they decided on heals on what they accepted.
-            cfg.human_gate = true;
+            cfg.human_gate = human_round;
             let mut s = lock(&ctx.session)?;
             // The session's persona file, taken as recorded (like its model path).
             cfg.persona = s.manifest().persona_file.clone();

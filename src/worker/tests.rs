@@ -344,7 +344,8 @@ fn rounds_jobs_report_the_table_and_fail_clearly() {
             e => panic!("unexpected {e:?}"),
         }
         // The plain tiny tokenizer cannot score tinymfv: the run stops at the base eval with that reason.
-        let kind = JobKind::RunRounds { model: md.path().to_path_buf(), rounds: 1, floor: 0.0 };
+        let kind =
+            JobKind::RunRounds { model: md.path().to_path_buf(), rounds: 1, floor: 0.0, human_round: None };
         w.jobs.send(Job { id: 2, kind }).await.expect("send");
         match next_terminal(&mut rx, 2).await {
             WorkerEvent::Failed { error, .. } => assert!(error.contains("seven answer words"), "{error}"),

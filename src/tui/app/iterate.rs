@@ -67,7 +67,13 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
                 return vec![];
             }
             let rounds = v.judged() + 1;
-            let job = s.job(JobKind::RunRounds { model: s.manifest.model.clone(), rounds, floor: TUI_FLOOR });
+            // The decisions made on the gate-Q0 screen since the loop last gated are this round's gate Q0.
+            let job = s.job(JobKind::RunRounds {
+                model: s.manifest.model.clone(),
+                rounds,
+                floor: TUI_FLOOR,
+                human_round: Some(s.round),
+            });
             if let Some(v) = s.iterate.as_mut() {
                 v.running = Some(job.id);
             }

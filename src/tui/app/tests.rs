@@ -695,9 +695,12 @@ fn iterate_keys_continue_stop_rollback_fork() {
     let mut s = iterate_state();
     assert_eq!(s.mode(), Mode::Iterate);
     // Continue runs round 3 (two judged so far) in the worker; a second continue while it runs does nothing.
+    // It carries the gate-Q0 screen's round, whose new decisions are the round's gate Q0.
     let jobs = press(&mut s, "c");
     let run_id = match &jobs[..] {
-        [Job { id, kind: JobKind::RunRounds { rounds: 3, .. } }] => *id,
+        [Job { id, kind: JobKind::RunRounds { rounds: 3, human_round: Some(r), .. } }] if *r == s.round => {
+            *id
+        }
         other => panic!("{other:?}"),
     };
     assert!(press(&mut s, "c").is_empty());
