@@ -233,6 +233,14 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
     vec![]
 }
 
+/// A job failed or was cancelled without a rounds table: if it was the rounds run, it no longer runs (so
+/// continue works again).
+pub fn job_ended(s: &mut State, id: JobId) {
+    if let Some(v) = s.iterate.as_mut().filter(|v| v.running == Some(id)) {
+        v.running = None;
+    }
+}
+
 /// A rounds table arrived from the worker.
 /// When the run that was healing ends and its heal screen is still on the live chart, ask for the report.
 pub fn on_rounds(

@@ -1303,6 +1303,7 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
             if s.replay.as_ref().is_some_and(|r| r.job == id) {
                 s.replay = None;
             }
+            iterate::job_ended(s, id);
             if label == Some("loading model") {
                 s.model = ModelStatus::Failed(error.clone());
             }
@@ -1314,6 +1315,7 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
         }
         WorkerEvent::Cancelled { id } => {
             s.jobs.remove(&id);
+            iterate::job_ended(s, id);
             if s.live.as_ref().is_some_and(|l| l.0 == id) {
                 s.live = None;
             }

@@ -846,4 +846,10 @@ fn heal_steps_land_in_state_open_the_live_chart_and_stop_cancels_the_run() {
     update(&mut s, Msg::Worker(e));
     assert_eq!(s.mode(), Mode::Iterate);
     assert_eq!(s.heal_training.as_ref().map(|t| t.steps.len()), Some(3));
+    // A run that fails frees continue again.
+    let jobs = press(&mut s, "c");
+    let failed = jobs.first().map(|j| j.id).expect("a new run");
+    update(&mut s, Msg::Worker(WorkerEvent::Failed { id: failed, error: "no model".into() }));
+    press(&mut s, "esc");
+    assert!(matches!(press(&mut s, "c")[..], [Job { kind: JobKind::RunRounds { .. }, .. }]));
 }
