@@ -394,4 +394,28 @@ fn heal_screen_training() {
     }
     s.status.clear();
     insta::assert_snapshot!("heal_screen_training", draw(&s, 100, 24).backend());
+    // The report arrives: metrics on top, the training curve kept above the samples on a tall terminal.
+    let report = steer_heal::heal::gate::GateQ1 {
+        round: 1,
+        model: "SmolLM2-135M-Instruct.Q4_1".into(),
+        source: "fallback".into(),
+        coherence_label: "coherence (base ll/token)".into(),
+        trait_label: "persona strength".into(),
+        trait_sign: 1.0,
+        before: steer_heal::heal::gate::Metrics { coherence: -2.0103, trait_value: Some(-0.1376) },
+        after: Some(steer_heal::heal::gate::Metrics { coherence: -2.2092, trait_value: Some(-0.1130) }),
+        heal_summary: vec![],
+        sweep: vec![],
+        samples: vec![steer_heal::heal::gate::SamplePair {
+            prompt: "Should I agree to a search?".into(),
+            teacher: Some("Follow the officer's instructions.".into()),
+            before: "Let's chat about your rights first.".into(),
+            after: "Stay polite and decide calmly.".into(),
+        }],
+        notes: vec![],
+    };
+    let output = steer_heal::worker::JobOutput::GateQ1 { round: 1, report: Box::new(report) };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 99, output }));
+    s.status.clear();
+    insta::assert_snapshot!("heal_screen_training_report", draw(&s, 100, 34).backend());
 }

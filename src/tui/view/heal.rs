@@ -39,7 +39,8 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
         return;
     };
     let bold = Style::default().add_modifier(Modifier::BOLD);
-    let chart_rows = if training.is_some() { 12 } else { 0 };
+    // Once the report is in, the chart stays only where it leaves the samples room.
+    let chart_rows = if training.is_some() && area.height >= 30 { 14 } else { 0 };
     let [top, chart_area, rest] =
         Layout::vertical([Constraint::Length(4), Constraint::Length(chart_rows), Constraint::Min(0)])
             .areas(area);
@@ -137,7 +138,7 @@ fn chart(t: &HealTraining, block: Block, area: Rect, buf: &mut Buffer) {
         .collect();
     Chart::new(datasets)
         // The legend names the four lines (colour alone does not survive every terminal).
-        .hidden_legend_constraints((Constraint::Ratio(1, 2), Constraint::Ratio(1, 2)))
+        .hidden_legend_constraints((Constraint::Ratio(1, 3), Constraint::Ratio(1, 1)))
         .x_axis(
             Axis::default()
                 .title("step")
