@@ -357,7 +357,7 @@ fn heal_screen() {
         &mut s,
         Msg::Worker(WorkerEvent::Finished {
             id: 1,
-            output: JobOutput::GateQ1 { round: 1, report: Box::new(report) },
+            output: JobOutput::GateQ1 { round: 1, report: Box::new(report), steps: vec![] },
         }),
     );
     s.status.clear();
@@ -414,7 +414,7 @@ fn heal_screen_training() {
         }],
         notes: vec![],
     };
-    let output = steer_heal::worker::JobOutput::GateQ1 { round: 1, report: Box::new(report) };
+    let output = steer_heal::worker::JobOutput::GateQ1 { round: 1, report: Box::new(report), steps: vec![] };
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 99, output }));
     s.status.clear();
     insta::assert_snapshot!("heal_screen_training_report", draw(&s, 100, 34).backend());

@@ -195,6 +195,8 @@ pub enum JobOutput {
         round: u32,
         /// The report.
         report: Box<crate::heal::gate::GateQ1>,
+        /// The heal run's step log (`heal/train/log.jsonl`; empty when absent), for the training curve.
+        steps: Vec<crate::heal::StepRecord>,
     },
 }
 
@@ -638,7 +640,9 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
                 .artifact_path(&format!("{}/heal/gate-q1.json", session::round_dir(round)))?;
             let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
             let report = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e))?;
-            Ok(JobOutput::GateQ1 { round, report: Box::new(report) })
+            let log = path.with_file_name("train").join("log.jsonl");
+            let steps = if log.exists() { crate::heal::train::read_step_log(&log)? } else { vec![] };
+            Ok(JobOutput::GateQ1 { round, report: Box::new(report), steps })
         }
         JobKind::Cancel(_) => Err(Error::invalid("cancel is a control message, not a job")),
     }

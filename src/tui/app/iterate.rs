@@ -173,9 +173,14 @@ impl HealTraining {
     }
 }
 
-/// A gate-Q1 report arrived: show it.
-pub fn on_gate_q1(s: &mut State, round: u32, report: GateQ1) {
+/// A gate-Q1 report arrived: show it, with its heal run's logged steps as the training curve (a live curve of
+/// the same round is kept: it is as fresh).
+pub fn on_gate_q1(s: &mut State, job: JobId, round: u32, report: GateQ1, steps: Vec<StepRecord>) {
     s.heal = Some(HealView { round, report: Some(report), scroll: 0 });
+    let live = s.heal_training.as_ref().is_some_and(|t| t.round == round && !t.steps.is_empty());
+    if !live && !steps.is_empty() {
+        s.heal_training = Some(HealTraining { job, round, steps });
+    }
 }
 
 /// A heal step of a running rounds job arrived: keep it; the first step of a round's heal opens the heal screen

@@ -1373,7 +1373,7 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
         JobOutput::Rounds { points, chain, branch, stopped } => {
             return iterate::on_rounds(s, id, points, chain, branch, stopped)
         }
-        JobOutput::GateQ1 { round, report } => iterate::on_gate_q1(s, round, *report),
+        JobOutput::GateQ1 { round, report, steps } => iterate::on_gate_q1(s, id, round, *report, steps),
     }
     vec![]
 }

@@ -767,9 +767,12 @@ fn heal_screen_keeps_or_drops_the_round_with_a_note() {
         [Job { id, kind: JobKind::ReadGateQ1 { round: 1 } }] => *id,
         other => panic!("{other:?}"),
     };
-    let output = JobOutput::GateQ1 { round: 1, report: Box::new(gate_q1_report()) };
+    let steps = vec![step_record(1, 2, 0.5), step_record(2, 2, 1.0)];
+    let output = JobOutput::GateQ1 { round: 1, report: Box::new(gate_q1_report()), steps: steps.clone() };
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id, output }));
     assert_eq!(s.mode(), Mode::Heal);
+    // The logged heal steps are the screen's training curve.
+    assert_eq!(s.heal_training.as_ref().map(|t| (t.round, t.steps.clone())), Some((1, steps)));
     press(&mut s, "j j j");
     assert_eq!(s.heal.as_ref().map(|h| h.scroll), Some(3));
     let jobs = press(&mut s, "D");
