@@ -1,15 +1,22 @@
 //! The rounds loop end to end on a tiny random model: two full headless rounds write every artifact and the
 //! lineage; a run stopped right after a round's heal stage (a simulated crash, plus a torn last log line) resumes
-//! to the same end state without redoing finished stages; rollback and fork move the lineage.
+//! to the same end state without redoing finished stages; rollback and fork move the lineage; with the human gate
+//! on, heal trains on the researcher's accepted completions.
 
 use candle_core::{DType, Device};
 use std::path::Path;
 use steer_heal::eval::FOUNDATIONS;
+use steer_heal::heal::train::read_step_log;
+use steer_heal::heal::StepRecord;
 use steer_heal::model::tiny::{make_tiny_model, random_weights};
 use steer_heal::model::{load_model, Arch, ModelConfig};
 use steer_heal::progress::Silent;
-use steer_heal::rounds::{Lineage, RoundRecord, RoundsConfig, RunSummary, Runner};
-use steer_heal::session::{event::read_log, Session, SessionEvent};
+use steer_heal::rounds::{
+    Lineage, RoundRecord, RoundsConfig, RunSummary, Runner, AUTOMATIC_NOTE, HUMAN_GATE_FILE,
+};
+use steer_heal::score::{ScoredCompletion, Verdict};
+use steer_heal::session::{event::read_log, DecisionKind, Session, SessionEvent};
+use steer_heal::steer::Completion;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// A tiny model whose tokenizer has the seven answer words as tokens (so tinymfv can score it).
@@ -212,4 +219,123 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
         read_log(&c.join("events.jsonl")).expect("log").events.iter().map(|l| l.seq).collect();
     assert_eq!(seqs.last(), Some(&logged.seq));
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        let dest = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).expect("copy");
+        }
+    }
+}
+
+fn ids_in(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("read")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<Completion>(l).expect("completion").id)
+        .collect()
+}
+
+#[test]
+fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_headless_ignores_them() {
+    let mdir = tempfile::tempdir().expect("tempdir");
+    tiny_with_answer_words(mdir.path());
+    let work = tempfile::tempdir().expect("tempdir");
+    let s = work.path().join("human");
+    let mut cfg = tiny_config(mdir.path(), 1);
+    cfg.stop_after = Some((1, "score".into()));
+    run(&s, cfg);
+    // The researcher decides on the gate-Q0 screen (its round 0, the TUI's default): accept the first
+    // completion; accept the second, undo that, and reject it (its current decision: reject).
+    let rows: Vec<ScoredCompletion> = std::fs::read_to_string(s.join("round-01/scored.jsonl"))
+        .expect("scored")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("row"))
+        .collect();
+    assert!(rows.len() >= 2, "the tiny walk-down keeps {} completions", rows.len());
+    let auto_keeps = rows.iter().filter(|r| r.score.verdict == Verdict::Keep).count();
+    assert!(auto_keeps >= 2, "the open thresholds keep {auto_keeps}");
+    let ids: Vec<String> = rows.iter().map(|r| r.completion.id.clone()).collect();
+    {
+        let mut opened = Session::open(&s).expect("open");
+        let decide = |id: &str, decision| SessionEvent::Decision {
+            round: 0,
+            completion: id.into(),
+            decision,
+            tags: vec![],
+            note: None,
+        };
+        for e in [
+            SessionEvent::CompletionsGenerated {
+                round: 0,
+                prompt_index: 0,
+                file: "round-01/scored.jsonl".into(),
+                ids: ids.clone(),
+            },
+            decide(&ids[0], DecisionKind::Accept),
+            decide(&ids[1], DecisionKind::Accept),
+            decide(&ids[1], DecisionKind::Undo),
+            decide(&ids[1], DecisionKind::Reject),
+        ] {
+            opened.session.append(e).expect("append");
+        }
+    }
+    let headless = work.path().join("headless");
+    copy_dir(&s, &headless);
+
+    // From the TUI (human gate on round 0): round 1 heals on the one accepted completion, and streams its steps.
+    let mut cfg = tiny_config(mdir.path(), 1);
+    cfg.human_gate = Some(0);
+    cfg.stop_after = Some((1, "heal".into()));
+    let mut progress = Silent::default();
+    let mut log = |_: &str| {};
+    let mut streamed: Vec<(u32, StepRecord)> = Vec::new();
+    let mut sink = |round: u32, r: &StepRecord| streamed.push((round, r.clone()));
+    let summary = Runner::open(&s, cfg, &mut progress, &mut log)
+        .expect("open")
+        .on_heal_step(&mut sink)
+        .run()
+        .expect("run");
+    assert!(summary.stopped.contains("stopped after round 1 heal"), "{}", summary.stopped);
+    assert_eq!(ids_in(&s.join("round-01/accepted.jsonl")), vec![ids[0].clone()]);
+    let logged = read_step_log(&s.join("round-01/heal/train/log.jsonl")).expect("step log");
+    // One example, one epoch, no accumulation: one optimiser step.
+    assert_eq!(logged.iter().map(|r| r.total_steps).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(streamed, logged.iter().map(|r| (1, r.clone())).collect::<Vec<_>>());
+    let automatic = events(&s)
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::Decision { note: Some(n), .. } if n == AUTOMATIC_NOTE))
+        .count();
+    assert_eq!(automatic, 0, "the researcher's decisions are not overwritten");
+    assert!(s.join("round-01").join(HUMAN_GATE_FILE).exists());
+
+    // Those decisions are used once: round 2, with nothing new decided, takes the automatic verdicts.
+    let mut cfg = tiny_config(mdir.path(), 2);
+    cfg.human_gate = Some(0);
+    cfg.stop_after = Some((2, "gate_q0".into()));
+    run(&s, cfg);
+    let keeps2: Vec<String> = std::fs::read_to_string(s.join("round-02/scored.jsonl"))
+        .expect("scored")
+        .lines()
+        .map(|l| serde_json::from_str::<ScoredCompletion>(l).expect("row"))
+        .filter(|r| r.score.verdict == Verdict::Keep)
+        .map(|r| r.completion.id)
+        .collect();
+    assert_eq!(ids_in(&s.join("round-02/accepted.jsonl")), keeps2);
+    assert!(!s.join("round-02").join(HUMAN_GATE_FILE).exists());
+
+    // Headless on the same log: the automatic verdicts decide.
+    let mut cfg = tiny_config(mdir.path(), 1);
+    cfg.stop_after = Some((1, "gate_q0".into()));
+    run(&headless, cfg);
+    let want: Vec<String> =
+        rows.iter().filter(|r| r.score.verdict == Verdict::Keep).map(|r| r.completion.id.clone()).collect();
+    assert_eq!(ids_in(&headless.join("round-01/accepted.jsonl")), want);
 }

@@ -357,9 +357,65 @@ fn heal_screen() {
         &mut s,
         Msg::Worker(WorkerEvent::Finished {
             id: 1,
-            output: JobOutput::GateQ1 { round: 1, report: Box::new(report) },
+            output: JobOutput::GateQ1 { round: 1, report: Box::new(report), steps: vec![] },
         }),
     );
     s.status.clear();
     insta::assert_snapshot!("heal_screen", draw(&s, 100, 20).backend());
+}
+
+#[test]
+fn heal_screen_training() {
+    use steer_heal::heal::StepRecord;
+    let mut s = state(2);
+    press(&mut s, "I c");
+    let run = s.iterate.as_ref().and_then(|v| v.running).expect("a rounds job runs");
+    // Six of twelve steps in 3 s: loss and NLL fall, D climbs toward the barrier, λ_eff is fixed.
+    for i in 1..=6usize {
+        let x = i as f64;
+        let record = StepRecord {
+            step: i,
+            total_steps: 12,
+            epoch: 0,
+            loss: 2.4 - 0.2 * x,
+            nll: 2.2 - 0.2 * x,
+            d: 0.1 * x,
+            kl_mean: 0.08 * x,
+            barrier: 0.0,
+            spectral: 0.0,
+            lambda_eff: 0.8,
+            lr: 2e-4,
+            grad_norm: 1.0,
+            tokens: 256,
+            tokens_per_s: 512.0,
+            elapsed_s: 0.5 * x,
+        };
+        update(&mut s, Msg::Worker(WorkerEvent::HealStep { id: run, round: 1, record: Box::new(record) }));
+    }
+    s.status.clear();
+    insta::assert_snapshot!("heal_screen_training", draw(&s, 100, 24).backend());
+    // The report arrives: metrics on top, the training curve kept above the samples on a tall terminal.
+    let report = steer_heal::heal::gate::GateQ1 {
+        round: 1,
+        model: "SmolLM2-135M-Instruct.Q4_1".into(),
+        source: "fallback".into(),
+        coherence_label: "coherence (base ll/token)".into(),
+        trait_label: "persona strength".into(),
+        trait_sign: 1.0,
+        before: steer_heal::heal::gate::Metrics { coherence: -2.0103, trait_value: Some(-0.1376) },
+        after: Some(steer_heal::heal::gate::Metrics { coherence: -2.2092, trait_value: Some(-0.1130) }),
+        heal_summary: vec![],
+        sweep: vec![],
+        samples: vec![steer_heal::heal::gate::SamplePair {
+            prompt: "Should I agree to a search?".into(),
+            teacher: Some("Follow the officer's instructions.".into()),
+            before: "Let's chat about your rights first.".into(),
+            after: "Stay polite and decide calmly.".into(),
+        }],
+        notes: vec![],
+    };
+    let output = steer_heal::worker::JobOutput::GateQ1 { round: 1, report: Box::new(report), steps: vec![] };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 99, output }));
+    s.status.clear();
+    insta::assert_snapshot!("heal_screen_training_report", draw(&s, 100, 34).backend());
 }

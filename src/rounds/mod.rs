@@ -1,7 +1,7 @@
 //! The rounds loop (gate Q2): per round, re-extract the persona vector from the current student (base + kept
 //! rounds' adapters), dose it by iso-KL, generate with the walk-down controller, score, pass gate Q0
-//! (automatic verdicts headless), heal, bake the history, evaluate; then keep or drop the round and redraw the
-//! progress map and `gate-q2.md`. Every stage writes its artifact atomically under `round-NN/` and appends a
+//! (automatic verdicts headless; from the TUI, the researcher's accepts when they decided the round), heal, bake
+//! the history, evaluate; then keep or drop the round and redraw the progress map and `gate-q2.md`. Every stage writes its artifact atomically under `round-NN/` and appends a
 //! `stage_done` event; a resumed run skips stages whose event exists. Stage work is the other modules' library
 //! functions; this module only sequences them and records lineage.
 //!
@@ -76,7 +76,17 @@ pub struct RoundsConfig {
     pub seed: u64,
     /// Test and crash-simulation hook: stop right after this stage of this round.
     pub stop_after: Option<(u32, String)>,
+    /// Gate Q0 by the researcher, from the TUI: the gate-Q0 screen's round. When the log holds researcher
+    /// decisions on it made since the loop last passed a gate Q0, the round in progress heals on the completions
+    /// they accepted instead of the automatic verdicts (each set of decisions is used once). `None` headless.
+    pub human_gate: Option<u32>,
 }
+
+/// The marker a researcher-gated round writes beside `accepted.jsonl`.
+pub const HUMAN_GATE_FILE: &str = "gate-q0-human.json";
+
+/// The note on the decisions the loop records for its automatic gate Q0 (they are not the researcher's).
+pub const AUTOMATIC_NOTE: &str = "automatic (headless)";
 
 impl RoundsConfig {
     /// Small defaults for `model`.
@@ -123,6 +133,7 @@ impl RoundsConfig {
             controls: false,
             seed: 42,
             stop_after: None,
+            human_gate: None,
         }
     }
 }
@@ -304,6 +315,9 @@ impl Held<'_> {
     }
 }
 
+/// A receiver of heal optimiser steps with their round.
+pub type HealStepSink<'s> = dyn FnMut(u32, &heal::StepRecord) + 's;
+
 /// One run of the loop over a session folder (created when absent).
 pub struct Runner<'a> {
     session: Held<'a>,
@@ -312,6 +326,8 @@ pub struct Runner<'a> {
     persona: Persona,
     progress: &'a mut dyn Progress,
     log: &'a mut dyn FnMut(&str),
+    /// Sees every heal optimiser step with its round (the TUI charts them live).
+    heal_steps: Option<&'a mut HealStepSink<'a>>,
 }
 
 /// Whether the run goes on after a stage.
@@ -336,7 +352,15 @@ impl<'a> Runner<'a> {
             log(&format!("warning: {w}"));
         }
         let events = opened.events.into_iter().map(|l| l.event).collect();
-        Ok(Runner { session: Held::Owned(Box::new(opened.session)), events, cfg, persona, progress, log })
+        Ok(Runner {
+            session: Held::Owned(Box::new(opened.session)),
+            events,
+            cfg,
+            persona,
+            progress,
+            log,
+            heal_steps: None,
+        })
     }
 
     /// Run on a session the caller already has open (its log is re-read from disk for the lineage).
@@ -349,7 +373,13 @@ impl<'a> Runner<'a> {
         let persona = Persona::load_or_default(cfg.persona.as_deref())?;
         let contents = crate::session::event::read_log(&session.dir().join(session::EVENTS))?;
         let events = contents.events.into_iter().map(|l| l.event).collect();
-        Ok(Runner { session: Held::Borrowed(session), events, cfg, persona, progress, log })
+        Ok(Runner { session: Held::Borrowed(session), events, cfg, persona, progress, log, heal_steps: None })
+    }
+
+    /// Pass every heal optimiser step (with its round) to `sink`, e.g. to stream it to a UI.
+    pub fn on_heal_step(mut self, sink: &'a mut HealStepSink<'a>) -> Self {
+        self.heal_steps = Some(sink);
+        self
     }
 
     /// The lineage as the log tells it now.
@@ -557,7 +587,8 @@ impl<'a> Runner<'a> {
             atomic_write(&self.path(&rel(round, "scored.jsonl"))?, &session::to_jsonl(&rows)?)?;
             step!(self.done(round, "score", rel(round, "scored.jsonl")));
         }
-        // gate Q0: headless, the automatic verdict is the decision.
+        // gate Q0: the researcher's decisions when the TUI runs the loop and they decided this round; else the
+        // automatic verdict is the decision.
         if !self.lineage().is_done(round, "gate_q0") {
             step!(self.gate_q0(round, &lm));
         }
@@ -650,7 +681,91 @@ impl<'a> Runner<'a> {
         self.done(round, "controls", rel(round, "controls.json"))
     }
 
+    /// With `human_gate` naming the gate-Q0 screen's round and researcher decisions on it logged after the
+    /// loop's last gate-Q0 stage: that round, the completions they accept (current decision, after undos and
+    /// replays) and how many they decided.
+    fn human_accepted(&self) -> Result<Option<(u32, Vec<Completion>, usize)>> {
+        let Some(source) = self.cfg.human_gate else { return Ok(None) };
+        let is_human = |e: &SessionEvent| {
+            matches!(e, SessionEvent::Decision { round, note, .. }
+                if *round == source && note.as_deref() != Some(AUTOMATIC_NOTE))
+        };
+        let last_gate = self
+            .events
+            .iter()
+            .rposition(|e| matches!(e, SessionEvent::StageDone { stage, .. } if stage == "gate_q0"));
+        let last_human = self.events.iter().rposition(is_human);
+        match (last_human, last_gate) {
+            (None, _) => return Ok(None),
+            (Some(h), Some(g)) if h < g => return Ok(None),
+            _ => {}
+        }
+        let state = session::fold(&self.events);
+        let Some(rs) = state.rounds.get(&source) else { return Ok(None) };
+        let decided: BTreeMap<&str, bool> = rs
+            .decisions()
+            .into_iter()
+            .filter(|(_, d)| d.note.as_deref() != Some(AUTOMATIC_NOTE))
+            .map(|(id, d)| (id, d.keep))
+            .collect();
+        if decided.is_empty() {
+            return Ok(None);
+        }
+        let rows = self.session.get().load_round(rs)?;
+        let accepted: Vec<Completion> = rows
+            .into_iter()
+            .filter(|r| decided.get(r.completion.id.as_str()) == Some(&true))
+            .map(|r| r.completion)
+            .collect();
+        Ok(Some((source, accepted, decided.len())))
+    }
+
+    /// Gate Q0 by the researcher's decisions on gate-Q0 round `source`: write `decisions.jsonl`,
+    /// `accepted.jsonl` and `gate-q0-human.json` (which marks the round as researcher-gated); the loop's own
+    /// completions of the round are not used.
+    fn human_gate_q0(
+        &mut self,
+        round: u32,
+        source: u32,
+        accepted: Vec<Completion>,
+        decided: usize,
+    ) -> Result<Flow> {
+        let state = session::fold(&self.events);
+        let decisions: Vec<serde_json::Value> = state
+            .rounds
+            .get(&source)
+            .map(|rs| {
+                rs.decisions()
+                    .into_iter()
+                    .filter(|(_, d)| d.note.as_deref() != Some(AUTOMATIC_NOTE))
+                    .map(|(id, d)| serde_json::json!({"id": id, "keep": d.keep, "tags": d.tags, "note": d.note}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        write_jsonl(&self.path(&rel(round, "decisions.jsonl"))?, &decisions)?;
+        write_jsonl(&self.path(&rel(round, "accepted.jsonl"))?, &accepted)?;
+        (self.log)(&format!(
+            "round {round}: gate Q0 by the researcher (gate-Q0 round {source}): {} accepted of {decided} decided",
+            accepted.len()
+        ));
+        if accepted.is_empty() {
+            return Err(Error::invalid(format!(
+                "round {round}: the researcher accepted none of the {decided} decided completions of gate-Q0 round \
+                 {source}; accept some on the gate-Q0 screen"
+            )));
+        }
+        let file = rel(round, HUMAN_GATE_FILE);
+        atomic_write_json(
+            &self.path(&file)?,
+            &serde_json::json!({"from_round": source, "decided": decided, "accepted": accepted.len()}),
+        )?;
+        self.done(round, "gate_q0", file)
+    }
+
     fn gate_q0(&mut self, round: u32, lm: &LoadedModel) -> Result<Flow> {
+        if let Some((source, accepted, decided)) = self.human_accepted()? {
+            return self.human_gate_q0(round, source, accepted, decided);
+        }
         let rows: Vec<ScoredCompletion> = read_jsonl(&self.path(&rel(round, "scored.jsonl"))?)?;
         let mut accepted = Vec::new();
         let mut decisions = Vec::new();
@@ -663,7 +778,7 @@ impl<'a> Runner<'a> {
                 completion: r.completion.id.clone(),
                 decision: if keep { DecisionKind::Accept } else { DecisionKind::Reject },
                 tags: r.score.reasons.iter().map(|x| x.kind().label().to_string()).collect(),
-                note: Some("automatic (headless)".into()),
+                note: Some(AUTOMATIC_NOTE.into()),
             })?;
             if keep {
                 accepted.push(r.completion.clone());
@@ -750,9 +865,17 @@ impl<'a> Runner<'a> {
             persona_system: Some(self.persona.spec.positive.clone()),
             sampling: Sampling::default_sampling(self.cfg.measure_tokens, 1234),
         };
+        let gate_by =
+            if self.path(&rel(round, HUMAN_GATE_FILE))?.exists() { "researcher's" } else { "automatic" };
         let before = hgate::measure(lm, &spec, self.progress)?;
         let opts = RunOptions { fresh: false, stop_after_steps: None, final_gate: None, history };
-        let log = heal::heal(&mut lm.model, &lm.info, &data, &cfg, out, &opts, self.progress, &mut |_| {})?;
+        let sink = &mut self.heal_steps;
+        let mut on_step = |r: &heal::StepRecord| {
+            if let Some(f) = sink.as_mut() {
+                f(round, r)
+            }
+        };
+        let log = heal::heal(&mut lm.model, &lm.info, &data, &cfg, out, &opts, self.progress, &mut on_step)?;
         match log.status {
             HealStatus::Completed => {}
             HealStatus::Cancelled | HealStatus::Stopped => return Ok(Flow::Stop(log.message)),
@@ -783,7 +906,7 @@ impl<'a> Runner<'a> {
             heal_summary: vec![log.message.clone()],
             sweep: vec![],
             samples,
-            notes: vec![format!("{} accepted completions from the automatic gate Q0.", accepted.len())],
+            notes: vec![format!("{} accepted completions from the {gate_by} gate Q0.", accepted.len())],
         };
         hgate::write(&out.join("gate-q1.md"), &report)?;
         atomic_write_json(&out.join("gate-q1.json"), &report)?;

@@ -314,7 +314,10 @@ impl Action {
                     | ToggleHelp
             ),
             Mode::Heal => {
-                matches!(self, KeepRound | DropRound | ScrollDown | ScrollUp | Cancel | Quit | ToggleHelp)
+                matches!(
+                    self,
+                    KeepRound | DropRound | StopRounds | ScrollDown | ScrollUp | Cancel | Quit | ToggleHelp
+                )
             }
         }
     }

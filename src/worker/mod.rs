@@ -85,6 +85,8 @@ pub enum JobKind {
         rounds: u32,
         /// Coherence floor of the automatic gate Q2 (the researcher can still roll back).
         floor: f64,
+        /// The gate-Q0 screen's round: the researcher's new decisions on it are the round's gate Q0.
+        human_round: Option<u32>,
     },
     /// Read the rounds table and lineage of the session.
     RoundsStatus,
@@ -193,6 +195,8 @@ pub enum JobOutput {
         round: u32,
         /// The report.
         report: Box<crate::heal::gate::GateQ1>,
+        /// The heal run's step log (`heal/train/log.jsonl`; empty when absent), for the training curve.
+        steps: Vec<crate::heal::StepRecord>,
     },
 }
 
@@ -241,6 +245,15 @@ pub enum WorkerEvent {
         row: usize,
         /// Its text piece.
         text: String,
+    },
+    /// One heal optimiser step of a rounds job (for the live training chart).
+    HealStep {
+        /// Job.
+        id: JobId,
+        /// Round being healed.
+        round: u32,
+        /// The step's metrics.
+        record: Box<crate::heal::StepRecord>,
     },
     /// A job succeeded.
     Finished {
@@ -587,16 +600,23 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let l = lock(&ctx.session)?.write_artifact(&rel, &contents, event)?;
             Ok(JobOutput::Recorded { seq: l.seq, event: l.event })
         }
-        JobKind::RunRounds { model, rounds, floor } => {
+        JobKind::RunRounds { model, rounds, floor, human_round } => {
             let mut cfg = crate::rounds::RoundsConfig::small(&model);
             cfg.rounds = rounds;
             cfg.floor = floor;
+            // The researcher is gate Q0 here: a round they decided on heals on what they accepted.
+            cfg.human_gate = human_round;
             let mut s = lock(&ctx.session)?;
             // The session's persona file, taken as recorded (like its model path).
             cfg.persona = s.manifest().persona_file.clone();
             let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
             let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
-            let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?.run()?;
+            let mut on_step = |round: u32, r: &crate::heal::StepRecord| {
+                send(WorkerEvent::HealStep { id, round, record: Box::new(r.clone()) })
+            };
+            let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?
+                .on_heal_step(&mut on_step)
+                .run()?;
             let (_, after) = crate::rounds::read_status(s.dir())?;
             Ok(JobOutput::Rounds {
                 points: summary.points,
@@ -620,7 +640,9 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
                 .artifact_path(&format!("{}/heal/gate-q1.json", session::round_dir(round)))?;
             let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
             let report = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e))?;
-            Ok(JobOutput::GateQ1 { round, report: Box::new(report) })
+            let log = path.with_file_name("train").join("log.jsonl");
+            let steps = if log.exists() { crate::heal::train::read_step_log(&log)? } else { vec![] };
+            Ok(JobOutput::GateQ1 { round, report: Box::new(report), steps })
         }
         JobKind::Cancel(_) => Err(Error::invalid("cancel is a control message, not a job")),
     }

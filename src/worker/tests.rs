@@ -344,11 +344,76 @@ fn rounds_jobs_report_the_table_and_fail_clearly() {
             e => panic!("unexpected {e:?}"),
         }
         // The plain tiny tokenizer cannot score tinymfv: the run stops at the base eval with that reason.
-        let kind = JobKind::RunRounds { model: md.path().to_path_buf(), rounds: 1, floor: 0.0 };
+        let kind =
+            JobKind::RunRounds { model: md.path().to_path_buf(), rounds: 1, floor: 0.0, human_round: None };
         w.jobs.send(Job { id: 2, kind }).await.expect("send");
         match next_terminal(&mut rx, 2).await {
             WorkerEvent::Failed { error, .. } => assert!(error.contains("seven answer words"), "{error}"),
             e => panic!("unexpected {e:?}"),
         }
+    });
+}
+
+#[test]
+fn gate_q1_comes_with_the_heal_step_log() {
+    use crate::heal::gate::{GateQ1, Metrics};
+    use crate::heal::StepRecord;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let sd = tempfile::tempdir().expect("tempdir");
+        let session = session_with_model(sd.path(), Path::new("no-model"));
+        let report = GateQ1 {
+            round: 1,
+            model: "tiny".into(),
+            source: "fallback".into(),
+            coherence_label: "coherence".into(),
+            trait_label: "trait".into(),
+            trait_sign: 1.0,
+            before: Metrics { coherence: -2.0, trait_value: None },
+            after: None,
+            heal_summary: vec![],
+            sweep: vec![],
+            samples: vec![],
+            notes: vec![],
+        };
+        let step = |i: usize| StepRecord {
+            step: i,
+            total_steps: 2,
+            epoch: 0,
+            loss: 1.0 / i as f64,
+            nll: 0.9,
+            d: 0.1,
+            kl_mean: 0.1,
+            barrier: 0.0,
+            spectral: 0.0,
+            lambda_eff: 0.5,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens: 10,
+            tokens_per_s: 100.0,
+            elapsed_s: i as f64,
+        };
+        for round in [1u32, 2] {
+            let heal = sd.path().join(format!("round-{round:02}/heal"));
+            std::fs::create_dir_all(heal.join("train")).expect("mkdir");
+            std::fs::write(heal.join("gate-q1.json"), serde_json::to_vec(&report).expect("json"))
+                .expect("write");
+        }
+        let log: String =
+            [step(1), step(2)].iter().map(|r| serde_json::to_string(r).expect("json") + "\n").collect();
+        std::fs::write(sd.path().join("round-01/heal/train/log.jsonl"), log).expect("write log");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session, tx).expect("spawn");
+        for (id, round, want) in [(1, 1, vec![step(1), step(2)]), (2, 2, vec![])] {
+            w.jobs.send(Job { id, kind: JobKind::ReadGateQ1 { round } }).await.expect("send");
+            match next_terminal(&mut rx, id).await {
+                WorkerEvent::Finished { output: JobOutput::GateQ1 { round: r, steps, .. }, .. } => {
+                    assert_eq!((r, steps), (round, want));
+                }
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+        drop(w.jobs);
+        w.join.await.expect("worker ends");
     });
 }

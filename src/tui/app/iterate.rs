@@ -5,6 +5,7 @@
 use super::State;
 use crate::eval::{RoundPoint, RoundStatus};
 use crate::heal::gate::GateQ1;
+use crate::heal::StepRecord;
 use crate::session::SessionEvent;
 use crate::tui::action::Action;
 use crate::worker::{Job, JobId, JobKind};
@@ -66,7 +67,13 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
                 return vec![];
             }
             let rounds = v.judged() + 1;
-            let job = s.job(JobKind::RunRounds { model: s.manifest.model.clone(), rounds, floor: TUI_FLOOR });
+            // The decisions made on the gate-Q0 screen since the loop last gated are this round's gate Q0.
+            let job = s.job(JobKind::RunRounds {
+                model: s.manifest.model.clone(),
+                rounds,
+                floor: TUI_FLOOR,
+                human_round: Some(s.round),
+            });
             if let Some(v) = s.iterate.as_mut() {
                 v.running = Some(job.id);
             }
@@ -117,6 +124,11 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
                 return vec![];
             }
             let round = p.round as u32;
+            if v.running.is_some() && s.heal_training.as_ref().is_some_and(|t| t.round == round) {
+                // The round is still healing: show the live chart; the report comes when the run ends.
+                s.heal = Some(HealView { round, report: None, scroll: 0 });
+                return vec![];
+            }
             return vec![s.job(JobKind::ReadGateQ1 { round })];
         }
         Action::Quit => return super::quit(s),
@@ -126,20 +138,64 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
     vec![]
 }
 
-/// The heal screen: one round's gate-Q1 report.
+/// The heal screen: one round's gate-Q1 report, or its live training while the round heals.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealView {
     /// Round.
     pub round: u32,
-    /// The report (teacher / before / after samples and metrics).
-    pub report: GateQ1,
+    /// The report (teacher / before / after samples and metrics); `None` while the round is still healing.
+    pub report: Option<GateQ1>,
     /// Vertical scroll of the samples.
     pub scroll: u16,
 }
 
-/// A gate-Q1 report arrived: show it.
-pub fn on_gate_q1(s: &mut State, round: u32, report: GateQ1) {
-    s.heal = Some(HealView { round, report, scroll: 0 });
+/// The heal steps a running rounds job has streamed, for the live training chart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HealTraining {
+    /// The rounds job.
+    pub job: JobId,
+    /// Round being healed.
+    pub round: u32,
+    /// Steps so far, in order.
+    pub steps: Vec<StepRecord>,
+}
+
+impl HealTraining {
+    /// Optimiser steps per second and the seconds left, from the last step's index, total and elapsed time.
+    pub fn rate_and_eta(&self) -> Option<(f64, f64)> {
+        let last = self.steps.last()?;
+        if last.elapsed_s <= 0.0 || last.step == 0 {
+            return None;
+        }
+        let rate = last.step as f64 / last.elapsed_s;
+        let left = last.total_steps.saturating_sub(last.step) as f64 / rate;
+        Some((rate, left))
+    }
+}
+
+/// A gate-Q1 report arrived: show it, with its heal run's logged steps as the training curve (a live curve of
+/// the same round is kept: it is as fresh).
+pub fn on_gate_q1(s: &mut State, job: JobId, round: u32, report: GateQ1, steps: Vec<StepRecord>) {
+    s.heal = Some(HealView { round, report: Some(report), scroll: 0 });
+    let live = s.heal_training.as_ref().is_some_and(|t| t.round == round && !t.steps.is_empty());
+    if !live && !steps.is_empty() {
+        s.heal_training = Some(HealTraining { job, round, steps });
+    }
+}
+
+/// A heal step of a running rounds job arrived: keep it; the first step of a round's heal opens the heal screen
+/// on its live chart when the iterate screen is showing.
+pub fn on_heal_step(s: &mut State, job: JobId, round: u32, record: StepRecord) {
+    let fresh = !s.heal_training.as_ref().is_some_and(|t| t.job == job && t.round == round);
+    if fresh {
+        s.heal_training = Some(HealTraining { job, round, steps: Vec::new() });
+        if s.heal.is_none() && s.iterate.is_some() && s.popup.is_none() {
+            s.heal = Some(HealView { round, report: None, scroll: 0 });
+        }
+    }
+    if let Some(t) = s.heal_training.as_mut() {
+        t.steps.push(record);
+    }
 }
 
 /// Keys on the heal screen: keep or drop the round (a `round_gate` event at `q1`), scroll, back.
@@ -149,10 +205,21 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
         Action::ScrollDown => h.scroll = h.scroll.saturating_add(1),
         Action::ScrollUp => h.scroll = h.scroll.saturating_sub(1),
         Action::Cancel => s.heal = None,
+        Action::StopRounds => match s.iterate.as_ref().and_then(|v| v.running) {
+            Some(id) => {
+                s.status = "stopping the round (heal checkpoints; continue resumes)".into();
+                return vec![s.job(JobKind::Cancel(id))];
+            }
+            None => s.status = "no round is running".into(),
+        },
         Action::KeepRound | Action::DropRound => {
             let keep = a == Action::KeepRound;
             let round = h.round;
-            let (b, after) = (h.report.before, h.report.after);
+            let Some(report) = h.report.as_ref() else {
+                s.status = format!("round {round} is still healing; judge it when its report is in");
+                return vec![];
+            };
+            let (b, after) = (report.before, report.after);
             let note = format!(
                 "researcher at the heal screen: coherence {:.3} → {}",
                 b.coherence,
@@ -171,7 +238,16 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
     vec![]
 }
 
+/// A job failed or was cancelled without a rounds table: if it was the rounds run, it no longer runs (so
+/// continue works again).
+pub fn job_ended(s: &mut State, id: JobId) {
+    if let Some(v) = s.iterate.as_mut().filter(|v| v.running == Some(id)) {
+        v.running = None;
+    }
+}
+
 /// A rounds table arrived from the worker.
+/// When the run that was healing ends and its heal screen is still on the live chart, ask for the report.
 pub fn on_rounds(
     s: &mut State,
     id: JobId,
@@ -179,15 +255,23 @@ pub fn on_rounds(
     chain: Vec<u32>,
     branch: String,
     stopped: String,
-) {
+) -> Vec<Job> {
+    let mut jobs = vec![];
     let v = s.iterate.get_or_insert_with(IterateView::default);
     if v.running == Some(id) {
         v.running = None;
         v.last_run = stopped.clone();
         s.status = stopped;
+        if let Some(round) = s.heal.as_ref().filter(|h| h.report.is_none()).map(|h| h.round) {
+            if points.iter().any(|p| p.round as u32 == round) {
+                jobs.push(s.job(JobKind::ReadGateQ1 { round }));
+            }
+        }
     }
+    let v = s.iterate.get_or_insert_with(IterateView::default);
     v.selected = v.selected.min(points.len().saturating_sub(1));
     v.points = points;
     v.chain = chain;
     v.branch = branch;
+    jobs
 }

@@ -327,6 +327,8 @@ pub struct State {
     pub iterate: Option<iterate::IterateView>,
     /// The heal screen (over the iterate screen), when open.
     pub heal: Option<iterate::HealView>,
+    /// Heal steps streamed by the running rounds job (the heal screen's live chart).
+    pub heal_training: Option<iterate::HealTraining>,
 }
 
 impl State {
@@ -377,6 +379,7 @@ impl State {
             quit: false,
             iterate: None,
             heal: None,
+            heal_training: None,
         };
         s.refresh_view(None);
         s
@@ -1287,6 +1290,7 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
                 }
             }
         }
+        WorkerEvent::HealStep { id, round, record } => iterate::on_heal_step(s, id, round, *record),
         WorkerEvent::Finished { id, output } => {
             s.jobs.remove(&id);
             return on_output(s, id, output);
@@ -1299,6 +1303,7 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
             if s.replay.as_ref().is_some_and(|r| r.job == id) {
                 s.replay = None;
             }
+            iterate::job_ended(s, id);
             if label == Some("loading model") {
                 s.model = ModelStatus::Failed(error.clone());
             }
@@ -1310,6 +1315,7 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
         }
         WorkerEvent::Cancelled { id } => {
             s.jobs.remove(&id);
+            iterate::job_ended(s, id);
             if s.live.as_ref().is_some_and(|l| l.0 == id) {
                 s.live = None;
             }
@@ -1365,9 +1371,9 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
         }
         JobOutput::Recorded { .. } => {}
         JobOutput::Rounds { points, chain, branch, stopped } => {
-            iterate::on_rounds(s, id, points, chain, branch, stopped)
+            return iterate::on_rounds(s, id, points, chain, branch, stopped)
         }
-        JobOutput::GateQ1 { round, report } => iterate::on_gate_q1(s, round, *report),
+        JobOutput::GateQ1 { round, report, steps } => iterate::on_gate_q1(s, id, round, *report, steps),
     }
     vec![]
 }

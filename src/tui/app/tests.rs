@@ -695,9 +695,12 @@ fn iterate_keys_continue_stop_rollback_fork() {
     let mut s = iterate_state();
     assert_eq!(s.mode(), Mode::Iterate);
     // Continue runs round 3 (two judged so far) in the worker; a second continue while it runs does nothing.
+    // It carries the gate-Q0 screen's round, whose new decisions are the round's gate Q0.
     let jobs = press(&mut s, "c");
     let run_id = match &jobs[..] {
-        [Job { id, kind: JobKind::RunRounds { rounds: 3, .. } }] => *id,
+        [Job { id, kind: JobKind::RunRounds { rounds: 3, human_round: Some(r), .. } }] if *r == s.round => {
+            *id
+        }
         other => panic!("{other:?}"),
     };
     assert!(press(&mut s, "c").is_empty());
@@ -764,9 +767,12 @@ fn heal_screen_keeps_or_drops_the_round_with_a_note() {
         [Job { id, kind: JobKind::ReadGateQ1 { round: 1 } }] => *id,
         other => panic!("{other:?}"),
     };
-    let output = JobOutput::GateQ1 { round: 1, report: Box::new(gate_q1_report()) };
+    let steps = vec![step_record(1, 2, 0.5), step_record(2, 2, 1.0)];
+    let output = JobOutput::GateQ1 { round: 1, report: Box::new(gate_q1_report()), steps: steps.clone() };
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id, output }));
     assert_eq!(s.mode(), Mode::Heal);
+    // The logged heal steps are the screen's training curve.
+    assert_eq!(s.heal_training.as_ref().map(|t| (t.round, t.steps.clone())), Some((1, steps)));
     press(&mut s, "j j j");
     assert_eq!(s.heal.as_ref().map(|h| h.scroll), Some(3));
     let jobs = press(&mut s, "D");
@@ -779,4 +785,74 @@ fn heal_screen_keeps_or_drops_the_round_with_a_note() {
     }
     assert!(jobs.iter().any(|j| matches!(j.kind, JobKind::RoundsStatus)), "the table is re-read");
     assert_eq!(s.mode(), Mode::Iterate);
+}
+
+fn step_record(step: usize, total: usize, elapsed_s: f64) -> crate::heal::StepRecord {
+    crate::heal::StepRecord {
+        step,
+        total_steps: total,
+        epoch: 0,
+        loss: 2.0 - 0.1 * step as f64,
+        nll: 1.8 - 0.1 * step as f64,
+        d: 0.05 * step as f64,
+        kl_mean: 0.04 * step as f64,
+        barrier: 0.0,
+        spectral: 0.0,
+        lambda_eff: 1.5,
+        lr: 1e-3,
+        grad_norm: 0.7,
+        tokens: 120,
+        tokens_per_s: 240.0,
+        elapsed_s,
+    }
+}
+
+#[test]
+fn heal_steps_land_in_state_open_the_live_chart_and_stop_cancels_the_run() {
+    let mut s = iterate_state();
+    let jobs = press(&mut s, "c");
+    let run_id = match &jobs[..] {
+        [Job { id, kind: JobKind::RunRounds { rounds: 3, .. } }] => *id,
+        other => panic!("{other:?}"),
+    };
+    for (i, t) in [(1, 0.5), (2, 1.0)] {
+        let e = WorkerEvent::HealStep { id: run_id, round: 3, record: Box::new(step_record(i, 8, t)) };
+        assert!(update(&mut s, Msg::Worker(e)).is_empty());
+    }
+    let t = s.heal_training.as_ref().expect("training kept");
+    assert_eq!((t.job, t.round, t.steps.len()), (run_id, 3, 2));
+    assert_eq!(t.steps[1], step_record(2, 8, 1.0));
+    // 2 steps in 1 s: 2 steps/s, 6 steps left → 3 s.
+    assert_eq!(t.rate_and_eta(), Some((2.0, 3.0)));
+    // The first step opened the heal screen on the live chart; there is no report to judge yet.
+    assert_eq!(s.mode(), Mode::Heal);
+    assert!(s.heal.as_ref().is_some_and(|h| h.round == 3 && h.report.is_none()));
+    assert!(records(&press(&mut s, "K")).is_empty());
+    assert!(s.status.contains("still healing"), "{}", s.status);
+    // Stop cancels the rounds job from the heal screen.
+    assert!(matches!(press(&mut s, "s")[..], [Job { kind: JobKind::Cancel(id), .. }] if id == run_id));
+    // When the run ends, the live heal screen asks for the round's report.
+    let output = JobOutput::Rounds {
+        points: vec![
+            point(0, crate::eval::RoundStatus::Base, -5.56),
+            point(3, crate::eval::RoundStatus::Kept, -5.6),
+        ],
+        chain: vec![1, 3],
+        branch: "main".into(),
+        stopped: "cancelled".into(),
+    };
+    let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: run_id, output }));
+    assert!(matches!(jobs[..], [Job { kind: JobKind::ReadGateQ1 { round: 3 }, .. }]), "{jobs:?}");
+    // Closing the screen and a later step of the same heal does not reopen it.
+    press(&mut s, "esc");
+    let e = WorkerEvent::HealStep { id: run_id, round: 3, record: Box::new(step_record(3, 8, 1.5)) };
+    update(&mut s, Msg::Worker(e));
+    assert_eq!(s.mode(), Mode::Iterate);
+    assert_eq!(s.heal_training.as_ref().map(|t| t.steps.len()), Some(3));
+    // A run that fails frees continue again.
+    let jobs = press(&mut s, "c");
+    let failed = jobs.first().map(|j| j.id).expect("a new run");
+    update(&mut s, Msg::Worker(WorkerEvent::Failed { id: failed, error: "no model".into() }));
+    press(&mut s, "esc");
+    assert!(matches!(press(&mut s, "c")[..], [Job { kind: JobKind::RunRounds { .. }, .. }]));
 }

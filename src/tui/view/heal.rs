@@ -1,23 +1,49 @@
-//! The heal screen (gate Q1): the round's before/after coherence and trait, then for each held-out neutral prompt
+//! The heal screen (gate Q1): while the round heals, a live chart of loss, NLL, D and λ_eff over optimiser steps
+//! with steps/s and ETA; then the round's before/after coherence and trait, and for each held-out neutral prompt
 //! the teacher's steered completion, the student before healing and the healed student side by side.
 
+use super::super::app::iterate::HealTraining;
 use super::super::app::State;
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::style::{Modifier, Style};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::symbols::Marker;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph, Widget, Wrap};
+use ratatui::widgets::{Axis, Block, Chart, Dataset, GraphType, Paragraph, Widget, Wrap};
 
 fn num(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into())
 }
 
+/// Seconds as `1h02m`, `3m05s` or `42s`.
+fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
 /// Draw the heal screen into `area`.
 pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
     let Some(h) = &s.heal else { return };
-    let r = &h.report;
+    let training = s.heal_training.as_ref().filter(|t| t.round == h.round && !t.steps.is_empty());
+    let Some(r) = &h.report else {
+        // Still healing: the live chart takes the screen.
+        let block = Block::bordered().title(format!(" gate Q1 · round {} · healing ", h.round));
+        match training {
+            Some(t) => chart(t, block, area, buf),
+            None => Paragraph::new("Waiting for the first heal step…").block(block).render(area, buf),
+        }
+        return;
+    };
     let bold = Style::default().add_modifier(Modifier::BOLD);
-    let [top, rest] = Layout::vertical([Constraint::Length(4), Constraint::Min(0)]).areas(area);
+    // Once the report is in, the chart stays only where it leaves the samples room.
+    let chart_rows = if training.is_some() && area.height >= 30 { 14 } else { 0 };
+    let [top, chart_area, rest] =
+        Layout::vertical([Constraint::Length(4), Constraint::Length(chart_rows), Constraint::Min(0)])
+            .areas(area);
     let after = r.after.as_ref();
     let lines = vec![
         Line::from(vec![
@@ -32,6 +58,9 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
     Paragraph::new(lines)
         .block(Block::bordered().title(format!(" gate Q1 · round {} · {} ", h.round, r.model)))
         .render(top, buf);
+    if let Some(t) = training {
+        chart(t, Block::bordered().title(" training "), chart_area, buf);
+    }
     if r.samples.is_empty() {
         Paragraph::new("The report has no samples.").block(Block::bordered()).render(rest, buf);
         return;
@@ -55,4 +84,71 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
             .block(Block::bordered().title(title))
             .render(rect, buf);
     }
+}
+
+/// The training chart: a status line (step, last metrics, steps/s, ETA) over loss, NLL, D and λ_eff by step.
+fn chart(t: &HealTraining, block: Block, area: Rect, buf: &mut Buffer) {
+    let inner = block.inner(area);
+    block.render(area, buf);
+    let Some(last) = t.steps.last() else { return };
+    let [status, plot] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(inner);
+    let pace = match t.rate_and_eta() {
+        Some((rate, eta)) => format!("{rate:.2} steps/s · ETA {}", duration(eta)),
+        None => "– steps/s · ETA –".into(),
+    };
+    Paragraph::new(format!(
+        "step {}/{} · loss {:.3} · NLL {:.3} · D {:.3} · λ_eff {:.3} · {pace} · {:.0} tok/s",
+        last.step, last.total_steps, last.loss, last.nll, last.d, last.lambda_eff, last.tokens_per_s
+    ))
+    .render(status, buf);
+    let series = |f: fn(&crate::heal::StepRecord) -> f64| -> Vec<(f64, f64)> {
+        t.steps.iter().map(|r| (r.step as f64, f(r))).filter(|p| p.1.is_finite()).collect()
+    };
+    let lines = [
+        ("loss", Color::Yellow, series(|r| r.loss)),
+        ("NLL", Color::Cyan, series(|r| r.nll)),
+        ("D", Color::Magenta, series(|r| r.d)),
+        ("λ_eff", Color::Green, series(|r| r.lambda_eff)),
+    ];
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (_, _, pts) in &lines {
+        for (_, y) in pts {
+            lo = lo.min(*y);
+            hi = hi.max(*y);
+        }
+    }
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    // Flat series still get a visible band.
+    if hi - lo < 1e-9 {
+        (lo, hi) = (lo - 0.5, hi + 0.5);
+    }
+    let x_hi = last.total_steps.max(last.step).max(2) as f64;
+    let datasets = lines
+        .iter()
+        .map(|(name, color, pts)| {
+            Dataset::default()
+                .name(*name)
+                .marker(Marker::Braille)
+                .graph_type(GraphType::Line)
+                .style(Style::default().fg(*color))
+                .data(pts)
+        })
+        .collect();
+    Chart::new(datasets)
+        // The legend names the four lines (colour alone does not survive every terminal).
+        .hidden_legend_constraints((Constraint::Ratio(1, 3), Constraint::Ratio(1, 1)))
+        .x_axis(
+            Axis::default()
+                .title("step")
+                .bounds([1.0, x_hi])
+                .labels([Line::from("1"), Line::from(format!("{}", x_hi as usize))]),
+        )
+        .y_axis(
+            Axis::default()
+                .bounds([lo, hi])
+                .labels([Line::from(format!("{lo:.2}")), Line::from(format!("{hi:.2}"))]),
+        )
+        .render(plot, buf);
 }
