@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::eval::{self, EvalConfig, EvalModel, EvalReport, GateQ2Spec, RoundPoint, RoundStatus};
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::heal::{self, gate as hgate, HealConfig, HealStatus, HistoryEntry, RunOptions};
-use crate::model::generate::{left_pad, Sampling};
-use crate::model::{CapturePositions, Forward, Hooks, LoadedModel, LogitsAt, Path as FwdPath};
+use crate::model::generate::Sampling;
+use crate::model::{Hooks, LoadedModel};
 use crate::progress::Progress;
 use crate::score::{self, FilterThresholds, ScoredCompletion, Verdict};
 use crate::session::{self, DecisionKind, Session, SessionEvent, SessionManifest};
@@ -235,41 +235,6 @@ pub fn vector_cosine(a: &BTreeMap<usize, Tensor>, b: &BTreeMap<usize, Tensor>) -
     Ok(Some(dot / (na.sqrt() * nb.sqrt())))
 }
 
-/// Mean residual after each layer at the last prompt token of each text (as extraction reads it).
-fn mean_last_residuals(
-    lm: &LoadedModel,
-    texts: &[String],
-    layers: &[usize],
-) -> Result<BTreeMap<usize, Tensor>> {
-    let hooks = Hooks::capture(layers.to_vec(), CapturePositions::Last);
-    let h = lm.model.cfg.hidden_size;
-    let mut sums: BTreeMap<usize, Tensor> = BTreeMap::new();
-    for l in layers {
-        sums.insert(*l, Tensor::zeros(h, DType::F32, &Device::Cpu)?);
-    }
-    for chunk in texts.chunks(8) {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|t| lm.tokenizer.encode(t)).collect::<Result<_>>()?;
-        let (flat, t, pad) = left_pad(&ids, lm.tokenizer.pad_id);
-        let x = Tensor::from_vec(flat, (chunk.len(), t), lm.model.device())?;
-        let pad_arg: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad } else { vec![] };
-        let f = Forward { hooks: &hooks, pad: &pad_arg, logits: LogitsAt::None, path: FwdPath::Inference };
-        let out = lm.model.forward(&x, None, &f)?;
-        for l in layers {
-            let got = out
-                .hidden
-                .get(l)
-                .ok_or_else(|| Error::invalid(format!("layer {l} was not captured")))?
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .sum(0)?;
-            let s = sums.get_mut(l).ok_or_else(|| Error::invalid("capture bookkeeping"))?;
-            *s = (&*s + got)?;
-        }
-    }
-    let n = texts.len().max(1) as f64;
-    sums.into_iter().map(|(l, s)| Ok((l, (s / n)?))).collect()
-}
-
 /// Student shift: mean hidden state of the student (adapters at their gates) minus the pristine base (every
 /// gate 0) on the extraction contexts under the neutral system prompt, at the vector's layers.
 pub fn student_shift(
@@ -283,9 +248,9 @@ pub fn student_shift(
         .iter()
         .map(|c| lm.chat.prompt(Some(&persona.spec.neutral_system), c))
         .collect::<Result<_>>()?;
-    let student = mean_last_residuals(lm, &texts, layers)?;
+    let student = steer::extract::mean_last_token_residuals(lm, &texts, layers, 8)?;
     let saved = heal::adapter::zero_all_gates(&mut lm.model);
-    let base = mean_last_residuals(lm, &texts, layers);
+    let base = steer::extract::mean_last_token_residuals(lm, &texts, layers, 8);
     heal::adapter::restore_gates(&mut lm.model, &saved);
     let base = base?;
     student

@@ -93,6 +93,22 @@ fn sum_last_token_residuals(
     Ok(sums)
 }
 
+/// Mean residual after each layer at the last token of each text (batched with left padding; f32, CPU) — the
+/// read extraction uses, shared with the rounds loop's student-shift measurement.
+pub fn mean_last_token_residuals(
+    lm: &LoadedModel,
+    texts: &[String],
+    layers: &[usize],
+    batch_size: usize,
+) -> Result<BTreeMap<usize, Tensor>> {
+    let mut silent = crate::progress::Silent::default();
+    let total = texts.len().div_ceil(batch_size.max(1)) as u64;
+    let mut tally = Tally { progress: &mut silent, done: 0, total };
+    let sums = sum_last_token_residuals(lm, texts, layers, batch_size, &mut tally, "residuals")?;
+    let n = texts.len().max(1) as f64;
+    sums.into_iter().map(|(l, s)| Ok((l, (s / n)?))).collect()
+}
+
 /// Render each context under a system prompt with the generation prompt appended.
 fn render_all(lm: &LoadedModel, system: &str, contexts: &[String]) -> Result<Vec<String>> {
     contexts.iter().map(|c| lm.chat.prompt(Some(system), c)).collect()
