@@ -128,10 +128,18 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
             "controls.json",
             "controls/steered/eval.json",
             "controls/random/eval.json",
+            "controls/prompt_only/eval.json",
         ] {
             let p = s.join(r).join(f);
             assert!(p.exists(), "missing {}", p.display());
         }
+        let controls: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(s.join(r).join("controls.json")).expect("controls.json"),
+        )
+        .expect("json");
+        let arms: Vec<&str> =
+            controls.as_array().expect("array").iter().filter_map(|a| a["arm"].as_str()).collect();
+        assert_eq!(arms, ["steered", "random", "prompt_only"]);
     }
     for f in [
         "round-00/eval/eval.json",

@@ -622,15 +622,23 @@ impl<'a> Runner<'a> {
         Ok(Flow::Go)
     }
 
-    /// The control arms on the same eval items: the student steered by the real vector at c*, and by a random
-    /// direction with the same per-layer norms at the same c* (`round-NN/controls.json`).
+    /// The control arms on the same eval items: the student steered by the real vector at c*, by a random
+    /// direction with the same per-layer norms at the same c*, and prompted with the positive persona instead of
+    /// steered (`round-NN/controls.json`).
     fn controls(&mut self, round: u32, lm: &LoadedModel, v: &SteerVector) -> Result<Flow> {
         let c_star = v.calibrated()? as f32;
         let random = steer::random_like(v, self.cfg.seed + round as u64)?;
+        // The prompt-only arm puts the positive persona in the system prompt of every eval item, unsteered.
+        let mut prompt_only = self.cfg.eval.clone();
+        prompt_only.system_prompt = Some(self.persona.spec.positive.clone());
+        let arm_specs = [
+            ("steered", Steering::new(v, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
+            ("random", Steering::new(&random, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
+            ("prompt_only", Hooks::none(), &prompt_only, 0.0),
+        ];
         let mut arms = Vec::new();
-        for (arm, vec) in [("steered", v), ("random", &random)] {
-            let hooks = Steering::new(vec, &lm.model)?.hooks(&[c_star]);
-            let report = eval::run_eval(&EvalModel::from_loaded(lm, &hooks), &self.cfg.eval, self.progress)?;
+        for (arm, hooks, eval_cfg, c_star) in arm_specs {
+            let report = eval::run_eval(&EvalModel::from_loaded(lm, &hooks), eval_cfg, self.progress)?;
             report.save(&self.path(&rel(round, &format!("controls/{arm}")))?)?;
             let m = &report.metrics;
             (self.log)(&format!(
