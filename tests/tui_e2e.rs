@@ -15,18 +15,25 @@ const BIN: &str = env!("CARGO_BIN_EXE_steer-heal");
 /// A private tmux server (its own socket), killed on drop.
 struct Tmux {
     sock: String,
+    /// The program's exit status, written by the wrapping shell: tmux sometimes marks a pane dead without ever
+    /// recording `pane_dead_status`, so the test does not rely on it.
+    status_file: std::path::PathBuf,
 }
 
 impl Tmux {
     fn new(tag: &str) -> Self {
-        Tmux { sock: format!("steer-heal-e2e-{}-{tag}", std::process::id()) }
+        let status_file =
+            std::env::temp_dir().join(format!("steer-heal-e2e-{}-{tag}.status", std::process::id()));
+        let _ = std::fs::remove_file(&status_file);
+        Tmux { sock: format!("steer-heal-e2e-{}-{tag}", std::process::id()), status_file }
     }
     fn run(&self, args: &[&str]) -> Output {
         Command::new("tmux").arg("-L").arg(&self.sock).args(args).output().expect("run tmux")
     }
     fn start(&self, cmd: &str) {
+        let cmd = format!("sh -c '{cmd}; echo $? > {}'", self.status_file.display());
         let out =
-            self.run(&["-f", "/dev/null", "new-session", "-d", "-s", "e2e", "-x", "120", "-y", "40", cmd]);
+            self.run(&["-f", "/dev/null", "new-session", "-d", "-s", "e2e", "-x", "120", "-y", "40", &cmd]);
         assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
         // Keep the pane after the program exits so its exit status and final screen can be read.
         self.run(&["set-option", "-t", "e2e", "remain-on-exit", "on"]);
@@ -57,20 +64,26 @@ impl Tmux {
     }
     fn wait_dead(&self, secs: u64) -> String {
         let start = Instant::now();
-        // tmux marks the pane dead slightly before it records the exit status; wait for both.
         loop {
-            let status = self.pane("#{pane_dead_status}");
-            if self.pane("#{pane_dead}") == "1" && !status.is_empty() {
-                return status;
+            let status = std::fs::read_to_string(&self.status_file).unwrap_or_default();
+            if !status.trim().is_empty() {
+                return status.trim().to_string();
             }
             assert!(start.elapsed() < Duration::from_secs(secs), "the TUI did not exit:\n{}", self.capture());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    /// Pid of the TUI itself (the child of the wrapping shell).
+    fn program_pid(&self) -> String {
+        let shell = self.pane("#{pane_pid}");
+        let out = Command::new("pgrep").args(["-P", &shell]).output().expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string()
+    }
 }
 
 impl Drop for Tmux {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.status_file);
         let _ = self.run(&["kill-server"]);
     }
 }
@@ -163,7 +176,8 @@ fn accept_two_reject_one_undo_one_quit_and_reopen() {
     let screen = t.wait_for("the resumed session", 60, |s| decided(s, 2) && s.contains("completions 24/24"));
     assert!(screen.contains("✓ p000-a050-s42") && screen.contains("· p000-a100-s44"), "{screen}");
     t.wait_for("the model", 60, |s| s.contains("(unsteered)"));
-    let pid = t.pane("#{pane_pid}");
+    let pid = t.program_pid();
+    assert!(!pid.is_empty(), "no TUI process under the pane's shell");
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(killed.success());
     assert_eq!(t.wait_dead(30), "0", "SIGTERM is a clean quit");
