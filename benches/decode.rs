@@ -154,18 +154,7 @@ fn read_bandwidth() -> f64 {
     best
 }
 
-/// Peak resident memory of this process so far, MiB (VmHWM; 0 where /proc is absent).
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
+use steer_heal::heal::bench::peak_rss_mib;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;

@@ -73,7 +73,8 @@ pub struct BenchResult {
     pub loss_first_last: (f64, f64),
 }
 
-fn peak_rss_mib() -> f64 {
+/// Peak resident memory of this process so far, MiB (VmHWM; 0 where /proc is absent).
+pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
