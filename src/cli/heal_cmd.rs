@@ -549,11 +549,18 @@ fn write_gate(
         .samples
         .iter()
         .enumerate()
-        .map(|(i, b)| gate::SamplePair {
-            prompt: b.prompt.clone(),
-            teacher: comps.iter().find(|c| c.prompt == b.prompt).map(|c| c.text.clone()),
-            before: b.text.clone(),
-            after: chosen.and_then(|m| m.samples.get(i)).map(|s| s.text.clone()).unwrap_or_default(),
+        .map(|(i, b)| {
+            let teacher = comps.iter().find(|c| c.prompt == b.prompt);
+            let a = chosen.and_then(|m| m.samples.get(i));
+            gate::SamplePair {
+                prompt: b.prompt.clone(),
+                teacher: teacher.map(|c| c.text.clone()),
+                before: b.text.clone(),
+                after: a.map(|s| s.text.clone()).unwrap_or_default(),
+                teacher_heat: teacher.and_then(gate::TokenHeat::from_completion),
+                before_heat: b.heat.clone(),
+                after_heat: a.and_then(|s| s.heat.clone()),
+            }
         })
         .collect();
     let report = gate::GateQ1 {

@@ -13,6 +13,7 @@ use crate::model::decoder::Path as FwdPath;
 use crate::model::generate::{generate, Sampling};
 use crate::model::{Hooks, LoadedModel};
 use crate::progress::Progress;
+use crate::steer::Completion;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -31,6 +32,61 @@ pub struct MeasureSpec {
     pub sampling: Sampling,
 }
 
+/// One column of the heal screen: a completion's scores and its per-token KL heat map.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenHeat {
+    /// Text of each completion token (they concatenate to the completion's text).
+    pub tokens: Vec<String>,
+    /// KL to the base of each token's next-token distribution, nats; empty when unknown.
+    #[serde(default)]
+    pub kl: Vec<f32>,
+    /// Mean base-model log-likelihood per token, nats (higher is more coherent); `None` when unknown.
+    #[serde(default)]
+    pub coherence: Option<f64>,
+    /// Mean log-probability gain per token under the persona prompt vs the neutral one (base model), nats;
+    /// `None` when unmeasured.
+    #[serde(default)]
+    pub persona_gain: Option<f64>,
+    /// Mean of `kl`, nats; `None` when unknown.
+    #[serde(default)]
+    pub kl_mean: Option<f64>,
+}
+
+/// `Some(x)` when finite (JSON has no NaN; a non-number would make the report unreadable).
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+fn mean_f32(xs: &[f32]) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    finite(xs.iter().map(|x| *x as f64).sum::<f64>() / xs.len() as f64)
+}
+
+impl TokenHeat {
+    /// The teacher column from a steered completion's own traces: its KL is the steered model's KL to the
+    /// unsteered one (the base in round 0; the previous rounds baked in later rounds), its coherence the mean
+    /// log-likelihood under that unsteered model. Persona gain is not part of a completion's traces and stays
+    /// unmeasured. `None` when the completion carries no per-token texts (the screen then shows plain text).
+    pub fn from_completion(c: &Completion) -> Option<TokenHeat> {
+        let n = c.tokens.len();
+        if n == 0 || c.token_text.len() != n || c.token_text.iter().all(|t| t.is_empty()) {
+            return None;
+        }
+        let kl = if c.trace.kl.len() == n { c.trace.kl.clone() } else { Vec::new() };
+        let coherence =
+            if c.trace.nll_base.len() == n { mean_f32(&c.trace.nll_base).map(|nll| -nll) } else { None };
+        Some(TokenHeat {
+            tokens: c.token_text.clone(),
+            kl_mean: mean_f32(&kl),
+            kl,
+            coherence,
+            persona_gain: None,
+        })
+    }
+}
+
 /// One fresh generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
@@ -40,6 +96,13 @@ pub struct Sample {
     pub text: String,
     /// Base-model NLL per token of the text, nats.
     pub nll_base: f64,
+    /// Generated token ids (empty in reports written before they were recorded).
+    #[serde(default)]
+    pub token_ids: Vec<u32>,
+    /// Per-token texts, KL(model as measured ‖ base) and the sample's scores; `None` for an empty generation
+    /// and in reports written before they were recorded.
+    #[serde(default)]
+    pub heat: Option<TokenHeat>,
 }
 
 /// A model's coherence and trait on fresh neutral generations.
@@ -92,10 +155,20 @@ pub fn measure(lm: &mut LoadedModel, spec: &MeasureSpec, progress: &mut dyn Prog
         return Err(Error::Cancelled);
     }
     progress.step(1, 2, "scoring under the base model");
-    let saved = adapter::zero_all_gates(&mut lm.model);
-    let scored = score_under_base(lm, spec, &neutral, &gen.tokens);
-    adapter::restore_gates(&mut lm.model, &saved);
-    let (samples, sum_lp, sum_gain, tokens) = scored?;
+    // With every adapter off the student is the base: its KL to the base is exactly 0 and needs no forward.
+    let student_is_base = adapter::gates(&lm.model).values().all(|g| *g == 0.0);
+    let (mut sum_lp, mut sum_gain, mut tokens) = (0.0f64, 0.0f64, 0usize);
+    let mut samples = Vec::with_capacity(spec.prompts.len());
+    for ((prompt, ids), gen) in spec.prompts.iter().zip(&neutral).zip(&gen.tokens) {
+        if progress.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let (sample, lp, gain) = score_sample(lm, spec, prompt, ids, gen, student_is_base)?;
+        sum_lp += lp;
+        sum_gain += gain.unwrap_or(0.0);
+        tokens += gen.len();
+        samples.push(sample);
+    }
     progress.step(2, 2, "measured");
     let mean_lp = if tokens > 0 { sum_lp / tokens as f64 } else { f64::NAN };
     Ok(Measurement {
@@ -107,34 +180,83 @@ pub fn measure(lm: &mut LoadedModel, spec: &MeasureSpec, progress: &mut dyn Prog
     })
 }
 
-type Scored = (Vec<Sample>, f64, f64, usize);
+/// Score one generation: one forward of the model as it is (skipped when it is the base) for the per-token
+/// KL(student ‖ base), then, with every gate 0 (restored afterwards, also on error), the base's log-likelihood of
+/// the tokens after the neutral prompt and, when a persona prompt is given, after the persona prompt. Returns the
+/// sample, its summed base log-likelihood and its summed persona gain.
+fn score_sample(
+    lm: &mut LoadedModel,
+    spec: &MeasureSpec,
+    prompt: &str,
+    ids: &[u32],
+    gen: &[u32],
+    student_is_base: bool,
+) -> Result<(Sample, f64, Option<f64>)> {
+    let text = lm.tokenizer.decode(gen, false)?;
+    if gen.is_empty() {
+        let sample = Sample {
+            prompt: prompt.to_string(),
+            text,
+            nll_base: f64::NAN,
+            token_ids: Vec::new(),
+            heat: None,
+        };
+        return Ok((sample, 0.0, None));
+    }
+    let mut full = ids.to_vec();
+    full.extend_from_slice(gen);
+    let ex = Example { id: String::new(), ids: full, prompt_len: ids.len() };
+    let student =
+        if student_is_base { None } else { Some(completion_log_probs(&lm.model, &ex, FwdPath::Inference)?) };
+    let saved = adapter::zero_all_gates(&mut lm.model);
+    let scored = score_under_base(lm, spec, prompt, &ex, gen, student.as_ref());
+    adapter::restore_gates(&mut lm.model, &saved);
+    let (lp, gain, kl) = scored?;
+    let n = gen.len() as f64;
+    let s: f64 = lp.iter().map(|x| *x as f64).sum();
+    let kl = kl.unwrap_or_else(|| vec![0.0; gen.len()]);
+    let sample = Sample {
+        prompt: prompt.to_string(),
+        text,
+        nll_base: -s / n,
+        token_ids: gen.to_vec(),
+        heat: Some(TokenHeat {
+            tokens: gen.iter().map(|t| lm.tokenizer.token_str(*t)).collect(),
+            kl_mean: mean_f32(&kl),
+            kl,
+            coherence: finite(s / n),
+            persona_gain: gain.and_then(|g| finite(g / n)),
+        }),
+    };
+    Ok((sample, s, gain))
+}
 
+/// Under the base (the caller has zeroed the gates): log-probs of `gen` after the neutral prompt, the summed
+/// persona gain when a persona prompt is given, and the per-token KL(student ‖ base) when a student is given.
 fn score_under_base(
     lm: &LoadedModel,
     spec: &MeasureSpec,
-    neutral: &[Vec<u32>],
-    gens: &[Vec<u32>],
-) -> Result<Scored> {
-    let mut samples = Vec::new();
-    let (mut sum_lp, mut sum_gain, mut tokens) = (0.0f64, 0.0f64, 0usize);
-    for ((prompt, ids), gen) in spec.prompts.iter().zip(neutral).zip(gens) {
-        let text = lm.tokenizer.decode(gen, false)?;
-        if gen.is_empty() {
-            samples.push(Sample { prompt: prompt.clone(), text, nll_base: f64::NAN });
-            continue;
-        }
-        let lp = token_log_probs(lm, ids, gen)?;
-        let s: f64 = lp.iter().map(|x| *x as f64).sum();
-        if let Some(persona) = &spec.persona_system {
+    prompt: &str,
+    ex: &Example,
+    gen: &[u32],
+    student: Option<&Tensor>,
+) -> Result<(Vec<f32>, Option<f64>, Option<Vec<f32>>)> {
+    let base = completion_log_probs(&lm.model, ex, FwdPath::Inference)?;
+    let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
+    let lp: Vec<f32> = base.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
+    let kl = match student {
+        Some(st) => Some(super::loss::per_position_kl(st, &base, super::config::Reg::KlRev)?.to_vec1()?),
+        None => None,
+    };
+    let gain = match &spec.persona_system {
+        Some(persona) => {
             let pids = lm.tokenizer.encode(&lm.chat.prompt(Some(persona), prompt)?)?;
             let plp = token_log_probs(lm, &pids, gen)?;
-            sum_gain += plp.iter().map(|x| *x as f64).sum::<f64>() - s;
+            Some(plp.iter().map(|x| *x as f64).sum::<f64>() - lp.iter().map(|x| *x as f64).sum::<f64>())
         }
-        sum_lp += s;
-        tokens += gen.len();
-        samples.push(Sample { prompt: prompt.clone(), text, nll_base: -s / gen.len() as f64 });
-    }
-    Ok((samples, sum_lp, sum_gain, tokens))
+        None => None,
+    };
+    Ok((lp, gain, kl))
 }
 
 /// Per-token KL(student ‖ base) of a completion after the neutral prompt, nats: the student is the model as it is
@@ -196,7 +318,7 @@ pub struct SweepRow {
 }
 
 /// A before/after sample for one prompt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SamplePair {
     /// User prompt.
     pub prompt: String,
@@ -206,6 +328,15 @@ pub struct SamplePair {
     pub before: String,
     /// Student after healing.
     pub after: String,
+    /// The teacher's scores and per-token KL (steered vs unsteered); `None` in older reports.
+    #[serde(default)]
+    pub teacher_heat: Option<TokenHeat>,
+    /// The student-before's scores and per-token KL to the base; `None` in older reports.
+    #[serde(default)]
+    pub before_heat: Option<TokenHeat>,
+    /// The healed student's scores and per-token KL to the base; `None` in older reports.
+    #[serde(default)]
+    pub after_heat: Option<TokenHeat>,
 }
 
 /// Everything `gate-q1.md` shows.
@@ -304,6 +435,27 @@ fn cell(s: &str, max_chars: usize) -> String {
     }
 }
 
+/// A sample's scores after its heading, e.g. ` (coherence -1.2345 · persona gain 0.1200 · mean KL to base 0.0310
+/// nats/token)`; empty when the report predates per-sample scores.
+fn column_note(h: Option<&TokenHeat>, kl_name: &str) -> String {
+    let Some(h) = h else { return String::new() };
+    let mut parts = Vec::new();
+    if let Some(c) = h.coherence {
+        parts.push(format!("coherence {c:.4}"));
+    }
+    if let Some(g) = h.persona_gain {
+        parts.push(format!("persona gain {g:.4}"));
+    }
+    if let Some(k) = h.kl_mean {
+        parts.push(format!("mean {kl_name} {k:.4}"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} nats/token)", parts.join(" · "))
+    }
+}
+
 /// Render `gate-q1.md`.
 pub fn render(g: &GateQ1) -> String {
     let mut s = String::new();
@@ -380,10 +532,13 @@ pub fn render(g: &GateQ1) -> String {
         for (i, p) in g.samples.iter().enumerate() {
             let _ = writeln!(s, "### {}. {}\n", i + 1, p.prompt.trim());
             if let Some(t) = &p.teacher {
-                let _ = writeln!(s, "**Steered teacher:**\n\n```text\n{}\n```\n", t.trim_end());
+                let note = column_note(p.teacher_heat.as_ref(), "KL steered vs unsteered");
+                let _ = writeln!(s, "**Steered teacher**{note}:\n\n```text\n{}\n```\n", t.trim_end());
             }
-            let _ = writeln!(s, "**Student before:**\n\n```text\n{}\n```\n", p.before.trim_end());
-            let _ = writeln!(s, "**Student after:**\n\n```text\n{}\n```\n", p.after.trim_end());
+            let note = column_note(p.before_heat.as_ref(), "KL to base");
+            let _ = writeln!(s, "**Student before**{note}:\n\n```text\n{}\n```\n", p.before.trim_end());
+            let note = column_note(p.after_heat.as_ref(), "KL to base");
+            let _ = writeln!(s, "**Student after**{note}:\n\n```text\n{}\n```\n", p.after.trim_end());
         }
     }
     if !g.notes.is_empty() {
@@ -476,5 +631,117 @@ mod tests {
         let back = md.lines().find(|l| l.contains("| backwards |")).unwrap_or_default();
         assert!(back.contains("| -100.0 ↩ |"), "{back}");
         assert!(md.contains("a \\| b ⏎ c"), "cells are escaped");
+    }
+
+    #[test]
+    fn reports_written_before_per_token_heat_still_load() {
+        // A gate-q1.json sample pair and a measured sample as written before the heat fields existed.
+        let pair: SamplePair =
+            serde_json::from_str(r#"{"prompt":"p","teacher":"t","before":"b","after":"a"}"#)
+                .expect("old pair");
+        assert!(pair.teacher_heat.is_none() && pair.before_heat.is_none() && pair.after_heat.is_none());
+        let sample: Sample =
+            serde_json::from_str(r#"{"prompt":"p","text":"x","nll_base":2.5}"#).expect("old sample");
+        assert!(sample.token_ids.is_empty() && sample.heat.is_none());
+        // And the new fields round-trip.
+        let heat = TokenHeat {
+            tokens: vec!["a".into(), " b".into()],
+            kl: vec![0.0, 1.5],
+            coherence: Some(-2.0),
+            persona_gain: None,
+            kl_mean: Some(0.75),
+        };
+        let full = SamplePair { after_heat: Some(heat.clone()), ..pair };
+        let back: SamplePair = serde_json::from_str(&serde_json::to_string(&full).expect("ser")).expect("de");
+        assert_eq!(back.after_heat, Some(heat));
+    }
+
+    #[test]
+    fn teacher_column_comes_from_the_completion_traces() {
+        let c = Completion {
+            id: "c".into(),
+            system: "s".into(),
+            prompt: "p".into(),
+            text: "Hi there".into(),
+            tokens: vec![1, 2],
+            token_text: vec!["Hi".into(), " there".into()],
+            alpha: 1.0,
+            dose: 2.0,
+            seed: 0,
+            trace: crate::steer::TokenTrace {
+                kl: vec![0.5, 1.5],
+                nll_base: vec![1.0, 3.0],
+                kl_window_rmse: vec![],
+                dose: vec![],
+            },
+            rewinds: vec![],
+        };
+        let h = TokenHeat::from_completion(&c).expect("heat");
+        assert_eq!(h.tokens, c.token_text);
+        assert_eq!(h.kl, vec![0.5, 1.5]);
+        assert_eq!((h.coherence, h.kl_mean, h.persona_gain), (Some(-2.0), Some(1.0), None));
+        // Without per-token texts (e.g. an edited completion) there is no heat column.
+        let bare = Completion { token_text: vec![String::new(); 2], ..c.clone() };
+        assert_eq!(TokenHeat::from_completion(&bare), None);
+        // Without a KL trace the tokens still show, unscored.
+        let no_kl = Completion { trace: Default::default(), ..c };
+        let h = TokenHeat::from_completion(&no_kl).expect("heat");
+        assert!(h.kl.is_empty() && h.kl_mean.is_none() && h.coherence.is_none());
+    }
+
+    #[test]
+    fn gate_md_shows_each_columns_scores() {
+        let heat = |kl: f64| TokenHeat {
+            tokens: vec!["x".into()],
+            kl: vec![kl as f32],
+            coherence: Some(-1.5),
+            persona_gain: Some(0.25),
+            kl_mean: Some(kl),
+        };
+        let g = GateQ1 {
+            round: 0,
+            model: "tiny".into(),
+            source: "test".into(),
+            coherence_label: "c".into(),
+            trait_label: "t".into(),
+            trait_sign: 1.0,
+            before: Metrics { coherence: -1.0, trait_value: None },
+            after: None,
+            heal_summary: vec![],
+            sweep: vec![],
+            samples: vec![SamplePair {
+                prompt: "p".into(),
+                teacher: Some("t".into()),
+                before: "b".into(),
+                after: "a".into(),
+                teacher_heat: Some(TokenHeat { persona_gain: None, ..heat(0.9) }),
+                before_heat: Some(heat(0.0)),
+                after_heat: Some(heat(0.125)),
+            }],
+            notes: vec![],
+        };
+        let md = render(&g);
+        assert!(
+            md.contains(
+                "**Steered teacher** (coherence -1.5000 · mean KL steered vs unsteered 0.9000 nats/token):"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("**Student before** (coherence -1.5000 · persona gain 0.2500 · mean KL to base 0.0000 nats/token):"),
+            "{md}"
+        );
+        assert!(md.contains("mean KL to base 0.1250 nats/token"), "{md}");
+        // An old report renders as before.
+        let old = GateQ1 {
+            samples: vec![SamplePair {
+                teacher_heat: None,
+                before_heat: None,
+                after_heat: None,
+                ..g.samples[0].clone()
+            }],
+            ..g
+        };
+        assert!(render(&old).contains("**Student before**:\n"), "{}", render(&old));
     }
 }

@@ -860,11 +860,18 @@ impl<'a> Runner<'a> {
             .samples
             .iter()
             .enumerate()
-            .map(|(i, b)| hgate::SamplePair {
-                prompt: b.prompt.clone(),
-                teacher: accepted.iter().find(|c| c.prompt == b.prompt).map(|c| c.text.clone()),
-                before: b.text.clone(),
-                after: after.samples.get(i).map(|s| s.text.clone()).unwrap_or_default(),
+            .map(|(i, b)| {
+                let teacher = accepted.iter().find(|c| c.prompt == b.prompt);
+                let a = after.samples.get(i);
+                hgate::SamplePair {
+                    prompt: b.prompt.clone(),
+                    teacher: teacher.map(|c| c.text.clone()),
+                    before: b.text.clone(),
+                    after: a.map(|s| s.text.clone()).unwrap_or_default(),
+                    teacher_heat: teacher.and_then(hgate::TokenHeat::from_completion),
+                    before_heat: b.heat.clone(),
+                    after_heat: a.and_then(|s| s.heat.clone()),
+                }
             })
             .collect();
         let report = hgate::GateQ1 {

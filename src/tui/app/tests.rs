@@ -749,8 +749,15 @@ fn gate_q1_report() -> crate::heal::gate::GateQ1 {
                 teacher: Some("t1".into()),
                 before: "b1".into(),
                 after: "a1".into(),
+                ..SamplePair::default()
             },
-            SamplePair { prompt: "p2".into(), teacher: None, before: "b2".into(), after: "a2".into() },
+            SamplePair {
+                prompt: "p2".into(),
+                teacher: None,
+                before: "b2".into(),
+                after: "a2".into(),
+                ..SamplePair::default()
+            },
         ],
         notes: vec![],
     }
