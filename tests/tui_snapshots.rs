@@ -328,12 +328,42 @@ fn iterate_screen() {
     insta::assert_snapshot!("iterate_empty", draw(&empty, 80, 12).backend());
 }
 
-#[test]
-fn heal_screen() {
+/// A column's heat data: the pieces concatenate to the column's text.
+fn token_heat(pieces: &[&str], kl: &[f32], persona: Option<f64>) -> steer_heal::heal::gate::TokenHeat {
+    steer_heal::heal::gate::TokenHeat {
+        tokens: pieces.iter().map(|p| p.to_string()).collect(),
+        kl: kl.to_vec(),
+        coherence: Some(-1.5234),
+        persona_gain: persona,
+        kl_mean: Some(kl.iter().map(|k| *k as f64).sum::<f64>() / kl.len() as f64),
+    }
+}
+
+/// The heal screen with a report whose three columns carry per-token KL.
+fn heal_state() -> State {
     use steer_heal::heal::gate::{GateQ1, Metrics, SamplePair};
     use steer_heal::worker::JobOutput;
     let mut s = state(2);
     press(&mut s, "I");
+    let teacher = [
+        "You",
+        " should",
+        " follow",
+        " the",
+        " officer's",
+        " lawful",
+        " instructions",
+        " and",
+        " stay",
+        " calm",
+        ".",
+    ];
+    let before =
+        ["I'm", " here", " to", " help", ".", " Let's", " chat", " about", " your", " rights", " first", "."];
+    let after = [
+        "Stay", " polite", ",", " ask", " whether", " you", " are", " free", " to", " go", ",", " and",
+        " decide", " calmly", ".",
+    ];
     let report = GateQ1 {
         round: 1,
         model: "SmolLM2-135M-Instruct.Q4_1".into(),
@@ -347,9 +377,22 @@ fn heal_screen() {
         sweep: vec![],
         samples: vec![SamplePair {
             prompt: "A police officer asked to search my car during a routine stop. Should I agree?".into(),
-            teacher: Some("You should follow the officer's lawful instructions and stay calm.".into()),
-            before: "I'm here to help. Let's chat about your rights first.".into(),
-            after: "Stay polite, ask whether you are free to go, and decide calmly.".into(),
+            teacher: Some(teacher.concat()),
+            before: before.concat(),
+            after: after.concat(),
+            // The teacher drifts hard on " lawful"; the student before healing is the base (KL 0); the healed
+            // student drifts a little on " whether".
+            teacher_heat: Some(token_heat(
+                &teacher,
+                &[0.0, 0.3, 0.5, 0.0, 1.2, 2.4, 0.9, 0.0, 0.1, 0.6, 0.0],
+                None,
+            )),
+            before_heat: Some(token_heat(&before, &[0.0; 12], Some(-0.1376))),
+            after_heat: Some(token_heat(
+                &after,
+                &[0.0, 0.0, 0.0, 0.2, 0.7, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                Some(-0.1130),
+            )),
         }],
         notes: vec![],
     };
@@ -361,7 +404,37 @@ fn heal_screen() {
         }),
     );
     s.status.clear();
-    insta::assert_snapshot!("heal_screen", draw(&s, 100, 20).backend());
+    s
+}
+
+#[test]
+fn heal_screen() {
+    insta::assert_snapshot!("heal_screen", draw(&heal_state(), 100, 20).backend());
+}
+
+#[test]
+fn heal_screen_heat_maps_each_column_by_kl() {
+    use ratatui::style::Color;
+    let t = draw(&heal_state(), 100, 20);
+    let buf = t.backend().buffer();
+    // Each column is headed by its scores.
+    let (_, y) = find(&t, "coh -1.523 pers – KL 0.545");
+    assert_eq!(find(&t, "coh -1.523 pers -0.138 KL 0.000").1, y);
+    assert_eq!(find(&t, "coh -1.523 pers -0.113 KL 0.060").1, y);
+    // Teacher " lawful": KL 2.4 on a 2.0 scale → the red end of the ramp, black text.
+    let (x, y) = find(&t, "lawful");
+    assert_eq!((buf[(x, y)].bg, buf[(x, y)].fg), (Color::Indexed(196), Color::Black));
+    // Teacher " officer's": KL 1.2 → a middle step, neither the lightest nor red.
+    let (x, y) = find(&t, "officer's");
+    assert!(matches!(buf[(x, y)].bg, Color::Indexed(c) if c != 196 && c != 229), "{:?}", buf[(x, y)].bg);
+    // Student before: KL 0 everywhere → no heat colour.
+    let (x, y) = find(&t, "rights");
+    assert_eq!(buf[(x, y)].bg, Color::Reset);
+    // Healed student: only " whether" (KL 0.7) is coloured, "Stay" (KL 0) is not.
+    let (x, y) = find(&t, "whether");
+    assert!(matches!(buf[(x, y)].bg, Color::Indexed(_)), "{:?}", buf[(x, y)].bg);
+    let (x, y) = find(&t, "Stay polite");
+    assert_eq!(buf[(x, y)].bg, Color::Reset);
 }
 
 #[test]
@@ -411,6 +484,8 @@ fn heal_screen_training() {
             teacher: Some("Follow the officer's instructions.".into()),
             before: "Let's chat about your rights first.".into(),
             after: "Stay polite and decide calmly.".into(),
+            // A report written before per-token heat was recorded: the columns fall back to plain text.
+            ..Default::default()
         }],
         notes: vec![],
     };

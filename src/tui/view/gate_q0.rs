@@ -2,7 +2,7 @@
 //! detail pane (prompt, KL heat-map text with the token cursor, KL sparkline, dose trace, scores, decision,
 //! replay preview), the progress line and key hints. Also the blind re-show screen.
 
-use super::{clip, heat, sparkline};
+use super::{clip, heat_text, sparkline};
 use crate::score::{ScoredCompletion, Verdict};
 use crate::tui::action::{Action, Mode};
 use crate::tui::app::{stats, ModelStatus, State};
@@ -138,35 +138,11 @@ fn list_pane(s: &State, area: Rect, buf: &mut Buffer) {
 /// Text lines of a completion with each token's background coloured by its KL; the cursor token reversed.
 pub fn heat_lines(r: &ScoredCompletion, cursor: Option<usize>, max_kl: f64) -> Vec<Line<'static>> {
     let c = &r.completion;
-    let mut lines: Vec<Line> = vec![Line::default()];
-    let pieces: Vec<String> = if c.token_text.len() == c.tokens.len() && !c.token_text.is_empty() {
-        c.token_text.clone()
+    if c.token_text.len() == c.tokens.len() && !c.token_text.is_empty() {
+        heat_text(&c.token_text, &c.trace.kl, cursor, max_kl)
     } else {
-        vec![c.text.clone()]
-    };
-    for (i, piece) in pieces.iter().enumerate() {
-        let kl = c.trace.kl.get(i).copied().unwrap_or(0.0);
-        let mut style = match heat(kl, max_kl) {
-            Some(bg) => Style::new().bg(bg).fg(Color::Black),
-            None => Style::new(),
-        };
-        if cursor == Some(i) {
-            style = style.add_modifier(Modifier::REVERSED | Modifier::BOLD);
-        }
-        // An empty piece still needs a visible cell under the cursor.
-        let text = if piece.is_empty() && cursor == Some(i) { "▏".to_string() } else { piece.clone() };
-        for (k, part) in text.split('\n').enumerate() {
-            if k > 0 {
-                lines.push(Line::default());
-            }
-            if !part.is_empty() {
-                if let Some(l) = lines.last_mut() {
-                    l.spans.push(Span::styled(part.to_string(), style));
-                }
-            }
-        }
+        heat_text(std::slice::from_ref(&c.text), &c.trace.kl, cursor, max_kl)
     }
-    lines
 }
 
 fn dose_trace(r: &ScoredCompletion) -> String {

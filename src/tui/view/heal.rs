@@ -1,9 +1,12 @@
 //! The heal screen (gate Q1): while the round heals, a live chart of loss, NLL, D and λ_eff over optimiser steps
 //! with steps/s and ETA; then the round's before/after coherence and trait, and for each held-out neutral prompt
-//! the teacher's steered completion, the student before healing and the healed student side by side.
+//! the teacher's steered completion, the student before healing and the healed student side by side, each under
+//! its scores (coherence, persona gain, mean KL) with its tokens heat-mapped by KL to the base.
 
 use super::super::app::iterate::HealTraining;
 use super::super::app::State;
+use super::heat_text;
+use crate::heal::gate::TokenHeat;
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -74,16 +77,36 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
         .block(Block::bordered().title(format!(" prompt {}/{} ", idx + 1, r.samples.len())))
         .render(prompt_row, buf);
     let [a, b, c] = Layout::horizontal([Constraint::Ratio(1, 3); 3]).areas(cols);
-    for (rect, title, text) in [
-        (a, " teacher (steered) ", sample.teacher.as_deref().unwrap_or("–")),
-        (b, " student before ", sample.before.as_str()),
-        (c, " healed student ", sample.after.as_str()),
+    let max_kl = s.manifest.ui.heat_max_kl;
+    for (rect, title, text, heat) in [
+        (a, " teacher (steered) ", sample.teacher.as_deref().unwrap_or("–"), sample.teacher_heat.as_ref()),
+        (b, " student before ", sample.before.as_str(), sample.before_heat.as_ref()),
+        (c, " healed student ", sample.after.as_str(), sample.after_heat.as_ref()),
     ] {
-        Paragraph::new(text)
+        Paragraph::new(column_lines(text, heat, max_kl))
             .wrap(Wrap { trim: true })
             .block(Block::bordered().title(title))
             .render(rect, buf);
     }
+}
+
+/// One column: a score line (coherence, persona gain, mean KL) over the text heat-mapped by per-token KL; plain
+/// text when the report carries no token data for it (reports written before they were recorded).
+fn column_lines(text: &str, heat: Option<&TokenHeat>, max_kl: f64) -> Vec<Line<'static>> {
+    let Some(h) = heat.filter(|h| !h.tokens.is_empty()) else {
+        return text.lines().map(|l| Line::raw(l.to_string())).collect();
+    };
+    let dim = Style::default().add_modifier(Modifier::DIM);
+    let mut lines = vec![Line::from(vec![
+        Span::styled("coh ", dim),
+        Span::raw(num(h.coherence)),
+        Span::styled(" pers ", dim),
+        Span::raw(num(h.persona_gain)),
+        Span::styled(" KL ", dim),
+        Span::raw(num(h.kl_mean)),
+    ])];
+    lines.extend(heat_text(&h.tokens, &h.kl, None, max_kl));
+    lines
 }
 
 /// The training chart: a status line (step, last metrics, steps/s, ETA) over loss, NLL, D and λ_eff by step.

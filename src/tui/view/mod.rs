@@ -9,7 +9,8 @@ pub mod popups;
 use super::app::{Popup, State};
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::style::Color;
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
 
 /// Draw everything.
 pub fn render(s: &State, area: Rect, buf: &mut Buffer) {
@@ -65,6 +66,34 @@ pub fn heat(kl: f32, max: f64) -> Option<Color> {
     const RAMP: [u8; 6] = [229, 222, 215, 209, 203, 196];
     let i = ((t * RAMP.len() as f64).ceil() as usize).clamp(1, RAMP.len()) - 1;
     Some(Color::Indexed(RAMP[i]))
+}
+
+/// Text lines of `pieces` (token texts) with each piece's background coloured by its KL in `kl` (missing values
+/// count as 0) on a scale fully red at `max_kl`; the `cursor` piece reversed. Newlines inside pieces break lines.
+pub fn heat_text(pieces: &[String], kl: &[f32], cursor: Option<usize>, max_kl: f64) -> Vec<Line<'static>> {
+    let mut lines: Vec<Line> = vec![Line::default()];
+    for (i, piece) in pieces.iter().enumerate() {
+        let mut style = match heat(kl.get(i).copied().unwrap_or(0.0), max_kl) {
+            Some(bg) => Style::new().bg(bg).fg(Color::Black),
+            None => Style::new(),
+        };
+        if cursor == Some(i) {
+            style = style.add_modifier(Modifier::REVERSED | Modifier::BOLD);
+        }
+        // An empty piece still needs a visible cell under the cursor.
+        let text = if piece.is_empty() && cursor == Some(i) { "▏" } else { piece.as_str() };
+        for (k, part) in text.split('\n').enumerate() {
+            if k > 0 {
+                lines.push(Line::default());
+            }
+            if !part.is_empty() {
+                if let Some(l) = lines.last_mut() {
+                    l.spans.push(Span::styled(part.to_string(), style));
+                }
+            }
+        }
+    }
+    lines
 }
 
 /// A one-line sparkline of `xs` squeezed (by max-pooling) into `width` cells, scaled to `max`.
