@@ -585,6 +585,61 @@ fn measure_scores_generations_under_the_base_and_restores_gates() {
 }
 
 #[test]
+fn measure_records_each_samples_tokens_kl_and_scores() {
+    let (_d, mut lm) = tiny(Arch::Llama);
+    let targets = HealConfig::default().targets;
+    let t = TrainableLora::init(&lm.model, "round-0", &[1, 2], &targets, 4, 8.0, 5).expect("init");
+    let mut ad = t.to_adapter().expect("frozen");
+    for (_, b) in ad.pairs.values_mut() {
+        *b = Tensor::randn(0f32, 0.5, b.dims(), &Device::Cpu).expect("randn");
+    }
+    ad.attach(&mut lm.model, 0.7).expect("attach");
+    let spec = heal::gate::MeasureSpec {
+        prompts: vec!["Say something.".into(), "What now?".into()],
+        neutral_system: "You are a helpful assistant.".into(),
+        persona_system: Some("You are a pirate.".into()),
+        sampling: steer_heal::model::generate::Sampling::greedy(10),
+    };
+    let m = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    let (mut lp_sum, mut gain_sum) = (0.0f64, 0.0f64);
+    let mut any_kl = false;
+    for s in &m.samples {
+        let h = s.heat.as_ref().expect("a non-empty generation has heat");
+        let n = s.token_ids.len();
+        assert!(n > 0);
+        let pieces: Vec<String> = s.token_ids.iter().map(|t| lm.tokenizer.token_str(*t)).collect();
+        assert_eq!(h.tokens, pieces);
+        // The KL recorded during measuring equals a separate KL(student ‖ base) pass over the same tokens.
+        let reference =
+            heal::gate::token_kl_to_base(&mut lm, &spec.neutral_system, &s.prompt, &s.token_ids).expect("kl");
+        assert_eq!(h.kl.len(), n);
+        for (a, b) in h.kl.iter().zip(&reference) {
+            assert!((a - b).abs() <= 1e-8 + 1e-4 * b.abs(), "{:?} vs {reference:?}", h.kl);
+        }
+        any_kl |= h.kl.iter().any(|k| *k > 1e-4);
+        let mean = h.kl.iter().map(|k| *k as f64).sum::<f64>() / n as f64;
+        assert!((h.kl_mean.expect("kl mean") - mean).abs() < 1e-9);
+        assert!((h.coherence.expect("coherence") + s.nll_base).abs() < 1e-9);
+        lp_sum += h.coherence.expect("coherence") * n as f64;
+        gain_sum += h.persona_gain.expect("persona gain") * n as f64;
+    }
+    assert!(any_kl, "a nonzero adapter moves the student off the base");
+    // The per-sample scores add up to the measurement's.
+    assert!((lp_sum / m.tokens as f64 - m.coherence).abs() < 1e-9);
+    assert!((gain_sum / m.tokens as f64 - m.persona_strength.expect("persona")).abs() < 1e-9);
+    // With every gate at 0 the student is the base: its KL to the base is zero.
+    adapter::set_gate(&mut lm.model, "round-0", 0.0);
+    let m0 = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    for s in &m0.samples {
+        let h = s.heat.as_ref().expect("heat");
+        assert!(h.kl.len() == s.token_ids.len() && h.kl.iter().all(|k| *k == 0.0), "{:?}", h.kl);
+        let reference =
+            heal::gate::token_kl_to_base(&mut lm, &spec.neutral_system, &s.prompt, &s.token_ids).expect("kl");
+        assert!(reference.iter().all(|k| k.abs() < 1e-6), "{reference:?}");
+    }
+}
+
+#[test]
 fn cli_heal_then_export_and_bake() {
     let bin = env!("CARGO_BIN_EXE_steer-heal");
     let (dir, lm) = tiny(Arch::Llama);
@@ -632,6 +687,22 @@ fn cli_heal_then_export_and_bake() {
     }
     let md = std::fs::read_to_string(run_dir.join("gate-q1.md")).expect("gate");
     assert!(md.contains("| before |") && md.contains("| after |") && md.contains("Steered teacher"), "{md}");
+    // Each sample's columns carry their scores and per-token KL: the teacher's from its (here empty) traces,
+    // the students' from measuring; before healing the student is the base, so its KL is exactly 0.
+    assert!(md.contains("**Student before** (coherence ") && md.contains("mean KL to base 0.0000"), "{md}");
+    let report: heal::gate::GateQ1 =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("gate-q1.json")).expect("read"))
+            .expect("gate-q1.json");
+    for p in &report.samples {
+        let before = p.before_heat.as_ref().expect("before heat");
+        assert!(before.kl.iter().all(|k| *k == 0.0) && before.tokens.len() == before.kl.len());
+        let after = p.after_heat.as_ref().expect("after heat");
+        assert_eq!(after.tokens.len(), after.kl.len());
+        assert!(after.persona_gain.is_some());
+        if p.teacher.is_some() {
+            assert!(p.teacher_heat.as_ref().is_some_and(|t| t.kl.is_empty() && !t.tokens.is_empty()));
+        }
+    }
     let peft_dir = work.path().join("peft");
     sh(&[
         "export-peft",
