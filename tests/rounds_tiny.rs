@@ -162,6 +162,24 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
     assert_eq!(rec2.vector_sha256.len(), 64);
     assert!(rec2.cos_teacher_r0.is_some_and(|c| c.abs() <= 1.0 + 1e-9));
     assert!(rec2.cos_student_teacher.is_some_and(|c| c.is_finite()));
+    // Gate Q1's columns: the student before round 1's heal is the base (KL exactly 0); before round 2's heal it
+    // carries round 1's adapter, so it has moved off the base.
+    for (r, moved) in [("round-01", false), ("round-02", true)] {
+        let g: steer_heal::heal::gate::GateQ1 =
+            serde_json::from_slice(&sha(&s.join(r).join("heal/gate-q1.json"))).expect("gate-q1.json");
+        assert!(!g.samples.is_empty());
+        for p in &g.samples {
+            let before = p.before_heat.as_ref().expect("before heat");
+            let after = p.after_heat.as_ref().expect("after heat");
+            assert_eq!(before.tokens.len(), before.kl.len());
+            assert_eq!(after.tokens.len(), after.kl.len());
+            assert!(before.persona_gain.is_some() && after.kl_mean.is_some_and(|k| k.is_finite()));
+            assert_eq!(before.kl.iter().any(|k| *k != 0.0), moved, "{r}: {:?}", before.kl);
+            if p.teacher.is_some() {
+                assert!(p.teacher_heat.as_ref().is_some_and(|t| t.kl.len() == t.tokens.len()), "{r}");
+            }
+        }
+    }
     let kl = summary.points.iter().map(|p| p.kl_spent.expect("kl")).collect::<Vec<_>>();
     assert!(kl[2] >= kl[1] && kl[1] >= kl[0], "cumulative KL never falls: {kl:?}");
     let full_stages = stage_events(&s);

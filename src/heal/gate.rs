@@ -1,6 +1,7 @@
 //! Gate Q1: how the student changed. Measures a model (with its adapters at their gates) on fresh neutral-prompt
 //! generations — coherence as the base model's log-likelihood of them, persona strength as the log-probability gain
-//! of the same tokens under the persona prompt — and writes `gate-q1.md`: coherence and trait before vs after,
+//! of the same tokens under the persona prompt, plus each sample's per-token KL to the base for the heal screen's
+//! heat map — and writes `gate-q1.md`: coherence and trait before vs after,
 //! the sweep table ranked by coherence cost per nat of trait moved, and sample generations side by side.
 //! When the eval stage's metrics exist they can be passed in instead; the report says which it used.
 
@@ -231,6 +232,9 @@ fn score_sample(
     Ok((sample, s, gain))
 }
 
+/// A sample's per-token base log-probs, summed persona gain and per-token KL(student ‖ base).
+type BaseScores = (Vec<f32>, Option<f64>, Option<Vec<f32>>);
+
 /// Under the base (the caller has zeroed the gates): log-probs of `gen` after the neutral prompt, the summed
 /// persona gain when a persona prompt is given, and the per-token KL(student ‖ base) when a student is given.
 fn score_under_base(
@@ -240,7 +244,7 @@ fn score_under_base(
     ex: &Example,
     gen: &[u32],
     student: Option<&Tensor>,
-) -> Result<(Vec<f32>, Option<f64>, Option<Vec<f32>>)> {
+) -> Result<BaseScores> {
     let base = completion_log_probs(&lm.model, ex, FwdPath::Inference)?;
     let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
     let lp: Vec<f32> = base.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
