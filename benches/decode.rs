@@ -160,12 +160,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     // Other work on the machine moves these numbers a lot; record how busy it was.
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
-    // As the steer-heal binary does (see `pin_thread_count` in src/main.rs): without it candle re-reads
-    // /proc/cpuinfo on every matmul, which costs both implementations about a third of a batch-1 step.
-    let pinned_by_user = std::env::var_os("RAYON_NUM_THREADS").is_some();
-    if !pinned_by_user {
-        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
-    }
+    // As the steer-heal binary does: pin candle's thread count and pool spin limit (src/model/cpu.rs).
+    let cpu = steer_heal::model::cpu::configure();
     let dev = Device::Cpu;
     let tmp = std::env::temp_dir().join(format!("steer-heal-bench-{}", std::process::id()));
     eprintln!("converting {} to f32 safetensors in {}", args.model.display(), tmp.display());
@@ -234,8 +230,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cpu": cpu_name(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "load_average_at_start": load_average,
-        "rayon_num_threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
-        "rayon_num_threads_set_by_user": pinned_by_user,
+        "rayon_num_threads": cpu.threads,
+        "rayon_num_threads_set_by_user": cpu.threads_set_by_user,
+        "barrier_pool_spin_limit": cpu.spin_limit,
+        "barrier_pool_spin_limit_set_by_user": cpu.spin_limit_set_by_user,
         "profile": "bench (release, cargo bench)",
         "prompt_tokens": prompt.len(),
         "new_tokens": n,

@@ -55,6 +55,9 @@ pub struct BenchResult {
     pub device: String,
     /// Worker threads candle's CPU kernels use.
     pub threads: usize,
+    /// candle's thread-pool spin limit in effect (`CANDLE_BARRIER_POOL_SPIN_LIMIT`; empty means candle's default).
+    #[serde(default)]
+    pub barrier_pool_spin_limit: String,
     /// Trainable parameters (all A and B).
     pub trainable_params: usize,
     /// Adapted projections.
@@ -149,6 +152,7 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult>
         dtype: format!("{:?}", lm.model.dtype()).to_lowercase(),
         device: if lm.model.device().is_cuda() { "cuda".into() } else { "cpu".into() },
         threads: candle_core::utils::get_num_threads(),
+        barrier_pool_spin_limit: std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").unwrap_or_default(),
         trainable_params: params,
         adapted_projections: lora.vars.len(),
         tokens_per_s: tokens / total_s.max(1e-9),

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod cpu;
 pub mod decoder;
 pub mod fetch;
 pub mod generate;
