@@ -305,6 +305,7 @@ fn iterate_screen() {
         kl_spent: Some(0.958 * round as f64),
         cos_teacher_r0: (round > 0).then_some(1.0 - 0.05 * round as f64),
         cos_student_teacher: (round > 0).then_some(0.276),
+        controls: vec![],
     };
     let mut s = state(2);
     press(&mut s, "I");
