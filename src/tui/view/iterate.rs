@@ -121,17 +121,17 @@ fn chart(v: &IterateView, area: Rect, buf: &mut Buffer) {
     // The legend is one line in the bottom border: the chart's own legend box would cover points.
     let mut legend = vec![
         Span::raw(" "),
-        Span::styled("⣀ kept", Style::default().fg(Color::Cyan)),
-        Span::raw("  "),
-        Span::styled("• dropped", Style::default().fg(Color::Red)),
+        Span::styled("⣀kept", Style::default().fg(Color::Cyan)),
+        Span::raw(" "),
+        Span::styled("•dropped", Style::default().fg(Color::Red)),
     ];
     for (arm, _) in &arms {
         let (mark, color, name) = arm_style(*arm);
-        legend.push(Span::raw("  "));
-        legend.push(Span::styled(format!("{mark} {name}"), Style::default().fg(color)));
+        legend.push(Span::raw(" "));
+        legend.push(Span::styled(format!("{mark}{name}"), Style::default().fg(color)));
     }
-    legend.push(Span::raw("  "));
-    legend.push(Span::styled("█ selected ", Style::default().fg(Color::Yellow)));
+    legend.push(Span::raw(" "));
+    legend.push(Span::styled("█selected ", Style::default().fg(Color::Yellow)));
     let label = |b: [f64; 2]| vec![Line::from(format!("{:.2}", b[0])), Line::from(format!("{:.2}", b[1]))];
     Chart::new(datasets)
         .legend_position(None)
@@ -214,8 +214,9 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
             .render(area, buf);
         return;
     }
-    let [top, bottom] =
-        Layout::vertical([Constraint::Percentage(64), Constraint::Percentage(36)]).areas(area);
+    // The table takes the rows it needs (up to half the screen); the map and the samples get the rest.
+    let table_h = (v.points.len() as u16).saturating_add(3).clamp(5, (area.height / 2).max(5));
+    let [top, bottom] = Layout::vertical([Constraint::Min(0), Constraint::Length(table_h)]).areas(area);
     if top.width >= 70 {
         let [map, side] =
             Layout::horizontal([Constraint::Percentage(54), Constraint::Percentage(46)]).areas(top);
@@ -352,25 +353,22 @@ fn samples(s: &State, v: &IterateView, area: Rect, buf: &mut Buffer) {
         Paragraph::new(lines).render(inner, buf);
         return;
     };
-    let cases: Vec<&str> = smp.cases.iter().map(|c| case_name(*c)).collect();
     lines.push(Line::styled(
         clip(
-            &format!(
-                "item {} · {} · {} · {} · {}",
-                smp.index + 1,
-                smp.foundation,
-                smp.condition.name(),
-                cases.join("/"),
-                &smp.id.chars().take(8).collect::<String>()
-            ),
+            &format!("item {} · {} · {} · {}", smp.index + 1, smp.foundation, smp.condition.name(), smp.id),
             w,
         ),
         Style::default().add_modifier(Modifier::BOLD),
     ));
-    // Bars take seven lines when they fit beside two of think; else one compact line of numbers.
+    let cases: Vec<&str> = smp.cases.iter().map(|c| case_name(*c)).collect();
+    lines.push(Line::styled(
+        clip(&format!("answer slot {} · p_ans {}", cases.join("/"), fmt(smp.p_ans_any)), w),
+        dim,
+    ));
+    // Bars take seven lines when they fit beside a few of text and think; else two compact lines of numbers.
     let room = h.saturating_sub(lines.len());
     let bars_full = room >= 7 + 3;
-    let bars_h = if bars_full { 7 } else { 1 };
+    let bars_h = if bars_full { 7 } else { 2 };
     let rest = room.saturating_sub(bars_h);
     let text_h = if rest >= 4 { 2 } else { rest.min(1) };
     let think_h = rest.saturating_sub(text_h);
@@ -386,7 +384,8 @@ fn samples(s: &State, v: &IterateView, area: Rect, buf: &mut Buffer) {
 }
 
 /// The seven answer probabilities (forward/reverse averaged) against the human distribution: one bar line
-/// per option with the human label marked `◆` and the model's top answer bold, or one compact line.
+/// per option with the human label marked `»` (and the human percentage after it) and the model's top answer
+/// bold, or one compact line.
 fn prob_lines(smp: &EvalSample, w: usize, full: bool) -> Vec<Line<'static>> {
     let Some(p) = smp.p else {
         return vec![Line::styled(
@@ -399,29 +398,29 @@ fn prob_lines(smp: &EvalSample, w: usize, full: bool) -> Vec<Line<'static>> {
         let parts: Vec<String> = FOUNDATIONS
             .iter()
             .map(|f| {
-                let mark = if *f == smp.label { "◆" } else { "" };
-                format!("{}{mark} {:.2}", &f.word()[..3], p[f.index()])
+                let mark = if *f == smp.label { "»" } else { "" };
+                format!("{mark}{}:{:.2}", &f.word()[..3], p[f.index()])
             })
             .collect();
-        return vec![Line::raw(clip(&parts.join(" "), w))];
+        return wrap(&parts.join(" "), w, 2).into_iter().map(Line::raw).collect();
     }
-    let bar_w = w.saturating_sub(9 + 1 + 5 + 7).clamp(1, 24);
+    let bar_w = w.saturating_sub(1 + 9 + 1 + 5 + 6).clamp(1, 24);
     FOUNDATIONS
         .iter()
         .map(|f| {
             let i = f.index();
-            let human = smp.human.map(|h| format!("{:>3.0}%", h[i] * 100.0)).unwrap_or_default();
-            let mark = if *f == smp.label { "◆" } else { " " };
+            let human = smp.human.map(|h| format!(" h{:>3.0}%", h[i] * 100.0)).unwrap_or_default();
+            let mark = if *f == smp.label { "»" } else { " " };
             let mut style =
                 if *f == smp.label { Style::default().fg(Color::Yellow) } else { Style::default() };
             if i == top {
                 style = style.add_modifier(Modifier::BOLD);
             }
             Line::from(vec![
-                Span::styled(format!("{:<9} ", f.word()), style),
+                Span::styled(format!("{mark}{:<9} ", f.word()), style),
                 Span::styled(bar(p[i], bar_w), Style::default().fg(Color::Cyan)),
                 Span::styled(format!(" {:.2}", p[i]), style),
-                Span::styled(format!(" {mark}h{human}"), Style::default().add_modifier(Modifier::DIM)),
+                Span::styled(human, Style::default().add_modifier(Modifier::DIM)),
             ])
         })
         .collect()
