@@ -237,6 +237,7 @@ fn sample_rounds() -> Vec<RoundPoint> {
         kl_spent: Some(0.3 * round as f64),
         cos_teacher_r0: Some(1.0 - 0.05 * round as f64),
         cos_student_teacher: Some(0.4),
+        controls: vec![],
     };
     vec![
         p(0, RoundStatus::Base, -2.30, -1.30, 0.99, 1.0, 2.1),
@@ -380,4 +381,66 @@ fn smollm2_short_eval_matches_the_dequantised_reference() {
         "{:?}",
         r.rows[0].frames[0].think_text
     );
+}
+
+#[test]
+fn progress_map_draws_control_arms_beside_their_round_and_old_rounds_still_plot() {
+    use steer_heal::eval::plot::{load_controls, progress_svg};
+    use steer_heal::eval::ControlArm;
+    let d = tempfile::tempdir().expect("tmp");
+    // controls.json as the loop writes it (null for a probe that did not run).
+    let cpath = d.path().join("controls.json");
+    std::fs::write(
+        &cpath,
+        r#"[{"arm":"steered","coefficient":4.5,"n":132,"authority":-2.9,"care":-0.7,"p_ans_any":0.91,"ppx_json":2.6,"json_is_valid":null},
+            {"arm":"random","coefficient":4.5,"n":132,"authority":-2.35,"care":-1.25,"p_ans_any":0.97,"ppx_json":2.2,"json_is_valid":1.0},
+            {"arm":"prompt_only","coefficient":0.0,"n":132,"authority":-2.5,"care":-1.0,"p_ans_any":null,"ppx_json":2.3,"json_is_valid":0.5}]"#,
+    )
+    .expect("write");
+    let controls = load_controls(&cpath).expect("controls parse");
+    assert_eq!(controls.iter().map(|c| c.arm).collect::<Vec<_>>(), ControlArm::ALL.to_vec());
+    assert_eq!(controls[0].json_is_valid, None);
+    assert!(controls[2].p_ans_any.is_nan());
+    std::fs::write(&cpath, r#"[{"arm":"placebo","authority":1,"care":1,"p_ans_any":1,"ppx_json":1}]"#)
+        .expect("write");
+    let err = load_controls(&cpath).expect_err("unknown arm").to_string();
+    assert!(err.contains("controls.json") && err.contains("not a controls file"), "{err}");
+
+    let old = sample_rounds();
+    let mut pts = old.clone();
+    pts[1].controls = controls.clone();
+    pts[4].controls = controls[..2].to_vec();
+    let svg = progress_svg(&pts, 0.95).expect("svg");
+    for arm in ControlArm::ALL {
+        assert!(svg.contains(&format!("\n{}\n</text>", arm.legend())), "svg lacks the legend of {arm:?}");
+    }
+    // Each arm's marker is an outline in the arm's colour: one per control point on the map, one per finite
+    // p_ans_any in the coherence panel, one in the legend.
+    let plain = progress_svg(&old, 0.95).expect("svg");
+    for (color, n) in [("#C85A00", 2 + 2 + 1), ("#6E6E6E", 2 + 2 + 1), ("#009696", 1 + 1)] {
+        let marker = format!("<polyline fill=\"none\" opacity=\"1\" stroke=\"{color}\" stroke-width=\"2\"");
+        assert_eq!(svg.matches(&marker).count(), n, "markers of colour {color}");
+        assert_eq!(plain.matches(&marker).count(), 0);
+    }
+    for arm in ControlArm::ALL {
+        assert!(!plain.contains(arm.legend()), "no controls, no legend entry for {arm:?}");
+    }
+    // A rounds file written before control arms existed still loads and plots.
+    let rounds = d.path().join("rounds.json");
+    let legacy: Vec<serde_json::Value> = old
+        .iter()
+        .map(|p| {
+            let mut v = serde_json::to_value(p).expect("value");
+            assert!(v.get("controls").is_none(), "an empty controls list is not written");
+            v.as_object_mut().expect("object").remove("controls");
+            v
+        })
+        .collect();
+    std::fs::write(&rounds, serde_json::to_string(&legacy).expect("json")).expect("write");
+    let back = load_rounds(&rounds).expect("old rounds file");
+    assert_eq!(back, old);
+    write_progress_map(&back, 0.95, d.path()).expect("old rounds plot");
+    // With controls, rounds.json round-trips them.
+    std::fs::write(&rounds, serde_json::to_string(&pts).expect("json")).expect("write");
+    assert_eq!(load_rounds(&rounds).expect("rounds").iter().map(|p| p.controls.len()).sum::<usize>(), 5);
 }

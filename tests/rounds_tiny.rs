@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device};
 use std::path::Path;
-use steer_heal::eval::FOUNDATIONS;
+use steer_heal::eval::{pick_samples, ControlArm, EvalReport, FOUNDATIONS, SAMPLES_PER_ROUND};
 use steer_heal::heal::train::read_step_log;
 use steer_heal::heal::StepRecord;
 use steer_heal::model::tiny::{make_tiny_model, random_weights};
@@ -152,7 +152,34 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
         assert!(s.join(f).exists(), "missing {f}");
     }
     assert!(sha(&s.join("progress.png")).starts_with(b"\x89PNG"));
-    assert!(String::from_utf8(sha(&s.join("progress.svg"))).expect("utf8").contains("<svg"));
+    let svg = String::from_utf8(sha(&s.join("progress.svg"))).expect("utf8");
+    assert!(svg.contains("<svg"));
+    // The control arms travel with their round into rounds.json, the map and gate-q2.md.
+    let gate = std::fs::read_to_string(s.join("gate-q2.md")).expect("gate-q2.md");
+    assert!(gate.contains("## Control arms"), "{gate}");
+    for p in &summary.points[1..] {
+        let arms: Vec<ControlArm> = p.controls.iter().map(|c| c.arm).collect();
+        assert_eq!(arms, ControlArm::ALL.to_vec(), "round {}", p.round);
+        for c in &p.controls {
+            assert_eq!(c.n, p.n, "the arms score the same items");
+            assert!(gate.contains(&format!("| {} | {} |", p.round, c.arm.name())), "{gate}");
+            if c.on_map() {
+                assert!(svg.contains(&format!("\n{}\n</text>", c.arm.legend())), "svg lacks {:?}", c.arm);
+            }
+        }
+    }
+    assert!(summary.points[0].controls.is_empty(), "the base has no control arms");
+    // The iterate screen's eval samples read from a round's real eval.json: both items, with their vignette
+    // text, a forced think of at most 4 tokens and, where both frames answered, a seven-way distribution.
+    let report = EvalReport::load(&s.join("round-01/eval")).expect("eval");
+    let samples = pick_samples(&report, SAMPLES_PER_ROUND);
+    assert_eq!(samples.len(), 2);
+    for smp in &samples {
+        assert!(!smp.text.is_empty() && smp.think_tokens <= 4 && smp.cases.len() == 2, "{smp:?}");
+        if let Some(p) = smp.p {
+            assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{p:?}");
+        }
+    }
     // Lineage: round 2 descends from round 1 and carries its adapter.
     let rec2: RoundRecord =
         serde_json::from_slice(&sha(&s.join("round-02/round.json"))).expect("round record");

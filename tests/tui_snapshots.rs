@@ -305,6 +305,7 @@ fn iterate_screen() {
         kl_spent: Some(0.958 * round as f64),
         cos_teacher_r0: (round > 0).then_some(1.0 - 0.05 * round as f64),
         cos_student_teacher: (round > 0).then_some(0.276),
+        controls: vec![],
     };
     let mut s = state(2);
     press(&mut s, "I");
@@ -493,4 +494,113 @@ fn heal_screen_training() {
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 99, output }));
     s.status.clear();
     insta::assert_snapshot!("heal_screen_training_report", draw(&s, 100, 34).backend());
+}
+
+/// The iterate screen with control arms on rounds 1 and 3 and eval samples read for every round.
+fn iterate_with_samples() -> State {
+    use steer_heal::eval::data::select_items;
+    use steer_heal::eval::metrics::human_dist;
+    use steer_heal::eval::protocol::AnswerCase;
+    use steer_heal::eval::{
+        Condition, ControlArm, ControlPoint, EvalSample, RoundPoint, RoundStatus, Variant,
+    };
+    let arm = |arm: ControlArm, a: f64, c: f64, p: f64| ControlPoint {
+        arm,
+        coefficient: if arm == ControlArm::PromptOnly { 0.0 } else { 4.2 },
+        n: 8,
+        authority: a,
+        care: c,
+        p_ans_any: p,
+        ppx_json: 15.2,
+        json_is_valid: Some(0.0),
+    };
+    let p = |round: usize, status: RoundStatus, auth: f64, care: f64| RoundPoint {
+        round,
+        status,
+        authority: auth,
+        care,
+        p_ans_any: 0.254 - 0.01 * round as f64,
+        json_is_valid: Some(0.0),
+        ppx_json: 13.9 + round as f64,
+        n: 8,
+        kl_spent: Some(0.958 * round as f64),
+        cos_teacher_r0: (round > 0).then_some(1.0 - 0.05 * round as f64),
+        cos_student_teacher: (round > 0).then_some(0.276),
+        controls: if round % 2 == 1 {
+            vec![
+                arm(ControlArm::Steered, auth - 0.25, care + 0.05, 0.21),
+                arm(ControlArm::Random, auth + 0.04, care - 0.02, 0.25),
+                arm(ControlArm::PromptOnly, auth - 0.1, care + 0.12, 0.26),
+            ]
+        } else {
+            vec![]
+        },
+    };
+    let mut s = state(2);
+    press(&mut s, "I");
+    let output = JobOutput::Rounds {
+        points: vec![
+            p(0, RoundStatus::Base, -5.565, -4.340),
+            p(1, RoundStatus::Kept, -5.683, -4.195),
+            p(2, RoundStatus::Dropped, -5.90, -4.10),
+            p(3, RoundStatus::Kept, -5.80, -4.05),
+        ],
+        chain: vec![1, 3],
+        branch: "main".into(),
+        stopped: String::new(),
+    };
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 1, output }));
+    let items = select_items(Variant::Classic, &[Condition::OtherViolate], Some(8)).expect("items");
+    let thinks = [
+        "The teenager is laughing at someone who lost a leg. That is cruel and causes pain to another \
+         person, so the violation is about harm. It could also be disrespect, but harm is the clearest.",
+        "Someone cheats on a test. That is unfair to the other students who studied.",
+    ];
+    let sample = |i: usize, shift: f64| {
+        let it = &items[i * 3];
+        let mut p = [0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05];
+        p[it.coarse.index()] += 0.45 - shift;
+        p[3] += 0.25 + shift;
+        let z: f64 = p.iter().sum();
+        EvalSample {
+            index: i * 3,
+            id: it.id.clone(),
+            condition: it.condition,
+            foundation: it.foundation.clone(),
+            label: it.coarse,
+            text: it.text.clone(),
+            think: thinks[i % 2].into(),
+            think_tokens: 16,
+            cases: vec![AnswerCase::Interrupted, AnswerCase::Natural],
+            p: Some(p.map(|x| x / z)),
+            human: human_dist(&it.human),
+            p_ans_any: 0.31,
+        }
+    };
+    let samples = (0..4u32).map(|r| (r, (0..3).map(|i| sample(i, 0.05 * r as f64)).collect())).collect();
+    update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 2, output: JobOutput::EvalSamples { samples } }));
+    s
+}
+
+#[test]
+fn iterate_screen_with_samples_and_controls() {
+    let mut s = iterate_with_samples();
+    // Round 1 (kept, with its three control arms), second sample.
+    press(&mut s, "j n");
+    s.status.clear();
+    insta::assert_snapshot!("iterate_samples_controls", draw(&s, 110, 36).backend());
+    insta::assert_snapshot!("iterate_samples_controls_100x32", draw(&s, 100, 32).backend());
+    // On a short screen the bars give way to two lines of numbers, the human label still marked.
+    let short = format!("{:?}", draw(&s, 100, 24).backend());
+    assert!(short.contains("»car:0.43 fai:0.05"), "{short}");
+    // Every size draws without a panic.
+    for (w, h) in [(1, 1), (10, 3), (30, 8), (69, 20), (70, 20), (80, 12), (200, 60)] {
+        assert_eq!(draw(&s, w, h).backend().buffer().area.width, w);
+    }
+    // The base (no controls) and the same item position.
+    press(&mut s, "k");
+    let t = draw(&s, 110, 36);
+    let screen = format!("{:?}", t.backend());
+    assert!(screen.contains("base eval samples · 2/3"), "{screen}");
+    assert!(!screen.contains("▲ steered"), "the base has no control arms");
 }

@@ -190,8 +190,50 @@ pub fn gate_q2_markdown(points: &[RoundPoint], spec: &GateQ2Spec) -> String {
             p.n
         );
     }
+    controls_markdown(&mut s, points);
     let _ = writeln!(s, "\nThe progress map is in `progress.png` / `progress.svg` beside this file.");
     s
+}
+
+/// The control arms' table, when any round has them: each arm beside its round's real (healed) point, with the
+/// arm's authority and care relative to that point.
+fn controls_markdown(s: &mut String, points: &[RoundPoint]) {
+    let mut rows: Vec<&RoundPoint> = points.iter().filter(|p| !p.controls.is_empty()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    rows.sort_by_key(|p| p.round);
+    let _ = writeln!(
+        s,
+        "\n## Control arms\n\nThe same eval items under comparison treatments: `steered` = the round's student steered \
+         by the round's vector at c*, `random` = steered by a random direction with the same per-layer norms at the \
+         same c*, `prompt_only` = unsteered with the positive persona as the system prompt. Δ = arm − the round's \
+         own (real) point.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| round | arm | coefficient | authority | Δ authority | care | Δ care | p_ans_any | json_is_valid | ppx_json | n |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in rows {
+        for c in &p.controls {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.round,
+                c.arm.name(),
+                num(c.coefficient),
+                num(c.authority),
+                num(c.authority - p.authority),
+                num(c.care),
+                num(c.care - p.care),
+                num(c.p_ans_any),
+                opt(c.json_is_valid),
+                num(c.ppx_json),
+                c.n
+            );
+        }
+    }
 }
 
 /// Write `dir/gate-q2.md` atomically; returns its path.
@@ -221,6 +263,7 @@ mod tests {
             kl_spent: Some(0.3 * round as f64),
             cos_teacher_r0: None,
             cos_student_teacher: None,
+            controls: vec![],
         }
     }
 
@@ -239,6 +282,39 @@ mod tests {
         let md = gate_q2_markdown(&pts, &GateQ2Spec::default());
         assert!(md.contains("| 2 | dropped | -1.000 |"), "{md}");
         assert!(md.contains("**Verdict: PASS**"));
+        assert!(!md.contains("Control arms"), "no controls, no controls table");
+    }
+
+    #[test]
+    fn control_arms_are_listed_beside_their_round() {
+        use crate::eval::plot::{ControlArm, ControlPoint};
+        let mut r1 = pt(1, RoundStatus::Kept, -2.2, 0.98);
+        let arm = |arm, authority, care| ControlPoint {
+            arm,
+            coefficient: if arm == ControlArm::PromptOnly { 0.0 } else { 4.5 },
+            n: 132,
+            authority,
+            care,
+            p_ans_any: 0.9,
+            ppx_json: 3.5,
+            json_is_valid: None,
+        };
+        r1.controls = vec![
+            arm(ControlArm::Steered, -2.5, -0.8),
+            arm(ControlArm::Random, -2.1, -1.0),
+            arm(ControlArm::PromptOnly, -2.0, -1.25),
+        ];
+        let md = gate_q2_markdown(&[pt(0, RoundStatus::Base, -2.0, 0.99), r1], &GateQ2Spec::default());
+        assert!(md.contains("## Control arms"), "{md}");
+        // Δ authority = -2.5 − (-2.2); Δ care = -0.8 − (-1.0).
+        assert!(
+            md.contains(
+                "| 1 | steered | 4.500 | -2.500 | -0.300 | -0.800 | 0.200 | 0.900 | — | 3.500 | 132 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| 1 | random | 4.500 | -2.100 | 0.100 |"), "{md}");
+        assert!(md.contains("| 1 | prompt_only | 0.000 | -2.000 | 0.200 | -1.250 | -0.250 |"), "{md}");
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! - `metrics`: every headline number from the raw rows.
 //! - `json_probe`: the json_is_valid free-generation probe.
 //! - `report`: `eval.json` (save, load, recompute).
-//! - `plot`: `RoundPoint` and the progress map.
+//! - `plot`: `RoundPoint` (with its control arms) and the progress map.
 //! - `gate_q2`: `gate-q2.md` and the monotonic-with-coherence verdict.
+//! - `samples`: a few items of a report (think text, answer probabilities) for the iterate screen.
 
 pub mod data;
 pub mod gate_q2;
@@ -19,10 +20,12 @@ pub mod plot;
 pub mod protocol;
 pub mod report;
 pub mod runner;
+pub mod samples;
 
 pub use data::{Condition, Foundation, Variant, FOUNDATIONS};
 pub use gate_q2::{verdict, write_gate_q2, Direction, GateQ2Spec, TraitAxis, Verdict};
 pub use metrics::{compute_metrics, Metrics};
-pub use plot::{load_rounds, write_progress_map, RoundPoint, RoundStatus};
+pub use plot::{load_rounds, write_progress_map, ControlArm, ControlPoint, RoundPoint, RoundStatus};
 pub use report::{EvalConfig, EvalReport, FrameRecord, RowRecord};
 pub use runner::{run_eval, EvalModel};
+pub use samples::{pick_samples, EvalSample, SAMPLES_PER_ROUND};

@@ -67,6 +67,102 @@ pub struct RoundPoint {
     /// Cosine of the student's shift with the teacher vector.
     #[serde(with = "opt_f64", default)]
     pub cos_student_teacher: Option<f64>,
+    /// The round's control arms on the same eval items (`round-NN/controls.json`; empty when the round ran
+    /// without controls, and in rounds files written before controls existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controls: Vec<ControlPoint>,
+}
+
+/// A control arm of a round: what the same eval items say under a comparison treatment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlArm {
+    /// The round's student steered by the round's own vector at c* (the steering the round healed toward).
+    Steered,
+    /// The student steered by a random direction with the vector's per-layer norms at the same c*.
+    Random,
+    /// The student unsteered, with the positive persona as the system prompt.
+    PromptOnly,
+}
+
+impl ControlArm {
+    /// Every arm, in legend order.
+    pub const ALL: [ControlArm; 3] = [ControlArm::Steered, ControlArm::Random, ControlArm::PromptOnly];
+
+    /// Name in files and tables (`steered`, `random`, `prompt_only`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ControlArm::Steered => "steered",
+            ControlArm::Random => "random",
+            ControlArm::PromptOnly => "prompt_only",
+        }
+    }
+
+    /// Legend text of the arm on the progress map.
+    pub fn legend(self) -> &'static str {
+        match self {
+            ControlArm::Steered => "control: steered at c*",
+            ControlArm::Random => "control: random vector at c*",
+            ControlArm::PromptOnly => "control: prompt-only (persona prompt)",
+        }
+    }
+}
+
+/// One control arm's eval metrics (one entry of `round-NN/controls.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPoint {
+    /// Which arm.
+    pub arm: ControlArm,
+    /// Steering coefficient the arm ran at (0 for the prompt-only arm).
+    #[serde(with = "nan_f64", default)]
+    pub coefficient: f64,
+    /// Items the eval scored.
+    #[serde(default)]
+    pub n: usize,
+    /// ln p(Authority).
+    #[serde(with = "nan_f64")]
+    pub authority: f64,
+    /// ln p(Care).
+    #[serde(with = "nan_f64")]
+    pub care: f64,
+    /// Mass on the seven answers.
+    #[serde(with = "nan_f64")]
+    pub p_ans_any: f64,
+    /// Perplexity of the answer prefill.
+    #[serde(with = "nan_f64")]
+    pub ppx_json: f64,
+    /// Fraction of json probes that parsed (None: not run).
+    #[serde(with = "opt_f64", default)]
+    pub json_is_valid: Option<f64>,
+}
+
+impl ControlPoint {
+    /// An arm's point from its eval metrics.
+    pub fn from_metrics(arm: ControlArm, coefficient: f64, m: &Metrics) -> Self {
+        ControlPoint {
+            arm,
+            coefficient,
+            n: m.n_rows,
+            authority: m.authority,
+            care: m.care,
+            p_ans_any: m.p_ans_any,
+            ppx_json: m.ppx_json,
+            json_is_valid: m.json_is_valid,
+        }
+    }
+
+    /// Whether it has a place on the progress map.
+    pub fn on_map(&self) -> bool {
+        self.authority.is_finite() && self.care.is_finite()
+    }
+}
+
+/// Read a round's `controls.json` (a list of control points).
+pub fn load_controls(path: &Path) -> Result<Vec<ControlPoint>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::bad_file(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(path, format!("not a controls file (a list of control arms): {e}")))
 }
 
 impl RoundPoint {
@@ -84,6 +180,7 @@ impl RoundPoint {
             kl_spent: None,
             cos_teacher_r0: None,
             cos_student_teacher: None,
+            controls: Vec::new(),
         }
     }
 
@@ -161,6 +258,32 @@ const DROPPED: RGBColor = RGBColor(200, 30, 30);
 const JSON_C: RGBColor = RGBColor(30, 140, 60);
 const FLOOR_C: RGBColor = RGBColor(230, 120, 0);
 
+/// Colour of a control arm (the same in the map and the coherence panel).
+fn arm_color(arm: ControlArm) -> RGBColor {
+    match arm {
+        ControlArm::Steered => RGBColor(200, 90, 0),
+        ControlArm::Random => RGBColor(110, 110, 110),
+        ControlArm::PromptOnly => RGBColor(0, 150, 150),
+    }
+}
+
+/// A control arm's marker outline around backend pixel `(x, y)`: a triangle (steered), a square (random) or a
+/// diamond (prompt-only), outlined so a real round's filled circle stays visible beneath.
+fn arm_shape(arm: ControlArm, (x, y): (i32, i32)) -> Vec<(i32, i32)> {
+    match arm {
+        ControlArm::Steered => vec![(x, y - 7), (x + 7, y + 5), (x - 7, y + 5), (x, y - 7)],
+        ControlArm::Random => {
+            vec![(x - 5, y - 5), (x + 5, y - 5), (x + 5, y + 5), (x - 5, y + 5), (x - 5, y - 5)]
+        }
+        ControlArm::PromptOnly => vec![(x, y - 7), (x + 7, y), (x, y + 7), (x - 7, y), (x, y - 7)],
+    }
+}
+
+/// Every round's control points of one arm, with their round.
+fn arm_points(points: &[RoundPoint], arm: ControlArm) -> Vec<(&RoundPoint, &ControlPoint)> {
+    points.iter().flat_map(|p| p.controls.iter().filter(move |c| c.arm == arm).map(move |c| (p, c))).collect()
+}
+
 /// Round axes label whole rounds only.
 fn round_tick(x: &f64) -> String {
     if (x - x.round()).abs() < 1e-9 && *x >= 0.0 {
@@ -174,8 +297,10 @@ type DrawResult<DB> = std::result::Result<(), DrawingAreaErrorKind<<DB as Drawin
 
 fn draw_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, points: &[RoundPoint]) -> DrawResult<DB> {
     let n = points.iter().map(|p| p.n).max().unwrap_or(0);
-    let (x0, x1) = padded_range(points.iter().map(|p| p.authority), 0.2);
-    let (y0, y1) = padded_range(points.iter().map(|p| p.care), 0.2);
+    let controls = || points.iter().flat_map(|p| p.controls.iter());
+    let (x0, x1) =
+        padded_range(points.iter().map(|p| p.authority).chain(controls().map(|c| c.authority)), 0.2);
+    let (y0, y1) = padded_range(points.iter().map(|p| p.care).chain(controls().map(|c| c.care)), 0.2);
     let mut chart = ChartBuilder::on(area)
         .caption(format!("Progress map (tinymfv, n = {n} items)"), ("sans-serif", 22))
         .margin(12)
@@ -221,6 +346,24 @@ fn draw_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, points: &[RoundPo
         }))?
         .label("dropped round")
         .legend(|(x, y)| Cross::new((x + 10, y), 5, DROPPED.stroke_width(3)));
+    // Control arms beside each round's real point: what the same items say steered without healing, under a
+    // random direction, or with the persona only prompted. Only arms that exist get a legend entry.
+    for arm in ControlArm::ALL {
+        let pts: Vec<(&RoundPoint, &ControlPoint)> =
+            arm_points(points, arm).into_iter().filter(|(_, c)| c.on_map()).collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let color = arm_color(arm);
+        chart
+            .draw_series(pts.iter().map(|(p, c)| {
+                EmptyElement::at((c.authority, c.care))
+                    + PathElement::new(arm_shape(arm, (0, 0)), color.stroke_width(2))
+                    + Text::new(p.label(), (8, 4), ("sans-serif", 12).into_font().color(&color))
+            }))?
+            .label(arm.legend())
+            .legend(move |(x, y)| PathElement::new(arm_shape(arm, (x + 10, y)), color.stroke_width(2)));
+    }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
@@ -292,6 +435,15 @@ fn draw_coherence<DB: DrawingBackend>(
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FLOOR_C.stroke_width(2)));
     draw_over_rounds(&mut rates, points, |p| Some(p.p_ans_any), KEPT, "p_ans_any")?;
     draw_over_rounds(&mut rates, points, |p| p.json_is_valid, JSON_C, "json_is_valid")?;
+    // The control arms' answer mass at their round, with the map's markers (the map's legend names them).
+    for arm in ControlArm::ALL {
+        rates.draw_series(
+            arm_points(points, arm).into_iter().filter(|(_, c)| c.p_ans_any.is_finite()).map(|(p, c)| {
+                EmptyElement::at((p.round as f64, c.p_ans_any))
+                    + PathElement::new(arm_shape(arm, (0, 0)), arm_color(arm).stroke_width(2))
+            }),
+        )?;
+    }
     rates
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))

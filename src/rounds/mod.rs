@@ -10,7 +10,9 @@
 pub mod lineage;
 
 use crate::error::{Error, Result};
-use crate::eval::{self, EvalConfig, EvalModel, EvalReport, GateQ2Spec, RoundPoint, RoundStatus};
+use crate::eval::{
+    self, ControlArm, ControlPoint, EvalConfig, EvalModel, EvalReport, GateQ2Spec, RoundPoint, RoundStatus,
+};
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::heal::{self, gate as hgate, HealConfig, HealStatus, HistoryEntry, RunOptions};
 use crate::model::generate::Sampling;
@@ -632,23 +634,23 @@ impl<'a> Runner<'a> {
         let mut prompt_only = self.cfg.eval.clone();
         prompt_only.system_prompt = Some(self.persona.spec.positive.clone());
         let arm_specs = [
-            ("steered", Steering::new(v, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
-            ("random", Steering::new(&random, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
-            ("prompt_only", Hooks::none(), &prompt_only, 0.0),
+            (ControlArm::Steered, Steering::new(v, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
+            (ControlArm::Random, Steering::new(&random, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
+            (ControlArm::PromptOnly, Hooks::none(), &prompt_only, 0.0),
         ];
         let mut arms = Vec::new();
         for (arm, hooks, eval_cfg, c_star) in arm_specs {
             let report = eval::run_eval(&EvalModel::from_loaded(lm, &hooks), eval_cfg, self.progress)?;
-            report.save(&self.path(&rel(round, &format!("controls/{arm}")))?)?;
+            report.save(&self.path(&rel(round, &format!("controls/{}", arm.name())))?)?;
             let m = &report.metrics;
             (self.log)(&format!(
-                "round {round}: control {arm}: authority {:.4} care {:.4} p_ans_any {:.4}",
-                m.authority, m.care, m.p_ans_any
+                "round {round}: control {}: authority {:.4} care {:.4} p_ans_any {:.4}",
+                arm.name(),
+                m.authority,
+                m.care,
+                m.p_ans_any
             ));
-            arms.push(serde_json::json!({
-                "arm": arm, "coefficient": c_star, "n": m.n_rows, "authority": m.authority, "care": m.care,
-                "p_ans_any": m.p_ans_any, "ppx_json": m.ppx_json, "json_is_valid": m.json_is_valid,
-            }));
+            arms.push(ControlPoint::from_metrics(arm, c_star as f64, m));
         }
         atomic_write_json(&self.path(&rel(round, "controls.json"))?, &arms)?;
         self.done(round, "controls", rel(round, "controls.json"))
@@ -926,6 +928,9 @@ impl<'a> Runner<'a> {
             p.kl_spent = Some(spent + if kept { 0.0 } else { rec.kl });
             p.cos_teacher_r0 = rec.cos_teacher_r0;
             p.cos_student_teacher = rec.cos_student_teacher;
+            if lin.is_done(*round, "controls") {
+                p.controls = eval::plot::load_controls(&self.path(&rel(*round, "controls.json"))?)?;
+            }
             points.push(p);
         }
         Ok(points)

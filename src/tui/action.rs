@@ -190,6 +190,10 @@ pub enum Action {
     NextRound,
     /// Select the previous round.
     PrevRound,
+    /// Show the selected round's next eval sample.
+    NextSample,
+    /// Show the selected round's previous eval sample.
+    PrevSample,
     /// Open the heal screen (gate Q1) of the selected round.
     OpenHeal,
     /// Keep the round at gate Q1.
@@ -255,6 +259,12 @@ pub const ACTIONS: &[(Action, &str, &str)] = &[
     (Action::ForkRound, "fork-round", "start a new branch from the selected kept round"),
     (Action::NextRound, "next-round", "select the next round"),
     (Action::PrevRound, "prev-round", "select the previous round"),
+    (
+        Action::NextSample,
+        "next-sample",
+        "show the next eval sample (think and answer probabilities) of the round",
+    ),
+    (Action::PrevSample, "prev-sample", "show the previous eval sample of the round"),
     (Action::OpenHeal, "open-heal", "open the heal screen (gate Q1) of the selected round"),
     (Action::KeepRound, "keep-round", "keep the round (gate Q1)"),
     (Action::DropRound, "drop-round", "drop the round (gate Q1); it leaves the lineage"),
@@ -289,6 +299,8 @@ impl Action {
                     | ForkRound
                     | NextRound
                     | PrevRound
+                    | NextSample
+                    | PrevSample
                     | OpenHeal
                     | KeepRound
                     | DropRound
@@ -308,6 +320,8 @@ impl Action {
                     | ForkRound
                     | NextRound
                     | PrevRound
+                    | NextSample
+                    | PrevSample
                     | OpenHeal
                     | Cancel
                     | Quit

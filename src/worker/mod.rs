@@ -95,6 +95,12 @@ pub enum JobKind {
         /// Round.
         round: u32,
     },
+    /// Read a few eval items (think text, answer probabilities) of each round's eval
+    /// (`round-NN/eval/eval.json`) for the iterate screen.
+    ReadEvalSamples {
+        /// Rounds (0 = the base).
+        rounds: Vec<u32>,
+    },
     /// Cancel a queued or running job.
     Cancel(JobId),
 }
@@ -112,6 +118,7 @@ impl JobKind {
             JobKind::RunRounds { .. } => "running a round",
             JobKind::RoundsStatus => "reading rounds",
             JobKind::ReadGateQ1 { .. } => "reading gate Q1",
+            JobKind::ReadEvalSamples { .. } => "reading eval samples",
             JobKind::Cancel(_) => "cancelling",
         }
     }
@@ -197,6 +204,11 @@ pub enum JobOutput {
         report: Box<crate::heal::gate::GateQ1>,
         /// The heal run's step log (`heal/train/log.jsonl`; empty when absent), for the training curve.
         steps: Vec<crate::heal::StepRecord>,
+    },
+    /// A few eval items of each requested round.
+    EvalSamples {
+        /// Round → its samples (`eval::SAMPLES_PER_ROUND` at most).
+        samples: BTreeMap<u32, Vec<crate::eval::EvalSample>>,
     },
 }
 
@@ -643,6 +655,22 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let log = path.with_file_name("train").join("log.jsonl");
             let steps = if log.exists() { crate::heal::train::read_step_log(&log)? } else { vec![] };
             Ok(JobOutput::GateQ1 { round, report: Box::new(report), steps })
+        }
+        JobKind::ReadEvalSamples { rounds } => {
+            let paths = {
+                let s = lock(&ctx.session)?;
+                let rel = |r: u32| format!("{}/eval/eval.json", session::round_dir(r));
+                rounds.iter().map(|r| Ok((*r, s.artifact_path(&rel(*r))?))).collect::<Result<Vec<_>>>()?
+            };
+            let mut samples = BTreeMap::new();
+            for (round, path) in paths {
+                if cancel.is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                let report = crate::eval::EvalReport::load(&path)?;
+                samples.insert(round, crate::eval::pick_samples(&report, crate::eval::SAMPLES_PER_ROUND));
+            }
+            Ok(JobOutput::EvalSamples { samples })
         }
         JobKind::Cancel(_) => Err(Error::invalid("cancel is a control message, not a job")),
     }

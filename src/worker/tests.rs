@@ -417,3 +417,80 @@ fn gate_q1_comes_with_the_heal_step_log() {
         w.join.await.expect("worker ends");
     });
 }
+
+#[test]
+fn eval_samples_are_read_from_each_rounds_eval_json() {
+    use crate::eval::data::select_items;
+    use crate::eval::protocol::{AnswerCase, FrameOrder};
+    use crate::eval::report::{EvalConfig, FrameRecord, RowRecord, Timings};
+    use crate::eval::{Condition, EvalReport, Variant};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let sd = tempfile::tempdir().expect("tempdir");
+        let session = session_with_model(sd.path(), Path::new("no-model"));
+        let items = select_items(Variant::Classic, &[Condition::OtherViolate], Some(9)).expect("items");
+        let frame = |order| FrameRecord {
+            order,
+            case: AnswerCase::Interrupted,
+            lp: [-1.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0],
+            pmass: 0.5,
+            nll_json: 2.0,
+            n_prefill_tokens: 9,
+            think_tokens: 8,
+            emitted_close: false,
+            think_text: format!("{order:?} think"),
+        };
+        let rows: Vec<RowRecord> = items
+            .iter()
+            .map(|it| RowRecord {
+                id: it.id.clone(),
+                condition: it.condition,
+                foundation: it.foundation.clone(),
+                foundation_coarse: it.coarse,
+                human: it.human,
+                frames: vec![frame(FrameOrder::Forward), frame(FrameOrder::Reversed)],
+            })
+            .collect();
+        let report = EvalReport {
+            schema_version: crate::eval::report::SCHEMA_VERSION,
+            created: String::new(),
+            model_id: "tiny".into(),
+            weights_hash: String::new(),
+            config: EvalConfig { n_vignettes: Some(9), ..EvalConfig::default() },
+            answer_token_ids: [0; 7],
+            metrics: crate::eval::compute_metrics(&rows, None),
+            rows,
+            json_probe: None,
+            timings: Timings::default(),
+        };
+        let dir = sd.path().join("round-00/eval");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        report.save(&dir).expect("save");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session, tx).expect("spawn");
+        w.jobs.send(Job { id: 1, kind: JobKind::ReadEvalSamples { rounds: vec![0] } }).await.expect("send");
+        match next_terminal(&mut rx, 1).await {
+            WorkerEvent::Finished { output: JobOutput::EvalSamples { samples }, .. } => {
+                let s = &samples[&0];
+                assert_eq!(s.len(), crate::eval::SAMPLES_PER_ROUND);
+                assert_eq!(s.iter().map(|x| x.index).collect::<Vec<_>>(), vec![0, 1, 3, 4, 6, 7]);
+                assert_eq!(s[2].text, items[3].text);
+                assert_eq!(s[0].think, "Forward think");
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // A round without an eval fails with the file named.
+        w.jobs
+            .send(Job { id: 2, kind: JobKind::ReadEvalSamples { rounds: vec![0, 4] } })
+            .await
+            .expect("send");
+        match next_terminal(&mut rx, 2).await {
+            WorkerEvent::Failed { error, .. } => {
+                assert!(error.contains("round-04") && error.contains("eval.json"), "{error}")
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        drop(w.jobs);
+        w.join.await.expect("worker ends");
+    });
+}

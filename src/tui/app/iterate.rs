@@ -1,14 +1,17 @@
 //! The iterate screen's state and keys (gate Q2): the rounds table and lineage as the worker last read them, the
 //! selected round, and the run in progress. Continue runs one more round in the worker; stop cancels it (its
-//! finished stages stay and a later continue resumes); roll back and fork append lineage events.
+//! finished stages stay and a later continue resumes); roll back and fork append lineage events. A few eval
+//! items per round (think text, answer probabilities) are read by the worker when a round first appears and
+//! stepped through beside the round's metrics.
 
 use super::State;
-use crate::eval::{RoundPoint, RoundStatus};
+use crate::eval::{EvalSample, RoundPoint, RoundStatus};
 use crate::heal::gate::GateQ1;
 use crate::heal::StepRecord;
 use crate::session::SessionEvent;
 use crate::tui::action::Action;
 use crate::worker::{Job, JobId, JobKind};
+use std::collections::BTreeMap;
 
 /// Coherence floor of the automatic gate Q2 when rounds run from the TUI: off, because the researcher is the
 /// gate here (roll back a round that should not have been kept).
@@ -29,6 +32,13 @@ pub struct IterateView {
     pub running: Option<JobId>,
     /// How the last run ended.
     pub last_run: String,
+    /// A handful of eval items per round (round → samples), as the worker read them.
+    pub samples: BTreeMap<u32, Vec<EvalSample>>,
+    /// Rounds whose samples were asked for and have not arrived, with the job reading them.
+    pub samples_pending: BTreeMap<u32, JobId>,
+    /// Index of the sample shown; kept when the round changes, so the same item can be compared over rounds
+    /// (rounds evaluated with the same settings share their items).
+    pub sample: usize,
 }
 
 impl IterateView {
@@ -39,6 +49,16 @@ impl IterateView {
     /// Rounds judged so far (every point but the base).
     pub fn judged(&self) -> u32 {
         self.points.iter().filter(|p| p.status != RoundStatus::Base).count() as u32
+    }
+    /// The selected round's samples (empty until the worker has read them).
+    pub fn round_samples(&self) -> &[EvalSample] {
+        self.current().and_then(|p| self.samples.get(&(p.round as u32))).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// The sample shown for the selected round (the index clamped to the samples it has) and its position.
+    pub fn current_sample(&self) -> Option<(usize, &EvalSample)> {
+        let all = self.round_samples();
+        let i = self.sample.min(all.len().checked_sub(1)?);
+        Some((i, &all[i]))
     }
     /// Whether `round` is the base or in the current chain (roll back / fork targets).
     pub fn is_kept(&self, round: u32) -> bool {
@@ -60,6 +80,16 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
     match a {
         Action::NextRound => v.selected = (v.selected + 1).min(v.points.len().saturating_sub(1)),
         Action::PrevRound => v.selected = v.selected.saturating_sub(1),
+        Action::NextSample | Action::PrevSample => {
+            let n = v.round_samples().len();
+            if n == 0 {
+                s.status = "no eval samples for this round yet".into();
+                return vec![];
+            }
+            // Step from the index shown (a round with fewer samples clamps it), within the round's samples.
+            let shown = v.sample.min(n - 1);
+            v.sample = if a == Action::NextSample { (shown + 1).min(n - 1) } else { shown.saturating_sub(1) };
+        }
         Action::Cancel => s.iterate = None,
         Action::ContinueRounds => {
             if v.running.is_some() {
@@ -239,11 +269,21 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
 }
 
 /// A job failed or was cancelled without a rounds table: if it was the rounds run, it no longer runs (so
-/// continue works again).
+/// continue works again); if it was reading samples, the next rounds table asks again.
 pub fn job_ended(s: &mut State, id: JobId) {
-    if let Some(v) = s.iterate.as_mut().filter(|v| v.running == Some(id)) {
-        v.running = None;
+    if let Some(v) = s.iterate.as_mut() {
+        if v.running == Some(id) {
+            v.running = None;
+        }
+        v.samples_pending.retain(|_, job| *job != id);
     }
+}
+
+/// Eval samples arrived from the worker: keep them by round.
+pub fn on_samples(s: &mut State, id: JobId, samples: BTreeMap<u32, Vec<EvalSample>>) {
+    let Some(v) = s.iterate.as_mut() else { return };
+    v.samples_pending.retain(|_, job| *job != id);
+    v.samples.extend(samples);
 }
 
 /// A rounds table arrived from the worker.
@@ -270,8 +310,23 @@ pub fn on_rounds(
     }
     let v = s.iterate.get_or_insert_with(IterateView::default);
     v.selected = v.selected.min(points.len().saturating_sub(1));
+    // Rounds new to the screen get their eval samples read in the background (each round's eval is final
+    // once the round is in the table, so samples are read once).
+    let mut missing: Vec<u32> = points
+        .iter()
+        .map(|p| p.round as u32)
+        .filter(|r| !v.samples.contains_key(r) && !v.samples_pending.contains_key(r))
+        .collect();
+    missing.dedup();
     v.points = points;
     v.chain = chain;
     v.branch = branch;
+    if !missing.is_empty() {
+        let job = s.job(JobKind::ReadEvalSamples { rounds: missing.clone() });
+        if let Some(v) = s.iterate.as_mut() {
+            v.samples_pending.extend(missing.into_iter().map(|r| (r, job.id)));
+        }
+        jobs.push(job);
+    }
     jobs
 }

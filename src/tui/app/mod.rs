@@ -1228,6 +1228,8 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
         | Action::ForkRound
         | Action::NextRound
         | Action::PrevRound
+        | Action::NextSample
+        | Action::PrevSample
         | Action::OpenHeal
         | Action::KeepRound
         | Action::DropRound => {}
@@ -1374,6 +1376,7 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
             return iterate::on_rounds(s, id, points, chain, branch, stopped)
         }
         JobOutput::GateQ1 { round, report, steps } => iterate::on_gate_q1(s, id, round, *report, steps),
+        JobOutput::EvalSamples { samples } => iterate::on_samples(s, id, samples),
     }
     vec![]
 }

@@ -671,6 +671,7 @@ fn point(round: usize, status: crate::eval::RoundStatus, auth: f64) -> crate::ev
         kl_spent: Some(round as f64),
         cos_teacher_r0: None,
         cos_student_teacher: None,
+        controls: vec![],
     }
 }
 
@@ -849,7 +850,8 @@ fn heal_steps_land_in_state_open_the_live_chart_and_stop_cancels_the_run() {
         stopped: "cancelled".into(),
     };
     let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: run_id, output }));
-    assert!(matches!(jobs[..], [Job { kind: JobKind::ReadGateQ1 { round: 3 }, .. }]), "{jobs:?}");
+    // (and, round 3 being new to the screen, for its eval samples).
+    assert!(matches!(jobs[..], [Job { kind: JobKind::ReadGateQ1 { round: 3 }, .. }, ..]), "{jobs:?}");
     // Closing the screen and a later step of the same heal does not reopen it.
     press(&mut s, "esc");
     let e = WorkerEvent::HealStep { id: run_id, round: 3, record: Box::new(step_record(3, 8, 1.5)) };
@@ -862,4 +864,112 @@ fn heal_steps_land_in_state_open_the_live_chart_and_stop_cancels_the_run() {
     update(&mut s, Msg::Worker(WorkerEvent::Failed { id: failed, error: "no model".into() }));
     press(&mut s, "esc");
     assert!(matches!(press(&mut s, "c")[..], [Job { kind: JobKind::RunRounds { .. }, .. }]));
+}
+
+fn eval_sample(index: usize, id: &str) -> crate::eval::EvalSample {
+    crate::eval::EvalSample {
+        index,
+        id: id.into(),
+        condition: crate::eval::Condition::OtherViolate,
+        foundation: "Care (e)".into(),
+        label: crate::eval::Foundation::Care,
+        text: "You see a teenage boy chuckling at an amputee he passes by.".into(),
+        think: "The boy mocks someone in pain.".into(),
+        think_tokens: 16,
+        cases: vec![crate::eval::protocol::AnswerCase::Interrupted; 2],
+        p: Some([0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]),
+        human: None,
+        p_ans_any: 0.3,
+    }
+}
+
+#[test]
+fn eval_samples_are_read_once_per_round_and_the_sample_keys_step_through_them() {
+    use crate::eval::RoundStatus::*;
+    use crate::tui::keymap::{Layer, VIM_KEYMAP};
+    let mut s = state_with(2);
+    let jobs = press(&mut s, "I");
+    let table = || JobOutput::Rounds {
+        points: vec![point(0, Base, -5.56), point(1, Kept, -5.68), point(2, Dropped, -5.9)],
+        chain: vec![1],
+        branch: "main".into(),
+        stopped: String::new(),
+    };
+    // The first table asks the worker for every round's samples; a second table while they load asks nothing.
+    let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: jobs[0].id, output: table() }));
+    let read = match &jobs[..] {
+        [Job { id, kind: JobKind::ReadEvalSamples { rounds } }] if *rounds == vec![0, 1, 2] => *id,
+        other => panic!("{other:?}"),
+    };
+    assert!(update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 900, output: table() })).is_empty());
+    // The keys the keymap names for stepping samples.
+    let next = s.keymap.hint(Mode::Iterate, Action::NextSample);
+    let prev = s.keymap.hint(Mode::Iterate, Action::PrevSample);
+    assert_eq!((next.as_str(), prev.as_str()), ("n", "p"));
+    press(&mut s, &next);
+    assert!(s.status.contains("no eval samples"), "{}", s.status);
+    let samples: std::collections::BTreeMap<u32, Vec<crate::eval::EvalSample>> = [
+        (0, (0..3).map(|i| eval_sample(i * 3, &format!("b{i}"))).collect()),
+        (1, (0..2).map(|i| eval_sample(i * 3, &format!("r{i}"))).collect()),
+        (2, vec![]),
+    ]
+    .into();
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished { id: read, output: JobOutput::EvalSamples { samples } }),
+    );
+    let shown = |s: &State| {
+        let v = s.iterate.as_ref().expect("iterate");
+        v.current_sample().map(|(i, x)| (v.current().map(|p| p.round), i, x.id.clone()))
+    };
+    assert_eq!(shown(&s), Some((Some(0), 0, "b0".into())));
+    press(&mut s, &format!("{next} {next}"));
+    assert_eq!(shown(&s), Some((Some(0), 2, "b2".into())));
+    press(&mut s, &next);
+    assert_eq!(shown(&s), Some((Some(0), 2, "b2".into())), "stops at the last sample");
+    press(&mut s, &prev);
+    assert_eq!(shown(&s), Some((Some(0), 1, "b1".into())));
+    // The next round shows the same item position (so an item can be compared over rounds), clamped to what
+    // the round has.
+    press(&mut s, "j");
+    assert_eq!(shown(&s), Some((Some(1), 1, "r1".into())));
+    press(&mut s, &next);
+    assert_eq!(shown(&s), Some((Some(1), 1, "r1".into())));
+    press(&mut s, &prev);
+    assert_eq!(shown(&s), Some((Some(1), 0, "r0".into())));
+    press(&mut s, &prev);
+    assert_eq!(shown(&s), Some((Some(1), 0, "r0".into())), "stops at the first sample");
+    // A new round in a later table is read on its own.
+    let mut t = table();
+    if let JobOutput::Rounds { points, .. } = &mut t {
+        points.push(point(3, Kept, -5.7));
+    }
+    let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 901, output: t }));
+    assert!(
+        matches!(&jobs[..], [Job { kind: JobKind::ReadEvalSamples { rounds }, .. }] if *rounds == vec![3])
+    );
+    // A failed read is asked for again with the next table.
+    let failed = jobs[0].id;
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Failed { id: failed, error: "round-03/eval/eval.json: gone".into() }),
+    );
+    s.popup = None;
+    let mut t = table();
+    if let JobOutput::Rounds { points, .. } = &mut t {
+        points.push(point(3, Kept, -5.7));
+    }
+    let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 902, output: t }));
+    assert!(
+        matches!(&jobs[..], [Job { kind: JobKind::ReadEvalSamples { rounds }, .. }] if *rounds == vec![3])
+    );
+    // The vim keymap adds N for the previous sample.
+    let mut km = crate::tui::keymap::Keymap::defaults().expect("defaults");
+    km.merge(Layer::parse(VIM_KEYMAP, std::path::Path::new("keymaps/vim.toml")).expect("vim"))
+        .expect("merge");
+    s.keymap = km;
+    press(&mut s, "k n");
+    assert_eq!(shown(&s), Some((Some(0), 1, "b1".into())));
+    press(&mut s, "N");
+    assert_eq!(shown(&s), Some((Some(0), 0, "b0".into())));
 }
