@@ -190,6 +190,9 @@ pub struct HealArgs {
     /// Examples per optimiser step.
     #[arg(long, default_value_t = 4)]
     grad_accum: usize,
+    /// Examples per padded forward/backward pass (speed only; the step's gradient is unchanged).
+    #[arg(long, default_value_t = 1)]
+    micro_batch: usize,
     /// Longest training sequence in tokens.
     #[arg(long, default_value_t = 1024)]
     max_len: usize,
@@ -236,6 +239,9 @@ pub struct BenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Sequences per step, through the model together (the peer script uses 4; on a 2-core CPU 1 is as fast).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     #[command(flatten)]
     lora: LoraArgs,
     /// Weights dtype.
@@ -296,6 +302,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 lora,
                 epochs,
                 grad_accum,
+                micro_batch,
                 max_len,
                 checkpoint_every,
                 fresh,
@@ -306,7 +313,8 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 sweep_regs,
                 sweep_strengths,
             } = *args;
-            let cfg = HealConfig { epochs, grad_accum, max_len, checkpoint_every, ..lora.config() };
+            let cfg =
+                HealConfig { epochs, grad_accum, micro_batch, max_len, checkpoint_every, ..lora.config() };
             let mut lm = load(&model, dtype, &history)?;
             cfg.validate(&lm.model.cfg)?;
             let comps = heal::read_completions(&completions)?;
@@ -397,9 +405,9 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             println!("wrote {}", out.display());
         }
         HealCmd::BenchHeal(args) => {
-            let BenchArgs { model, out, seq_len, prompt_len, steps, lora, dtype } = *args;
+            let BenchArgs { model, out, seq_len, prompt_len, steps, batch, lora, dtype } = *args;
             let mut lm = load(&model, dtype, &[])?;
-            let spec = bench::BenchSpec { seq_len, prompt_len, steps, cfg: lora.config() };
+            let spec = bench::BenchSpec { seq_len, prompt_len, steps, batch, cfg: lora.config() };
             let res = bench::bench_heal(&mut lm, &spec)?;
             steer_heal::fsutil::atomic_write_json(&out, &res)?;
             println!(

@@ -7,7 +7,7 @@ use super::config::HealConfig;
 use super::data::Example;
 use super::loss;
 use super::optim::AdamW;
-use super::train::{completion_log_probs, gradients, reference_log_probs};
+use super::train::{batch_completion_log_probs, batch_reference_log_probs, gradients};
 use crate::error::{Error, Result};
 use crate::model::decoder::Path as FwdPath;
 use crate::model::{LoadedModel, ModelInfo};
@@ -23,10 +23,17 @@ pub struct BenchSpec {
     pub seq_len: usize,
     /// Prompt tokens per sequence (no loss on them).
     pub prompt_len: usize,
-    /// Timed steps (one sequence each), after one untimed warm-up step.
+    /// Timed steps, after one untimed warm-up step.
     pub steps: usize,
+    /// Sequences per step, through the model together.
+    #[serde(default = "one")]
+    pub batch: usize,
     /// Heal config (rank, targets, layer range, regulariser...).
     pub cfg: HealConfig,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Seconds spent per phase over the timed steps.
@@ -66,7 +73,7 @@ pub struct BenchResult {
     pub tokens_per_s: f64,
     /// Tokens per second without the reference pass (plain LoRA SFT, for comparison).
     pub tokens_per_s_without_reference: f64,
-    /// Optimiser steps per second (one sequence per step).
+    /// Optimiser steps per second (`batch` sequences per step).
     pub steps_per_s: f64,
     /// Time per phase.
     pub phases: Phases,
@@ -93,15 +100,15 @@ pub fn peak_rss_mib() -> f64 {
 pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult> {
     let cfg = &spec.cfg;
     cfg.validate(&lm.model.cfg)?;
-    if spec.prompt_len == 0 || spec.prompt_len >= spec.seq_len || spec.steps == 0 {
-        return Err(Error::invalid("bench needs 0 < prompt_len < seq_len and at least one step"));
+    if spec.prompt_len == 0 || spec.prompt_len >= spec.seq_len || spec.steps == 0 || spec.batch == 0 {
+        return Err(Error::invalid("bench needs 0 < prompt_len < seq_len, at least one step and batch ≥ 1"));
     }
     let model = &mut lm.model;
     let vocab = model.cfg.vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     // Ordinary-token ids only: stay below the special tokens at the top of small vocabularies.
     let hi = vocab.saturating_sub(16).max(2);
-    let examples: Vec<Example> = (0..=spec.steps)
+    let examples: Vec<Example> = (0..(spec.steps + 1) * spec.batch)
         .map(|i| Example {
             id: format!("bench-{i}"),
             ids: (0..spec.seq_len).map(|_| rng.random_range(0..hi)).collect(),
@@ -116,15 +123,26 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult>
     let mut opt = AdamW::new(&vars, cfg.betas, cfg.eps, cfg.weight_decay)?;
     let mut phases = Phases::default();
     let mut losses = Vec::new();
-    let mut run = |ex: &Example, phases: &mut Phases, model: &mut crate::model::Model| -> Result<f64> {
+    let mut run = |exs: &[Example], phases: &mut Phases, model: &mut crate::model::Model| -> Result<f64> {
+        let exs: Vec<&Example> = exs.iter().collect();
         let t0 = Instant::now();
-        let ref_lp = reference_log_probs(model, ex, cfg, &name)?;
+        let refs = batch_reference_log_probs(model, &exs, cfg, &name)?;
         let t1 = Instant::now();
-        let lp = completion_log_probs(model, ex, FwdPath::Training)?;
-        let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
-        let kl = loss::per_position_kl(&lp, &ref_lp, cfg.reg)?;
-        let d = loss::aggregate(&kl, cfg.agg)?;
-        let total = (loss::nll(&lp, &targets)? + loss::barrier(&d, cfg.reg, cfg.lambda_eff(), cfg.tau)?)?;
+        let lps = batch_completion_log_probs(model, &exs, FwdPath::Training)?;
+        // As the heal loop does: each sequence its own NLL + barrier, averaged over the step.
+        let mut total: Option<Tensor> = None;
+        for ((ex, lp), ref_lp) in exs.iter().zip(&lps).zip(&refs) {
+            let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
+            let kl = loss::per_position_kl(lp, ref_lp, cfg.reg)?;
+            let d = loss::aggregate(&kl, cfg.agg)?;
+            let l = ((loss::nll(lp, &targets)? + loss::barrier(&d, cfg.reg, cfg.lambda_eff(), cfg.tau)?)?
+                / exs.len() as f64)?;
+            total = Some(match total {
+                Some(acc) => (acc + l)?,
+                None => l,
+            });
+        }
+        let total = total.ok_or_else(|| Error::invalid("empty bench step"))?;
         let value = total.to_scalar::<f32>()? as f64;
         let t2 = Instant::now();
         let grads = gradients(&total, &lora)?;
@@ -138,13 +156,16 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult>
         Ok(value)
     };
     let mut warm = Phases::default();
-    run(&examples[0], &mut warm, model)?;
-    for ex in &examples[1..] {
-        losses.push(run(ex, &mut phases, model)?);
+    let mut chunks = examples.chunks(spec.batch);
+    if let Some(first) = chunks.next() {
+        run(first, &mut warm, model)?;
+    }
+    for exs in chunks {
+        losses.push(run(exs, &mut phases, model)?);
     }
     super::adapter::detach(model, &name);
     let total_s = phases.reference_s + phases.forward_s + phases.backward_s + phases.optimizer_s;
-    let tokens = (spec.steps * spec.seq_len) as f64;
+    let tokens = (spec.steps * spec.batch * spec.seq_len) as f64;
     let params: usize = lora.vars.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum();
     Ok(BenchResult {
         spec: spec.clone(),

@@ -207,6 +207,55 @@ pub(crate) fn completion_log_probs(model: &Model, ex: &Example, path: FwdPath) -
     loss::log_softmax(&logits)
 }
 
+/// Completion log-probs of several examples from one forward pass: the sequences are left-padded to the longest
+/// (padded keys masked, each row's positions starting at 0, so every row sees exactly what it would alone), and
+/// all rows' completion positions go through the vocabulary projection as one matrix. One `[C_i, vocab]` tensor
+/// per example, in order. Batching is for speed only: the values equal `completion_log_probs` row by row.
+pub(crate) fn batch_completion_log_probs(
+    model: &Model,
+    exs: &[&Example],
+    path: FwdPath,
+) -> Result<Vec<Tensor>> {
+    match exs {
+        [] => return Ok(Vec::new()),
+        [one] => return Ok(vec![completion_log_probs(model, one, path)?]),
+        _ => {}
+    }
+    let t = exs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let pad: Vec<usize> = exs.iter().map(|e| t - e.ids.len()).collect();
+    let mut flat = Vec::with_capacity(exs.len() * t);
+    for (e, p) in exs.iter().zip(&pad) {
+        // Any in-vocabulary id will do under the mask.
+        flat.extend(std::iter::repeat_n(0u32, *p));
+        flat.extend_from_slice(&e.ids);
+    }
+    let ids = Tensor::from_vec(flat, (exs.len(), t), model.device())?;
+    let last = model.layers.len() - 1;
+    let hooks = Hooks::capture(vec![last], CapturePositions::All);
+    let f = Forward { hooks: &hooks, pad: &pad, logits: LogitsAt::None, path };
+    let out = model.forward(&ids, None, &f)?;
+    let h = out
+        .hidden
+        .get(&last)
+        .ok_or_else(|| Error::invalid("the last block's hidden state was not captured"))?;
+    let rows = exs
+        .iter()
+        .zip(&pad)
+        .enumerate()
+        .map(|(i, (e, p))| Ok(h.get(i)?.narrow(0, p + e.prompt_len - 1, e.completion_len())?))
+        .collect::<Result<Vec<_>>>()?;
+    let logits = model.logits_from_hidden(&Tensor::cat(&rows, 0)?.unsqueeze(0)?, path)?.squeeze(0)?;
+    let lp = loss::log_softmax(&logits)?;
+    let mut at = 0;
+    exs.iter()
+        .map(|e| {
+            let part = lp.narrow(0, at, e.completion_len())?;
+            at += e.completion_len();
+            Ok(part)
+        })
+        .collect()
+}
+
 /// The loss of one example and its parts.
 pub struct LossParts {
     /// Total loss (differentiable).
@@ -234,6 +283,17 @@ pub(crate) fn reference_log_probs(
     cfg: &HealConfig,
     name: &str,
 ) -> Result<Tensor> {
+    let mut lp = batch_reference_log_probs(model, &[ex], cfg, name)?;
+    lp.pop().ok_or_else(|| Error::invalid("no reference log-probs"))
+}
+
+/// `reference_log_probs` of several examples from one padded forward pass.
+pub(crate) fn batch_reference_log_probs(
+    model: &mut Model,
+    exs: &[&Example],
+    cfg: &HealConfig,
+    name: &str,
+) -> Result<Vec<Tensor>> {
     let saved = match cfg.reference {
         Reference::Prev => {
             let g = adapter::gates(model);
@@ -242,9 +302,9 @@ pub(crate) fn reference_log_probs(
         }
         Reference::Base => adapter::zero_all_gates(model),
     };
-    let lp = completion_log_probs(model, ex, FwdPath::Inference);
+    let lp = batch_completion_log_probs(model, exs, FwdPath::Inference);
     adapter::restore_gates(model, &saved);
-    Ok(lp?.detach())
+    Ok(lp?.into_iter().map(|t| t.detach()).collect())
 }
 
 /// The heal loss of one example for the attached trainable adapter: reference pass (no grad, gate off), student
@@ -255,45 +315,74 @@ pub fn example_loss(
     ex: &Example,
     cfg: &HealConfig,
 ) -> Result<LossParts> {
-    let ref_lp = reference_log_probs(model, ex, cfg, &lora.name)?;
-    let lp = completion_log_probs(model, ex, FwdPath::Training)?;
-    let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
-    let nll = loss::nll(&lp, &targets)?;
-    let kl = loss::per_position_kl(&lp, &ref_lp, cfg.reg)?;
-    let d = loss::aggregate(&kl, cfg.agg)?;
-    let barrier = loss::barrier(&d, cfg.reg, cfg.lambda_eff(), cfg.tau)?;
-    let mut total = (&nll + &barrier)?;
-    let mut spectral = 0.0;
-    if cfg.spectral_lambda > 0.0 {
-        let mut sum: Option<Tensor> = None;
-        for (a, b) in lora.vars.values() {
-            let ad = Adapter {
-                name: lora.name.clone(),
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-                scale: 1.0,
-                gate: 1.0,
-            };
-            let s = LoraLinear::adapter_sigma_max(&ad, cfg.spectral_iters)?.to_dtype(DType::F32)?;
-            sum = Some(match sum {
-                Some(acc) => (acc + s)?,
-                None => s,
-            });
-        }
-        if let Some(sum) = sum {
-            let pen = ((sum / lora.vars.len() as f64)? * cfg.spectral_lambda)?;
-            spectral = scalar(&pen)?;
-            total = (total + pen)?;
-        }
+    let mut parts = batch_losses(model, lora, &[ex], cfg)?;
+    parts.pop().ok_or_else(|| Error::invalid("no loss computed"))
+}
+
+/// `example_loss` of several examples at once: one padded reference pass and one padded student pass for all of
+/// them. Each example keeps its own NLL, D and barrier (the loss is not pooled across examples), so summing the
+/// returned losses gives what one-at-a-time accumulation gives.
+pub fn batch_losses(
+    model: &mut Model,
+    lora: &TrainableLora,
+    exs: &[&Example],
+    cfg: &HealConfig,
+) -> Result<Vec<LossParts>> {
+    let refs = batch_reference_log_probs(model, exs, cfg, &lora.name)?;
+    let lps = batch_completion_log_probs(model, exs, FwdPath::Training)?;
+    let pen = spectral_penalty(lora, cfg)?;
+    let spectral = match &pen {
+        Some(p) => scalar(p)?,
+        None => 0.0,
+    };
+    exs.iter()
+        .zip(lps.iter().zip(&refs))
+        .map(|(ex, (lp, ref_lp))| {
+            let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
+            let nll = loss::nll(lp, &targets)?;
+            let kl = loss::per_position_kl(lp, ref_lp, cfg.reg)?;
+            let d = loss::aggregate(&kl, cfg.agg)?;
+            let barrier = loss::barrier(&d, cfg.reg, cfg.lambda_eff(), cfg.tau)?;
+            let mut total = (&nll + &barrier)?;
+            if let Some(p) = &pen {
+                total = (total + p)?;
+            }
+            Ok(LossParts {
+                nll: scalar(&nll)?,
+                d: scalar(&d)?,
+                kl_mean: scalar(&kl.mean_all()?)?,
+                barrier: scalar(&barrier)?,
+                spectral,
+                loss: total,
+            })
+        })
+        .collect()
+}
+
+/// `spectral_lambda` · mean σ_max(B·A) over the adapted projections, or `None` when the penalty is off.
+fn spectral_penalty(lora: &TrainableLora, cfg: &HealConfig) -> Result<Option<Tensor>> {
+    if cfg.spectral_lambda <= 0.0 {
+        return Ok(None);
     }
-    Ok(LossParts {
-        nll: scalar(&nll)?,
-        d: scalar(&d)?,
-        kl_mean: scalar(&kl.mean_all()?)?,
-        barrier: scalar(&barrier)?,
-        spectral,
-        loss: total,
-    })
+    let mut sum: Option<Tensor> = None;
+    for (a, b) in lora.vars.values() {
+        let ad = Adapter {
+            name: lora.name.clone(),
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 1.0,
+            gate: 1.0,
+        };
+        let s = LoraLinear::adapter_sigma_max(&ad, cfg.spectral_iters)?.to_dtype(DType::F32)?;
+        sum = Some(match sum {
+            Some(acc) => (acc + s)?,
+            None => s,
+        });
+    }
+    match sum {
+        Some(sum) => Ok(Some(((sum / lora.vars.len() as f64)? * cfg.spectral_lambda)?)),
+        None => Ok(None),
+    }
 }
 
 /// Loss parts of an attached adapter over a data set, without gradients (both passes on the inference path).
@@ -521,35 +610,52 @@ pub fn heal(
         let mut tokens = 0usize;
         let mut cancelled = false;
         let mut bad: Option<String> = None;
-        for k in first..end {
+        // The step's examples go through the model `micro_batch` at a time; each keeps its own loss, scaled by
+        // 1/count, so the accumulated gradient is the same whatever the micro-batch.
+        let mut k = first;
+        'micro: while k < end {
             if progress.is_cancelled() {
                 cancelled = true;
                 break;
             }
-            let epoch = k / n;
-            let order = orders.entry(epoch).or_insert_with(|| epoch_order(n, cfg.seed, epoch));
-            let ex = &data.examples[order[k % n]];
-            let m = example_loss(model, &lora, ex, cfg)?;
-            let l = scalar(&m.loss)?;
-            if !l.is_finite() {
-                bad = Some(format!("loss became {l} on example `{}`", ex.id));
-                break;
+            let stop = (k + cfg.micro_batch).min(end);
+            let exs: Vec<&Example> = (k..stop)
+                .map(|k| {
+                    let epoch = k / n;
+                    let order = orders.entry(epoch).or_insert_with(|| epoch_order(n, cfg.seed, epoch));
+                    &data.examples[order[k % n]]
+                })
+                .collect();
+            k = stop;
+            let parts = batch_losses(model, &lora, &exs, cfg)?;
+            let mut sum: Option<Tensor> = None;
+            for (ex, m) in exs.iter().zip(parts) {
+                let l = scalar(&m.loss)?;
+                if !l.is_finite() {
+                    bad = Some(format!("loss became {l} on example `{}`", ex.id));
+                    break 'micro;
+                }
+                s_loss += l / count;
+                s_nll += m.nll / count;
+                s_d += m.d / count;
+                s_kl += m.kl_mean / count;
+                s_bar += m.barrier / count;
+                s_spec += m.spectral / count;
+                tokens += ex.ids.len();
+                let scaled = (m.loss / count)?;
+                sum = Some(match sum {
+                    Some(acc) => (acc + scaled)?,
+                    None => scaled,
+                });
             }
-            let grads = gradients(&(m.loss / count)?, &lora)?;
-            for (name, g) in grads {
+            let Some(sum) = sum else { continue };
+            for (name, g) in gradients(&sum, &lora)? {
                 let next = match acc.remove(&name) {
                     Some(prev) => (prev + g)?,
                     None => g,
                 };
                 acc.insert(name, next);
             }
-            s_loss += l / count;
-            s_nll += m.nll / count;
-            s_d += m.d / count;
-            s_kl += m.kl_mean / count;
-            s_bar += m.barrier / count;
-            s_spec += m.spectral / count;
-            tokens += ex.ids.len();
         }
         if cancelled {
             status = HealStatus::Cancelled;
