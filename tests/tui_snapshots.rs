@@ -414,6 +414,17 @@ fn heal_screen() {
 }
 
 #[test]
+fn heal_screen_shows_the_researchers_note_once_written() {
+    let mut s = heal_state();
+    update(&mut s, Msg::Key(KeyChord::parse("e").expect("key")));
+    update(&mut s, Msg::Paste("sample 1 loops".into()));
+    update(&mut s, Msg::Key(KeyChord::parse("ctrl-s").expect("key")));
+    let term = draw(&s, 100, 20);
+    let text: String = term.backend().buffer().content().iter().map(|c| c.symbol()).collect();
+    assert!(text.contains("note: sample 1 loops"), "{text}");
+}
+
+#[test]
 fn heal_screen_heat_maps_each_column_by_kl() {
     use ratatui::style::Color;
     let t = draw(&heal_state(), 100, 20);

@@ -217,7 +217,7 @@ pub const ACTIONS: &[(Action, &str, &str)] = &[
     (Action::PageDown, "page-down", "ten completions down"),
     (Action::PageUp, "page-up", "ten completions up"),
     (Action::TagReasons, "tag-reasons", "pick reason tags"),
-    (Action::EditNote, "edit-note", "write a note on the completion"),
+    (Action::EditNote, "edit-note", "write a note (on the completion; on the round at gate Q1)"),
     (Action::EditPrompt, "edit-prompt", "edit the prompt and generate from it"),
     (Action::DoseUp, "dose-up", "raise the dose slider"),
     (Action::DoseDown, "dose-down", "lower the dose slider"),
@@ -330,7 +330,15 @@ impl Action {
             Mode::Heal => {
                 matches!(
                     self,
-                    KeepRound | DropRound | StopRounds | ScrollDown | ScrollUp | Cancel | Quit | ToggleHelp
+                    KeepRound
+                        | DropRound
+                        | EditNote
+                        | StopRounds
+                        | ScrollDown
+                        | ScrollUp
+                        | Cancel
+                        | Quit
+                        | ToggleHelp
                 )
             }
         }

@@ -156,7 +156,7 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
             let round = p.round as u32;
             if v.running.is_some() && s.heal_training.as_ref().is_some_and(|t| t.round == round) {
                 // The round is still healing: show the live chart; the report comes when the run ends.
-                s.heal = Some(HealView { round, report: None, scroll: 0 });
+                s.heal = Some(HealView { round, report: None, scroll: 0, note: String::new() });
                 return vec![];
             }
             return vec![s.job(JobKind::ReadGateQ1 { round })];
@@ -177,6 +177,8 @@ pub struct HealView {
     pub report: Option<GateQ1>,
     /// Vertical scroll of the samples.
     pub scroll: u16,
+    /// The researcher's note, written into the keep/drop event.
+    pub note: String,
 }
 
 /// The heal steps a running rounds job has streamed, for the live training chart.
@@ -206,7 +208,7 @@ impl HealTraining {
 /// A gate-Q1 report arrived: show it, with its heal run's logged steps as the training curve (a live curve of
 /// the same round is kept: it is as fresh).
 pub fn on_gate_q1(s: &mut State, job: JobId, round: u32, report: GateQ1, steps: Vec<StepRecord>) {
-    s.heal = Some(HealView { round, report: Some(report), scroll: 0 });
+    s.heal = Some(HealView { round, report: Some(report), scroll: 0, note: String::new() });
     let live = s.heal_training.as_ref().is_some_and(|t| t.round == round && !t.steps.is_empty());
     if !live && !steps.is_empty() {
         s.heal_training = Some(HealTraining { job, round, steps });
@@ -220,7 +222,7 @@ pub fn on_heal_step(s: &mut State, job: JobId, round: u32, record: StepRecord) {
     if fresh {
         s.heal_training = Some(HealTraining { job, round, steps: Vec::new() });
         if s.heal.is_none() && s.iterate.is_some() && s.popup.is_none() {
-            s.heal = Some(HealView { round, report: None, scroll: 0 });
+            s.heal = Some(HealView { round, report: None, scroll: 0, note: String::new() });
         }
     }
     if let Some(t) = s.heal_training.as_mut() {
@@ -235,6 +237,14 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
         Action::ScrollDown => h.scroll = h.scroll.saturating_add(1),
         Action::ScrollUp => h.scroll = h.scroll.saturating_sub(1),
         Action::Cancel => s.heal = None,
+        Action::EditNote => {
+            let area = super::editor(&h.note);
+            s.popup = Some(super::Popup::Edit {
+                target: super::EditTarget::RoundNote,
+                completion: None,
+                area: Box::new(area),
+            });
+        }
         Action::StopRounds => match s.iterate.as_ref().and_then(|v| v.running) {
             Some(id) => {
                 s.status = "stopping the round (heal checkpoints; continue resumes)".into();
@@ -250,11 +260,14 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
                 return vec![];
             };
             let (b, after) = (report.before, report.after);
-            let note = format!(
+            let mut note = format!(
                 "researcher at the heal screen: coherence {:.3} → {}",
                 b.coherence,
                 after.map(|m| format!("{:.3}", m.coherence)).unwrap_or_else(|| "–".into())
             );
+            if !h.note.is_empty() {
+                note = format!("{} ({note})", h.note);
+            }
             s.status = format!("round {round} {} at gate Q1", if keep { "kept" } else { "dropped" });
             s.heal = None;
             let rec = s.record(SessionEvent::RoundGate { round, gate: "q1".into(), keep, note: Some(note) });

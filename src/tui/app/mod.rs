@@ -172,6 +172,8 @@ pub enum EditTarget {
     Note,
     /// A prompt to generate from.
     Prompt,
+    /// The researcher's note on the round shown on the heal screen (gate Q1).
+    RoundNote,
 }
 
 /// An open popup (at most one; the help overlay is one too).
@@ -834,6 +836,12 @@ fn edit_action(s: &mut State, a: Action) -> Vec<Job> {
                     }
                     set_annotation(s, None, Some((!text.is_empty()).then_some(text)))
                 }
+                EditTarget::RoundNote => {
+                    if let Some(h) = s.heal.as_mut() {
+                        h.note = text;
+                    }
+                    vec![]
+                }
                 EditTarget::Prompt => {
                     if text.is_empty() {
                         s.status = "empty prompt: nothing generated".into();
@@ -936,7 +944,7 @@ fn reshow_action(s: &mut State, a: Action) -> Vec<Job> {
 }
 
 /// A text editor holding `text` with the cursor at its end.
-fn editor(text: &str) -> TextArea<'static> {
+pub(crate) fn editor(text: &str) -> TextArea<'static> {
     let mut area = TextArea::new(text.lines().map(String::from).collect());
     area.move_cursor(ratatui_textarea::CursorMove::Bottom);
     area.move_cursor(ratatui_textarea::CursorMove::End);

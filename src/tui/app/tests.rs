@@ -783,10 +783,22 @@ fn heal_screen_keeps_or_drops_the_round_with_a_note() {
     assert_eq!(s.heal_training.as_ref().map(|t| (t.round, t.steps.clone())), Some((1, steps)));
     press(&mut s, "j j j");
     assert_eq!(s.heal.as_ref().map(|h| h.scroll), Some(3));
+    // `e` opens the note editor; esc throws the text away, ctrl-s keeps it for the decision.
+    press(&mut s, "e");
+    assert!(matches!(s.popup, Some(Popup::Edit { target: EditTarget::RoundNote, .. })));
+    press(&mut s, "x y z");
+    press(&mut s, "esc");
+    assert_eq!(s.heal.as_ref().map(|h| h.note.as_str()), Some(""));
+    press(&mut s, "e");
+    update(&mut s, Msg::Paste("loops in sample 2".into()));
+    press(&mut s, "ctrl-s");
+    assert!(s.popup.is_none());
+    assert_eq!(s.heal.as_ref().map(|h| h.note.as_str()), Some("loops in sample 2"));
     let jobs = press(&mut s, "D");
     match &records(&jobs)[..] {
         [SessionEvent::RoundGate { round: 1, gate, keep: false, note: Some(note) }] => {
             assert_eq!(gate, "q1");
+            assert!(note.starts_with("loops in sample 2"), "{note}");
             assert!(note.contains("-2.010 → -2.210"), "{note}");
         }
         other => panic!("{other:?}"),

@@ -362,6 +362,7 @@ pub fn hint_line(s: &State, area: Rect, buf: &mut Buffer) {
         Mode::Heal => &[
             (Action::KeepRound, "keep round"),
             (Action::DropRound, "drop round"),
+            (Action::EditNote, "note"),
             (Action::StopRounds, "stop"),
             (Action::ScrollDown, "next sample"),
             (Action::ScrollUp, "prev sample"),

@@ -44,8 +44,9 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
     let bold = Style::default().add_modifier(Modifier::BOLD);
     // Once the report is in, the chart stays only where it leaves the samples room.
     let chart_rows = if training.is_some() && area.height >= 30 { 14 } else { 0 };
+    let top_rows = if h.note.is_empty() { 4 } else { 5 };
     let [top, chart_area, rest] =
-        Layout::vertical([Constraint::Length(4), Constraint::Length(chart_rows), Constraint::Min(0)])
+        Layout::vertical([Constraint::Length(top_rows), Constraint::Length(chart_rows), Constraint::Min(0)])
             .areas(area);
     let after = r.after.as_ref();
     let lines = vec![
@@ -58,6 +59,10 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
             Span::raw(format!("{} → {}", num(r.before.trait_value), num(after.and_then(|m| m.trait_value)))),
         ]),
     ];
+    let mut lines = lines;
+    if !h.note.is_empty() {
+        lines.push(Line::from(vec![Span::styled("note: ", bold), Span::raw(h.note.replace('\n', " "))]));
+    }
     Paragraph::new(lines)
         .block(Block::bordered().title(format!(" gate Q1 · round {} · {} ", h.round, r.model)))
         .render(top, buf);

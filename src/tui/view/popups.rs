@@ -85,6 +85,7 @@ pub fn edit(
     let title = match target {
         EditTarget::Note => format!(" note on {} — ctrl-s save · esc cancel ", completion.unwrap_or("")),
         EditTarget::Prompt => " prompt — ctrl-s generate completions from it · esc cancel ".to_string(),
+        EditTarget::RoundNote => " note on the round (gate Q1) — ctrl-s save · esc cancel ".to_string(),
     };
     let w = area.width.saturating_sub(8).min(90);
     let (r, block) = frame(area, w, 10, title, buf);
