@@ -727,6 +727,39 @@ fn measure_records_each_samples_tokens_kl_and_scores() {
 }
 
 #[test]
+fn teacher_persona_gain_is_measured_under_the_base_with_the_gates_restored() {
+    let (_d, mut lm) = tiny(Arch::Llama);
+    let targets = HealConfig::default().targets;
+    let t = TrainableLora::init(&lm.model, "round-0", &[1, 2], &targets, 4, 8.0, 5).expect("init");
+    let mut ad = t.to_adapter().expect("frozen");
+    for (_, b) in ad.pairs.values_mut() {
+        *b = Tensor::randn(0f32, 0.5, b.dims(), &Device::Cpu).expect("randn");
+    }
+    ad.attach(&mut lm.model, 0.7).expect("attach");
+    let c = completion(&lm, 0, "zq vex plugh");
+    let spec = |persona: &str| heal::gate::MeasureSpec {
+        prompts: vec![c.prompt.clone()],
+        neutral_system: c.system.clone(),
+        persona_system: Some(persona.into()),
+        sampling: steer_heal::model::generate::Sampling::greedy(4),
+    };
+    let gates = adapter::gates(&lm.model);
+    // The persona prompt equal to the neutral one gains nothing; a different one moves the log-probs.
+    let same = heal::gate::teacher_heat(&mut lm, &spec(&c.system), &c).expect("heat").expect("texts");
+    assert_eq!(same.persona_gain, Some(0.0));
+    let pirate =
+        heal::gate::teacher_heat(&mut lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
+    let gain = pirate.persona_gain.expect("gain");
+    assert!(gain.is_finite() && gain != 0.0, "{gain}");
+    assert_eq!(adapter::gates(&lm.model), gates, "gates restored");
+    // Under the base: with the adapter's gate at 0 the gain is the same number.
+    adapter::set_gate(&mut lm.model, "round-0", 0.0);
+    let at_base =
+        heal::gate::teacher_heat(&mut lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
+    assert!((at_base.persona_gain.expect("gain") - gain).abs() < 1e-9);
+}
+
+#[test]
 fn cli_heal_then_export_and_bake() {
     let bin = env!("CARGO_BIN_EXE_steer-heal");
     let (dir, lm) = tiny(Arch::Llama);
@@ -787,7 +820,9 @@ fn cli_heal_then_export_and_bake() {
         assert_eq!(after.tokens.len(), after.kl.len());
         assert!(after.persona_gain.is_some());
         if p.teacher.is_some() {
-            assert!(p.teacher_heat.as_ref().is_some_and(|t| t.kl.is_empty() && !t.tokens.is_empty()));
+            let t = p.teacher_heat.as_ref().expect("teacher heat");
+            assert!(t.kl.is_empty() && !t.tokens.is_empty());
+            assert!(t.persona_gain.is_some_and(f64::is_finite), "teacher persona gain {:?}", t.persona_gain);
         }
     }
     let peft_dir = work.path().join("peft");

@@ -203,7 +203,8 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
             assert!(before.persona_gain.is_some() && after.kl_mean.is_some_and(|k| k.is_finite()));
             assert_eq!(before.kl.iter().any(|k| *k != 0.0), moved, "{r}: {:?}", before.kl);
             if p.teacher.is_some() {
-                assert!(p.teacher_heat.as_ref().is_some_and(|t| t.kl.len() == t.tokens.len()), "{r}");
+                let t = p.teacher_heat.as_ref().expect("teacher heat");
+                assert!(t.kl.len() == t.tokens.len() && t.persona_gain.is_some_and(f64::is_finite), "{r}");
             }
         }
     }

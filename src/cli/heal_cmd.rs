@@ -349,7 +349,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 let arms = sweep::arms(&cfg, &sweep_regs, &sweep_strengths)?;
                 let results = sweep::run_sweep(&mut lm, &data, &arms, &out, &spec, &opts, &mut bar)?;
                 bar.finish();
-                write_gate(&out, &lm, &cfg, &comps, &gate, &before, None, &results)?;
+                write_gate(&out, &mut lm, &spec, &cfg, &comps, &gate, &before, None, &results)?;
                 println!("wrote {}", out.join("gate-q1.md").display());
                 return Ok(());
             }
@@ -363,7 +363,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             }
             if let (Some(spec), Some(before)) = (spec, before) {
                 let after = gate::measure(&mut lm, &spec, &mut bar)?;
-                write_gate(&out, &lm, &cfg, &comps, &gate, &before, Some((&after, &log)), &[])?;
+                write_gate(&out, &mut lm, &spec, &cfg, &comps, &gate, &before, Some((&after, &log)), &[])?;
                 println!("wrote {}", out.join("gate-q1.md").display());
             }
         }
@@ -493,7 +493,8 @@ fn measure_spec(g: &GateArgs, comps: &[Completion]) -> Result<gate::MeasureSpec>
 #[allow(clippy::too_many_arguments)]
 fn write_gate(
     out: &Path,
-    lm: &LoadedModel,
+    lm: &mut LoadedModel,
+    spec: &gate::MeasureSpec,
     cfg: &HealConfig,
     comps: &[Completion],
     g: &GateArgs,
@@ -553,24 +554,24 @@ fn write_gate(
             pick.map(|p| &p.measurement)
         }
     };
-    let samples = before
-        .samples
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let teacher = comps.iter().find(|c| c.prompt == b.prompt);
-            let a = chosen.and_then(|m| m.samples.get(i));
-            gate::SamplePair {
-                prompt: b.prompt.clone(),
-                teacher: teacher.map(|c| c.text.clone()),
-                before: b.text.clone(),
-                after: a.map(|s| s.text.clone()).unwrap_or_default(),
-                teacher_heat: teacher.and_then(gate::TokenHeat::from_completion),
-                before_heat: b.heat.clone(),
-                after_heat: a.and_then(|s| s.heat.clone()),
-            }
-        })
-        .collect();
+    let mut samples = Vec::new();
+    for (i, b) in before.samples.iter().enumerate() {
+        let teacher = comps.iter().find(|c| c.prompt == b.prompt);
+        let a = chosen.and_then(|m| m.samples.get(i));
+        let teacher_heat = match teacher {
+            Some(c) => gate::teacher_heat(lm, spec, c)?,
+            None => None,
+        };
+        samples.push(gate::SamplePair {
+            prompt: b.prompt.clone(),
+            teacher: teacher.map(|c| c.text.clone()),
+            before: b.text.clone(),
+            after: a.map(|s| s.text.clone()).unwrap_or_default(),
+            teacher_heat,
+            before_heat: b.heat.clone(),
+            after_heat: a.and_then(|s| s.heat.clone()),
+        });
+    }
     let report = gate::GateQ1 {
         round: cfg.round,
         model: lm.info.id.clone(),

@@ -68,8 +68,8 @@ fn mean_f32(xs: &[f32]) -> Option<f64> {
 impl TokenHeat {
     /// The teacher column from a steered completion's own traces: its KL is the steered model's KL to the
     /// unsteered one (the base in round 0; the previous rounds baked in later rounds), its coherence the mean
-    /// log-likelihood under that unsteered model. Persona gain is not part of a completion's traces and stays
-    /// unmeasured. `None` when the completion carries no per-token texts (the screen then shows plain text).
+    /// log-likelihood under that unsteered model. Persona gain is not part of a completion's traces (see
+    /// `teacher_heat`). `None` when the completion carries no per-token texts (the screen then shows plain text).
     pub fn from_completion(c: &Completion) -> Option<TokenHeat> {
         let n = c.tokens.len();
         if n == 0 || c.token_text.len() != n || c.token_text.iter().all(|t| t.is_empty()) {
@@ -86,6 +86,39 @@ impl TokenHeat {
             persona_gain: None,
         })
     }
+}
+
+/// The teacher column: `TokenHeat::from_completion` plus the completion's persona gain per token, measured as the
+/// students' is (base model with every gate at 0, restored afterwards; persona vs neutral system prompt of
+/// `spec`, on the completion's own tokens). `None` when the completion carries no per-token texts.
+pub fn teacher_heat(lm: &mut LoadedModel, spec: &MeasureSpec, c: &Completion) -> Result<Option<TokenHeat>> {
+    let Some(mut heat) = TokenHeat::from_completion(c) else { return Ok(None) };
+    if let Some(persona) = &spec.persona_system {
+        let saved = adapter::zero_all_gates(&mut lm.model);
+        let gain = persona_gain(lm, &spec.neutral_system, persona, &c.prompt, &c.tokens);
+        adapter::restore_gates(&mut lm.model, &saved);
+        heat.persona_gain = gain?;
+    }
+    Ok(Some(heat))
+}
+
+/// Mean log-probability gain per token of `tokens` after `prompt` under the persona system prompt vs the neutral
+/// one, with the model as it is.
+fn persona_gain(
+    lm: &LoadedModel,
+    neutral: &str,
+    persona: &str,
+    prompt: &str,
+    tokens: &[u32],
+) -> Result<Option<f64>> {
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    let sum = |system: &str| -> Result<f64> {
+        let ids = lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?;
+        Ok(token_log_probs(lm, &ids, tokens)?.iter().map(|x| *x as f64).sum())
+    };
+    Ok(finite((sum(persona)? - sum(neutral)?) / tokens.len() as f64))
 }
 
 /// One fresh generation.

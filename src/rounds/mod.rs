@@ -858,24 +858,24 @@ impl<'a> Runner<'a> {
         }
         let after = hgate::measure(lm, &spec, self.progress)?;
         let (source, coherence_label, trait_label) = hgate::fallback_labels(true);
-        let samples = before
-            .samples
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let teacher = accepted.iter().find(|c| c.prompt == b.prompt);
-                let a = after.samples.get(i);
-                hgate::SamplePair {
-                    prompt: b.prompt.clone(),
-                    teacher: teacher.map(|c| c.text.clone()),
-                    before: b.text.clone(),
-                    after: a.map(|s| s.text.clone()).unwrap_or_default(),
-                    teacher_heat: teacher.and_then(hgate::TokenHeat::from_completion),
-                    before_heat: b.heat.clone(),
-                    after_heat: a.and_then(|s| s.heat.clone()),
-                }
-            })
-            .collect();
+        let mut samples = Vec::new();
+        for (i, b) in before.samples.iter().enumerate() {
+            let teacher = accepted.iter().find(|c| c.prompt == b.prompt);
+            let a = after.samples.get(i);
+            let teacher_heat = match teacher {
+                Some(c) => hgate::teacher_heat(lm, &spec, c)?,
+                None => None,
+            };
+            samples.push(hgate::SamplePair {
+                prompt: b.prompt.clone(),
+                teacher: teacher.map(|c| c.text.clone()),
+                before: b.text.clone(),
+                after: a.map(|s| s.text.clone()).unwrap_or_default(),
+                teacher_heat,
+                before_heat: b.heat.clone(),
+                after_heat: a.and_then(|s| s.heat.clone()),
+            });
+        }
         let report = hgate::GateQ1 {
             round: round as usize,
             model: lm.info.id.clone(),
