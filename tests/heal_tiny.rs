@@ -3,22 +3,17 @@
 //! on its last good checkpoint, bake/merge/export agree with the gated adapters, and the PEFT layout matches a
 //! fixture written from PEFT's documented format.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::tiny_model;
 use std::collections::BTreeMap;
 use std::path::Path;
 use steer_heal::heal::{
     self, adapter, train, Agg, HealConfig, HealStatus, HistoryEntry, RunOptions, StepRecord, TrainableLora,
 };
-use steer_heal::model::{load_model, tiny::make_tiny_model, Arch, Forward, Hooks, LoadedModel};
+use steer_heal::model::{load_model, Arch, Forward, Hooks, LoadedModel};
 use steer_heal::progress::{Progress, Silent};
 use steer_heal::steer::{Completion, TokenTrace};
-
-fn tiny(arch: Arch) -> (tempfile::TempDir, LoadedModel) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    make_tiny_model(arch, dir.path(), 7).expect("tiny model");
-    let m = load_model(dir.path(), Some(DType::F32), &Device::Cpu).expect("load");
-    (dir, m)
-}
 
 fn reload(dir: &Path) -> LoadedModel {
     load_model(dir, Some(DType::F32), &Device::Cpu).expect("load")
@@ -98,7 +93,7 @@ fn adapter_tensors(lm: &LoadedModel, name: &str) -> BTreeMap<String, Vec<f32>> {
 
 #[test]
 fn loss_falls_over_twenty_steps() {
-    let (_d, mut lm) = tiny(Arch::Llama);
+    let (_d, mut lm) = tiny_model(Arch::Llama, 7);
     let data = dataset(&lm, 4, 96);
     assert_eq!(data.examples.len(), 4);
     let out = tempfile::tempdir().expect("out");
@@ -122,7 +117,7 @@ fn loss_falls_over_twenty_steps() {
 #[test]
 fn every_a_and_b_gets_a_gradient_on_every_projection() {
     for arch in [Arch::Llama, Arch::Qwen3, Arch::Gemma3] {
-        let (_d, mut lm) = tiny(arch);
+        let (_d, mut lm) = tiny_model(arch, 7);
         let data = dataset(&lm, 1, 96);
         let cfg = HealConfig { layer_range: (0.0, 1.0), r: 4, alpha: 8.0, ..HealConfig::default() };
         let n = lm.model.cfg.num_hidden_layers;
@@ -143,7 +138,7 @@ fn every_a_and_b_gets_a_gradient_on_every_projection() {
 #[test]
 fn a_padded_micro_batch_gives_each_examples_own_loss_and_the_same_gradients() {
     for arch in [Arch::Llama, Arch::Qwen3, Arch::Gemma3] {
-        let (_d, mut lm) = tiny(arch);
+        let (_d, mut lm) = tiny_model(arch, 7);
         let data = dataset(&lm, 3, 400);
         let lens: Vec<usize> = data.examples.iter().map(|e| e.ids.len()).collect();
         assert!(lens.iter().any(|l| *l != lens[0]), "{arch:?}: lengths {lens:?} must differ to pad");
@@ -189,7 +184,7 @@ fn a_padded_micro_batch_gives_each_examples_own_loss_and_the_same_gradients() {
 
 #[test]
 fn micro_batched_heal_runs_the_same_steps_as_one_example_at_a_time() {
-    let (dir, lm0) = tiny(Arch::Llama);
+    let (dir, lm0) = tiny_model(Arch::Llama, 7);
     drop(lm0);
     let mut finals = Vec::new();
     let mut logs = Vec::new();
@@ -229,7 +224,7 @@ fn micro_batched_heal_runs_the_same_steps_as_one_example_at_a_time() {
 
 #[test]
 fn barrier_keeps_the_student_under_tau_and_lambda_zero_does_not() {
-    let (dir, lm0) = tiny(Arch::Llama);
+    let (dir, lm0) = tiny_model(Arch::Llama, 7);
     drop(lm0);
     let base = HealConfig { lr: 2e-3, epochs: 10, tau: 0.5, agg: Agg::Rmse, ..quick_cfg() };
     let mut results = Vec::new();
@@ -268,7 +263,7 @@ fn barrier_keeps_the_student_under_tau_and_lambda_zero_does_not() {
 /// Crash simulation: the step callback unwinds at step 5 (no clean-up runs), checkpoints were every 2 steps.
 #[test]
 fn checkpoint_crash_resume_equals_an_uninterrupted_run() {
-    let (dir, _lm) = tiny(Arch::Qwen3);
+    let (dir, _lm) = tiny_model(Arch::Qwen3, 7);
     let cfg = HealConfig { epochs: 3, grad_accum: 2, checkpoint_every: 2, ..quick_cfg() };
     // Uninterrupted.
     let mut a = reload(dir.path());
@@ -355,7 +350,7 @@ impl Progress for CancelAfter {
 
 #[test]
 fn cancel_saves_a_checkpoint_and_resume_finishes() {
-    let (dir, mut lm) = tiny(Arch::Llama);
+    let (dir, mut lm) = tiny_model(Arch::Llama, 7);
     let data = dataset(&lm, 3, 96);
     let cfg = HealConfig { epochs: 2, ..quick_cfg() };
     let out = tempfile::tempdir().expect("out");
@@ -382,7 +377,7 @@ fn cancel_saves_a_checkpoint_and_resume_finishes() {
 
 #[test]
 fn nan_loss_stops_on_the_last_good_checkpoint() {
-    let (_d, mut lm) = tiny(Arch::Llama);
+    let (_d, mut lm) = tiny_model(Arch::Llama, 7);
     let data = dataset(&lm, 3, 96);
     // An absurd learning rate overflows the adapter after the first update.
     let cfg = HealConfig { lr: 1e30, warmup_ratio: 0.0, checkpoint_every: 1, ..quick_cfg() };
@@ -408,7 +403,7 @@ fn fixture() -> std::path::PathBuf {
 
 #[test]
 fn peft_export_matches_the_fixture_layout_and_loads_it() {
-    let (_d, lm) = tiny(Arch::Llama);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     // Same shape of adapter as the fixture: r 4, α 8, all seven projections on layers 0..3.
     let lora =
         TrainableLora::init(&lm.model, "round-0", &[0, 1, 2], &HealConfig::default().targets, 4, 8.0, 3)
@@ -527,7 +522,7 @@ fn bad_peft_dirs_get_one_line_errors() {
 #[test]
 fn merged_export_equals_gated_adapters_and_zero_gates_give_the_base_back() {
     for arch in [Arch::Llama, Arch::Gemma3] {
-        let (dir, mut lm) = tiny(arch);
+        let (dir, mut lm) = tiny_model(arch, 7);
         let ids: Vec<u32> = (0..24u32).map(|i| (i * 31 + 5) % 250).collect();
         let base_logits = logits(&lm, &ids);
         let base_weights = heal::export::merged_tensors(&lm.model).expect("weights");
@@ -579,7 +574,7 @@ fn merged_export_equals_gated_adapters_and_zero_gates_give_the_base_back() {
 
 #[test]
 fn history_reapplies_rounds_gated_so_any_round_can_be_unbaked() {
-    let (dir, base) = tiny(Arch::Qwen3);
+    let (dir, base) = tiny_model(Arch::Qwen3, 7);
     let ids: Vec<u32> = (0..16u32).map(|i| (i * 17 + 3) % 250).collect();
     let base_logits = logits(&base, &ids);
     let targets = HealConfig::default().targets;
@@ -614,7 +609,7 @@ fn history_reapplies_rounds_gated_so_any_round_can_be_unbaked() {
 
 #[test]
 fn measure_scores_generations_under_the_base_and_restores_gates() {
-    let (_d, mut lm) = tiny(Arch::Llama);
+    let (_d, mut lm) = tiny_model(Arch::Llama, 7);
     let targets = HealConfig::default().targets;
     let t = TrainableLora::init(&lm.model, "round-0", &[1, 2], &targets, 4, 8.0, 5).expect("init");
     let mut ad = t.to_adapter().expect("frozen");
@@ -673,7 +668,7 @@ fn measure_scores_generations_under_the_base_and_restores_gates() {
 
 #[test]
 fn measure_records_each_samples_tokens_kl_and_scores() {
-    let (_d, mut lm) = tiny(Arch::Llama);
+    let (_d, mut lm) = tiny_model(Arch::Llama, 7);
     let targets = HealConfig::default().targets;
     let t = TrainableLora::init(&lm.model, "round-0", &[1, 2], &targets, 4, 8.0, 5).expect("init");
     let mut ad = t.to_adapter().expect("frozen");
@@ -728,7 +723,7 @@ fn measure_records_each_samples_tokens_kl_and_scores() {
 
 #[test]
 fn teacher_persona_gain_is_measured_under_the_base_with_the_gates_restored() {
-    let (_d, mut lm) = tiny(Arch::Llama);
+    let (_d, mut lm) = tiny_model(Arch::Llama, 7);
     let targets = HealConfig::default().targets;
     let t = TrainableLora::init(&lm.model, "round-0", &[1, 2], &targets, 4, 8.0, 5).expect("init");
     let mut ad = t.to_adapter().expect("frozen");
@@ -762,7 +757,7 @@ fn teacher_persona_gain_is_measured_under_the_base_with_the_gates_restored() {
 #[test]
 fn cli_heal_then_export_and_bake() {
     let bin = env!("CARGO_BIN_EXE_steer-heal");
-    let (dir, lm) = tiny(Arch::Llama);
+    let (dir, lm) = tiny_model(Arch::Llama, 7);
     let work = tempfile::tempdir().expect("work");
     let comps = work.path().join("accepted.jsonl");
     let lines: Vec<String> = (0..4)

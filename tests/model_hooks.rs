@@ -1,21 +1,15 @@
 //! Model-level behaviour on tiny random models: steering hooks, captures, LoRA gradients and merging, batched
 //! generation with left padding, chat templates.
 
-use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+mod common;
+use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use common::tiny_model;
 use std::collections::BTreeMap;
 use steer_heal::model::decoder::PROJECTIONS;
 use steer_heal::model::generate::{generate, Sampling};
 use steer_heal::model::{
-    load_model, tiny::make_tiny_model, Adapter, Arch, CapturePositions, Forward, Hooks, LoadedModel,
-    LogitsAt, Message, Path, Steer,
+    Adapter, Arch, CapturePositions, Forward, Hooks, LoadedModel, LogitsAt, Message, Path, Steer,
 };
-
-fn tiny(arch: Arch) -> (tempfile::TempDir, LoadedModel) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    make_tiny_model(arch, dir.path(), 11).expect("tiny model");
-    let m = load_model(dir.path(), Some(DType::F32), &Device::Cpu).expect("load");
-    (dir, m)
-}
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).expect("shape").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("f32")
@@ -32,7 +26,7 @@ fn input(lm: &LoadedModel) -> Tensor {
 #[test]
 fn steering_at_layer_l_leaves_earlier_layers_and_changes_later_ones() {
     for arch in [Arch::Llama, Arch::Qwen3, Arch::Gemma3] {
-        let (_d, lm) = tiny(arch);
+        let (_d, lm) = tiny_model(arch, 11);
         let n = lm.model.cfg.num_hidden_layers;
         let l = 1;
         let x = input(&lm);
@@ -58,7 +52,7 @@ fn steering_at_layer_l_leaves_earlier_layers_and_changes_later_ones() {
 
 #[test]
 fn coefficient_zero_is_exactly_the_base_and_start_index_limits_the_steer() {
-    let (_d, lm) = tiny(Arch::Llama);
+    let (_d, lm) = tiny_model(Arch::Llama, 11);
     let x = input(&lm);
     let t = x.dim(1).expect("t");
     let none = Hooks::none();
@@ -78,7 +72,7 @@ fn coefficient_zero_is_exactly_the_base_and_start_index_limits_the_steer() {
 
 #[test]
 fn capture_last_equals_last_row_of_capture_all() {
-    let (_d, lm) = tiny(Arch::Qwen3);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let x = input(&lm);
     let t = x.dim(1).expect("t");
     let all = lm
@@ -123,7 +117,7 @@ fn attach_adapters(lm: &mut LoadedModel) -> Vec<(String, Var, Var)> {
 #[test]
 fn every_lora_a_and_b_gets_a_gradient_on_the_training_path() {
     for arch in [Arch::Llama, Arch::Qwen3, Arch::Gemma3] {
-        let (_d, mut lm) = tiny(arch);
+        let (_d, mut lm) = tiny_model(arch, 11);
         let vars = attach_adapters(&mut lm);
         let x = input(&lm);
         let none = Hooks::none();
@@ -150,7 +144,7 @@ fn every_lora_a_and_b_gets_a_gradient_on_the_training_path() {
 #[test]
 fn inference_path_gives_no_gradient_which_is_why_training_has_its_own_path() {
     // Documents the pitfall: the fused kernels drop gradients silently.
-    let (_d, mut lm) = tiny(Arch::Llama);
+    let (_d, mut lm) = tiny_model(Arch::Llama, 11);
     let vars = attach_adapters(&mut lm);
     let x = input(&lm);
     let none = Hooks::none();
@@ -164,7 +158,7 @@ fn inference_path_gives_no_gradient_which_is_why_training_has_its_own_path() {
 
 #[test]
 fn merged_weights_give_the_same_logits_as_unmerged_adapters() {
-    let (_d, mut lm) = tiny(Arch::Gemma3);
+    let (_d, mut lm) = tiny_model(Arch::Gemma3, 11);
     attach_adapters(&mut lm);
     let x = input(&lm);
     let none = Hooks::none();
@@ -182,7 +176,7 @@ fn merged_weights_give_the_same_logits_as_unmerged_adapters() {
 #[test]
 fn batched_left_padded_generation_equals_one_at_a_time() {
     for arch in [Arch::Llama, Arch::Gemma3] {
-        let (_d, lm) = tiny(arch);
+        let (_d, lm) = tiny_model(arch, 11);
         let prompts: Vec<Vec<u32>> = ["Hi", "Tell me about the weather in spring, please.", "Why?"]
             .iter()
             .map(|p| lm.tokenizer.encode(&lm.chat.prompt(None, p).expect("t")).expect("e"))
@@ -206,7 +200,7 @@ fn batched_left_padded_generation_equals_one_at_a_time() {
 
 #[test]
 fn greedy_generation_is_deterministic_and_stops_on_stop_ids() {
-    let (_d, lm) = tiny(Arch::Qwen3);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let p = lm.tokenizer.encode(&lm.chat.prompt(None, "Hello").expect("t")).expect("e");
     let s = Sampling::greedy(10);
     let a =
@@ -224,13 +218,13 @@ fn greedy_generation_is_deterministic_and_stops_on_stop_ids() {
 
 #[test]
 fn chat_templates_render_generation_prompt_continuation_and_end_marker() {
-    let (_d, lm) = tiny(Arch::Llama);
+    let (_d, lm) = tiny_model(Arch::Llama, 11);
     let p = lm.chat.prompt(Some("S"), "U").expect("render");
     assert_eq!(p, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n");
     assert_eq!(lm.chat.assistant_end().expect("end"), "<|im_end|>\n");
     let c = lm.chat.render_continue(&[Message::user("U"), Message::assistant("I think")]).expect("continue");
     assert!(c.ends_with("<|im_start|>assistant\nI think"), "{c}");
-    let (_d2, g) = tiny(Arch::Gemma3);
+    let (_d2, g) = tiny_model(Arch::Gemma3, 11);
     let gp = g.chat.prompt(Some("S"), "U").expect("render");
     assert_eq!(gp, "<bos><start_of_turn>user\nS\n\nU<end_of_turn>\n<start_of_turn>model\n");
     assert_eq!(g.chat.assistant_end().expect("end"), "<end_of_turn>\n");

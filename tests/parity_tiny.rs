@@ -1,19 +1,14 @@
 //! Our decoder against candle-transformers' reference models on tiny random weights (f32, max-abs ≤ 1e-4),
 //! plus KV-cache and training-path agreement.
 
+mod common;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use steer_heal::model::{load_model, tiny::make_tiny_model, Arch, Forward, Hooks, LogitsAt, Path};
+use common::tiny_model;
+use steer_heal::model::{Arch, Forward, Hooks, LogitsAt, Path};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).expect("same shape").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("f32")
-}
-
-fn tiny(arch: Arch) -> (tempfile::TempDir, steer_heal::model::LoadedModel) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    make_tiny_model(arch, dir.path(), 7).expect("tiny model");
-    let m = load_model(dir.path(), Some(DType::F32), &Device::Cpu).expect("load");
-    (dir, m)
 }
 
 fn ids() -> Vec<u32> {
@@ -35,7 +30,7 @@ fn reference_vb(dir: &std::path::Path) -> VarBuilder<'static> {
 #[test]
 fn llama_matches_candle_transformers() {
     use candle_transformers::models::llama;
-    let (dir, m) = tiny(Arch::Llama);
+    let (dir, m) = tiny_model(Arch::Llama, 7);
     let cfg: llama::LlamaConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).expect("cfg"))
             .expect("json");
@@ -52,7 +47,7 @@ fn llama_matches_candle_transformers() {
 #[test]
 fn qwen3_matches_candle_transformers() {
     use candle_transformers::models::qwen3;
-    let (dir, m) = tiny(Arch::Qwen3);
+    let (dir, m) = tiny_model(Arch::Qwen3, 7);
     let cfg: qwen3::Config =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).expect("cfg"))
             .expect("json");
@@ -67,7 +62,7 @@ fn qwen3_matches_candle_transformers() {
 #[test]
 fn gemma3_matches_candle_transformers() {
     use candle_transformers::models::gemma3;
-    let (dir, m) = tiny(Arch::Gemma3);
+    let (dir, m) = tiny_model(Arch::Gemma3, 7);
     let cfg: gemma3::Config =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).expect("cfg"))
             .expect("json");
@@ -112,7 +107,7 @@ fn all_logits(m: &steer_heal::model::LoadedModel, ids: &[u32], path: Path, incre
 #[test]
 fn kv_cache_decoding_equals_full_recomputation() {
     for arch in [Arch::Llama, Arch::Qwen3, Arch::Gemma3] {
-        let (_d, m) = tiny(arch);
+        let (_d, m) = tiny_model(arch, 7);
         let full = all_logits(&m, &ids(), Path::Inference, false);
         let inc = all_logits(&m, &ids(), Path::Inference, true);
         let d = max_abs(&full, &inc);
@@ -123,7 +118,7 @@ fn kv_cache_decoding_equals_full_recomputation() {
 #[test]
 fn training_path_equals_inference_path() {
     for arch in [Arch::Llama, Arch::Qwen3, Arch::Gemma3] {
-        let (_d, m) = tiny(arch);
+        let (_d, m) = tiny_model(arch, 7);
         let a = all_logits(&m, &ids(), Path::Inference, false);
         let b = all_logits(&m, &ids(), Path::Training, false);
         let d = max_abs(&a, &b);

@@ -4,13 +4,15 @@
 //! Tiny Llama models (tied embeddings) mostly repeat their last token; the generation tests use a tiny Qwen3
 //! (untied head), whose samples vary with the seed and the steering.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::tiny_model;
 use std::collections::BTreeMap;
 use std::path::Path;
 use steer_heal::model::generate::{generate, Sampling};
 use steer_heal::model::{
-    load_model, tiny::make_tiny_model, Arch, Capture, CapturePositions, Forward, Hooks, LoadedModel,
-    LogitsAt, Path as FwdPath,
+    tiny::make_tiny_model, Arch, Capture, CapturePositions, Forward, Hooks, LoadedModel, LogitsAt,
+    Path as FwdPath,
 };
 use steer_heal::progress::Silent;
 use steer_heal::steer::dose::{calibrate, measure_kl, teacher_forced_kl, DoseConfig, SolverConfig};
@@ -21,13 +23,6 @@ use steer_heal::steer::kl::{window_rmse, KlStats, Statistic};
 use steer_heal::steer::vector::Method;
 use steer_heal::steer::walkdown::{walk_down, Verdict, WalkDownConfig};
 use steer_heal::steer::{Completion, Persona, SteerVector, Steering};
-
-fn tiny(arch: Arch, seed: u64) -> (tempfile::TempDir, LoadedModel) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    make_tiny_model(arch, dir.path(), seed).expect("tiny model");
-    let lm = load_model(dir.path(), Some(DType::F32), &Device::Cpu).expect("load");
-    (dir, lm)
-}
 
 fn persona() -> Persona {
     Persona::default_authority().expect("default persona")
@@ -66,7 +61,7 @@ fn unit_vector(lm: &LoadedModel) -> SteerVector {
 
 #[test]
 fn extraction_is_deterministic_and_batch_invariant() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let p = persona();
     let a = extract_mean_diff(&lm, &p, &cfg(&lm, vec![1, 2], 10, 4), &mut Silent::default()).expect("a");
     let b = extract_mean_diff(&lm, &p, &cfg(&lm, vec![1, 2], 10, 4), &mut Silent::default()).expect("b");
@@ -85,7 +80,7 @@ fn extraction_is_deterministic_and_batch_invariant() {
 
 #[test]
 fn extraction_is_the_mean_difference_at_the_last_prompt_token() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let p = persona();
     let v = extract_mean_diff(&lm, &p, &cfg(&lm, vec![2], 3, 2), &mut Silent::default()).expect("extract");
     // Recompute by hand, one prompt at a time, reading the last position of the captured residual.
@@ -109,7 +104,7 @@ fn extraction_is_the_mean_difference_at_the_last_prompt_token() {
 
 #[test]
 fn coefficient_zero_reproduces_base_logits_exactly() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let ids = prompt_ids(&lm, "Should I report my colleague?");
@@ -120,7 +115,7 @@ fn coefficient_zero_reproduces_base_logits_exactly() {
 
 #[test]
 fn steering_at_layer_l_changes_only_layers_from_l_on() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let v = unit_vector(&lm);
     let dirs: BTreeMap<usize, Tensor> = [(2, v.directions[&2].clone())].into();
     let ids = prompt_ids(&lm, "Is loyalty a virtue?");
@@ -159,7 +154,7 @@ fn dose_cfg(tokens: usize) -> DoseConfig {
 
 #[test]
 fn kl_grows_with_the_coefficient() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let prompts = steer_heal::steer::dose::calibration_ids(&lm, &s, &dose_cfg(12)).expect("prompts");
@@ -175,7 +170,7 @@ fn kl_grows_with_the_coefficient() {
 
 #[test]
 fn calibrated_statistic_is_within_tolerance() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let v = extract_mean_diff(&lm, &persona(), &cfg(&lm, vec![1], 16, 8), &mut Silent::default()).expect("v");
     let s = Steering::new(&v, &lm.model).expect("steering");
     let dc = dose_cfg(20);
@@ -198,7 +193,7 @@ fn calibrated_statistic_is_within_tolerance() {
 
 #[test]
 fn vector_file_round_trips_and_bad_files_are_named() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let v = unit_vector(&lm);
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("vector.safetensors");
@@ -228,7 +223,7 @@ fn vector_file_round_trips_and_bad_files_are_named() {
 
 #[test]
 fn random_control_matches_norms_and_points_elsewhere() {
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let v = unit_vector(&lm);
     let r = random_like(&v, 3).expect("random");
     let r2 = random_like(&v, 3).expect("random");
@@ -249,7 +244,7 @@ fn random_control_matches_norms_and_points_elsewhere() {
 #[test]
 fn gguf_control_vector_round_trips() {
     use candle_core::quantized::gguf_file::{self, Value};
-    let (_d, lm) = tiny(Arch::Llama, 7);
+    let (_d, lm) = tiny_model(Arch::Llama, 7);
     let v = unit_vector(&lm);
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("cv.gguf");
@@ -316,7 +311,7 @@ fn users() -> Vec<String> {
 
 #[test]
 fn generation_is_deterministic_for_a_seed_and_traces_are_complete() {
-    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let reqs = requests_for(&users(), &[0.5, 1.0], 5);
@@ -357,7 +352,7 @@ fn generation_is_deterministic_for_a_seed_and_traces_are_complete() {
 
 #[test]
 fn traces_match_teacher_forcing() {
-    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let reqs = requests_for(&users()[..1], &[1.0], 9);
@@ -394,7 +389,7 @@ fn traces_match_teacher_forcing() {
 
 #[test]
 fn replay_at_dose_zero_continues_exactly_as_the_base_model() {
-    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let mut gc = sampled(16);
@@ -448,7 +443,7 @@ fn replay_at_dose_zero_continues_exactly_as_the_base_model() {
 
 #[test]
 fn watchdog_rewinds_and_lowers_the_dose() {
-    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let c_star = 6.0;
@@ -502,7 +497,7 @@ fn watchdog_rewinds_and_lowers_the_dose() {
 
 #[test]
 fn walk_down_lowers_the_dose_until_probes_pass_then_tops_up() {
-    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let c_star = 2.0;
@@ -552,7 +547,7 @@ fn walk_down_lowers_the_dose_until_probes_pass_then_tops_up() {
 
 #[test]
 fn prompt_only_arm_uses_the_persona_prompt_instead_of_a_vector() {
-    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let p = persona();
     let v = SteerVector::prompt_only(&lm, &p);
     assert!(v.directions.is_empty() && v.is_prompt_only());
@@ -690,7 +685,7 @@ fn headless_cli_extract_dose_generate_replay() {
 #[test]
 fn bench_report_is_complete() {
     use steer_heal::steer::bench::{bench_steer, BenchConfig};
-    let (_d, lm) = tiny(Arch::Qwen3, 11);
+    let (_d, lm) = tiny_model(Arch::Qwen3, 11);
     let v = unit_vector(&lm);
     let s = Steering::new(&v, &lm.model).expect("steering");
     let cfg = BenchConfig {

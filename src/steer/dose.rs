@@ -90,63 +90,43 @@ pub fn solve_iso_kl(cfg: &SolverConfig, f: &mut dyn FnMut(f64) -> Result<f64>) -
     if hit(s0) {
         return Ok(done(c0, s0, false, history));
     }
-    let (mut a, mut sa, mut b, mut sb);
-    if s0 < cfg.target {
-        (a, sa) = (c0, s0);
-        loop {
-            if a >= cfg.hi {
-                let warning = Some(format!(
-                    "KL {:.3} at the largest coefficient {} stays below the target {}; returning the bracket edge",
-                    sa, cfg.hi, cfg.target
-                ));
-                return Ok(Solution {
-                    coefficient: a,
-                    stat: sa,
-                    converged: false,
-                    crossed: false,
-                    warning,
-                    history,
-                });
-            }
-            let c = (2.0 * a).min(cfg.hi);
-            let s = eval(c, &mut history)?;
-            if hit(s) {
-                return Ok(done(c, s, true, history));
-            }
-            if s > cfg.target {
-                (b, sb) = (c, s);
-                break;
-            }
-            (a, sa) = (c, s);
+    // Below the target: double towards `hi`; above it: halve towards `lo`; stop once the target is crossed.
+    let up = s0 < cfg.target;
+    let (mut c_prev, mut s_prev) = (c0, s0);
+    let (a, sa, b, sb);
+    loop {
+        let (edge, at_edge) = if up { (cfg.hi, c_prev >= cfg.hi) } else { (cfg.lo, c_prev <= cfg.lo) };
+        if at_edge {
+            let warning = Some(format!(
+                "KL {:.3} at the {} coefficient {edge} stays {} the target {}; returning the bracket edge",
+                s_prev,
+                if up { "largest" } else { "smallest" },
+                if up { "below" } else { "above" },
+                cfg.target
+            ));
+            return Ok(Solution {
+                coefficient: c_prev,
+                stat: s_prev,
+                converged: false,
+                crossed: false,
+                warning,
+                history,
+            });
         }
-    } else {
-        (b, sb) = (c0, s0);
-        loop {
-            if b <= cfg.lo {
-                let warning = Some(format!(
-                    "KL {:.3} at the smallest coefficient {} stays above the target {}; returning the bracket edge",
-                    sb, cfg.lo, cfg.target
-                ));
-                return Ok(Solution {
-                    coefficient: b,
-                    stat: sb,
-                    converged: false,
-                    crossed: false,
-                    warning,
-                    history,
-                });
-            }
-            let c = (0.5 * b).max(cfg.lo);
-            let s = eval(c, &mut history)?;
-            if hit(s) {
-                return Ok(done(c, s, true, history));
-            }
-            if s < cfg.target {
-                (a, sa) = (c, s);
-                break;
-            }
-            (b, sb) = (c, s);
+        let c = if up { (2.0 * c_prev).min(cfg.hi) } else { (0.5 * c_prev).max(cfg.lo) };
+        let s = eval(c, &mut history)?;
+        if hit(s) {
+            return Ok(done(c, s, true, history));
         }
+        if up && s > cfg.target {
+            (a, sa, b, sb) = (c_prev, s_prev, c, s);
+            break;
+        }
+        if !up && s < cfg.target {
+            (a, sa, b, sb) = (c, s, c_prev, s_prev);
+            break;
+        }
+        (c_prev, s_prev) = (c, s);
     }
 
     // 2. Illinois regula falsi in log-log space between a (below) and b (above).

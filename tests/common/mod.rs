@@ -1,5 +1,6 @@
-//! Test helper: write a GGUF file from a tiny Hugging Face model directory the way llama.cpp's converter does
-//! (llama.cpp tensor names, Q/K rows permuted for Llama, `1 + w` Gemma norms, tokenizer in `tokenizer.ggml.*`).
+//! Test helpers: a loaded tiny random model, and a GGUF file written from a tiny Hugging Face model directory the
+//! way llama.cpp's converter does (llama.cpp tensor names, Q/K rows permuted for Llama, `1 + w` Gemma norms,
+//! tokenizer in `tokenizer.ggml.*`).
 
 #![allow(dead_code)]
 
@@ -9,7 +10,16 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 use steer_heal::model::gguf::permute_qk;
-use steer_heal::model::{Arch, ModelConfig};
+use steer_heal::model::{load_model, tiny::make_tiny_model, Arch, LoadedModel, ModelConfig};
+
+/// A deterministic tiny random model of `arch` (f32, CPU), loaded from its own temporary folder (kept alive by
+/// the returned guard).
+pub fn tiny_model(arch: Arch, seed: u64) -> (tempfile::TempDir, LoadedModel) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_tiny_model(arch, dir.path(), seed).expect("tiny model");
+    let m = load_model(dir.path(), Some(candle_core::DType::F32), &Device::Cpu).expect("load");
+    (dir, m)
+}
 
 fn gguf_name(hf: &str, arch: Arch) -> String {
     let (base, suffix) = hf.rsplit_once('.').expect("dotted name");
