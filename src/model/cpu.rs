@@ -3,8 +3,9 @@
 /// How many `pause` spins candle's element-wise thread pool waits before parking, unless the user set
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT`. candle's default (25 000, about half a millisecond) keeps a pool worker pinned
 /// to a core after every element-wise op, where it competes with the gemm threads of the next matmul; on 2 cores
-/// that halved heal training throughput (bench/PROFILE.md). A tenth of it leaves decode latency unchanged.
-pub const BARRIER_POOL_SPIN_LIMIT: u32 = 2_000;
+/// that cut heal training throughput by a quarter to a half (bench/PROFILE.md). 500 was the best of 25 000, 5 000,
+/// 2 000 and 500 for training and no worse for decoding.
+pub const BARRIER_POOL_SPIN_LIMIT: u32 = 500;
 
 /// What `configure` decided, for benchmark reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
