@@ -256,23 +256,41 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
         assert!(c.join(f).exists(), "missing {f} after resume");
     }
 
-    // The TUI worker runs the loop on the session it already holds: nothing is left to do here, and the
-    // caller's log stays one consistent sequence it can go on appending to.
-    let mut opened = Session::open(&c).expect("open session");
+    // The TUI worker runs the loop on the session it shares: the runner locks it only for each read or append,
+    // so the researcher's own events (here one per progress line) reach the log while the round runs, and the
+    // log stays one consecutive sequence.
+    let opened = Session::open(&c).expect("open session");
+    let shared = std::sync::Mutex::new(opened.session);
     let mut progress = Silent::default();
-    let mut log = |_: &str| {};
-    let again =
-        Runner::with_session(&mut opened.session, tiny_config(mdir.path(), 1), &mut progress, &mut log)
-            .expect("runner")
-            .run()
-            .expect("run");
-    assert_eq!(again.rounds_done, 1);
-    assert_eq!(stage_events(&c), full_round1, "a finished run redoes nothing");
-    let logged = opened.session.append(SessionEvent::Rollback { to_round: 0 }).expect("append");
-    let seqs: Vec<u64> =
-        read_log(&c.join("events.jsonl")).expect("log").events.iter().map(|l| l.seq).collect();
-    assert_eq!(seqs.last(), Some(&logged.seq));
+    let mut meanwhile = 0usize;
+    let mut log = |_: &str| {
+        let mut s = shared.try_lock().expect("the runner holds the session only while it reads or writes");
+        s.append(SessionEvent::DoseChanged { round: 0, dose: 1.0 }).expect("append meanwhile");
+        meanwhile += 1;
+    };
+    let again = Runner::with_session(&shared, tiny_config(mdir.path(), 2), &mut progress, &mut log)
+        .expect("runner")
+        .run()
+        .expect("run");
+    assert_eq!(again.rounds_done, 2, "{}", again.stopped);
+    let events = read_log(&c.join("events.jsonl")).expect("log").events;
+    let seqs: Vec<u64> = events.iter().map(|l| l.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let first_meanwhile =
+        events.iter().position(|l| matches!(l.event, SessionEvent::DoseChanged { .. })).expect("written");
+    let last_round2 = events
+        .iter()
+        .rposition(|l| matches!(&l.event, SessionEvent::StageDone { round: 2, .. }))
+        .expect("round 2 ran");
+    assert!(meanwhile > 1 && first_meanwhile < last_round2, "the researcher's events waited for the round");
+    // A finished run redoes nothing.
+    let stages = stage_events(&c);
+    let mut log = |_: &str| {};
+    Runner::with_session(&shared, tiny_config(mdir.path(), 2), &mut progress, &mut log)
+        .expect("runner")
+        .run()
+        .expect("run");
+    assert_eq!(stage_events(&c), stages, "a finished run redoes nothing");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

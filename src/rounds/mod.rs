@@ -25,6 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub use lineage::Lineage;
 
@@ -261,23 +262,29 @@ pub fn student_shift(
         .collect()
 }
 
-/// The session a runner writes to: its own, or one the caller (the TUI worker) holds.
+/// The session a runner writes to: its own, or one the caller (the TUI worker) shares. A shared session is
+/// locked only for each read or append, so the caller's own writes (the researcher's decisions while a round
+/// runs) reach the log at once instead of queueing behind the whole round.
 enum Held<'a> {
     Owned(Box<Session>),
-    Borrowed(&'a mut Session),
+    Shared(&'a Mutex<Session>),
 }
 
 impl Held<'_> {
-    fn get(&self) -> &Session {
+    fn with<R>(&self, f: impl FnOnce(&Session) -> Result<R>) -> Result<R> {
         match self {
-            Held::Owned(s) => s,
-            Held::Borrowed(s) => s,
+            Held::Owned(s) => f(s),
+            Held::Shared(m) => {
+                f(&*m.lock().map_err(|_| Error::invalid("the session writer was poisoned"))?)
+            }
         }
     }
-    fn get_mut(&mut self) -> &mut Session {
+    fn with_mut<R>(&mut self, f: impl FnOnce(&mut Session) -> Result<R>) -> Result<R> {
         match self {
-            Held::Owned(s) => s,
-            Held::Borrowed(s) => s,
+            Held::Owned(s) => f(s),
+            Held::Shared(m) => {
+                f(&mut *m.lock().map_err(|_| Error::invalid("the session writer was poisoned"))?)
+            }
         }
     }
 }
@@ -330,17 +337,19 @@ impl<'a> Runner<'a> {
         })
     }
 
-    /// Run on a session the caller already has open (its log is re-read from disk for the lineage).
+    /// Run on a session the caller already has open and keeps writing to (its log is re-read from disk for the
+    /// lineage); the runner takes the lock only for each read or append.
     pub fn with_session(
-        session: &'a mut Session,
+        session: &'a Mutex<Session>,
         cfg: RoundsConfig,
         progress: &'a mut dyn Progress,
         log: &'a mut dyn FnMut(&str),
     ) -> Result<Self> {
         let persona = Persona::load_or_default(cfg.persona.as_deref())?;
-        let contents = crate::session::event::read_log(&session.dir().join(session::EVENTS))?;
+        let held = Held::Shared(session);
+        let contents = held.with(|s| crate::session::event::read_log(&s.dir().join(session::EVENTS)))?;
         let events = contents.events.into_iter().map(|l| l.event).collect();
-        Ok(Runner { session: Held::Borrowed(session), events, cfg, persona, progress, log, heal_steps: None })
+        Ok(Runner { session: held, events, cfg, persona, progress, log, heal_steps: None })
     }
 
     /// Pass every heal optimiser step (with its round) to `sink`, e.g. to stream it to a UI.
@@ -355,11 +364,11 @@ impl<'a> Runner<'a> {
     }
 
     fn path(&self, rel: &str) -> Result<PathBuf> {
-        self.session.get().artifact_path(rel)
+        self.session.with(|s| s.artifact_path(rel))
     }
 
     fn append(&mut self, e: SessionEvent) -> Result<()> {
-        self.session.get_mut().append(e.clone())?;
+        self.session.with_mut(|s| s.append(e.clone()))?;
         self.events.push(e);
         Ok(())
     }
@@ -404,7 +413,8 @@ impl<'a> Runner<'a> {
             m.ppx_json,
             m.json_is_valid.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into())
         ));
-        let rel_file = file.strip_prefix(self.session.get().dir()).unwrap_or(&file).display().to_string();
+        let dir = self.session.with(|s| Ok(s.dir().to_path_buf()))?;
+        let rel_file = file.strip_prefix(&dir).unwrap_or(&file).display().to_string();
         self.done(round, "eval", rel_file)
     }
 
@@ -538,7 +548,7 @@ impl<'a> Runner<'a> {
         // score: the gate-Q0 filter scores, with persona strength from the teacher-forced base pass.
         if !self.lineage().is_done(round, "score") {
             let comps: Vec<Completion> = read_jsonl(&self.path(&rel(round, "completions.jsonl"))?)?;
-            let det = self.session.get().detectors()?;
+            let det = self.session.with(|s| s.detectors())?;
             let mut rows = Vec::with_capacity(comps.len());
             for c in comps {
                 let tf = score::perplexity::teacher_force(
@@ -686,7 +696,7 @@ impl<'a> Runner<'a> {
         if decided.is_empty() {
             return Ok(None);
         }
-        let rows = self.session.get().load_round(rs)?;
+        let rows = self.session.with(|s| s.load_round(rs))?;
         let accepted: Vec<Completion> = rows
             .into_iter()
             .filter(|r| decided.get(r.completion.id.as_str()) == Some(&true))
@@ -774,9 +784,10 @@ impl<'a> Runner<'a> {
                 note: None,
             })
             .collect();
+        let session_name = self.session.with(|s| Ok(s.manifest().name.clone()))?;
         let md = score::gate::render_gate_q0(&score::gate::GateInputs {
             round,
-            session: &self.session.get().manifest().name,
+            session: &session_name,
             model: &lm.info.id,
             written_at: &now,
             passed: !accepted.is_empty(),
@@ -940,7 +951,7 @@ impl<'a> Runner<'a> {
         if points.is_empty() {
             return Ok(());
         }
-        let dir = self.session.get().dir().to_path_buf();
+        let dir = self.session.with(|s| Ok(s.dir().to_path_buf()))?;
         atomic_write_json(&dir.join("rounds.json"), &points)?;
         eval::write_progress_map(points, self.cfg.floor, &dir)?;
         let spec = GateQ2Spec { floor: self.cfg.floor, ..GateQ2Spec::default() };

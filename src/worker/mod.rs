@@ -618,18 +618,20 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             cfg.floor = floor;
             // The researcher is gate Q0 here: a round they decided on heals on what they accepted.
             cfg.human_gate = human_round;
-            let mut s = lock(&ctx.session)?;
             // The session's persona file, taken as recorded (like its model path).
-            cfg.persona = s.manifest().persona_file.clone();
+            cfg.persona = lock(&ctx.session)?.manifest().persona_file.clone();
             let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
             let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
             let mut on_step = |round: u32, r: &crate::heal::StepRecord| {
                 send(WorkerEvent::HealStep { id, round, record: Box::new(r.clone()) })
             };
-            let summary = crate::rounds::Runner::with_session(&mut s, cfg, &mut progress, &mut log)?
+            // The runner locks the session only per read or append: decisions recorded meanwhile are written
+            // at once, not after the round.
+            let summary = crate::rounds::Runner::with_session(&ctx.session, cfg, &mut progress, &mut log)?
                 .on_heal_step(&mut on_step)
                 .run()?;
-            let (_, after) = crate::rounds::read_status(s.dir())?;
+            let dir = lock(&ctx.session)?.dir().to_path_buf();
+            let (_, after) = crate::rounds::read_status(&dir)?;
             Ok(JobOutput::Rounds {
                 points: summary.points,
                 chain: after.chain,
