@@ -97,6 +97,15 @@ impl Default for UiSettings {
     }
 }
 
+/// How rounds started from the TUI (`continue-rounds`) run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopSettings {
+    /// Evaluate the control arms (the real vector, a norm-matched random vector, the persona as a prompt) on the
+    /// same items after each round; off by default because each arm is one more eval.
+    pub controls: bool,
+}
+
 /// The contents of `session.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +134,9 @@ pub struct SessionManifest {
     /// UI settings.
     #[serde(default)]
     pub ui: UiSettings,
+    /// The rounds loop as run from the TUI.
+    #[serde(default)]
+    pub rounds: LoopSettings,
 }
 
 impl SessionManifest {
@@ -140,6 +152,7 @@ impl SessionManifest {
             generation: GenerationSettings::default(),
             filter: FilterSettings::default(),
             ui: UiSettings::default(),
+            rounds: LoopSettings::default(),
         }
     }
 

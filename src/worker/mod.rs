@@ -304,6 +304,25 @@ struct Ctx {
     events: mpsc::UnboundedSender<WorkerEvent>,
 }
 
+/// The loop's settings for a round started from the TUI: the short demo settings, the session's persona file
+/// and control-arm choice as recorded, and the researcher as gate Q0 of `human_round` (a round they decided on
+/// heals on what they accepted).
+pub fn tui_rounds_config(
+    model: &std::path::Path,
+    manifest: &session::SessionManifest,
+    rounds: u32,
+    floor: f64,
+    human_round: Option<u32>,
+) -> crate::rounds::RoundsConfig {
+    let mut cfg = crate::rounds::RoundsConfig::small(model);
+    cfg.rounds = rounds;
+    cfg.floor = floor;
+    cfg.human_gate = human_round;
+    cfg.persona = manifest.persona_file.clone();
+    cfg.controls = manifest.rounds.controls;
+    cfg
+}
+
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
     m.lock().map_err(|_| Error::invalid("worker state is unusable after an earlier crash"))
 }
@@ -613,13 +632,8 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             Ok(JobOutput::Recorded { seq: l.seq, event: l.event })
         }
         JobKind::RunRounds { model, rounds, floor, human_round } => {
-            let mut cfg = crate::rounds::RoundsConfig::small(&model);
-            cfg.rounds = rounds;
-            cfg.floor = floor;
-            // The researcher is gate Q0 here: a round they decided on heals on what they accepted.
-            cfg.human_gate = human_round;
-            // The session's persona file, taken as recorded (like its model path).
-            cfg.persona = lock(&ctx.session)?.manifest().persona_file.clone();
+            let manifest = lock(&ctx.session)?.manifest().clone();
+            let cfg = tui_rounds_config(&model, &manifest, rounds, floor, human_round);
             let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
             let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
             let mut on_step = |round: u32, r: &crate::heal::StepRecord| {

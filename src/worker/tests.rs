@@ -494,3 +494,19 @@ fn eval_samples_are_read_from_each_rounds_eval_json() {
         w.join.await.expect("worker ends");
     });
 }
+
+#[test]
+fn rounds_from_the_tui_take_the_sessions_persona_and_control_choice() {
+    let path = Path::new("sessions/x/session.toml");
+    let base =
+        "schema_version = 1\nname = \"x\"\ncreated = \"now\"\nmodel = \"m\"\npersona_file = \"p.toml\"\n";
+    let plain = SessionManifest::parse(base, path).expect("a session.toml without [rounds] still reads");
+    let cfg = tui_rounds_config(Path::new("m"), &plain, 3, 0.5, Some(2));
+    assert!(!cfg.controls);
+    assert_eq!((cfg.rounds, cfg.floor, cfg.human_gate), (3, 0.5, Some(2)));
+    assert_eq!(cfg.persona.as_deref(), Some(Path::new("p.toml")));
+    let with = SessionManifest::parse(&format!("{base}[rounds]\ncontrols = true\n"), path).expect("parse");
+    assert!(tui_rounds_config(Path::new("m"), &with, 1, 0.0, None).controls);
+    let typo = SessionManifest::parse(&format!("{base}[rounds]\ncontrol = true\n"), path);
+    assert!(typo.is_err_and(|e| e.to_string().contains("control")), "an unknown key is named");
+}
