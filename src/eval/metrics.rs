@@ -115,6 +115,11 @@ pub fn human_dist(human: &[f64; 7]) -> Option<[f64; 7]> {
     (s > 0.0 && s.is_finite()).then(|| human.map(|h| h / s))
 }
 
+/// A row's probability mass on the seven answers: the mean over its frames (finite values; NaN if none).
+pub fn row_pmass(row: &RowRecord) -> f64 {
+    finite_mean(row.frames.iter().map(|f| f.pmass))
+}
+
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     let (mut s, mut n) = (0.0, 0usize);
     for x in xs {
@@ -172,7 +177,7 @@ pub fn compute_metrics(rows: &[RowRecord], json_is_valid: Option<f64>) -> Metric
     for (k, slot) in human_profile.iter_mut().enumerate() {
         *slot = mean(humans.iter().map(|h| h[k]));
     }
-    let p_ans_any = finite_mean(rows.iter().map(|r| finite_mean(r.frames.iter().map(|f| f.pmass))));
+    let p_ans_any = finite_mean(rows.iter().map(row_pmass));
     let mean_nll = finite_mean(rows.iter().map(|r| finite_mean(r.frames.iter().map(|f| f.nll_json))));
     let (mut truth, mut pred, mut soft) = (Vec::new(), Vec::new(), Vec::new());
     for (row, p) in rows.iter().zip(&ps) {

@@ -3,7 +3,7 @@
 //! answer probabilities averaged over the forward and reversed frames, beside the human label.
 
 use super::data::{select_items, Condition, Foundation};
-use super::metrics::{human_dist, row_p};
+use super::metrics::{human_dist, row_p, row_pmass};
 use super::protocol::{AnswerCase, FrameOrder};
 use super::report::EvalReport;
 
@@ -39,7 +39,7 @@ pub struct EvalSample {
     pub p: Option<[f64; 7]>,
     /// The human distribution (row-normalised Clifford percentages), when the item has one.
     pub human: Option<[f64; 7]>,
-    /// Probability mass on the seven answers, mean over the frames.
+    /// Probability mass on the seven answers, mean over the frames (as the round's p_ans_any counts it).
     pub p_ans_any: f64,
 }
 
@@ -67,7 +67,6 @@ pub fn pick_samples(report: &EvalReport, k: usize) -> Vec<EvalSample> {
             let fwd = row.frames.iter().find(|f| f.order == FrameOrder::Forward).or(row.frames.first());
             let think: String =
                 fwd.map(|f| f.think_text.trim().chars().take(MAX_THINK_CHARS).collect()).unwrap_or_default();
-            let n_frames = row.frames.len().max(1) as f64;
             EvalSample {
                 index,
                 id: row.id.clone(),
@@ -80,7 +79,7 @@ pub fn pick_samples(report: &EvalReport, k: usize) -> Vec<EvalSample> {
                 cases: row.frames.iter().map(|f| f.case).collect(),
                 p: row_p(row),
                 human: human_dist(&row.human),
-                p_ans_any: row.frames.iter().map(|f| f.pmass).sum::<f64>() / n_frames,
+                p_ans_any: row_pmass(row),
             }
         })
         .collect()

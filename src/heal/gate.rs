@@ -114,11 +114,14 @@ fn persona_gain(
     if tokens.is_empty() {
         return Ok(None);
     }
-    let sum = |system: &str| -> Result<f64> {
-        let ids = lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?;
-        Ok(token_log_probs(lm, &ids, tokens)?.iter().map(|x| *x as f64).sum())
-    };
-    Ok(finite((sum(persona)? - sum(neutral)?) / tokens.len() as f64))
+    let gain = log_prob_after(lm, persona, prompt, tokens)? - log_prob_after(lm, neutral, prompt, tokens)?;
+    Ok(finite(gain / tokens.len() as f64))
+}
+
+/// Summed log-probability of `tokens` after `prompt` under the system prompt `system`, with the model as it is.
+fn log_prob_after(lm: &LoadedModel, system: &str, prompt: &str, tokens: &[u32]) -> Result<f64> {
+    let ids = lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?;
+    Ok(token_log_probs(lm, &ids, tokens)?.iter().map(|x| *x as f64).sum())
 }
 
 /// One fresh generation.
@@ -287,9 +290,7 @@ fn score_under_base(
     };
     let gain = match &spec.persona_system {
         Some(persona) => {
-            let pids = lm.tokenizer.encode(&lm.chat.prompt(Some(persona), prompt)?)?;
-            let plp = token_log_probs(lm, &pids, gen)?;
-            Some(plp.iter().map(|x| *x as f64).sum::<f64>() - lp.iter().map(|x| *x as f64).sum::<f64>())
+            Some(log_prob_after(lm, persona, prompt, gen)? - lp.iter().map(|x| *x as f64).sum::<f64>())
         }
         None => None,
     };

@@ -189,22 +189,11 @@ pub fn read_step_log(path: &Path) -> Result<Vec<StepRecord>> {
     Ok(out)
 }
 
-/// Logits of `ex`'s completion positions `[C, vocab]` (f32 log-probs), via the last block's hidden states so the
-/// prompt positions never go through the vocabulary projection.
+/// Log-probabilities of `ex`'s completion positions `[C, vocab]` (f32), via the last block's hidden states so the
+/// prompt positions never go through the vocabulary projection (the one-example case of the padded batch).
 pub(crate) fn completion_log_probs(model: &Model, ex: &Example, path: FwdPath) -> Result<Tensor> {
-    let ids = Tensor::new(ex.ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let last = model.layers.len() - 1;
-    let hooks = Hooks::capture(vec![last], CapturePositions::All);
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::None, path };
-    let out = model.forward(&ids, None, &f)?;
-    let h = out
-        .hidden
-        .get(&last)
-        .ok_or_else(|| Error::invalid("the last block's hidden state was not captured"))?;
-    let c = ex.completion_len();
-    let h = h.narrow(1, ex.prompt_len - 1, c)?;
-    let logits = model.logits_from_hidden(&h, path)?.squeeze(0)?;
-    loss::log_softmax(&logits)
+    let mut lp = batch_completion_log_probs(model, &[ex], path)?;
+    lp.pop().ok_or_else(|| Error::invalid("no completion log-probs"))
 }
 
 /// Completion log-probs of several examples from one forward pass: the sequences are left-padded to the longest
@@ -216,11 +205,10 @@ pub(crate) fn batch_completion_log_probs(
     exs: &[&Example],
     path: FwdPath,
 ) -> Result<Vec<Tensor>> {
-    match exs {
-        [] => return Ok(Vec::new()),
-        [one] => return Ok(vec![completion_log_probs(model, one, path)?]),
-        _ => {}
+    if exs.is_empty() {
+        return Ok(Vec::new());
     }
+    // A lone example gets no padding (`pad` all 0 takes the decoder's unpadded path).
     let t = exs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     let pad: Vec<usize> = exs.iter().map(|e| t - e.ids.len()).collect();
     let mut flat = Vec::with_capacity(exs.len() * t);

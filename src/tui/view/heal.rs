@@ -49,7 +49,7 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
         Layout::vertical([Constraint::Length(top_rows), Constraint::Length(chart_rows), Constraint::Min(0)])
             .areas(area);
     let after = r.after.as_ref();
-    let lines = vec![
+    let mut lines = vec![
         Line::from(vec![
             Span::styled(format!("{}: ", r.coherence_label), bold),
             Span::raw(format!("{:.3} → {}", r.before.coherence, num(after.map(|m| m.coherence)))),
@@ -59,7 +59,6 @@ pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
             Span::raw(format!("{} → {}", num(r.before.trait_value), num(after.and_then(|m| m.trait_value)))),
         ]),
     ];
-    let mut lines = lines;
     if !h.note.is_empty() {
         lines.push(Line::from(vec![Span::styled("note: ", bold), Span::raw(h.note.replace('\n', " "))]));
     }
