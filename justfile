@@ -39,7 +39,7 @@ fmt:
 bench: fetch-model
     cargo build --release --locked
     cargo bench --locked --bench decode -- --model {{model}} --out bench/decode.json
-    /usr/bin/time -f '%M' -o bench/heal.rss target/release/steer-heal bench-heal --model {{model}} --out bench/heal.json --seq-len 128 --prompt-len 1 --steps 4 --batch 1 --layers-from 0 --layers-to 1
+    /usr/bin/time -f '%M' -o bench/heal.rss target/release/steer-heal bench-heal --model {{model}} --out bench/heal.json --seq-len 128 --prompt-len 1 --steps 3 --batch 4 --layers-from 0 --layers-to 1 --compare-composite
     /usr/bin/time -f '%M' -o bench/steer.rss target/release/steer-heal bench-steer --model {{model}} --out bench/steer.json
     /usr/bin/time -f '%M' -o bench/tui.rss target/release/steer-heal bench-tui --out bench/tui.json
     /usr/bin/time -f '%M' -o bench/eval.rss target/release/steer-heal eval --model {{model}} --think 64 --out bench/eval-run

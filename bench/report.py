@@ -94,6 +94,14 @@ def main():
                                   "LoRA training without the reference pass")):
             rows.append({"benchmark": label, "ours": ours, "unit": "tokens/s", "peer": peer.get(key),
                          "ratio_vs_peer": ratio(ours, peer.get(key)), "peak_rss_mib": heal.get("peak_rss_mib")})
+        comp = heal.get("composite")
+        if comp:
+            ours = comp["tokens_per_s"]
+            rows.append({"benchmark": "LoRA + KL-barrier training, composite path (candle's differentiable ops only, "
+                                      "same run)", "ours": ours, "unit": "tokens/s",
+                         "peer": peer.get("train_tok_s_with_ref"),
+                         "ratio_vs_peer": ratio(ours, peer.get("train_tok_s_with_ref")),
+                         "peak_rss_mib": heal.get("peak_rss_mib")})
     # Wall-clock targets of issue 7 (lower is better), each with its target.
     if steer and steer.get("dose_wall_s") is not None:
         rows.append({"benchmark": f"iso-KL calibration ({steer.get('dose_evaluations')} evaluations)",
@@ -166,6 +174,12 @@ def main():
                   f"per token at a measured {bw['read_bandwidth_gb_s']:.1f} GB/s read bandwidth ⇒ "
                   f"{bw['batch1_bound_tokens_per_s']:.1f} tokens/s; ours reaches "
                   f"{'–' if frac is None else f'{100 * frac:.0f} %'} of it."]
+    if heal and heal.get("composite_max_rel_loss_diff") is not None:
+        spec = heal.get("spec", {})
+        lines += ["", f"Training: {spec.get('steps')} timed steps of {spec.get('batch')} × {spec.get('seq_len')} tokens "
+                  f"(the peer's shape). Step losses of the training path (fused kernels) and the composite path from "
+                  f"the same start differ by at most {heal['composite_max_rel_loss_diff']:.1e} (relative): "
+                  f"{heal.get('losses')} vs {heal['composite'].get('losses')}."]
     for r in rows:
         if r["unit"] == "see JSON":
             lines += ["", f"## {r['benchmark']} (peak {fmt(r.get('peak_rss_mib'))} MiB)", "", "```json",

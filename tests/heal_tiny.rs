@@ -861,3 +861,53 @@ fn cli_heal_then_export_and_bake() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/c.jsonl") && err.lines().count() == 1, "{err}");
 }
+
+#[test]
+fn fused_training_kernels_give_the_composite_paths_losses_and_gradients() {
+    // Padded micro-batch (per-row RoPE tables and masks), every divergence, three architectures.
+    for arch in [Arch::Llama, Arch::Qwen3, Arch::Gemma3] {
+        let (_d, mut lm) = tiny_model(arch, 11);
+        let data = dataset(&lm, 3, 400);
+        let n = lm.model.cfg.num_hidden_layers;
+        let cfg0 =
+            HealConfig { layer_range: (0.0, 1.0), r: 4, alpha: 8.0, lambda: 5.0, tau: 0.0, ..quick_cfg() };
+        let lora = TrainableLora::init(&lm.model, "round-0", &cfg0.layers(n), &cfg0.targets, 4, 8.0, 3)
+            .expect("init");
+        for (_, b) in lora.vars.values() {
+            b.set(&Tensor::randn(0f32, 0.3, b.dims(), &Device::Cpu).expect("randn")).expect("set");
+        }
+        lora.attach(&mut lm.model, 1.0).expect("attach");
+        let exs: Vec<&heal::Example> = data.examples.iter().collect();
+        for (reg, agg) in
+            [(heal::Reg::KlRev, Agg::Rmse), (heal::Reg::KlFwd, Agg::Mean), (heal::Reg::Nll, Agg::P95)]
+        {
+            let cfg = HealConfig { reg, agg, ..cfg0.clone() };
+            let mut total = |path| {
+                let parts = train::batch_losses_on(&mut lm.model, &lora, &exs, &cfg, path).expect("losses");
+                let kl: Vec<f64> = parts.iter().map(|p| p.kl_mean).collect();
+                let sum =
+                    parts.into_iter().map(|p| p.loss).reduce(|a, b| (a + b).expect("add")).expect("sum");
+                (sum, kl)
+            };
+            let (fused, kl_f) = total(steer_heal::model::Path::Training);
+            let (composite, kl_c) = total(steer_heal::model::Path::Composite);
+            let (lf, lc) = (fused.to_scalar::<f32>().expect("l"), composite.to_scalar::<f32>().expect("l"));
+            assert!((lf - lc).abs() <= 1e-5 * lc.abs().max(1.0), "{arch:?} {reg:?}: loss {lf} vs {lc}");
+            for (a, b) in kl_f.iter().zip(&kl_c) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{arch:?} {reg:?}: KL {a} vs {b}");
+            }
+            let gf = train::gradients(&fused, &lora).expect("fused grads");
+            let gc = train::gradients(&composite, &lora).expect("composite grads");
+            assert_eq!(gf.len(), n * 7 * 2);
+            for (name, g) in &gf {
+                let scale =
+                    gc[name].abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("f32");
+                let diff = max_abs(g, &gc[name]);
+                assert!(
+                    scale > 0.0 && diff <= 1e-4 * scale + 1e-7,
+                    "{arch:?} {reg:?} {name}: diff {diff} of {scale}"
+                );
+            }
+        }
+    }
+}

@@ -247,6 +247,10 @@ pub struct BenchArgs {
     /// Weights dtype.
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
+    /// Also run the same steps on the composite path (candle's differentiable ops only) and report its speed
+    /// and how far its losses are from the training path's.
+    #[arg(long)]
+    compare_composite: bool,
 }
 
 /// How the student is measured for gate-q1.md.
@@ -405,10 +409,11 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             println!("wrote {}", out.display());
         }
         HealCmd::BenchHeal(args) => {
-            let BenchArgs { model, out, seq_len, prompt_len, steps, batch, lora, dtype } = *args;
+            let BenchArgs { model, out, seq_len, prompt_len, steps, batch, lora, dtype, compare_composite } =
+                *args;
             let mut lm = load(&model, dtype, &[])?;
             let spec = bench::BenchSpec { seq_len, prompt_len, steps, batch, cfg: lora.config() };
-            let res = bench::bench_heal(&mut lm, &spec)?;
+            let res = bench::bench_heal(&mut lm, &spec, compare_composite)?;
             steer_heal::fsutil::atomic_write_json(&out, &res)?;
             println!(
                 "{:.1} tokens/s ({:.1} without the reference pass), {:.3} steps/s; wrote {}",
@@ -417,6 +422,12 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 res.steps_per_s,
                 out.display()
             );
+            if let (Some(c), Some(d)) = (&res.composite, res.composite_max_rel_loss_diff) {
+                println!(
+                    "composite path: {:.1} tokens/s ({:.1} without the reference pass); step losses differ by at most {d:.2e} (relative)",
+                    c.tokens_per_s, c.tokens_per_s_without_reference
+                );
+            }
         }
     }
     Ok(())

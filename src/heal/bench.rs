@@ -5,9 +5,8 @@
 use super::adapter::TrainableLora;
 use super::config::HealConfig;
 use super::data::Example;
-use super::loss;
 use super::optim::AdamW;
-use super::train::{batch_completion_log_probs, batch_reference_log_probs, gradients};
+use super::train::{batch_completion_logits, batch_reference_log_probs, gradients, losses_from_logits};
 use crate::error::{Error, Result};
 use crate::model::decoder::Path as FwdPath;
 use crate::model::{LoadedModel, ModelInfo};
@@ -81,6 +80,15 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
     /// Loss at the first and last timed step (a sanity check that training moved).
     pub loss_first_last: (f64, f64),
+    /// Loss of every timed step on the training path.
+    #[serde(default)]
+    pub losses: Vec<f64>,
+    /// The same steps from the same start on the composite path (differentiable candle ops only), when asked.
+    #[serde(default)]
+    pub composite: Option<PathRun>,
+    /// Largest relative difference between the two paths' step losses.
+    #[serde(default)]
+    pub composite_max_rel_loss_diff: Option<f64>,
 }
 
 /// Peak resident memory of this process so far, MiB (VmHWM; 0 where /proc is absent).
@@ -96,15 +104,29 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Run the benchmark. The adapter is attached for the run and detached afterwards.
-pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult> {
+/// One timed run of heal steps on one numerical path: time per phase and the loss of every timed step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathRun {
+    /// Tokens per second of full heal steps (reference + forward + backward + update).
+    pub tokens_per_s: f64,
+    /// Tokens per second without the reference pass (plain LoRA SFT, for comparison).
+    pub tokens_per_s_without_reference: f64,
+    /// Time per phase.
+    pub phases: Phases,
+    /// Loss of every timed step, in order.
+    pub losses: Vec<f64>,
+}
+
+/// Run the benchmark on the training path (and, when `compare_composite`, again from the same start on the
+/// composite path, reporting its speed and how far its losses are from the training path's). The adapter is
+/// attached for each run and detached afterwards.
+pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec, compare_composite: bool) -> Result<BenchResult> {
     let cfg = &spec.cfg;
     cfg.validate(&lm.model.cfg)?;
     if spec.prompt_len == 0 || spec.prompt_len >= spec.seq_len || spec.steps == 0 || spec.batch == 0 {
         return Err(Error::invalid("bench needs 0 < prompt_len < seq_len, at least one step and batch ≥ 1"));
     }
-    let model = &mut lm.model;
-    let vocab = model.cfg.vocab_size as u32;
+    let vocab = lm.model.cfg.vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     // Ordinary-token ids only: stay below the special tokens at the top of small vocabularies.
     let hi = vocab.saturating_sub(16).max(2);
@@ -115,6 +137,50 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult>
             prompt_len: spec.prompt_len,
         })
         .collect();
+    let (main, params, projections) = run_path(&mut lm.model, spec, &examples, FwdPath::Training)?;
+    let composite = if compare_composite {
+        Some(run_path(&mut lm.model, spec, &examples, FwdPath::Composite)?.0)
+    } else {
+        None
+    };
+    let composite_max_rel_loss_diff = composite.as_ref().map(|c| {
+        main.losses.iter().zip(&c.losses).map(|(a, b)| (a - b).abs() / b.abs().max(1e-12)).fold(0.0, f64::max)
+    });
+    let total_s =
+        main.phases.reference_s + main.phases.forward_s + main.phases.backward_s + main.phases.optimizer_s;
+    Ok(BenchResult {
+        spec: spec.clone(),
+        model: lm.info.clone(),
+        dtype: format!("{:?}", lm.model.dtype()).to_lowercase(),
+        device: if lm.model.device().is_cuda() { "cuda".into() } else { "cpu".into() },
+        threads: candle_core::utils::get_num_threads(),
+        barrier_pool_spin_limit: std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").unwrap_or_default(),
+        trainable_params: params,
+        adapted_projections: projections,
+        tokens_per_s: main.tokens_per_s,
+        tokens_per_s_without_reference: main.tokens_per_s_without_reference,
+        steps_per_s: spec.steps as f64 / total_s.max(1e-9),
+        phases: main.phases,
+        peak_rss_mib: peak_rss_mib(),
+        loss_first_last: (
+            main.losses.first().copied().unwrap_or(f64::NAN),
+            main.losses.last().copied().unwrap_or(f64::NAN),
+        ),
+        losses: main.losses.clone(),
+        composite,
+        composite_max_rel_loss_diff,
+    })
+}
+
+/// Fresh adapter (same seed every time), one untimed warm-up step, then the timed steps on `path`.
+/// Returns the run, the trainable parameter count and the number of adapted projections.
+fn run_path(
+    model: &mut crate::model::Model,
+    spec: &BenchSpec,
+    examples: &[Example],
+    path: FwdPath,
+) -> Result<(PathRun, usize, usize)> {
+    let cfg = &spec.cfg;
     let name = format!("bench-{}", cfg.adapter_name());
     let layers = cfg.layers(model.cfg.num_hidden_layers);
     let lora = TrainableLora::init(model, &name, &layers, &cfg.targets, cfg.r, cfg.alpha, cfg.seed)?;
@@ -128,15 +194,12 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult>
         let t0 = Instant::now();
         let refs = batch_reference_log_probs(model, &exs, cfg, &name)?;
         let t1 = Instant::now();
-        let lps = batch_completion_log_probs(model, &exs, FwdPath::Training)?;
+        let student = batch_completion_logits(model, &exs, path)?;
         // As the heal loop does: each sequence its own NLL + barrier, averaged over the step.
+        let parts = losses_from_logits(&exs, &student, &refs, None, cfg, path)?;
         let mut total: Option<Tensor> = None;
-        for ((ex, lp), ref_lp) in exs.iter().zip(&lps).zip(&refs) {
-            let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
-            let kl = loss::per_position_kl(lp, ref_lp, cfg.reg)?;
-            let d = loss::aggregate(&kl, cfg.agg)?;
-            let l = ((loss::nll(lp, &targets)? + loss::barrier(&d, cfg.reg, cfg.lambda_eff(), cfg.tau)?)?
-                / exs.len() as f64)?;
+        for p in parts {
+            let l = (p.loss / exs.len() as f64)?;
             total = Some(match total {
                 Some(acc) => (acc + l)?,
                 None => l,
@@ -157,33 +220,25 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec) -> Result<BenchResult>
     };
     let mut warm = Phases::default();
     let mut chunks = examples.chunks(spec.batch);
-    if let Some(first) = chunks.next() {
-        run(first, &mut warm, model)?;
-    }
-    for exs in chunks {
-        losses.push(run(exs, &mut phases, model)?);
-    }
+    let result = (|| {
+        if let Some(first) = chunks.next() {
+            run(first, &mut warm, model)?;
+        }
+        for exs in chunks {
+            losses.push(run(exs, &mut phases, model)?);
+        }
+        Ok::<_, Error>(())
+    })();
     super::adapter::detach(model, &name);
+    result?;
     let total_s = phases.reference_s + phases.forward_s + phases.backward_s + phases.optimizer_s;
     let tokens = (spec.steps * spec.batch * spec.seq_len) as f64;
     let params: usize = lora.vars.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum();
-    Ok(BenchResult {
-        spec: spec.clone(),
-        model: lm.info.clone(),
-        dtype: format!("{:?}", lm.model.dtype()).to_lowercase(),
-        device: if lm.model.device().is_cuda() { "cuda".into() } else { "cpu".into() },
-        threads: candle_core::utils::get_num_threads(),
-        barrier_pool_spin_limit: std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").unwrap_or_default(),
-        trainable_params: params,
-        adapted_projections: lora.vars.len(),
+    let run = PathRun {
         tokens_per_s: tokens / total_s.max(1e-9),
         tokens_per_s_without_reference: tokens / (total_s - phases.reference_s).max(1e-9),
-        steps_per_s: spec.steps as f64 / total_s.max(1e-9),
         phases,
-        peak_rss_mib: peak_rss_mib(),
-        loss_first_last: (
-            losses.first().copied().unwrap_or(f64::NAN),
-            losses.last().copied().unwrap_or(f64::NAN),
-        ),
-    })
+        losses,
+    };
+    Ok((run, params, lora.vars.len()))
 }

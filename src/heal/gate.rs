@@ -285,7 +285,10 @@ fn score_under_base(
     let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
     let lp: Vec<f32> = base.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
     let kl = match student {
-        Some(st) => Some(super::loss::per_position_kl(st, &base, super::config::Reg::KlRev)?.to_vec1()?),
+        Some(st) => Some(
+            super::loss::per_position_kl(st, &base, super::config::Reg::KlRev, FwdPath::Inference)?
+                .to_vec1()?,
+        ),
         None => None,
     };
     let gain = match &spec.persona_system {
@@ -317,7 +320,7 @@ pub fn token_kl_to_base(
     let saved = adapter::zero_all_gates(&mut lm.model);
     let base = completion_log_probs(&lm.model, &ex, FwdPath::Inference);
     adapter::restore_gates(&mut lm.model, &saved);
-    let kl = super::loss::per_position_kl(&student, &base?, super::config::Reg::KlRev)?;
+    let kl = super::loss::per_position_kl(&student, &base?, super::config::Reg::KlRev, FwdPath::Inference)?;
     Ok(kl.to_vec1()?)
 }
 

@@ -4,11 +4,17 @@
 
 use super::config::{Agg, Reg};
 use crate::error::{Error, Result};
+use crate::model::fused::{self, KlDirection};
+use crate::model::Path;
 use candle_core::{DType, Tensor, D};
 
-/// Row-wise log-softmax over the last axis in f32, with the max shift detached (it cancels analytically).
-pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+/// Row-wise log-softmax over the last axis in f32. Off the composite path it is one fused kernel with its own
+/// backward where that applies (CPU); the composite ops detach the max shift (it cancels analytically).
+pub fn log_softmax(logits: &Tensor, path: Path) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;
+    if path != Path::Composite && fused::applies(&x) {
+        return Ok(fused::log_softmax(&x)?);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let z = x.broadcast_sub(&max)?;
     let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -18,12 +24,49 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 /// Per-position KL `[n]` between two rows of log-probabilities `[n, vocab]`:
 /// `kl_rev` is KL(student ‖ reference) = Σ p_s (log p_s − log p_r); `kl_fwd` and `nll` give
 /// KL(reference ‖ student) and KL(student ‖ reference) respectively (`nll` only logs it).
-pub fn per_position_kl(student_lp: &Tensor, reference_lp: &Tensor, reg: Reg) -> Result<Tensor> {
+/// Off the composite path, a fused kernel with its own backward where that applies (CPU, constant reference).
+pub fn per_position_kl(student_lp: &Tensor, reference_lp: &Tensor, reg: Reg, path: Path) -> Result<Tensor> {
+    if path != Path::Composite
+        && fused::applies(student_lp)
+        && !reference_lp.track_op()
+        && student_lp.rank() == 2
+    {
+        return Ok(fused::kl_rows(student_lp, reference_lp, kl_direction(reg))?);
+    }
     let diff = (student_lp - reference_lp)?;
     Ok(match reg {
         Reg::KlRev | Reg::Nll => (student_lp.exp()? * diff)?.sum(D::Minus1)?,
         Reg::KlFwd => (reference_lp.exp()? * diff.neg()?)?.sum(D::Minus1)?,
     })
+}
+
+/// The KL each regulariser uses (`nll` logs KL(student ‖ reference)).
+fn kl_direction(reg: Reg) -> KlDirection {
+    match reg {
+        Reg::KlRev | Reg::Nll => KlDirection::StudentToReference,
+        Reg::KlFwd => KlDirection::ReferenceToStudent,
+    }
+}
+
+/// Per-position NLL of `targets` and KL to the reference, both `[n]`, straight from the student's logits
+/// `[n, vocab]`. On the training path on CPU this is one kernel (`fused::nll_and_kl`) that never writes the
+/// student's log-probabilities; otherwise `log_softmax`, `token_nll` and `per_position_kl` on `path`.
+pub fn token_nll_and_kl(
+    logits: &Tensor,
+    reference_lp: &Tensor,
+    targets: &[u32],
+    reg: Reg,
+    path: Path,
+) -> Result<(Tensor, Tensor)> {
+    let x = logits.to_dtype(DType::F32)?;
+    if path == Path::Training && fused::applies(&x) && !reference_lp.track_op() {
+        let terms = fused::nll_and_kl(&x, reference_lp, targets, kl_direction(reg))?;
+        let column = |i| terms.narrow(1, i, 1)?.squeeze(1)?.contiguous();
+        return Ok((column(0)?, column(1)?));
+    }
+    let lp = log_softmax(&x, path)?;
+    let t = Tensor::new(targets, lp.device())?;
+    Ok((token_nll(&lp, &t)?, per_position_kl(&lp, reference_lp, reg, path)?))
 }
 
 /// Index (fractional) of quantile `q` in a sorted list of `n` values (NumPy's default linear interpolation).
@@ -60,8 +103,12 @@ pub fn aggregate(kl: &Tensor, agg: Agg) -> Result<Tensor> {
 
 /// Mean negative log-likelihood of `targets` `[n]` under log-probabilities `[n, vocab]`.
 pub fn nll(lp: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let picked = lp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    Ok(picked.mean_all()?.neg()?)
+    Ok(token_nll(lp, targets)?.mean_all()?)
+}
+
+/// Per-position negative log-likelihood `[n]` of `targets` `[n]` under log-probabilities `[n, vocab]`.
+pub fn token_nll(lp: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(lp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
 }
 
 /// `λ_eff · relu(D − τ)`; zero for the `nll` regulariser.
@@ -127,13 +174,13 @@ mod tests {
     #[test]
     fn kl_matches_a_hand_computation() -> Result<()> {
         let dev = Device::Cpu;
-        let s = log_softmax(&Tensor::new(&[[1f32, 0.0]], &dev)?)?;
-        let r = log_softmax(&Tensor::new(&[[0f32, 0.0]], &dev)?)?;
+        let s = log_softmax(&Tensor::new(&[[1f32, 0.0]], &dev)?, Path::Training)?;
+        let r = log_softmax(&Tensor::new(&[[0f32, 0.0]], &dev)?, Path::Training)?;
         let ps = [1f64.exp() / (1.0 + 1f64.exp()), 1.0 / (1.0 + 1f64.exp())];
         let rev: f64 = ps.iter().map(|p| p * (p / 0.5).ln()).sum();
         let fwd: f64 = ps.iter().map(|p| 0.5 * (0.5 / p).ln()).sum();
-        let got_rev = per_position_kl(&s, &r, Reg::KlRev)?.to_vec1::<f32>()?[0] as f64;
-        let got_fwd = per_position_kl(&s, &r, Reg::KlFwd)?.to_vec1::<f32>()?[0] as f64;
+        let got_rev = per_position_kl(&s, &r, Reg::KlRev, Path::Training)?.to_vec1::<f32>()?[0] as f64;
+        let got_fwd = per_position_kl(&s, &r, Reg::KlFwd, Path::Training)?.to_vec1::<f32>()?[0] as f64;
         assert!((got_rev - rev).abs() < 1e-6, "{got_rev} vs {rev}");
         assert!((got_fwd - fwd).abs() < 1e-6, "{got_fwd} vs {fwd}");
         Ok(())

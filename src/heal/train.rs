@@ -192,21 +192,45 @@ pub fn read_step_log(path: &Path) -> Result<Vec<StepRecord>> {
 /// Log-probabilities of `ex`'s completion positions `[C, vocab]` (f32), via the last block's hidden states so the
 /// prompt positions never go through the vocabulary projection (the one-example case of the padded batch).
 pub(crate) fn completion_log_probs(model: &Model, ex: &Example, path: FwdPath) -> Result<Tensor> {
-    let mut lp = batch_completion_log_probs(model, &[ex], path)?;
-    lp.pop().ok_or_else(|| Error::invalid("no completion log-probs"))
+    Ok(batch_completion_log_probs(model, &[ex], path)?.lp)
+}
+
+/// Completion logits of several examples, stacked like `BatchLogProbs`.
+pub(crate) struct BatchLogits {
+    /// `[Σ C_i, vocab]`, in the model's dtype.
+    pub logits: Tensor,
+    /// `(first row, rows)` of each example, in order.
+    pub spans: Vec<(usize, usize)>,
+}
+
+/// Completion log-probabilities of several examples, stacked: `lp` is `[Σ C_i, vocab]` and example `i` owns rows
+/// `spans[i]`. The per-token loss terms are computed on the whole stack and only their `[C_i]` vectors are
+/// sliced per example: slicing the `[C_i, vocab]` rows instead would make each slice's backward pass write a
+/// zero-padded gradient the size of the whole stack.
+pub(crate) struct BatchLogProbs {
+    /// `[Σ C_i, vocab]`, f32.
+    pub lp: Tensor,
+    /// `(first row, rows)` of each example, in order.
+    pub spans: Vec<(usize, usize)>,
 }
 
 /// Completion log-probs of several examples from one forward pass: the sequences are left-padded to the longest
 /// (padded keys masked, each row's positions starting at 0, so every row sees exactly what it would alone), and
-/// all rows' completion positions go through the vocabulary projection as one matrix. One `[C_i, vocab]` tensor
-/// per example, in order. Batching is for speed only: the values equal `completion_log_probs` row by row.
+/// all rows' completion positions go through the vocabulary projection as one matrix. Batching is for speed
+/// only: the values equal `completion_log_probs` example by example.
 pub(crate) fn batch_completion_log_probs(
     model: &Model,
     exs: &[&Example],
     path: FwdPath,
-) -> Result<Vec<Tensor>> {
+) -> Result<BatchLogProbs> {
+    let BatchLogits { logits, spans } = batch_completion_logits(model, exs, path)?;
+    Ok(BatchLogProbs { lp: loss::log_softmax(&logits, path)?, spans })
+}
+
+/// The stacked completion logits behind `batch_completion_log_probs`.
+pub(crate) fn batch_completion_logits(model: &Model, exs: &[&Example], path: FwdPath) -> Result<BatchLogits> {
     if exs.is_empty() {
-        return Ok(Vec::new());
+        return Err(Error::invalid("no examples to score"));
     }
     // A lone example gets no padding (`pad` all 0 takes the decoder's unpadded path).
     let t = exs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
@@ -233,15 +257,15 @@ pub(crate) fn batch_completion_log_probs(
         .map(|(i, (e, p))| Ok(h.get(i)?.narrow(0, p + e.prompt_len - 1, e.completion_len())?))
         .collect::<Result<Vec<_>>>()?;
     let logits = model.logits_from_hidden(&Tensor::cat(&rows, 0)?.unsqueeze(0)?, path)?.squeeze(0)?;
-    let lp = loss::log_softmax(&logits)?;
     let mut at = 0;
-    exs.iter()
+    let spans = exs
+        .iter()
         .map(|e| {
-            let part = lp.narrow(0, at, e.completion_len())?;
             at += e.completion_len();
-            Ok(part)
+            (at - e.completion_len(), e.completion_len())
         })
-        .collect()
+        .collect();
+    Ok(BatchLogits { logits, spans })
 }
 
 /// The loss of one example and its parts.
@@ -271,8 +295,7 @@ pub(crate) fn reference_log_probs(
     cfg: &HealConfig,
     name: &str,
 ) -> Result<Tensor> {
-    let mut lp = batch_reference_log_probs(model, &[ex], cfg, name)?;
-    lp.pop().ok_or_else(|| Error::invalid("no reference log-probs"))
+    Ok(batch_reference_log_probs(model, &[ex], cfg, name)?.lp)
 }
 
 /// `reference_log_probs` of several examples from one padded forward pass.
@@ -281,7 +304,7 @@ pub(crate) fn batch_reference_log_probs(
     exs: &[&Example],
     cfg: &HealConfig,
     name: &str,
-) -> Result<Vec<Tensor>> {
+) -> Result<BatchLogProbs> {
     let saved = match cfg.reference {
         Reference::Prev => {
             let g = adapter::gates(model);
@@ -292,7 +315,8 @@ pub(crate) fn batch_reference_log_probs(
     };
     let lp = batch_completion_log_probs(model, exs, FwdPath::Inference);
     adapter::restore_gates(model, &saved);
-    Ok(lp?.into_iter().map(|t| t.detach()).collect())
+    let lp = lp?;
+    Ok(BatchLogProbs { lp: lp.lp.detach(), spans: lp.spans })
 }
 
 /// The heal loss of one example for the attached trainable adapter: reference pass (no grad, gate off), student
@@ -316,23 +340,54 @@ pub fn batch_losses(
     exs: &[&Example],
     cfg: &HealConfig,
 ) -> Result<Vec<LossParts>> {
+    batch_losses_on(model, lora, exs, cfg, FwdPath::Training)
+}
+
+/// `batch_losses` with the student on a chosen differentiable path: `Training` (what heal uses) or `Composite`
+/// (candle's differentiable ops only, the slower reference the fused kernels are checked against).
+pub fn batch_losses_on(
+    model: &mut Model,
+    lora: &TrainableLora,
+    exs: &[&Example],
+    cfg: &HealConfig,
+    path: FwdPath,
+) -> Result<Vec<LossParts>> {
+    if path == FwdPath::Inference {
+        return Err(Error::invalid("the inference path has no gradients: train on Training or Composite"));
+    }
     let refs = batch_reference_log_probs(model, exs, cfg, &lora.name)?;
-    let lps = batch_completion_log_probs(model, exs, FwdPath::Training)?;
+    let student = batch_completion_logits(model, exs, path)?;
     let pen = spectral_penalty(lora, cfg)?;
-    let spectral = match &pen {
+    losses_from_logits(exs, &student, &refs, pen.as_ref(), cfg, path)
+}
+
+/// Each example's NLL + barrier (+ the spectral penalty `pen`, shared) from the student's stacked logits and the
+/// reference's stacked log-probs. The per-token NLL and KL are computed once over the stack (`path` picks the
+/// fused head or the composite ops) and only their `[C_i]` vectors are sliced per example.
+pub(crate) fn losses_from_logits(
+    exs: &[&Example],
+    student: &BatchLogits,
+    refs: &BatchLogProbs,
+    pen: Option<&Tensor>,
+    cfg: &HealConfig,
+    path: FwdPath,
+) -> Result<Vec<LossParts>> {
+    let targets: Vec<u32> = exs.iter().flat_map(|ex| ex.ids[ex.prompt_len..].iter().copied()).collect();
+    let (token_nll, token_kl) = loss::token_nll_and_kl(&student.logits, &refs.lp, &targets, cfg.reg, path)?;
+    let spectral = match pen {
         Some(p) => scalar(p)?,
         None => 0.0,
     };
-    exs.iter()
-        .zip(lps.iter().zip(&refs))
-        .map(|(ex, (lp, ref_lp))| {
-            let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
-            let nll = loss::nll(lp, &targets)?;
-            let kl = loss::per_position_kl(lp, ref_lp, cfg.reg)?;
+    student
+        .spans
+        .iter()
+        .map(|&(at, n)| {
+            let nll = token_nll.narrow(0, at, n)?.mean_all()?;
+            let kl = token_kl.narrow(0, at, n)?;
             let d = loss::aggregate(&kl, cfg.agg)?;
             let barrier = loss::barrier(&d, cfg.reg, cfg.lambda_eff(), cfg.tau)?;
             let mut total = (&nll + &barrier)?;
-            if let Some(p) = &pen {
+            if let Some(p) = pen {
                 total = (total + p)?;
             }
             Ok(LossParts {
@@ -398,7 +453,7 @@ pub fn evaluate(model: &mut Model, name: &str, data: &Dataset, cfg: &HealConfig)
         let ref_lp = reference_log_probs(model, ex, cfg, name)?;
         let lp = completion_log_probs(model, ex, FwdPath::Inference)?;
         let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
-        let kl = loss::per_position_kl(&lp, &ref_lp, cfg.reg)?;
+        let kl = loss::per_position_kl(&lp, &ref_lp, cfg.reg, FwdPath::Inference)?;
         let d = scalar(&loss::aggregate(&kl, cfg.agg)?)?;
         ev.nll += scalar(&loss::nll(&lp, &targets)?)? / n;
         ev.d += d / n;

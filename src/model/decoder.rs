@@ -1,15 +1,18 @@
 //! Our decoder: Llama, Qwen3 and Gemma-3 text in one layer loop, chosen by `ModelConfig` flags.
 //!
-//! Two numerical paths share every weight:
-//! - `Path::Inference` uses candle's fused CPU kernels (softmax, RMSNorm, RoPE) and is meant for no-grad use;
-//! - `Path::Training` is built only from differentiable ops, because the fused kernels have no backward pass and
-//!   silently drop gradients.
+//! Three numerical paths share every weight:
+//! - `Path::Inference` uses candle's fused CPU kernels (softmax, RMSNorm, RoPE) and is meant for no-grad use:
+//!   those kernels have no backward pass and silently drop gradients;
+//! - `Path::Composite` is built only from differentiable candle ops;
+//! - `Path::Training` is `Composite` with RMSNorm, RoPE and the attention softmax replaced, on CPU f32, by our
+//!   kernels that carry their own backward (`fused.rs`): same values and gradients, fewer passes.
 //!
 //! GQA is computed by folding the query heads of a group into the sequence axis, so K and V are never copied per
 //! query head. Hooks (capture, steering) run after each block; see `hook.rs`.
 
 use super::cache::KvCache;
 use super::config::{Activation, ModelConfig};
+use super::fused;
 use super::hook::{CapturePositions, Hooks};
 use super::lora::LoraLinear;
 use crate::error::{Error, Result};
@@ -21,8 +24,10 @@ use std::collections::BTreeMap;
 pub enum Path {
     /// Fused kernels, no gradients.
     Inference,
-    /// Differentiable ops only.
+    /// Differentiable: the composite ops, with `fused.rs`'s kernels (own backward) where they apply.
     Training,
+    /// Differentiable candle ops only: the slower reference path the training kernels are checked against.
+    Composite,
 }
 
 /// Which positions get vocabulary logits.
@@ -78,7 +83,8 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         Ok(match path {
             Path::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?,
-            Path::Training => {
+            Path::Training if fused::applies(x) => fused::rms_norm(x, &self.weight, self.eps)?,
+            Path::Training | Path::Composite => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
                 x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?
             }
@@ -484,7 +490,15 @@ impl Model {
         let rep = nh / nkv;
         // Fold each group's query heads into the sequence axis: [b, nkv, rep*t, hd] against [b, nkv, s, hd].
         let qg = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (qg.matmul(&k.t()?)? * self.cfg.attn_scale())?;
+        let raw = qg.matmul(&k.t()?)?;
+        if path == Path::Training && fused::applies(&raw) && self.cfg.attn_logit_softcapping.is_none() {
+            // Scale, mask and softmax in one pass each way.
+            let probs = fused::attention_probs(&raw.reshape((b, nh, t, s))?, self.cfg.attn_scale(), mask)?;
+            let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
+            let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return Ok(at.o_proj.forward(&out)?);
+        }
+        let scores = (raw * self.cfg.attn_scale())?;
         let scores = match self.cfg.attn_logit_softcapping {
             Some(c) => ((scores / c)?.tanh()? * c)?,
             None => scores,
@@ -496,7 +510,7 @@ impl Model {
         };
         let probs = match path {
             Path::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-            Path::Training => {
+            Path::Training | Path::Composite => {
                 let max = scores.max_keepdim(D::Minus1)?.detach();
                 let e = scores.broadcast_sub(&max)?.exp()?;
                 e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
@@ -512,7 +526,8 @@ impl Model {
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
     Ok(match path {
         Path::Inference => candle_nn::rotary_emb::rope(x, cos, sin)?,
-        Path::Training => {
+        Path::Training if fused::applies(x) => fused::rope(x, cos, sin)?,
+        Path::Training | Path::Composite => {
             let d = x.dim(D::Minus1)?;
             let half = d / 2;
             let (cos, sin) = if cos.rank() == 2 {

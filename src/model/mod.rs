@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod decoder;
 pub mod fetch;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hook;

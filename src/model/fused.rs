@@ -1,0 +1,798 @@
+//! Training kernels with their own backward pass: RMSNorm (frozen weight), RoPE, the attention softmax with its
+//! scale and additive mask folded in, and for the loss head the row-wise log-softmax and KL against a constant
+//! reference.
+//!
+//! candle's fused CPU kernels for these have no backward pass, so the training path used to build each from
+//! differentiable ops: 5–8 element-wise passes apiece, each a thread-pool hand-off and a fresh buffer, and about
+//! twice that again in the backward pass (every gradient is also accumulated through a zero buffer). These do one
+//! pass forward and one backward, and give the same values as the composite ops (tested below and end to end in
+//! `tests/heal_tiny.rs`). CPU and f32 only: elsewhere the decoder keeps the composite ops (`applies`).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Whether the fused kernels can run on `x` (CPU, f32).
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// RMSNorm over the last axis with a frozen weight `[d]`: `y = x / sqrt(mean(x²) + eps) · w`. The gradient
+/// flows to `x` only.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = RmsNorm { weight: weight.contiguous()?, eps: eps as f32 };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// Rotary embedding on `[b, h, t, d]` in the "rotate half" layout, with tables `[t, d/2]` or `[b, t, d/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let op = Rope { cos: cos.contiguous()?, sin: sin.contiguous()?, sign: 1.0 };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// `softmax(scale · scores + mask)` over the last axis of `scores` `[b, h, t, s]`, with `mask` `[1 or b, 1, t, s]`
+/// (0 or −∞) held constant.
+pub fn attention_probs(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mask = match mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.contiguous()?),
+        None => None,
+    };
+    let op = AttentionSoftmax { scale: scale as f32, mask };
+    scores.contiguous()?.apply_op1(op)
+}
+
+/// Row-wise log-softmax over the last axis.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(LogSoftmax)
+}
+
+/// Which KL `kl_rows` computes, per row of log-probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KlDirection {
+    /// KL(student ‖ reference) = Σ p_s (log p_s − log p_r).
+    StudentToReference,
+    /// KL(reference ‖ student) = Σ p_r (log p_r − log p_s).
+    ReferenceToStudent,
+}
+
+/// Per-row KL `[n]` between student log-probabilities `[n, v]` (differentiable) and a constant reference `[n, v]`.
+pub fn kl_rows(student: &Tensor, reference: &Tensor, direction: KlDirection) -> Result<Tensor> {
+    if student.dims() != reference.dims() || student.rank() != 2 {
+        candle_core::bail!(
+            "kl: student {:?} and reference {:?} must be the same [n, v]",
+            student.dims(),
+            reference.dims()
+        );
+    }
+    let op = KlRows { reference: reference.to_dtype(DType::F32)?.contiguous()?, direction };
+    student.contiguous()?.apply_op1(op)
+}
+
+/// The heal loss head in one kernel: per row of `logits` `[n, v]`, the NLL of `targets[i]` and the KL between the
+/// row's softmax and the constant `reference` log-probabilities, as `[n, 2]` (column 0 NLL, column 1 KL). The
+/// log-probabilities themselves are never written: forward and backward are one exponential per logit each,
+/// where the composite ops take four and a dozen full-size passes.
+pub fn nll_and_kl(
+    logits: &Tensor,
+    reference: &Tensor,
+    targets: &[u32],
+    direction: KlDirection,
+) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if reference.dims() != [n, v] || targets.len() != n {
+        candle_core::bail!(
+            "loss head: logits [{n}, {v}], reference {:?} and {} targets do not match",
+            reference.dims(),
+            targets.len()
+        );
+    }
+    if let Some(t) = targets.iter().find(|t| **t as usize >= v) {
+        candle_core::bail!("loss head: target {t} is outside the vocabulary of {v}");
+    }
+    let op = NllKl {
+        reference: reference.to_dtype(DType::F32)?.contiguous()?,
+        targets: targets.to_vec(),
+        direction,
+    };
+    logits.contiguous()?.apply_op1(op)
+}
+
+/// The contiguous f32 data of a CPU storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: the input is not contiguous"),
+    }
+}
+
+/// Run `f` on the contiguous f32 data of a tensor the op holds (weight, tables, mask).
+fn with_held<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: a held tensor is not on the CPU");
+    };
+    f(f32_slice(cpu, layout, op)?)
+}
+
+/// Fill `out` row by row (rows of `d`), in parallel when there is enough work to pay for the hand-off.
+fn for_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let rows = out.len() / d.max(1);
+    if out.len() < 1 << 15 || rows < 2 {
+        out.chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| f(r, row));
+        return;
+    }
+    let per = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    out.par_chunks_mut(per * d).enumerate().for_each(|(c, chunk)| {
+        chunk.chunks_mut(d).enumerate().for_each(|(j, row)| f(c * per + j, row));
+    });
+}
+
+fn last_dim(l: &Layout) -> Result<usize> {
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => candle_core::bail!("fused kernel: empty last axis"),
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64;
+    (1.0 / (ms + eps as f64).sqrt()) as f32
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let d = last_dim(l)?;
+        let mut y = vec![0f32; x.len()];
+        with_held(&self.weight, self.name(), |w| {
+            if w.len() != d {
+                candle_core::bail!("rms norm: weight has {} entries, input rows have {d}", w.len());
+            }
+            for_rows(&mut y, d, |r, yr| {
+                let xr = &x[r * d..(r + 1) * d];
+                let inv = inv_rms(xr, self.eps);
+                for ((o, xi), wi) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = xi * inv * wi;
+                }
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let grad = RmsNormGrad { weight: self.weight.clone(), eps: self.eps };
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &grad)?))
+    }
+}
+
+/// `∂L/∂x` of RMSNorm: with `r = 1/rms(x)` and `u = g ⊙ w`, `dx = r·u − x · r³ · mean(u ⊙ x)`.
+struct RmsNormGrad {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, self.name())?;
+        let g = f32_slice(gs, gl, self.name())?;
+        if x.len() != g.len() {
+            candle_core::bail!("rms norm grad: input and gradient sizes differ");
+        }
+        let d = last_dim(xl)?;
+        let mut dx = vec![0f32; x.len()];
+        with_held(&self.weight, self.name(), |w| {
+            for_rows(&mut dx, d, |r, out| {
+                let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+                let inv = inv_rms(xr, self.eps);
+                let dot =
+                    xr.iter().zip(gr).zip(w).map(|((xi, gi), wi)| (gi * wi * xi) as f64).sum::<f64>() as f32;
+                let k = inv * inv * inv * dot / d as f32;
+                for (((o, xi), gi), wi) in out.iter_mut().zip(xr).zip(gr).zip(w) {
+                    *o = inv * gi * wi - xi * k;
+                }
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// RoPE as a rotation of each `(x_i, x_{i+d/2})` pair by the position's angle; `sign = −1` rotates back, which
+/// is also the backward pass (the rotation's transpose).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    sign: f32,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (b, h, t, d) = l.shape().dims4()?;
+        let half = d / 2;
+        if d % 2 != 0 {
+            candle_core::bail!("rope: odd head dimension {d}");
+        }
+        let batched = match self.cos.dims() {
+            [tt, hh] if *tt == t && *hh == half => false,
+            [bb, tt, hh] if *bb == b && *tt == t && *hh == half => true,
+            other => candle_core::bail!("rope: tables {other:?} do not fit input [{b}, {h}, {t}, {d}]"),
+        };
+        let mut y = vec![0f32; x.len()];
+        with_held(&self.cos, self.name(), |cos| {
+            with_held(&self.sin, self.name(), |sin| {
+                for_rows(&mut y, d, |r, yr| {
+                    let ti = r % t;
+                    let tr = if batched { (r / (h * t)) * t + ti } else { ti };
+                    let (c, sn) = (&cos[tr * half..(tr + 1) * half], &sin[tr * half..(tr + 1) * half]);
+                    let xr = &x[r * d..(r + 1) * d];
+                    let (x1, x2) = xr.split_at(half);
+                    let (y1, y2) = yr.split_at_mut(half);
+                    for i in 0..half {
+                        let s = self.sign * sn[i];
+                        y1[i] = x1[i] * c[i] - x2[i] * s;
+                        y2[i] = x2[i] * c[i] + x1[i] * s;
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let back = Rope { cos: self.cos.clone(), sin: self.sin.clone(), sign: -self.sign };
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// `softmax(scale · x + mask)` over the last axis; see `attention_probs`.
+struct AttentionSoftmax {
+    scale: f32,
+    mask: Option<Tensor>,
+}
+
+impl CustomOp1 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "attention-softmax-with-backward"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(st, l, self.name())?;
+        let (b, h, t, s) = l.shape().dims4()?;
+        let mut y = vec![0f32; x.len()];
+        let row = |r: usize, yr: &mut [f32], m: Option<&[f32]>| {
+            let xr = &x[r * s..(r + 1) * s];
+            let mut max = f32::NEG_INFINITY;
+            for (j, (o, xi)) in yr.iter_mut().zip(xr).enumerate() {
+                *o = xi * self.scale + m.map_or(0.0, |m| m[j]);
+                max = max.max(*o);
+            }
+            let mut sum = 0f64;
+            for o in yr.iter_mut() {
+                *o = (*o - max).exp();
+                sum += *o as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            yr.iter_mut().for_each(|o| *o *= inv);
+        };
+        match &self.mask {
+            None => for_rows(&mut y, s, |r, yr| row(r, yr, None)),
+            Some(mask) => with_held(mask, self.name(), |m| {
+                let rows = match mask.dims() {
+                    [mb, 1, mt, ms] if (*mb == 1 || *mb == b) && *mt == t && *ms == s => *mb,
+                    other => candle_core::bail!(
+                        "attention softmax: mask {other:?} does not fit [{b}, {h}, {t}, {s}]"
+                    ),
+                };
+                for_rows(&mut y, s, |r, yr| {
+                    let mr = if rows == 1 { r % t } else { (r / (h * t)) * t + r % t };
+                    row(r, yr, Some(&m[mr * s..(mr + 1) * s]))
+                });
+                Ok(())
+            })?,
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let grad = SoftmaxGrad { scale: self.scale };
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &grad)?))
+    }
+}
+
+/// `∂L/∂x` of `softmax(scale · x + mask)`: `scale · y ⊙ (g − Σ g ⊙ y)`.
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(ys, yl, self.name())?;
+        let g = f32_slice(gs, gl, self.name())?;
+        if y.len() != g.len() {
+            candle_core::bail!("softmax grad: output and gradient sizes differ");
+        }
+        let s = last_dim(yl)?;
+        let mut dx = vec![0f32; y.len()];
+        for_rows(&mut dx, s, |r, out| {
+            let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
+            let dot = yr.iter().zip(gr).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32;
+            for ((o, yi), gi) in out.iter_mut().zip(yr).zip(gr) {
+                *o = self.scale * yi * (gi - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+struct LogSoftmax;
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "log-softmax-with-backward"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(st, l, self.name())?;
+        let v = last_dim(l)?;
+        let mut y = vec![0f32; x.len()];
+        for_rows(&mut y, v, |r, yr| {
+            let xr = &x[r * v..(r + 1) * v];
+            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = xr.iter().map(|xi| (xi - max).exp() as f64).sum();
+            let lse = max + sum.ln() as f32;
+            yr.iter_mut().zip(xr).for_each(|(o, xi)| *o = xi - lse);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &LogSoftmaxGrad)?))
+    }
+}
+
+/// `∂L/∂x` of log-softmax: `g − exp(y) · Σ g`.
+struct LogSoftmaxGrad;
+
+impl CustomOp2 for LogSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "log-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(ys, yl, self.name())?;
+        let g = f32_slice(gs, gl, self.name())?;
+        if y.len() != g.len() {
+            candle_core::bail!("log-softmax grad: output and gradient sizes differ");
+        }
+        let v = last_dim(yl)?;
+        let mut dx = vec![0f32; y.len()];
+        for_rows(&mut dx, v, |r, out| {
+            let (yr, gr) = (&y[r * v..(r + 1) * v], &g[r * v..(r + 1) * v]);
+            let total = gr.iter().map(|gi| *gi as f64).sum::<f64>() as f32;
+            for ((o, yi), gi) in out.iter_mut().zip(yr).zip(gr) {
+                *o = gi - yi.exp() * total;
+            }
+        });
+        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+/// Per-row KL against a held reference; see `kl_rows`.
+struct KlRows {
+    reference: Tensor,
+    direction: KlDirection,
+}
+
+impl KlRows {
+    fn rows<'a>(&self, s: &'a [f32], l: &Layout) -> Result<(usize, usize, &'a [f32])> {
+        let (n, v) = l.shape().dims2()?;
+        if self.reference.dims() != [n, v] {
+            candle_core::bail!("kl: reference {:?} does not fit student [{n}, {v}]", self.reference.dims());
+        }
+        Ok((n, v, s))
+    }
+}
+
+impl CustomOp1 for KlRows {
+    fn name(&self) -> &'static str {
+        "kl-rows-with-backward"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v, s) = self.rows(f32_slice(st, l, self.name())?, l)?;
+        let kl = with_held(&self.reference, self.name(), |r| {
+            let row = |i: usize| -> f32 {
+                let (sr, rr) = (&s[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
+                match self.direction {
+                    KlDirection::StudentToReference => {
+                        sr.iter().zip(rr).map(|(a, b)| (a.exp() * (a - b)) as f64).sum::<f64>() as f32
+                    }
+                    KlDirection::ReferenceToStudent => {
+                        sr.iter().zip(rr).map(|(a, b)| (b.exp() * (b - a)) as f64).sum::<f64>() as f32
+                    }
+                }
+            };
+            Ok(if n * v < 1 << 15 {
+                (0..n).map(row).collect()
+            } else {
+                (0..n).into_par_iter().map(row).collect()
+            })
+        })?;
+        Ok((CpuStorage::F32(kl), Shape::from(n)))
+    }
+
+    fn bwd(&self, s: &Tensor, _kl: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let grad = KlRowsGrad { reference: self.reference.clone(), direction: self.direction };
+        Ok(Some(s.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &grad)?))
+    }
+}
+
+/// `∂L/∂s` of the per-row KL with row gradients `g` `[n]`: `g_i · p_s (s − r + 1)` for KL(s ‖ r),
+/// `−g_i · p_r` for KL(r ‖ s).
+struct KlRowsGrad {
+    reference: Tensor,
+    direction: KlDirection,
+}
+
+impl CustomOp2 for KlRowsGrad {
+    fn name(&self) -> &'static str {
+        "kl-rows-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ss: &CpuStorage,
+        sl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = f32_slice(ss, sl, self.name())?;
+        let g = f32_slice(gs, gl, self.name())?;
+        let (n, v) = sl.shape().dims2()?;
+        if g.len() != n {
+            candle_core::bail!("kl grad: {} row gradients for {n} rows", g.len());
+        }
+        let mut ds = vec![0f32; s.len()];
+        with_held(&self.reference, self.name(), |r| {
+            for_rows(&mut ds, v, |i, out| {
+                let (sr, rr, gi) = (&s[i * v..(i + 1) * v], &r[i * v..(i + 1) * v], g[i]);
+                match self.direction {
+                    KlDirection::StudentToReference => {
+                        for ((o, a), b) in out.iter_mut().zip(sr).zip(rr) {
+                            *o = gi * a.exp() * (a - b + 1.0);
+                        }
+                    }
+                    KlDirection::ReferenceToStudent => {
+                        for (o, b) in out.iter_mut().zip(rr) {
+                            *o = -gi * b.exp();
+                        }
+                    }
+                }
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(ds), sl.shape().clone()))
+    }
+}
+
+/// NLL and KL per row from logits; see `nll_and_kl`.
+struct NllKl {
+    reference: Tensor,
+    targets: Vec<u32>,
+    direction: KlDirection,
+}
+
+impl CustomOp1 for NllKl {
+    fn name(&self) -> &'static str {
+        "nll-kl-head-with-backward"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(st, l, self.name())?;
+        let (n, v) = l.shape().dims2()?;
+        let mut out = vec![0f32; n * 2];
+        with_held(&self.reference, self.name(), |r| {
+            for_rows(&mut out, 2, |i, o| {
+                let (xr, rr) = (&x[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // With e = exp(x − max) and S = Σ e: log p = x − max − ln S, and
+                // KL(p ‖ r) = Σ e (x − max − r) / S − ln S, all in the one exponential pass.
+                let (mut sum, mut tilt) = (0f64, 0f64);
+                for (xi, ri) in xr.iter().zip(rr) {
+                    let z = xi - max;
+                    let e = z.exp();
+                    sum += e as f64;
+                    tilt += (e * (z - ri)) as f64;
+                }
+                let ln_sum = sum.ln();
+                let lse = max + ln_sum as f32;
+                o[0] = lse - xr[self.targets[i] as usize];
+                o[1] = match self.direction {
+                    KlDirection::StudentToReference => (tilt / sum - ln_sum) as f32,
+                    KlDirection::ReferenceToStudent => {
+                        xr.iter().zip(rr).map(|(xi, ri)| (ri.exp() * (ri - (xi - lse))) as f64).sum::<f64>()
+                            as f32
+                    }
+                };
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((n, 2))))
+    }
+
+    fn bwd(&self, x: &Tensor, out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let grad = NllKlGrad {
+            reference: self.reference.clone(),
+            targets: self.targets.clone(),
+            direction: self.direction,
+            out: out.contiguous()?,
+            g: g.to_dtype(DType::F32)?.contiguous()?,
+        };
+        Ok(Some(x.contiguous()?.apply_op1_no_bwd(&grad)?))
+    }
+}
+
+/// `∂L/∂x` of the loss head from the row gradients `g = (g_nll, g_kl)`, with `p = softmax(x)`, `s = log p`:
+/// NLL gives `g_nll (p − 1[target])`; KL(p ‖ r) gives `g_kl · p (s − r − KL)`; KL(r ‖ p) gives `g_kl (p − q)`,
+/// `q = exp(r)`. The log-sum-exp is recovered from the forward output as `NLL + x[target]`.
+struct NllKlGrad {
+    reference: Tensor,
+    targets: Vec<u32>,
+    direction: KlDirection,
+    out: Tensor,
+    g: Tensor,
+}
+
+impl CustomOp1 for NllKlGrad {
+    fn name(&self) -> &'static str {
+        "nll-kl-head-grad"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(st, l, self.name())?;
+        let (_, v) = l.shape().dims2()?;
+        let mut dx = vec![0f32; x.len()];
+        with_held(&self.reference, self.name(), |r| {
+            with_held(&self.out, self.name(), |out| {
+                with_held(&self.g, self.name(), |g| {
+                    for_rows(&mut dx, v, |i, d| {
+                        let (xr, rr) = (&x[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
+                        let t = self.targets[i] as usize;
+                        let (nll, kl, gn, gk) = (out[2 * i], out[2 * i + 1], g[2 * i], g[2 * i + 1]);
+                        let lse = nll + xr[t];
+                        match self.direction {
+                            KlDirection::StudentToReference => {
+                                let shift = lse + kl;
+                                for ((o, xi), ri) in d.iter_mut().zip(xr).zip(rr) {
+                                    let s = xi - lse;
+                                    *o = s.exp() * (gn + gk * (xi - shift - ri));
+                                }
+                            }
+                            KlDirection::ReferenceToStudent => {
+                                for ((o, xi), ri) in d.iter_mut().zip(xr).zip(rr) {
+                                    *o = (xi - lse).exp() * (gn + gk) - gk * ri.exp();
+                                }
+                            }
+                        }
+                        d[t] -= gn;
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// Value and input gradient of `fused` and `composite` on the same input, under a random linear read-out:
+    /// largest differences relative to the composite's largest magnitude (at least 1).
+    fn compare(
+        x: &Var,
+        fused: impl Fn(&Tensor) -> Result<Tensor>,
+        composite: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(f32, f32)> {
+        let yf = fused(x.as_tensor())?;
+        let yc = composite(x.as_tensor())?;
+        let probe = Tensor::randn(0f32, 1.0, yc.shape(), x.device())?;
+        let gf = (&yf * &probe)?.sum_all()?.backward()?;
+        let gc = (&yc * &probe)?.sum_all()?.backward()?;
+        let (gf, gc) = (gf.get(x).expect("fused grad"), gc.get(x).expect("composite grad"));
+        let scale =
+            |t: &Tensor| -> Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0)) };
+        assert!(gc.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        Ok((max_diff(&yf, &yc)? / scale(&yc)?, max_diff(gf, gc)? / scale(gc)?))
+    }
+
+    #[test]
+    fn log_softmax_and_kl_match_the_composite_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, v) = (6usize, 9000usize);
+        let x = Var::randn(0f32, 3.0, (n, v), &dev)?;
+        let composite_ls = |x: &Tensor| -> Result<Tensor> {
+            let max = x.max_keepdim(D::Minus1)?.detach();
+            let z = x.broadcast_sub(&max)?;
+            z.broadcast_sub(&z.exp()?.sum_keepdim(D::Minus1)?.log()?)
+        };
+        let (dy, dg) = compare(&x, log_softmax, composite_ls)?;
+        assert!(dy < 1e-5 && dg < 1e-5, "log-softmax: value {dy}, gradient {dg}");
+        let reference = composite_ls(&Tensor::randn(0f32, 3.0, (n, v), &dev)?)?;
+        for dir in [KlDirection::StudentToReference, KlDirection::ReferenceToStudent] {
+            let (dy, dg) = compare(
+                &x,
+                |x| kl_rows(&log_softmax(x)?, &reference, dir),
+                |x| {
+                    let s = composite_ls(x)?;
+                    match dir {
+                        KlDirection::StudentToReference => (s.exp()? * (&s - &reference)?)?.sum(D::Minus1),
+                        KlDirection::ReferenceToStudent => {
+                            (reference.exp()? * (&reference - &s)?)?.sum(D::Minus1)
+                        }
+                    }
+                },
+            )?;
+            assert!(dy < 1e-4 && dg < 1e-5, "{dir:?}: value {dy}, gradient {dg}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_loss_head_matches_log_softmax_gather_and_kl() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, v) = (5usize, 7000usize);
+        let x = Var::randn(0f32, 3.0, (n, v), &dev)?;
+        let reference = log_softmax(&Tensor::randn(0f32, 3.0, (n, v), &dev)?)?;
+        let targets: Vec<u32> = vec![0, 6999, 17, 3500, 17];
+        let t = Tensor::new(targets.as_slice(), &dev)?.unsqueeze(1)?;
+        for dir in [KlDirection::StudentToReference, KlDirection::ReferenceToStudent] {
+            let (dy, dg) = compare(
+                &x,
+                |x| nll_and_kl(x, &reference, &targets, dir),
+                |x| {
+                    let s = log_softmax(x)?;
+                    let nll = s.gather(&t, 1)?.neg()?;
+                    let kl = kl_rows(&s, &reference, dir)?.unsqueeze(1)?;
+                    Tensor::cat(&[&nll, &kl], 1)
+                },
+            )?;
+            assert!(dy < 2e-4 && dg < 1e-5, "{dir:?}: value {dy}, gradient {dg}");
+        }
+        assert!(nll_and_kl(x.as_tensor(), &reference, &[0, 1, 2, 3, 7000], KlDirection::StudentToReference)
+            .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composite_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for dims in [vec![2usize, 5, 8], vec![3, 700, 64]] {
+            let x = Var::randn(0f32, 2.0, dims.as_slice(), &dev)?;
+            let w = Tensor::randn(1f32, 0.3, dims[dims.len() - 1], &dev)?;
+            let (dy, dg) = compare(
+                &x,
+                |x| rms_norm(x, &w, 1e-5),
+                |x| {
+                    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                    x.broadcast_div(&(ms + 1e-5)?.sqrt()?)?.broadcast_mul(&w)
+                },
+            )?;
+            assert!(dy < 1e-5 && dg < 1e-4, "{dims:?}: value {dy}, gradient {dg}");
+        }
+        Ok(())
+    }
+
+    fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let (cos, sin) = if cos.rank() == 2 {
+            (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?)
+        } else {
+            (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
+        };
+        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
+    }
+
+    #[test]
+    fn rope_matches_the_composite_ops_with_shared_and_per_row_tables() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2usize, 3usize, 40usize, 16usize);
+        let x = Var::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        for table in [vec![t, d / 2], vec![b, t, d / 2]] {
+            let ang = Tensor::randn(0f32, 2.0, table.as_slice(), &dev)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let (dy, dg) = compare(&x, |x| rope(x, &cos, &sin), |x| rope_composite(x, &cos, &sin))?;
+            assert!(dy < 1e-5 && dg < 1e-5, "{table:?}: value {dy}, gradient {dg}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_softmax_matches_the_composite_ops_with_and_without_a_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, t) = (2usize, 3usize, 30usize);
+        let x = Var::randn(0f32, 3.0, (b, h, t, t), &dev)?;
+        // Causal, and a per-row mask that also hides the first key from row 1's later queries.
+        let causal: Vec<f32> =
+            (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let causal = Tensor::from_vec(causal.clone(), (1, 1, t, t), &dev)?;
+        let mut padded: Vec<f32> = causal.flatten_all()?.to_vec1()?;
+        padded.extend(causal.flatten_all()?.to_vec1::<f32>()?);
+        for q in 1..t {
+            padded[t * t + q * t] = f32::NEG_INFINITY;
+        }
+        let padded = Tensor::from_vec(padded, (2, 1, t, t), &dev)?;
+        for mask in [None, Some(&causal), Some(&padded)] {
+            let (dy, dg) = compare(
+                &x,
+                |x| attention_probs(x, 0.125, mask),
+                |x| {
+                    let s = (x * 0.125)?;
+                    let s = match mask {
+                        Some(m) => s.broadcast_add(m)?,
+                        None => s,
+                    };
+                    let max = s.max_keepdim(D::Minus1)?.detach();
+                    let e = s.broadcast_sub(&max)?.exp()?;
+                    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+                },
+            )?;
+            assert!(dy < 1e-6 && dg < 1e-5, "mask {:?}: value {dy}, gradient {dg}", mask.map(|m| m.dims4()));
+        }
+        Ok(())
+    }
+}
