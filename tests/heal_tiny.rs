@@ -332,6 +332,11 @@ fn checkpoint_crash_resume_equals_an_uninterrupted_run() {
     .map(|e| e.to_string())
     .unwrap_or_default();
     assert!(err.contains("checkpoint.safetensors") && err.contains("different config"), "{err}");
+    // The micro-batch and the checkpoint interval change only speed and safety: such a run takes the checkpoint.
+    let speed_only = HealConfig { micro_batch: 1, checkpoint_every: 3, ..cfg.clone() };
+    assert_ne!(cfg.micro_batch, 1);
+    let (log_e, _) = run(&mut d, &data, &speed_only, out_b.path(), &RunOptions::default());
+    assert_eq!((log_e.status, log_e.resumed_from), (HealStatus::Completed, Some(8)));
 }
 
 struct CancelAfter {

@@ -191,7 +191,7 @@ pub struct HealArgs {
     #[arg(long, default_value_t = 4)]
     grad_accum: usize,
     /// Examples per padded forward/backward pass (speed only; the step's gradient is unchanged).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 4)]
     micro_batch: usize,
     /// Longest training sequence in tokens.
     #[arg(long, default_value_t = 1024)]

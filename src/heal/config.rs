@@ -124,8 +124,9 @@ pub struct HealConfig {
     /// Examples per optimiser step (their gradients are accumulated).
     pub grad_accum: usize,
     /// Examples that go through the model together in one padded forward/backward pass (speed only: the step's
-    /// gradient is the same sum of per-example gradients). 1 by default: on a 2-core CPU four 128-token sequences
-    /// per pass were no faster than one and took 2.8× the peak memory; wider devices gain from more.
+    /// gradient is the same sum of per-example gradients). 4 by default (a whole default step): on a 2-core CPU
+    /// four 128-token sequences per pass train 1.25× faster than one at a time, for 2.4× the peak memory
+    /// (`bench/PROFILE.md`). Checkpoints written before the field existed ran one at a time and resume so.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub micro_batch: usize,
     /// Passes over the data.
@@ -160,7 +161,7 @@ impl Default for HealConfig {
             eps: 1e-8,
             warmup_ratio: 0.1,
             grad_accum: 4,
-            micro_batch: 1,
+            micro_batch: 4,
             epochs: 2,
             max_len: 1024,
             seed: 42,

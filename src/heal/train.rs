@@ -497,8 +497,11 @@ fn run_identity(
     info: &ModelInfo,
     history: &BTreeMap<String, f64>,
 ) -> String {
+    // Neither changes what is trained, so a run may resume with other values (and older checkpoints, written
+    // before micro-batches, still match).
     let mut c = cfg.clone();
     c.checkpoint_every = 0;
+    c.micro_batch = 1;
     serde_json::json!({"config": c, "data": data_fp, "model": info.weights_hash, "history": history})
         .to_string()
 }
