@@ -431,18 +431,22 @@ impl Model {
             let h = layer.post_attention_layernorm.forward(&h, path)?;
             let xs = (residual + h)?;
             let pre = layer.pre_feedforward_layernorm.as_ref().ok_or_else(|| Error::invalid("gemma norm"))?;
-            let m = self.mlp(&layer.mlp, &pre.forward(&xs, path)?)?;
+            let m = self.mlp(&layer.mlp, &pre.forward(&xs, path)?, path)?;
             (xs + post_ff.forward(&m, path)?)?
         } else {
             let xs = (residual + h)?;
-            let m = self.mlp(&layer.mlp, &layer.post_attention_layernorm.forward(&xs, path)?)?;
+            let m = self.mlp(&layer.mlp, &layer.post_attention_layernorm.forward(&xs, path)?, path)?;
             (xs + m)?
         };
         Ok(xs)
     }
 
-    fn mlp(&self, mlp: &Mlp, xs: &Tensor) -> Result<Tensor> {
+    fn mlp(&self, mlp: &Mlp, xs: &Tensor, path: Path) -> Result<Tensor> {
         let g = mlp.gate_proj.forward(xs)?;
+        if path == Path::Training && self.cfg.activation == Activation::Silu && fused::applies(&g) {
+            let u = mlp.up_proj.forward(xs)?;
+            return Ok(mlp.down_proj.forward(&fused::swiglu(&g, &u)?)?);
+        }
         let g = match self.cfg.activation {
             Activation::Silu => g.silu()?,
             Activation::GeluTanh => g.gelu()?,

@@ -40,6 +40,14 @@ pub fn attention_probs(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Re
     scores.contiguous()?.apply_op1(op)
 }
 
+/// The gated MLP's `silu(gate) ⊙ up`, same-shaped inputs, gradients to both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
 /// Row-wise log-softmax over the last axis.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(LogSoftmax)
@@ -358,6 +366,89 @@ impl CustomOp2 for SoftmaxGrad {
             }
         });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32_slice(gs, gl, self.name())?, f32_slice(us, ul, self.name())?);
+        let mut y = vec![0f32; g.len()];
+        let d = last_dim(gl)?;
+        for_rows(&mut y, d, |r, yr| {
+            let (gr, ur) = (&g[r * d..(r + 1) * d], &u[r * d..(r + 1) * d]);
+            for ((o, gi), ui) in yr.iter_mut().zip(gr).zip(ur) {
+                *o = gi / (1.0 + (-gi).exp()) * ui;
+            }
+        });
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let pair = SwiGluGrad { u: u.contiguous()?, grad: grad.clone() };
+        // Both gradients in one pass, side by side in the last axis: [..., 2d] → (dgate, dup).
+        let both = g.contiguous()?.apply_op1_no_bwd(&pair)?;
+        let d = g.dim(candle_core::D::Minus1)?;
+        let dgate = both.narrow(candle_core::D::Minus1, 0, d)?;
+        let dup = both.narrow(candle_core::D::Minus1, d, d)?;
+        Ok((Some(dgate), Some(dup)))
+    }
+}
+
+/// `∂L/∂gate = grad · up · σ(gate) (1 + gate (1 − σ(gate)))` and `∂L/∂up = grad · silu(gate)`, written side by
+/// side per row.
+struct SwiGluGrad {
+    u: Tensor,
+    grad: Tensor,
+}
+
+impl CustomOp1 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(gs, gl, self.name())?;
+        let d = last_dim(gl)?;
+        let mut out = vec![0f32; 2 * g.len()];
+        with_held(&self.u, self.name(), |u| {
+            with_held(&self.grad, self.name(), |dy| {
+                for_rows(&mut out, 2 * d, |r, o| {
+                    let (gr, ur, dr) =
+                        (&g[r * d..(r + 1) * d], &u[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+                    let (dg, du) = o.split_at_mut(d);
+                    for i in 0..d {
+                        let s = 1.0 / (1.0 + (-gr[i]).exp());
+                        dg[i] = dr[i] * ur[i] * s * (1.0 + gr[i] * (1.0 - s));
+                        du[i] = dr[i] * gr[i] * s;
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        let mut dims = gl.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last *= 2;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -710,6 +801,24 @@ mod tests {
         }
         assert!(nll_and_kl(x.as_tensor(), &reference, &[0, 1, 2, 3, 7000], KlDirection::StudentToReference)
             .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_matches_silu_times_up_in_both_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = Var::randn(0f32, 3.0, (2, 50, 96), &dev)?;
+        let u = Var::randn(0f32, 1.0, (2, 50, 96), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 50, 96), &dev)?;
+        let yf = swiglu(g.as_tensor(), u.as_tensor())?;
+        let yc = (g.as_tensor().silu()? * u.as_tensor())?;
+        assert!(max_diff(&yf, &yc)? < 1e-5);
+        let gf = (&yf * &probe)?.sum_all()?.backward()?;
+        let gc = (&yc * &probe)?.sum_all()?.backward()?;
+        for v in [&g, &u] {
+            let (a, b) = (gf.get(v).expect("fused grad"), gc.get(v).expect("composite grad"));
+            assert!(max_diff(a, b)? < 1e-4, "gradient diff {}", max_diff(a, b)?);
+        }
         Ok(())
     }
 

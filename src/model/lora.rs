@@ -68,9 +68,9 @@ impl LoraLinear {
             if ad.gate == 0.0 {
                 continue;
             }
-            let low = x2.matmul(&ad.a.t()?)?;
-            let up = low.matmul(&ad.b.t()?)?;
-            y = (y + (up * (ad.gate * ad.scale))?)?;
+            // Scale the rank-r product, not the d_out-wide one: one small pass instead of a wide one each way.
+            let low = (x2.matmul(&ad.a.t()?)? * (ad.gate * ad.scale))?;
+            y = (y + low.matmul(&ad.b.t()?)?)?;
         }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
