@@ -531,22 +531,25 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tens
     Ok(match path {
         Path::Inference => candle_nn::rotary_emb::rope(x, cos, sin)?,
         Path::Training if fused::applies(x) => fused::rope(x, cos, sin)?,
-        Path::Training | Path::Composite => {
-            let d = x.dim(D::Minus1)?;
-            let half = d / 2;
-            let (cos, sin) = if cos.rank() == 2 {
-                (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?)
-            } else {
-                (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
-            };
-            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
-            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            (x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?
-        }
+        Path::Training | Path::Composite => composite_rope(x, cos, sin)?,
     })
+}
+
+/// RoPE from differentiable candle ops (the composite path, and the reference `fused::rope` is tested against).
+pub(crate) fn composite_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let half = d / 2;
+    let (cos, sin) = if cos.rank() == 2 {
+        (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?)
+    } else {
+        (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
+    };
+    let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+    let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
 }
 
 /// Cos/sin for the positions of this call: `[t, d/2]` without padding, else `[b, t, d/2]` with each row's

@@ -135,6 +135,24 @@ fn for_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync + Se
     });
 }
 
+/// A fresh buffer shaped like `a`, filled row by row (rows of the last axis) from the matching rows of `a` and
+/// `b`, two same-shaped contiguous inputs: the shape of every gradient kernel here.
+fn map_row_pairs(
+    op: &str,
+    (a, al): (&CpuStorage, &Layout),
+    (b, bl): (&CpuStorage, &Layout),
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (f32_slice(a, al, op)?, f32_slice(b, bl, op)?);
+    if a.len() != b.len() {
+        candle_core::bail!("{op}: the two inputs differ in size");
+    }
+    let d = last_dim(al)?;
+    let mut out = vec![0f32; a.len()];
+    for_rows(&mut out, d, |r, o| f(&a[r * d..(r + 1) * d], &b[r * d..(r + 1) * d], o));
+    Ok((CpuStorage::F32(out), al.shape().clone()))
+}
+
 fn last_dim(l: &Layout) -> Result<usize> {
     match l.dims().last() {
         Some(&d) if d > 0 => Ok(d),
@@ -202,27 +220,17 @@ impl CustomOp2 for RmsNormGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl, self.name())?;
-        let g = f32_slice(gs, gl, self.name())?;
-        if x.len() != g.len() {
-            candle_core::bail!("rms norm grad: input and gradient sizes differ");
-        }
-        let d = last_dim(xl)?;
-        let mut dx = vec![0f32; x.len()];
         with_held(&self.weight, self.name(), |w| {
-            for_rows(&mut dx, d, |r, out| {
-                let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            map_row_pairs(self.name(), (xs, xl), (gs, gl), |xr, gr, out| {
                 let inv = inv_rms(xr, self.eps);
                 let dot =
                     xr.iter().zip(gr).zip(w).map(|((xi, gi), wi)| (gi * wi * xi) as f64).sum::<f64>() as f32;
-                let k = inv * inv * inv * dot / d as f32;
+                let k = inv * inv * inv * dot / xr.len() as f32;
                 for (((o, xi), gi), wi) in out.iter_mut().zip(xr).zip(gr).zip(w) {
                     *o = inv * gi * wi - xi * k;
                 }
-            });
-            Ok(())
-        })?;
-        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+            })
+        })
     }
 }
 
@@ -351,21 +359,12 @@ impl CustomOp2 for SoftmaxGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(ys, yl, self.name())?;
-        let g = f32_slice(gs, gl, self.name())?;
-        if y.len() != g.len() {
-            candle_core::bail!("softmax grad: output and gradient sizes differ");
-        }
-        let s = last_dim(yl)?;
-        let mut dx = vec![0f32; y.len()];
-        for_rows(&mut dx, s, |r, out| {
-            let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
+        map_row_pairs(self.name(), (ys, yl), (gs, gl), |yr, gr, out| {
             let dot = yr.iter().zip(gr).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32;
             for ((o, yi), gi) in out.iter_mut().zip(yr).zip(gr) {
                 *o = self.scale * yi * (gi - dot);
             }
-        });
-        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+        })
     }
 }
 
@@ -493,21 +492,12 @@ impl CustomOp2 for LogSoftmaxGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(ys, yl, self.name())?;
-        let g = f32_slice(gs, gl, self.name())?;
-        if y.len() != g.len() {
-            candle_core::bail!("log-softmax grad: output and gradient sizes differ");
-        }
-        let v = last_dim(yl)?;
-        let mut dx = vec![0f32; y.len()];
-        for_rows(&mut dx, v, |r, out| {
-            let (yr, gr) = (&y[r * v..(r + 1) * v], &g[r * v..(r + 1) * v]);
+        map_row_pairs(self.name(), (ys, yl), (gs, gl), |yr, gr, out| {
             let total = gr.iter().map(|gi| *gi as f64).sum::<f64>() as f32;
             for ((o, yi), gi) in out.iter_mut().zip(yr).zip(gr) {
                 *o = gi - yi.exp() * total;
             }
-        });
-        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+        })
     }
 }
 
@@ -841,21 +831,6 @@ mod tests {
         Ok(())
     }
 
-    fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let (cos, sin) = if cos.rank() == 2 {
-            (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?)
-        } else {
-            (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
-        };
-        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
-        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
-    }
-
     #[test]
     fn rope_matches_the_composite_ops_with_shared_and_per_row_tables() -> Result<()> {
         let dev = Device::Cpu;
@@ -864,7 +839,14 @@ mod tests {
         for table in [vec![t, d / 2], vec![b, t, d / 2]] {
             let ang = Tensor::randn(0f32, 2.0, table.as_slice(), &dev)?;
             let (cos, sin) = (ang.cos()?, ang.sin()?);
-            let (dy, dg) = compare(&x, |x| rope(x, &cos, &sin), |x| rope_composite(x, &cos, &sin))?;
+            let (dy, dg) = compare(
+                &x,
+                |x| rope(x, &cos, &sin),
+                |x| {
+                    crate::model::decoder::composite_rope(x, &cos, &sin)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                },
+            )?;
             assert!(dy < 1e-5 && dg < 1e-5, "{table:?}: value {dy}, gradient {dg}");
         }
         Ok(())
