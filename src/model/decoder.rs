@@ -4,8 +4,9 @@
 //! - `Path::Inference` uses candle's fused CPU kernels (softmax, RMSNorm, RoPE) and is meant for no-grad use:
 //!   those kernels have no backward pass and silently drop gradients;
 //! - `Path::Composite` is built only from differentiable candle ops;
-//! - `Path::Training` is `Composite` with RMSNorm, RoPE and the attention softmax replaced, on CPU f32, by our
-//!   kernels that carry their own backward (`fused.rs`): same values and gradients, fewer passes.
+//! - `Path::Training` is `Composite` with RMSNorm, RoPE, the attention softmax and SwiGLU replaced, on CPU f32,
+//!   by our kernels that carry their own backward (`model::fused`, the `kernels/` crate): same values and
+//!   gradients, fewer passes.
 //!
 //! GQA is computed by folding the query heads of a group into the sequence axis, so K and V are never copied per
 //! query head. Hooks (capture, steering) run after each block; see `hook.rs`.
@@ -24,7 +25,7 @@ use std::collections::BTreeMap;
 pub enum Path {
     /// Fused kernels, no gradients.
     Inference,
-    /// Differentiable: the composite ops, with `fused.rs`'s kernels (own backward) where they apply.
+    /// Differentiable: the composite ops, with `model::fused`'s kernels (own backward) where they apply.
     Training,
     /// Differentiable candle ops only: the slower reference path the training kernels are checked against.
     Composite,
@@ -535,7 +536,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tens
     })
 }
 
-/// RoPE from differentiable candle ops (the composite path, and the reference `fused::rope` is tested against).
+/// RoPE from differentiable candle ops: the composite path, and the reference `fused::rope` is tested against.
 pub(crate) fn composite_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let half = d / 2;
@@ -667,6 +668,30 @@ fn apply_hooks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_rope_matches_the_composite_rope_with_shared_and_per_row_tables() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2usize, 3usize, 40usize, 16usize);
+        let x = candle_core::Var::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        for table in [vec![t, d / 2], vec![b, t, d / 2]] {
+            let ang = Tensor::randn(0f32, 2.0, table.as_slice(), &dev)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let probe = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+            let yf = fused::rope(x.as_tensor(), &cos, &sin)?;
+            let yc = composite_rope(x.as_tensor(), &cos, &sin)?;
+            let gf = (&yf * &probe)?.sum_all()?.backward()?;
+            let gc = (&yc * &probe)?.sum_all()?.backward()?;
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+            };
+            let (gf, gc) =
+                (gf.get(&x).ok_or(Error::invalid("grad"))?, gc.get(&x).ok_or(Error::invalid("grad"))?);
+            assert!(diff(&yf, &yc)? < 1e-5 && diff(gf, gc)? < 1e-5, "{table:?}");
+            assert!(gc.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
 
     #[test]
     fn sliding_mask_follows_hf_semantics() -> Result<()> {

@@ -8,7 +8,6 @@ pub mod config;
 pub mod cpu;
 pub mod decoder;
 pub mod fetch;
-pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hook;
@@ -24,4 +23,6 @@ pub use decoder::{Forward, LogitsAt, Model, Output, Path};
 pub use hook::{Capture, CapturePositions, Hooks, Steer};
 pub use load::{load_model, LoadedModel, ModelInfo};
 pub use lora::{Adapter, LoraLinear};
+/// Training kernels with their own backward pass (the `steer-heal-kernels` crate).
+pub use steer_heal_kernels as fused;
 pub use tokenizer::TextTokenizer;
