@@ -41,12 +41,49 @@ pub fn attention_probs(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Re
     scores.contiguous()?.apply_op1(op)
 }
 
-/// The gated MLP's `silu(gate) ⊙ up`, same-shaped inputs, gradients to both.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.dims() != up.dims() {
-        candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+/// The activation of a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GluActivation {
+    /// `x · σ(x)` (Llama, Qwen).
+    Silu,
+    /// GELU with the tanh approximation, as candle's `gelu` (Gemma).
+    GeluTanh,
+}
+
+/// `√(2/π)`.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+impl GluActivation {
+    fn value(self, x: f32) -> f32 {
+        match self {
+            Self::Silu => x / (1.0 + (-x).exp()),
+            Self::GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()),
+        }
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+
+    /// `(a(x), a'(x))`.
+    fn value_and_slope(self, x: f32) -> (f32, f32) {
+        match self {
+            Self::Silu => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                (x * s, s * (1.0 + x * (1.0 - s)))
+            }
+            Self::GeluTanh => {
+                let t = (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh();
+                let slope = 0.5 * (1.0 + t)
+                    + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+                (0.5 * x * (1.0 + t), slope)
+            }
+        }
+    }
+}
+
+/// The gated MLP's `act(gate) ⊙ up`, same-shaped inputs, gradients to both.
+pub fn glu(gate: &Tensor, up: &Tensor, act: GluActivation) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!("gated unit: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Glu { act })
 }
 
 /// Row-wise log-softmax over the last axis.
@@ -125,8 +162,14 @@ fn with_held<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
 
 /// Fill `out` row by row (rows of `d`), in parallel when there is enough work to pay for the hand-off.
 fn for_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    for_rows_costing(out, d, d, f)
+}
+
+/// `for_rows` where producing one output row reads `cost` input elements (a short row may summarise a
+/// vocabulary-wide one), which is what decides whether to go parallel.
+fn for_rows_costing(out: &mut [f32], d: usize, cost: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     let rows = out.len() / d.max(1);
-    if out.len() < 1 << 15 || rows < 2 {
+    if rows.saturating_mul(cost) < 1 << 15 || rows < 2 {
         out.chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| f(r, row));
         return;
     }
@@ -369,11 +412,13 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-struct SwiGlu;
+struct Glu {
+    act: GluActivation,
+}
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp2 for Glu {
     fn name(&self) -> &'static str {
-        "swiglu-with-backward"
+        "gated-unit-with-backward"
     }
 
     fn cpu_fwd(
@@ -389,7 +434,7 @@ impl CustomOp2 for SwiGlu {
         for_rows(&mut y, d, |r, yr| {
             let (gr, ur) = (&g[r * d..(r + 1) * d], &u[r * d..(r + 1) * d]);
             for ((o, gi), ui) in yr.iter_mut().zip(gr).zip(ur) {
-                *o = gi / (1.0 + (-gi).exp()) * ui;
+                *o = self.act.value(*gi) * ui;
             }
         });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
@@ -403,7 +448,7 @@ impl CustomOp2 for SwiGlu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let pair = SwiGluGrad { u: u.contiguous()?, grad: grad.clone() };
+        let pair = GluGrad { act: self.act, u: u.contiguous()?, grad: grad.clone() };
         // Both gradients in one pass, side by side in the last axis: [..., 2d] → (dgate, dup).
         let both = g.contiguous()?.apply_op1_no_bwd(&pair)?;
         let d = g.dim(candle_core::D::Minus1)?;
@@ -413,16 +458,16 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// `∂L/∂gate = grad · up · σ(gate) (1 + gate (1 − σ(gate)))` and `∂L/∂up = grad · silu(gate)`, written side by
-/// side per row.
-struct SwiGluGrad {
+/// `∂L/∂gate = grad · up · act'(gate)` and `∂L/∂up = grad · act(gate)`, written side by side per row.
+struct GluGrad {
+    act: GluActivation,
     u: Tensor,
     grad: Tensor,
 }
 
-impl CustomOp1 for SwiGluGrad {
+impl CustomOp1 for GluGrad {
     fn name(&self) -> &'static str {
-        "swiglu-grad"
+        "gated-unit-grad"
     }
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -436,9 +481,9 @@ impl CustomOp1 for SwiGluGrad {
                         (&g[r * d..(r + 1) * d], &u[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
                     let (dg, du) = o.split_at_mut(d);
                     for i in 0..d {
-                        let s = 1.0 / (1.0 + (-gr[i]).exp());
-                        dg[i] = dr[i] * ur[i] * s * (1.0 + gr[i] * (1.0 - s));
-                        du[i] = dr[i] * gr[i] * s;
+                        let (a, slope) = self.act.value_and_slope(gr[i]);
+                        dg[i] = dr[i] * ur[i] * slope;
+                        du[i] = dr[i] * a;
                     }
                 });
                 Ok(())
@@ -525,23 +570,20 @@ impl CustomOp1 for KlRows {
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, v, s) = self.rows(f32_slice(st, l, self.name())?, l)?;
-        let kl = with_held(&self.reference, self.name(), |r| {
-            let row = |i: usize| -> f32 {
+        let mut kl = vec![0f32; n];
+        with_held(&self.reference, self.name(), |r| {
+            for_rows_costing(&mut kl, 1, v, |i, o| {
                 let (sr, rr) = (&s[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
-                match self.direction {
+                o[0] = match self.direction {
                     KlDirection::StudentToReference => {
                         sr.iter().zip(rr).map(|(a, b)| (a.exp() * (a - b)) as f64).sum::<f64>() as f32
                     }
                     KlDirection::ReferenceToStudent => {
                         sr.iter().zip(rr).map(|(a, b)| (b.exp() * (b - a)) as f64).sum::<f64>() as f32
                     }
-                }
-            };
-            Ok(if n * v < 1 << 15 {
-                (0..n).map(row).collect()
-            } else {
-                (0..n).into_par_iter().map(row).collect()
-            })
+                };
+            });
+            Ok(())
         })?;
         Ok((CpuStorage::F32(kl), Shape::from(n)))
     }
@@ -617,7 +659,7 @@ impl CustomOp1 for NllKl {
         let (n, v) = l.shape().dims2()?;
         let mut out = vec![0f32; n * 2];
         with_held(&self.reference, self.name(), |r| {
-            for_rows(&mut out, 2, |i, o| {
+            for_rows_costing(&mut out, 2, v, |i, o| {
                 let (xr, rr) = (&x[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
                 let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 // With e = exp(x − max) and S = Σ e: log p = x − max − ln S, and
@@ -796,19 +838,25 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_matches_silu_times_up_in_both_gradients() -> Result<()> {
+    fn gated_units_match_silu_and_gelu_times_up_in_both_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let g = Var::randn(0f32, 3.0, (2, 50, 96), &dev)?;
         let u = Var::randn(0f32, 1.0, (2, 50, 96), &dev)?;
         let probe = Tensor::randn(0f32, 1.0, (2, 50, 96), &dev)?;
-        let yf = swiglu(g.as_tensor(), u.as_tensor())?;
-        let yc = (g.as_tensor().silu()? * u.as_tensor())?;
-        assert!(max_diff(&yf, &yc)? < 1e-5);
-        let gf = (&yf * &probe)?.sum_all()?.backward()?;
-        let gc = (&yc * &probe)?.sum_all()?.backward()?;
-        for v in [&g, &u] {
-            let (a, b) = (gf.get(v).expect("fused grad"), gc.get(v).expect("composite grad"));
-            assert!(max_diff(a, b)? < 1e-4, "gradient diff {}", max_diff(a, b)?);
+        for act in [GluActivation::Silu, GluActivation::GeluTanh] {
+            let yf = glu(g.as_tensor(), u.as_tensor(), act)?;
+            let a = match act {
+                GluActivation::Silu => g.as_tensor().silu()?,
+                GluActivation::GeluTanh => g.as_tensor().gelu()?,
+            };
+            let yc = (a * u.as_tensor())?;
+            assert!(max_diff(&yf, &yc)? < 1e-5, "{act:?} value {}", max_diff(&yf, &yc)?);
+            let gf = (&yf * &probe)?.sum_all()?.backward()?;
+            let gc = (&yc * &probe)?.sum_all()?.backward()?;
+            for v in [&g, &u] {
+                let (a, b) = (gf.get(v).expect("fused grad"), gc.get(v).expect("composite grad"));
+                assert!(max_diff(a, b)? < 1e-4, "{act:?} gradient diff {}", max_diff(a, b)?);
+            }
         }
         Ok(())
     }

@@ -76,7 +76,7 @@ pub struct BenchResult {
     pub steps_per_s: f64,
     /// Time per phase.
     pub phases: Phases,
-    /// Peak resident memory of the process, MiB (Linux; 0 elsewhere).
+    /// Peak resident memory of the process over the training-path run, MiB (Linux; 0 elsewhere).
     pub peak_rss_mib: f64,
     /// Loss at the first and last timed step (a sanity check that training moved).
     pub loss_first_last: (f64, f64),
@@ -138,6 +138,8 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec, compare_composite: boo
         })
         .collect();
     let (main, params, projections) = run_path(&mut lm.model, spec, &examples, FwdPath::Training)?;
+    // The training path's own peak, before the comparison run can raise it.
+    let peak_rss = peak_rss_mib();
     let composite = if compare_composite {
         Some(run_path(&mut lm.model, spec, &examples, FwdPath::Composite)?.0)
     } else {
@@ -161,7 +163,7 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec, compare_composite: boo
         tokens_per_s_without_reference: main.tokens_per_s_without_reference,
         steps_per_s: spec.steps as f64 / total_s.max(1e-9),
         phases: main.phases,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: peak_rss,
         loss_first_last: (
             main.losses.first().copied().unwrap_or(f64::NAN),
             main.losses.last().copied().unwrap_or(f64::NAN),

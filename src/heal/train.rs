@@ -491,17 +491,20 @@ pub fn total_steps(n: usize, cfg: &HealConfig) -> usize {
 }
 
 /// What ties a checkpoint to its run: config (minus the checkpoint cadence), data and model.
+/// What a checkpoint must match to be resumed. The checkpoint interval and the micro-batch change nothing that
+/// is trained, so they are left out (`micro_batch` 1 is not serialised): a run may resume with other values,
+/// and checkpoints written before micro-batches existed still match. Checkpoints written while the micro-batch
+/// was still part of the identity match the form with `micro_batch` as set.
 fn run_identity(
     cfg: &HealConfig,
     data_fp: &str,
     info: &ModelInfo,
     history: &BTreeMap<String, f64>,
+    micro_batch: usize,
 ) -> String {
-    // Neither changes what is trained, so a run may resume with other values (and older checkpoints, written
-    // before micro-batches, still match).
     let mut c = cfg.clone();
     c.checkpoint_every = 0;
-    c.micro_batch = 1;
+    c.micro_batch = micro_batch;
     serde_json::json!({"config": c, "data": data_fp, "model": info.weights_hash, "history": history})
         .to_string()
 }
@@ -523,10 +526,11 @@ fn save_checkpoint(path: &Path, lora: &TrainableLora, opt: &AdamW, identity: &st
 }
 
 /// Restore adapter and optimiser from a checkpoint; returns the step it was taken at.
-fn load_checkpoint(path: &Path, lora: &TrainableLora, opt: &mut AdamW, identity: &str) -> Result<usize> {
+/// Restore a checkpoint whose identity is one of `identities` (the current form first).
+fn load_checkpoint(path: &Path, lora: &TrainableLora, opt: &mut AdamW, identities: &[&str]) -> Result<usize> {
     let (tensors, md) = st_io::load(path, lora_device(lora))?;
     let bad = |m: &str| Error::bad_file(path, m);
-    if md.get("identity").map(String::as_str) != Some(identity) {
+    if !md.get("identity").is_some_and(|id| identities.contains(&id.as_str())) {
         return Err(bad(
             "checkpoint was made with a different config, data, model or history; start fresh (--fresh) to overwrite it",
         ));
@@ -605,7 +609,8 @@ pub fn heal(
     let vars = lora.named_vars();
     let mut opt = AdamW::new(&vars, cfg.betas, cfg.eps, cfg.weight_decay)?;
     let data_fp = data.fingerprint();
-    let identity = run_identity(cfg, &data_fp, info, &history);
+    let identity = run_identity(cfg, &data_fp, info, &history, 1);
+    let older_identity = run_identity(cfg, &data_fp, info, &history, cfg.micro_batch);
 
     let ckpt = paths.checkpoint();
     let mut resumed_from = None;
@@ -616,7 +621,7 @@ pub fn heal(
             }
         }
     } else if ckpt.exists() {
-        let step = load_checkpoint(&ckpt, &lora, &mut opt, &identity)?;
+        let step = load_checkpoint(&ckpt, &lora, &mut opt, &[&identity, &older_identity])?;
         truncate_log(&paths.log(), step)?;
         resumed_from = Some(step);
     }

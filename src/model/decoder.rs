@@ -4,9 +4,9 @@
 //! - `Path::Inference` uses candle's fused CPU kernels (softmax, RMSNorm, RoPE) and is meant for no-grad use:
 //!   those kernels have no backward pass and silently drop gradients;
 //! - `Path::Composite` is built only from differentiable candle ops;
-//! - `Path::Training` is `Composite` with RMSNorm, RoPE, the attention softmax and SwiGLU replaced, on CPU f32,
-//!   by our kernels that carry their own backward (`model::fused`, the `kernels/` crate): same values and
-//!   gradients, fewer passes.
+//! - `Path::Training` is `Composite` with RMSNorm, RoPE, the attention softmax and the gated MLP replaced, on
+//!   CPU f32, by our kernels that carry their own backward (`model::fused`, the `kernels/` crate): same values
+//!   and gradients, fewer passes.
 //!
 //! GQA is computed by folding the query heads of a group into the sequence axis, so K and V are never copied per
 //! query head. Hooks (capture, steering) run after each block; see `hook.rs`.
@@ -444,9 +444,13 @@ impl Model {
 
     fn mlp(&self, mlp: &Mlp, xs: &Tensor, path: Path) -> Result<Tensor> {
         let g = mlp.gate_proj.forward(xs)?;
-        if path == Path::Training && self.cfg.activation == Activation::Silu && fused::applies(&g) {
+        if path == Path::Training && fused::applies(&g) {
+            let act = match self.cfg.activation {
+                Activation::Silu => fused::GluActivation::Silu,
+                Activation::GeluTanh => fused::GluActivation::GeluTanh,
+            };
             let u = mlp.up_proj.forward(xs)?;
-            return Ok(mlp.down_proj.forward(&fused::swiglu(&g, &u)?)?);
+            return Ok(mlp.down_proj.forward(&fused::glu(&g, &u, act)?)?);
         }
         let g = match self.cfg.activation {
             Activation::Silu => g.silu()?,
