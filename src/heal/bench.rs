@@ -48,6 +48,13 @@ pub struct Phases {
     pub optimizer_s: f64,
 }
 
+impl Phases {
+    /// All four phases.
+    pub fn total_s(&self) -> f64 {
+        self.reference_s + self.forward_s + self.backward_s + self.optimizer_s
+    }
+}
+
 /// The benchmark's result (the JSON written by `steer-heal bench-heal`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchResult {
@@ -148,8 +155,6 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec, compare_composite: boo
     let composite_max_rel_loss_diff = composite.as_ref().map(|c| {
         main.losses.iter().zip(&c.losses).map(|(a, b)| (a - b).abs() / b.abs().max(1e-12)).fold(0.0, f64::max)
     });
-    let total_s =
-        main.phases.reference_s + main.phases.forward_s + main.phases.backward_s + main.phases.optimizer_s;
     Ok(BenchResult {
         spec: spec.clone(),
         model: lm.info.clone(),
@@ -161,7 +166,7 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec, compare_composite: boo
         adapted_projections: projections,
         tokens_per_s: main.tokens_per_s,
         tokens_per_s_without_reference: main.tokens_per_s_without_reference,
-        steps_per_s: spec.steps as f64 / total_s.max(1e-9),
+        steps_per_s: spec.steps as f64 / main.phases.total_s().max(1e-9),
         phases: main.phases,
         peak_rss_mib: peak_rss,
         loss_first_last: (
@@ -233,7 +238,7 @@ fn run_path(
     })();
     super::adapter::detach(model, &name);
     result?;
-    let total_s = phases.reference_s + phases.forward_s + phases.backward_s + phases.optimizer_s;
+    let total_s = phases.total_s();
     let tokens = (spec.steps * spec.batch * spec.seq_len) as f64;
     let params: usize = lora.vars.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum();
     let run = PathRun {

@@ -490,11 +490,10 @@ pub fn total_steps(n: usize, cfg: &HealConfig) -> usize {
     (n * cfg.epochs).div_ceil(cfg.grad_accum)
 }
 
-/// What ties a checkpoint to its run: config (minus the checkpoint cadence), data and model.
-/// What a checkpoint must match to be resumed. The checkpoint interval and the micro-batch change nothing that
-/// is trained, so they are left out (`micro_batch` 1 is not serialised): a run may resume with other values,
-/// and checkpoints written before micro-batches existed still match. Checkpoints written while the micro-batch
-/// was still part of the identity match the form with `micro_batch` as set.
+/// What ties a checkpoint to its run: config, data, model and history. The checkpoint interval and the
+/// micro-batch change nothing that is trained, so they are left out (`micro_batch` 1 is not serialised): a run may
+/// resume with other values, and checkpoints written before micro-batches existed still match. Checkpoints
+/// written while the micro-batch was still part of the identity match the form with `micro_batch` as set.
 fn run_identity(
     cfg: &HealConfig,
     data_fp: &str,
@@ -525,8 +524,8 @@ fn save_checkpoint(path: &Path, lora: &TrainableLora, opt: &AdamW, identity: &st
     st_io::save(path, &tensors, &md)
 }
 
-/// Restore adapter and optimiser from a checkpoint; returns the step it was taken at.
-/// Restore a checkpoint whose identity is one of `identities` (the current form first).
+/// Restore adapter and optimiser from a checkpoint whose identity is one of `identities`; returns the step it
+/// was taken at.
 fn load_checkpoint(path: &Path, lora: &TrainableLora, opt: &mut AdamW, identities: &[&str]) -> Result<usize> {
     let (tensors, md) = st_io::load(path, lora_device(lora))?;
     let bad = |m: &str| Error::bad_file(path, m);

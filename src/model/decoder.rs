@@ -499,35 +499,36 @@ impl Model {
         let rep = nh / nkv;
         // Fold each group's query heads into the sequence axis: [b, nkv, rep*t, hd] against [b, nkv, s, hd].
         let qg = q.reshape((b, nkv, rep * t, hd))?;
-        let raw = qg.matmul(&k.t()?)?;
-        if path == Path::Training && fused::applies(&raw) && self.cfg.attn_logit_softcapping.is_none() {
+        let raw = qg.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        let probs = self.attention_probs(&raw, mask, path)?;
+        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(at.o_proj.forward(&out)?)
+    }
+
+    /// Attention probabilities from raw scores `q·kᵀ` `[b, nh, t, s]`: scale, soft-capping, mask, softmax.
+    fn attention_probs(&self, raw: &Tensor, mask: Option<&Tensor>, path: Path) -> Result<Tensor> {
+        if path == Path::Training && fused::applies(raw) && self.cfg.attn_logit_softcapping.is_none() {
             // Scale, mask and softmax in one pass each way.
-            let probs = fused::attention_probs(&raw.reshape((b, nh, t, s))?, self.cfg.attn_scale(), mask)?;
-            let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
-            let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            return Ok(at.o_proj.forward(&out)?);
+            return Ok(fused::attention_probs(raw, self.cfg.attn_scale(), mask)?);
         }
         let scores = (raw * self.cfg.attn_scale())?;
         let scores = match self.cfg.attn_logit_softcapping {
             Some(c) => ((scores / c)?.tanh()? * c)?,
             None => scores,
         };
-        let scores = scores.reshape((b, nh, t, s))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = match path {
+        Ok(match path {
             Path::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
             Path::Training | Path::Composite => {
                 let max = scores.max_keepdim(D::Minus1)?.detach();
                 let e = scores.broadcast_sub(&max)?.exp()?;
                 e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
             }
-        };
-        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(at.o_proj.forward(&out)?)
+        })
     }
 }
 
