@@ -512,8 +512,10 @@ impl CustomOp1 for LogSoftmax {
             let xr = &x[r * v..(r + 1) * v];
             let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f64 = xr.iter().map(|xi| (xi - max).exp() as f64).sum();
-            let lse = max + sum.ln() as f32;
-            yr.iter_mut().zip(xr).for_each(|(o, xi)| *o = xi - lse);
+            // (x − max) − ln Σ, as the composite ops round it: folding max into one log-sum-exp first would
+            // round at the logits' magnitude and shift every log-prob of the row by up to an ulp of it.
+            let ln_sum = sum.ln() as f32;
+            yr.iter_mut().zip(xr).for_each(|(o, xi)| *o = (xi - max) - ln_sum);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -672,14 +674,16 @@ impl CustomOp1 for NllKl {
                     tilt += (e * (z - ri)) as f64;
                 }
                 let ln_sum = sum.ln();
-                let lse = max + ln_sum as f32;
-                o[0] = lse - xr[self.targets[i] as usize];
+                // log p = (x − max) − ln S, rounded like `LogSoftmax`.
+                let ln_s = ln_sum as f32;
+                o[0] = (max - xr[self.targets[i] as usize]) + ln_s;
                 o[1] = match self.direction {
                     KlDirection::StudentToReference => (tilt / sum - ln_sum) as f32,
-                    KlDirection::ReferenceToStudent => {
-                        xr.iter().zip(rr).map(|(xi, ri)| (ri.exp() * (ri - (xi - lse))) as f64).sum::<f64>()
-                            as f32
-                    }
+                    KlDirection::ReferenceToStudent => xr
+                        .iter()
+                        .zip(rr)
+                        .map(|(xi, ri)| (ri.exp() * (ri - ((xi - max) - ln_s))) as f64)
+                        .sum::<f64>() as f32,
                 };
             });
             Ok(())
