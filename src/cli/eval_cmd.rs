@@ -2,7 +2,6 @@
 //! gate-Q2 report from a rounds file.
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Subcommand;
 use std::path::PathBuf;
 use steer_heal::eval::{
@@ -120,8 +119,8 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 system_prompt: system,
             };
             cfg.validate()?;
-            let dev = Device::Cpu;
-            let lm = model::load_model(&path, None, &dev)
+            let dev = super::device()?;
+            let lm = model::load_model(&path, super::compute().dtype, &dev)
                 .with_context(|| format!("loading the model {}", path.display()))?;
             let hooks = Hooks::none();
             let target = EvalModel::from_loaded(&lm, &hooks);

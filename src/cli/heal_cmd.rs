@@ -2,7 +2,6 @@
 //! then write `gate-q1.md`), `bake` (gated merge of kept rounds), `export-peft`, `export-merged`, `bench-heal`.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -27,14 +26,6 @@ fn parse_history(s: &str) -> std::result::Result<HistoryEntry, String> {
     Ok(HistoryEntry { dir: PathBuf::from(s), gate: 1.0 })
 }
 
-fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => Err(format!("unknown dtype `{other}` (f32, bf16, f16)")),
-    }
-}
 
 /// LoRA shape and loss options shared by `heal` and `bench-heal`.
 #[derive(Args, Clone)]
@@ -132,9 +123,6 @@ pub enum HealCmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Weights dtype.
-        #[arg(long, value_parser = parse_dtype)]
-        dtype: Option<DType>,
     },
     /// Export an adapter in PEFT layout (from a run, an adapter directory or a checkpoint).
     ExportPeft {
@@ -205,9 +193,6 @@ pub struct HealArgs {
     /// Stop after this many optimiser steps (resumable).
     #[arg(long)]
     max_steps: Option<usize>,
-    /// Weights dtype (default f32 on CPU).
-    #[arg(long, value_parser = parse_dtype)]
-    dtype: Option<DType>,
     #[command(flatten)]
     gate: GateArgs,
     /// Sweep regularisers × strengths instead of one run (each arm in OUT/sweep/).
@@ -244,9 +229,6 @@ pub struct BenchArgs {
     batch: usize,
     #[command(flatten)]
     lora: LoraArgs,
-    /// Weights dtype.
-    #[arg(long, value_parser = parse_dtype)]
-    dtype: Option<DType>,
     /// Also run the same steps on the composite path (candle's differentiable ops only) and report its speed
     /// and how far its losses are from the training path's.
     #[arg(long)]
@@ -289,8 +271,8 @@ fn cancel_on_ctrl_c(flag: Arc<AtomicBool>) {
     });
 }
 
-fn load(model: &Path, dtype: Option<DType>, history: &[HistoryEntry]) -> Result<LoadedModel> {
-    heal::load_with_history(model, dtype, &Device::Cpu, history)
+fn load(model: &Path, history: &[HistoryEntry]) -> Result<LoadedModel> {
+    anyhow::Ok(heal::load_with_history(model, super::compute().dtype, &super::device()?, history)?)
         .with_context(|| format!("loading {}", model.display()))
 }
 
@@ -311,7 +293,6 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 checkpoint_every,
                 fresh,
                 max_steps,
-                dtype,
                 gate,
                 sweep,
                 sweep_regs,
@@ -319,7 +300,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             } = *args;
             let cfg =
                 HealConfig { epochs, grad_accum, micro_batch, max_len, checkpoint_every, ..lora.config() };
-            let mut lm = load(&model, dtype, &history)?;
+            let mut lm = load(&model, &history)?;
             cfg.validate(&lm.model.cfg)?;
             let comps = heal::read_completions(&completions)?;
             let data =
@@ -371,8 +352,8 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 println!("wrote {}", out.join("gate-q1.md").display());
             }
         }
-        HealCmd::Bake { model, adapters, out, dtype } => {
-            let lm = load(&model, dtype, &adapters)?;
+        HealCmd::Bake { model, adapters, out } => {
+            let lm = load(&model, &adapters)?;
             let gates = adapter::gates(&lm.model);
             heal::export_merged(&lm, &out, &serde_json::json!({"bake": adapters, "gates": gates}))?;
             println!(
@@ -398,7 +379,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
         HealCmd::ExportMerged { run, out, model, gate } => {
             let log = read_heal_log(&run)?;
             let model = model.unwrap_or_else(|| log.model.path.clone());
-            let mut lm = load(&model, None, &log.history)?;
+            let mut lm = load(&model, &log.history)?;
             let (ad, _) = heal::load_peft(&run.join("adapter"))?;
             ad.attach(&mut lm.model, gate)?;
             heal::export_merged(
@@ -409,9 +390,9 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             println!("wrote {}", out.display());
         }
         HealCmd::BenchHeal(args) => {
-            let BenchArgs { model, out, seq_len, prompt_len, steps, batch, lora, dtype, compare_composite } =
+            let BenchArgs { model, out, seq_len, prompt_len, steps, batch, lora, compare_composite } =
                 *args;
-            let mut lm = load(&model, dtype, &[])?;
+            let mut lm = load(&model, &[])?;
             let spec = bench::BenchSpec { seq_len, prompt_len, steps, batch, cfg: lora.config() };
             let res = bench::bench_heal(&mut lm, &spec, compare_composite)?;
             steer_heal::fsutil::atomic_write_json(&out, &res)?;
@@ -434,7 +415,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
 }
 
 fn read_heal_log(run: &Path) -> Result<train::HealLog> {
-    let p = train::RunPaths::new(run).heal_log();
+    let p = train::RunPaths::at(run).summary();
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: no heal run here", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not a heal log", p.display()))
 }
@@ -460,7 +441,7 @@ fn read_adapter(from: &Path) -> Result<(heal::LoraAdapter, heal::AdapterMeta)> {
         let m = m.unwrap_or_else(|| meta(ad.name.clone(), None, "unknown".into(), None));
         return Ok((ad, m));
     }
-    let paths = train::RunPaths::new(from);
+    let paths = train::RunPaths::at(from);
     let log = read_heal_log(from)?;
     let base = log.model.id.clone();
     if paths.adapter().join(heal::peft::CONFIG_FILE).exists() {

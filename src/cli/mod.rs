@@ -2,7 +2,28 @@
 //! Each concept's subcommands live in their own file and are flattened into one command list here.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand};
+use steer_heal::model::device::parse_dtype;
+use steer_heal::model::{Compute, DeviceChoice};
+
+/// `--device` and `--dtype`, shared by every command that runs a model.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct ComputeArgs {
+    /// Device: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU).
+    #[arg(long, global = true, default_value = "auto")]
+    device: DeviceChoice,
+    /// Weights dtype: f32, bf16 or f16 [default: the file's, f32 for quantized GGUF].
+    #[arg(long, global = true, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+}
+
+impl ComputeArgs {
+    /// The choice as the library takes it.
+    pub fn compute(&self) -> Compute {
+        Compute { device: self.device, dtype: self.dtype }
+    }
+}
 
 mod eval_cmd;
 mod heal_cmd;
@@ -16,6 +37,21 @@ mod tui_cmd;
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+/// The device and dtype of this process, set once from `--device` / `--dtype` before any command runs.
+static COMPUTE: std::sync::OnceLock<Compute> = std::sync::OnceLock::new();
+
+/// The device and dtype every command loads its model with.
+pub fn compute() -> Compute {
+    COMPUTE.get().copied().unwrap_or_default()
+}
+
+/// The candle device of `compute()`, or an error that names the flag.
+pub fn device() -> Result<candle_core::Device> {
+    Ok(compute().device()?)
 }
 
 #[derive(Subcommand)]
@@ -37,6 +73,7 @@ enum Command {
 /// Parse arguments and run.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
+    let _ = COMPUTE.set(cli.compute.compute());
     match cli.cmd {
         Command::Model(c) => model_cmd::run(c),
         Command::Tui(c) => tui_cmd::run(c),

@@ -1,7 +1,6 @@
 //! Model subcommands: make tiny models, chat once, convert and fetch checkpoints.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::{Subcommand, ValueEnum};
 use std::path::PathBuf;
 use steer_heal::model::{self, generate::Sampling, Arch, Hooks};
@@ -103,8 +102,8 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
             println!("wrote {}", out_dir.display());
         }
         ModelCmd::Chat { model: path, system, max_new_tokens, temperature, seed, prompt } => {
-            let dev = Device::Cpu;
-            let lm = model::load_model(&path, None, &dev)?;
+            let dev = super::device()?;
+            let lm = model::load_model(&path, super::compute().dtype, &dev)?;
             let text = lm.chat.prompt(system.as_deref(), &prompt)?;
             let ids = lm.tokenizer.encode(&text)?;
             let s = Sampling { temperature, top_p: 0.95, top_k: 64, seed, max_new_tokens };

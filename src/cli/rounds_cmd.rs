@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use steer_heal::progress::Bar;
-use steer_heal::rounds::{RoundsConfig, Runner};
+use steer_heal::rounds::{generation_for, new_manifest, LogTo, RoundsConfig, Runner};
+use steer_heal::score::FilterThresholds;
+
 
 /// Settings of `run`; the defaults are the small CPU demo settings.
 #[derive(Args)]
@@ -21,16 +23,21 @@ pub struct RunArgs {
     /// Persona TOML [default: the built-in authority persona].
     #[arg(long)]
     persona: Option<PathBuf>,
+    /// Steering-vector file (from `extract` + `dose`, or `import-gguf`) round 1 steers with, instead of
+    /// extracting its own (new sessions only).
+    #[arg(long)]
+    vector: Option<PathBuf>,
+
     /// Rounds to run (judged rounds count, so a resumed run goes on to this total).
     #[arg(long, default_value_t = 1)]
     rounds: u32,
     /// Stop when p_ans_any falls under this.
     #[arg(long, default_value_t = 0.95)]
     floor: f64,
-    /// Steering prompts used for generation.
+    /// Steering prompts used for generation (new sessions only; a session keeps its session.toml).
     #[arg(long, default_value_t = 4)]
     n_prompts: usize,
-    /// New tokens per steered completion.
+    /// New tokens per steered completion (new sessions only).
     #[arg(long, default_value_t = 48)]
     max_new_tokens: usize,
     /// Extraction contexts used.
@@ -45,9 +52,12 @@ pub struct RunArgs {
     /// Walk-down: stop topping up at this many passing completions.
     #[arg(long, default_value_t = 4)]
     min_keep: usize,
-    /// Gate Q0 and walk-down: highest tail perplexity kept.
+    /// Gate Q0 and walk-down: highest tail perplexity kept (gate Q0's only for new sessions).
     #[arg(long, default_value_t = 50.0)]
     max_ppl: f64,
+    /// Gate Q0: highest repetition fraction kept (new sessions only; the random tiny model needs 1.01).
+    #[arg(long, default_value_t = FilterThresholds::default().max_repetition)]
+    max_repetition: f64,
     /// Heal epochs.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
@@ -84,9 +94,6 @@ pub enum RoundsCmd {
         /// Session folder.
         #[arg(long)]
         session: PathBuf,
-        /// Base model (as in `run`).
-        #[arg(long)]
-        model: PathBuf,
         /// Kept round to return to.
         #[arg(long)]
         to: u32,
@@ -96,9 +103,6 @@ pub enum RoundsCmd {
         /// Session folder.
         #[arg(long)]
         session: PathBuf,
-        /// Base model (as in `run`).
-        #[arg(long)]
-        model: PathBuf,
         /// Kept round to branch from.
         #[arg(long)]
         from: u32,
@@ -131,15 +135,13 @@ fn config(a: &RunArgs) -> RoundsConfig {
     c.persona = a.persona.clone();
     c.rounds = a.rounds;
     c.floor = a.floor;
-    c.n_prompts = a.n_prompts;
-    c.max_new_tokens = a.max_new_tokens;
+    c.compute = super::compute();
     c.extract_pairs = Some(a.extract_pairs);
     c.dose_target = a.dose_target;
     c.walk.probe_n = a.probe_n;
     c.walk.batch_n = a.probe_n;
     c.walk.min_keep = a.min_keep;
     c.walk_max_ppl = a.max_ppl;
-    c.thresholds.max_perplexity = a.max_ppl;
     c.heal.epochs = a.epochs;
     c.heal.r = a.r;
     c.heal.alpha = 2.0 * a.r as f64;
@@ -152,6 +154,11 @@ fn config(a: &RunArgs) -> RoundsConfig {
     c
 }
 
+/// The session at `dir`, which must exist (rollback and fork edit a lineage; they never create one).
+fn existing(dir: &std::path::Path) -> Result<steer_heal::session::Opened> {
+    steer_heal::session::Session::open(dir).with_context(|| format!("opening session {}", dir.display()))
+}
+
 /// Run a rounds subcommand.
 pub fn run(cmd: RoundsCmd) -> Result<()> {
     match cmd {
@@ -159,8 +166,23 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
             let started = Instant::now();
             let mut bar = Bar::new("rounds");
             stop_on_ctrl_c(bar.cancel.clone());
-            let mut log = |s: &str| eprintln!("steer-heal: {s}");
-            let runner = Runner::open(&a.session, config(&a), &mut bar, &mut log)
+            let mut log = LogTo(|s: &str| eprintln!("steer-heal: {s}"));
+            let new_session = |persona: &steer_heal::steer::Persona| {
+                let thresholds = FilterThresholds {
+                    max_perplexity: a.max_ppl,
+                    max_repetition: a.max_repetition,
+                    ..FilterThresholds::default()
+                };
+                new_manifest(
+                    &a.session,
+                    &a.model,
+                    a.persona.as_deref(),
+                    a.vector.as_deref(),
+                    generation_for(persona, Some(a.n_prompts), a.max_new_tokens),
+                    Some(thresholds),
+                )
+            };
+            let mut runner = Runner::open(&a.session, config(&a), new_session, &mut bar, &mut log)
                 .with_context(|| format!("opening session {}", a.session.display()))?;
             let summary = runner.run()?;
             bar.finish();
@@ -188,22 +210,18 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
                 );
             }
             println!(
-                "wrote {}/progress.png, progress.svg, gate-q2.md, rounds.json, lineage.json",
+                "wrote the progress map, the gate-Q2 report, the rounds table and the lineage in {}",
                 a.session.display()
             );
         }
-        RoundsCmd::Rollback { session, model, to } => {
-            let mut bar = Bar::new("rollback");
-            let mut log = |s: &str| eprintln!("steer-heal: {s}");
-            let mut runner = Runner::open(&session, RoundsConfig::small(&model), &mut bar, &mut log)?;
-            runner.rollback(to)?;
+        RoundsCmd::Rollback { session, to } => {
+            let mut runner = existing(&session)?;
+            steer_heal::rounds::rollback(&mut runner, to)?;
             println!("rolled back to round {to}; the next round starts from it");
         }
-        RoundsCmd::Fork { session, model, from, branch } => {
-            let mut bar = Bar::new("fork");
-            let mut log = |s: &str| eprintln!("steer-heal: {s}");
-            let mut runner = Runner::open(&session, RoundsConfig::small(&model), &mut bar, &mut log)?;
-            runner.fork(from, &branch)?;
+        RoundsCmd::Fork { session, from, branch } => {
+            let mut runner = existing(&session)?;
+            steer_heal::rounds::fork(&mut runner, from, &branch)?;
             println!("branch `{branch}` starts from round {from}");
         }
     }

@@ -2,8 +2,8 @@
 //! replay a completion from token t at a new dose, exchange llama.cpp control vectors, and benchmark steering.
 //! Every artifact is written atomically under `--out`.
 
+use steer_heal::session::layout::StageOut;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use steer_heal::fsutil::{atomic_write, atomic_write_json};
@@ -133,9 +133,9 @@ pub enum SteerCmd {
         /// Output directory (e.g. a session round folder).
         #[arg(long)]
         out: PathBuf,
-        /// File name inside OUT.
-        #[arg(long, default_value = "vector.safetensors")]
-        name: String,
+        /// File name inside OUT [default: the standard vector file name].
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Calibrate a vector's coefficient by iso-KL; writes OUT/dose.json and stores c* in the vector file.
     Dose {
@@ -312,7 +312,7 @@ pub enum SteerCmd {
 }
 
 fn load(path: &Path) -> Result<LoadedModel> {
-    model::load_model(path, None, &Device::Cpu).with_context(|| format!("loading model {}", path.display()))
+    model::load_model(path, super::compute().dtype, &super::device()?).with_context(|| format!("loading model {}", path.display()))
 }
 
 fn load_persona(path: Option<&Path>) -> Result<Persona> {
@@ -402,7 +402,10 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
                     }
                 }
             };
-            let path = out.join(&name);
+            let path = match &name {
+                Some(n) => out.join(n),
+                None => StageOut::new(&out).vector(),
+            };
             v.save(&path)?;
             println!(
                 "wrote {} ({:?}, layers {:?}, norms {:?})",
@@ -446,7 +449,7 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
             let mut report = calibrate(&lm, &steering, &cfg, &mut bar)?;
             bar.finish();
             report.vector = Some(vector.display().to_string());
-            let path = out.join("dose.json");
+            let path = StageOut::new(&out).dose();
             atomic_write_json(&path, &report)?;
             if let Some(w) = &report.warning {
                 eprintln!("warning: {w}");
@@ -533,27 +536,30 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
                     &wd,
                     &mut scorer,
                     &mut bar,
+                    &mut |_| Ok(()),
                 )?;
                 bar.finish();
-                write_completions(&out.join("completions.jsonl"), &r.kept)?;
-                write_completions(&out.join("completions_rejected.jsonl"), &r.rejected)?;
-                write_completions(&out.join("completions_surplus.jsonl"), &r.surplus)?;
-                atomic_write_json(&out.join("walkdown.json"), &r.report)?;
-                atomic_write_json(&out.join("generation.json"), &record)?;
+                let o = StageOut::new(&out);
+                write_completions(&o.completions(), &r.kept)?;
+                write_completions(&o.rejected(), &r.rejected)?;
+                write_completions(&o.surplus(), &r.surplus)?;
+                atomic_write_json(&o.walkdown(), &r.report)?;
+                atomic_write_json(&o.generation(), &record)?;
                 println!(
                     "kept {} of {} (kappa {:.3}); wrote {}",
                     r.report.kept,
                     r.report.generated,
                     r.report.kappa,
-                    out.join("completions.jsonl").display()
+                    o.completions().display()
                 );
             } else {
                 let reqs = requests_for(&prompts, &alphas, seed);
                 let cs = generate_completions(&lm, &steering, &system, c_star, &reqs, &gen, &mut bar)?;
                 bar.finish();
-                write_completions(&out.join("completions.jsonl"), &cs)?;
-                atomic_write_json(&out.join("generation.json"), &record)?;
-                println!("wrote {} completions to {}", cs.len(), out.join("completions.jsonl").display());
+                let o = StageOut::new(&out);
+                write_completions(&o.completions(), &cs)?;
+                atomic_write_json(&o.generation(), &record)?;
+                println!("wrote {} completions to {}", cs.len(), o.completions().display());
             }
         }
         SteerCmd::Replay { model, vector, completions, id, from, dose, alpha, sampling, out } => {

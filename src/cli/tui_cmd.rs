@@ -116,7 +116,7 @@ fn tui(
     let rt = runtime()?;
     rt.block_on(async move {
         let (tx, rx) = mpsc::unbounded_channel();
-        let worker = steer_heal::worker::spawn(session, tx)?;
+        let worker = steer_heal::worker::spawn(session, super::compute(), tx)?;
         steer_heal::tui::terminal::run(state, worker, rx).await
     })?;
     Ok(())
@@ -139,15 +139,16 @@ fn open_state(
                 dir.display()
             )));
         };
-        let name =
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "session".into());
-        let mut manifest = SessionManifest::new(&name, m);
-        manifest.persona_file = persona.clone();
-        manifest.vector_file = vector.clone();
-        if let Some(n) = max_new_tokens {
-            manifest.generation.max_new_tokens = n;
-        }
-        Ok(manifest)
+        let p = steer_heal::steer::Persona::load_or_default(persona.as_deref())?;
+        let tokens = max_new_tokens.unwrap_or(steer_heal::session::manifest::GenerationSettings::default().max_new_tokens);
+        Ok(steer_heal::rounds::new_manifest(
+            dir,
+            m,
+            persona.as_deref(),
+            vector.as_deref(),
+            steer_heal::rounds::generation_for(&p, None, tokens),
+            None,
+        ))
     })
     .with_context(|| format!("opening session {}", dir.display()))?;
     let manifest = opened.session.manifest().clone();
@@ -168,6 +169,7 @@ fn open_state(
     let rows = opened.session.load_round(&round).with_context(|| format!("reading {}", dir.display()))?;
     let name = manifest.name.clone();
     let mut state = State::new(keymap, &name, manifest, opened.state, rows);
+    state.layout = opened.session.layout();
     state.warnings = opened.warnings;
     Ok((state, opened.session))
 }
@@ -181,7 +183,7 @@ fn startup_to_first_frame(rt: &tokio::runtime::Runtime, dir: &Path) -> Result<(D
     let rows = state.rows.len();
     rt.block_on(async move {
         let (tx, mut wrx) = mpsc::unbounded_channel();
-        let worker = steer_heal::worker::spawn(session, tx)?;
+        let worker = steer_heal::worker::spawn(session, super::compute(), tx)?;
         let backend = ratatui::backend::CrosstermBackend::new(std::io::sink());
         let viewport = ratatui::Viewport::Fixed(ratatui::layout::Rect::new(0, 0, 120, 40));
         let mut terminal = ratatui::Terminal::with_options(backend, ratatui::TerminalOptions { viewport })?;
@@ -291,7 +293,7 @@ fn bench(
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         use std::sync::Arc;
         let (tx, mut wrx) = mpsc::unbounded_channel();
-        let worker = steer_heal::worker::spawn(opened.session, tx)?;
+        let worker = steer_heal::worker::spawn(opened.session, super::compute(), tx)?;
         let (in_tx, mut in_rx) = mpsc::unbounded_channel();
         // Render exactly as the real terminal does (escape sequences and all), into a sink.
         let backend = ratatui::backend::CrosstermBackend::new(std::io::sink());
@@ -329,7 +331,7 @@ fn bench(
             let mut running = std::collections::BTreeSet::new();
             while let Some(ev) = wrx.recv().await {
                 match &ev {
-                    W::Started { id, label } if !matches!(*label, "recording" | "writing") => {
+                    W::Started { id, tag } if tag.is_model_job() => {
                         running.insert(*id);
                     }
                     W::Finished { id, .. } | W::Failed { id, .. } | W::Cancelled { id } => {

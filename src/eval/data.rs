@@ -321,6 +321,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_tiny_models_answer_words_are_the_foundations_words() {
+        let words: Vec<&str> = FOUNDATIONS.iter().map(|f| f.word()).collect();
+        assert_eq!(words, crate::model::tiny::ANSWER_WORDS);
+    }
+
+    #[test]
     fn every_embedded_file_has_132_rows_with_clifford_class_counts() -> Result<()> {
         for v in [Variant::Classic, Variant::Scifi, Variant::AiActor] {
             for c in [Condition::OtherViolate, Condition::SelfViolate] {

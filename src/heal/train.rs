@@ -144,35 +144,8 @@ pub struct RunOptions {
     pub history: Vec<HistoryEntry>,
 }
 
-/// Paths of a run directory.
-#[derive(Debug, Clone)]
-pub struct RunPaths {
-    /// Root.
-    pub root: PathBuf,
-}
-
-impl RunPaths {
-    /// The run rooted at `root`.
-    pub fn new(root: &Path) -> Self {
-        RunPaths { root: root.to_path_buf() }
-    }
-    /// `train/checkpoint.safetensors`.
-    pub fn checkpoint(&self) -> PathBuf {
-        self.root.join("train").join("checkpoint.safetensors")
-    }
-    /// `train/log.jsonl`.
-    pub fn log(&self) -> PathBuf {
-        self.root.join("train").join("log.jsonl")
-    }
-    /// `adapter/`.
-    pub fn adapter(&self) -> PathBuf {
-        self.root.join("adapter")
-    }
-    /// `heal.json`.
-    pub fn heal_log(&self) -> PathBuf {
-        self.root.join("heal.json")
-    }
-}
+/// Paths of a run directory (the session layout owns the names).
+pub use crate::session::layout::HealRunDir as RunPaths;
 
 /// Read `train/log.jsonl` (a torn last line is ignored).
 pub fn read_step_log(path: &Path) -> Result<Vec<StepRecord>> {
@@ -593,8 +566,8 @@ pub fn heal(
         return Err(Error::invalid(format!("example `{}` has an empty prompt or completion", e.id)));
     }
     let started = Instant::now();
-    let paths = RunPaths::new(out_dir);
-    std::fs::create_dir_all(out_dir.join("train")).map_err(|e| Error::bad_file(out_dir, e))?;
+    let paths = RunPaths::at(out_dir);
+    std::fs::create_dir_all(paths.train()).map_err(|e| Error::bad_file(out_dir, e))?;
     let name = cfg.adapter_name();
     if adapter::adapter_names(model).contains(&name) {
         return Err(Error::invalid(format!(
@@ -826,7 +799,7 @@ pub fn heal(
         adapter_dir,
         checkpoint: last_ckpt.map(|_| ckpt.clone()),
     };
-    atomic_write_json(&paths.heal_log(), &log)?;
+    atomic_write_json(&paths.summary(), &log)?;
     Ok(log)
 }
 

@@ -16,6 +16,10 @@ use tokenizers::{AddedToken, Tokenizer};
 /// Gemma-style template: system text folded into the first user turn, `model` as the assistant role.
 pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% set ns = namespace(sys='') %}{% for message in messages %}{% if message['role'] == 'system' %}{% set ns.sys = message['content'] + '\\n\\n' %}{% else %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\\n' }}{% if role == 'user' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
 
+/// The seven tinymfv answer words (`eval::data::FOUNDATIONS`' words; a test there checks they agree). The model
+/// layer does not depend on the eval, so the fixture keeps its own copy.
+pub const ANSWER_WORDS: [&str; 7] = ["care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social"];
+
 /// Special tokens of the tiny tokenizers, by family.
 fn specials(arch: Arch) -> Vec<&'static str> {
     match arch {
@@ -146,9 +150,15 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
 /// Write a tiny random model directory for `arch`.
 pub fn make_tiny_model(arch: Arch, out: &Path, seed: u64) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::bad_file(out, e))?;
-    let tok = tiny_tokenizer(arch)?;
+    let mut tok = tiny_tokenizer(arch)?;
+    // The tinymfv answer words as whole tokens, so the eval (which needs seven distinct first tokens) and with
+    // it the whole loop run on the tiny model.
+    let words: Vec<AddedToken> = ANSWER_WORDS.iter().map(|w| AddedToken::from(*w, false)).collect();
+    tok.add_tokens(words).map_err(Error::tokenizer)?;
     let vocab_size = tok.get_vocab_size(true);
-    let cfg = tiny_config(arch, vocab_size, &tok);
+    let mut cfg = tiny_config(arch, vocab_size, &tok);
+    // Room for an eval prompt (vignette, think tokens, answer) and a JSON probe.
+    cfg.max_position_embeddings = 4096;
     let mut hf = cfg.to_hf_value();
     if let Some(o) = hf.as_object_mut() {
         if arch == Arch::Qwen3 {

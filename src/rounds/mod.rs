@@ -1,13 +1,15 @@
-//! The rounds loop (gate Q2): per round, re-extract the persona vector from the current student (base + kept
-//! rounds' adapters), dose it by iso-KL, generate with the walk-down controller, score, pass gate Q0
-//! (automatic verdicts headless; from the TUI, the researcher's accepts when they decided the round), heal, bake
-//! the history, evaluate; then keep or drop the round and redraw the progress map and `gate-q2.md`. Every stage writes its artifact atomically under `round-NN/` and appends a
-//! `stage_done` event; a resumed run skips stages whose event exists. Stage work is the other modules' library
-//! functions; this module only sequences them and records lineage.
+//! The loop, once: every caller (the `run` command, the TUI worker) runs rounds through this `Runner`, and the
+//! single-stage commands call the same stage functions (`crate::steer`, `crate::heal`, `crate::eval`).
 //!
-//! - `lineage`: the fold of `stage_done` / `round_gate` / `rollback` / `fork` events.
-
-pub mod lineage;
+//! Per round N ≥ 1: extract the persona vector from the current student (round 1 takes the session's own vector
+//! when it has one) → dose (iso-KL, c* stored in the vector file) → generate (the walk-down controller; each
+//! batch is scored and written as it comes, so the TUI shows it at once) → gate Q0 → heal (LoRA on exactly the
+//! accepted completions, adopted replays in place of their originals) → gate Q1 → bake → eval (round 0, the
+//! base, is evaluated once, before round 1's) → controls (optional) → gate Q2. Every stage writes its artifacts
+//! through `session::layout` and appends a `stage_done` event; a resumed run skips stages whose event exists.
+//!
+//! The gates are the researcher's in the TUI (`GateMode::Researcher`: the runner stops and says what it waits
+//! for) and the automatic verdicts headless (`GateMode::Automatic`). Either way the same code runs.
 
 use crate::error::{Error, Result};
 use crate::eval::{
@@ -16,34 +18,48 @@ use crate::eval::{
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::heal::{self, gate as hgate, HealConfig, HealStatus, HistoryEntry, RunOptions};
 use crate::model::generate::Sampling;
-use crate::model::{Hooks, LoadedModel};
+use crate::model::{Compute, Hooks, LoadedModel};
 use crate::progress::Progress;
-use crate::score::{self, FilterThresholds, ScoredCompletion, Verdict};
-use crate::session::{self, DecisionKind, Session, SessionEvent, SessionManifest};
+use crate::score::{self, Detectors, FilterThresholds, ScoredCompletion, Verdict};
+use crate::session::manifest::GenerationSettings;
+use crate::session::{
+    self, DecisionKind, Gate, Lineage, RoundDir, Session, SessionDir, SessionEvent, SessionManifest, SessionState,
+    Stage,
+};
 use crate::steer::{self, Completion, DoseConfig, Persona, SolverConfig, Statistic, SteerVector, Steering};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-pub use lineage::Lineage;
-
-/// The stages of a round, in order (`controls` only when `RoundsConfig::controls` is set).
-pub const STAGES: [&str; 9] =
-    ["extract", "dose", "generate", "score", "gate_q0", "heal", "bake", "eval", "controls"];
+/// Who decides the gates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateMode {
+    /// Headless: the automatic filter's verdicts are gate Q0, gate Q1 keeps every completed heal, gate Q2 keeps a
+    /// round whose p_ans_any is at least the floor.
+    Automatic,
+    /// The TUI: the runner stops before heal until the researcher passed gate Q0 of the round, and after heal
+    /// until they kept or dropped the adapter (gate Q1); gate Q2 still applies the floor (0 in the TUI) and the
+    /// researcher can roll back.
+    Researcher,
+}
 
 /// Everything a run of rounds needs; the defaults are small enough for a CPU demo.
 #[derive(Debug, Clone)]
 pub struct RoundsConfig {
     /// Base model (directory or .gguf).
     pub model: PathBuf,
+    /// Device and dtype every stage runs on.
+    pub compute: Compute,
     /// Persona file (None: the built-in authority persona).
     pub persona: Option<PathBuf>,
-    /// Rounds to run (not counting the base evaluation).
+    /// Rounds to run (judged rounds count, so a resumed run goes on to this total).
     pub rounds: u32,
-    /// Stop when p_ans_any falls under this.
+    /// Gate Q2 keeps a round only when p_ans_any is at least this.
     pub floor: f64,
+    /// Who decides the gates.
+    pub gates: GateMode,
     /// Extraction contexts used (None: all).
     pub extract_pairs: Option<usize>,
     /// Iso-KL target of the p95 per-token KL, nats.
@@ -52,18 +68,10 @@ pub struct RoundsConfig {
     pub dose_tokens: usize,
     /// Calibration prompts used.
     pub dose_prompts: usize,
-    /// Steering prompts used for generation.
-    pub n_prompts: usize,
-    /// New tokens per steered completion.
-    pub max_new_tokens: usize,
-    /// Multiples of c* to generate at.
-    pub alphas: Vec<f64>,
     /// The walk-down controller.
     pub walk: steer::WalkDownConfig,
     /// Walk-down coherence filter: highest tail perplexity.
     pub walk_max_ppl: f64,
-    /// Gate-Q0 automatic filter.
-    pub thresholds: FilterThresholds,
     /// Heal settings (the round number is filled in per round).
     pub heal: HealConfig,
     /// Held-out neutral prompts measured before/after healing (gate Q1).
@@ -75,37 +83,27 @@ pub struct RoundsConfig {
     /// Also evaluate control arms on the same items: the student steered by this round's vector at c*, and by a
     /// norm-matched random vector at the same c*.
     pub controls: bool,
-    /// Base seed.
-    pub seed: u64,
     /// Test and crash-simulation hook: stop right after this stage of this round.
-    pub stop_after: Option<(u32, String)>,
-    /// Gate Q0 by the researcher, from the TUI: the gate-Q0 screen's round. When the log holds researcher
-    /// decisions on it made since the loop last passed a gate Q0, the round in progress heals on the completions
-    /// they accepted instead of the automatic verdicts (each set of decisions is used once). `None` headless.
-    pub human_gate: Option<u32>,
+    pub stop_after: Option<(u32, Stage)>,
 }
 
-/// The marker a researcher-gated round writes beside `accepted.jsonl`.
-pub const HUMAN_GATE_FILE: &str = "gate-q0-human.json";
-
-/// The note on the decisions the loop records for its automatic gate Q0 (they are not the researcher's).
+/// The notes the automatic gate Q0 writes on its decisions (they are not the researcher's).
 pub const AUTOMATIC_NOTE: &str = "automatic (headless)";
 
 impl RoundsConfig {
-    /// Small defaults for `model`.
+    /// Small defaults for `model`, headless.
     pub fn small(model: &Path) -> Self {
         RoundsConfig {
             model: model.to_path_buf(),
+            compute: Compute::default(),
             persona: None,
             rounds: 1,
             floor: 0.95,
+            gates: GateMode::Automatic,
             extract_pairs: Some(16),
             dose_target: 1.0,
             dose_tokens: 12,
             dose_prompts: 4,
-            n_prompts: 4,
-            max_new_tokens: 48,
-            alphas: vec![1.0],
             walk: steer::WalkDownConfig {
                 probe_n: 4,
                 batch_n: 4,
@@ -115,7 +113,6 @@ impl RoundsConfig {
                 ..steer::WalkDownConfig::default()
             },
             walk_max_ppl: 50.0,
-            thresholds: FilterThresholds::default(),
             heal: HealConfig {
                 epochs: 1,
                 grad_accum: 2,
@@ -134,11 +131,45 @@ impl RoundsConfig {
                 ..EvalConfig::default()
             },
             controls: false,
-            seed: 42,
             stop_after: None,
-            human_gate: None,
         }
     }
+}
+
+/// The generation settings a new session gets for a persona: its neutral system prompt, its first `n_prompts`
+/// prompts (all when `None`), the default alphas and sampling.
+pub fn generation_for(persona: &Persona, n_prompts: Option<usize>, max_new_tokens: usize) -> GenerationSettings {
+    let mut g = GenerationSettings {
+        system_prompt: persona.spec.neutral_system.clone(),
+        prompts: persona.spec.prompts.clone(),
+        max_new_tokens,
+        ..GenerationSettings::default()
+    };
+    if let Some(n) = n_prompts {
+        g.prompts.truncate(n.max(1));
+    }
+    g
+}
+
+/// The manifest of a new session on `model` for `persona` (file `persona_file`), steering round 1 with
+/// `vector` when given. The CLI, the runner and the TUI create sessions only through this.
+pub fn new_manifest(
+    dir: &Path,
+    model: &Path,
+    persona_file: Option<&Path>,
+    vector: Option<&Path>,
+    generation: GenerationSettings,
+    thresholds: Option<FilterThresholds>,
+) -> SessionManifest {
+    let name = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "session".into());
+    let mut m = SessionManifest::new(&name, model);
+    m.persona_file = persona_file.map(Path::to_path_buf);
+    m.vector_file = vector.map(Path::to_path_buf);
+    m.generation = generation;
+    if let Some(t) = thresholds {
+        m.filter.thresholds = t;
+    }
+    m
 }
 
 /// Per-round numbers beside the eval: cosines and KL (`round-NN/round.json`).
@@ -162,25 +193,84 @@ pub struct RoundRecord {
     pub c_star: f64,
     /// KL statistic reached at c* (the round's KL spend), nats.
     pub kl: f64,
-    /// cos(v_r, v_0) over the concatenated layers.
+    /// cos(v_r, v_1) over the concatenated layers.
     pub cos_teacher_r0: Option<f64>,
     /// cos(student − base mean hidden state on the extraction contexts, v_r).
     pub cos_student_teacher: Option<f64>,
 }
 
+/// Why a run stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stopped {
+    /// The configured number of judged rounds is reached.
+    Reached(u32),
+    /// Gate Q2 dropped the round: its coherence fell under the floor.
+    Floor {
+        /// The round.
+        round: u32,
+        /// The verdict's note.
+        note: String,
+    },
+    /// Waiting for the researcher to pass gate Q0 of the round (its completions are generated).
+    AwaitingGateQ0(u32),
+    /// Waiting for the researcher to keep or drop the round's adapter (gate Q1; the heal is done).
+    AwaitingGateQ1(u32),
+    /// The crash-simulation hook stopped it.
+    StopAfter(u32, Stage),
+    /// The heal was stopped (cancelled or its step limit) with this message.
+    HealStopped(u32, String),
+    /// Cancelled; a rerun resumes from the last finished stage.
+    Cancelled,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::Reached(n) => write!(f, "reached {n} rounds"),
+            Stopped::Floor { round, note } => write!(f, "round {round}: {note}"),
+            Stopped::AwaitingGateQ0(r) => write!(f, "round {r}: generated; waiting for gate Q0"),
+            Stopped::AwaitingGateQ1(r) => write!(f, "round {r}: healed; waiting for keep or drop (gate Q1)"),
+            Stopped::StopAfter(r, s) => write!(f, "stopped after round {r} {s}"),
+            Stopped::HealStopped(r, m) => write!(f, "round {r}: heal stopped: {m}"),
+            Stopped::Cancelled => f.write_str("cancelled; run again to resume from the last finished stage"),
+        }
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSummary {
-    /// Rounds with a gate-Q2 verdict.
+    /// Rounds with a verdict.
     pub rounds_done: u32,
     /// Why the loop stopped.
-    pub stopped: String,
+    pub stopped: Stopped,
     /// The progress-map points (base first).
     pub points: Vec<RoundPoint>,
 }
 
-fn rel(round: u32, name: &str) -> String {
-    format!("{}/{name}", session::round_dir(round))
+/// What a run reports as it goes (all optional): log lines, a round starting, completions as they are written,
+/// heal steps. The TUI worker turns these into screen updates.
+pub trait RunObserver {
+    /// A line for the log.
+    fn log(&mut self, _msg: &str) {}
+    /// A round's generation starts at calibrated coefficient `c_star` (its `round_started` event is written).
+    fn round_started(&mut self, _round: u32, _c_star: f64) {}
+    /// Scored completions were written to `file` (relative to the session) and recorded.
+    fn completions(&mut self, _round: u32, _part: usize, _file: &str, _rows: &[ScoredCompletion]) {}
+    /// One heal optimiser step.
+    fn heal_step(&mut self, _round: u32, _step: &heal::StepRecord) {}
+}
+
+/// Observes nothing.
+pub struct Quiet;
+impl RunObserver for Quiet {}
+
+/// Logs to a closure.
+pub struct LogTo<F: FnMut(&str)>(pub F);
+impl<F: FnMut(&str)> RunObserver for LogTo<F> {
+    fn log(&mut self, msg: &str) {
+        (self.0)(msg)
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -194,16 +284,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::bad_file(path, e))
 }
 
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut buf = Vec::new();
-    for r in rows {
-        serde_json::to_writer(&mut buf, r).map_err(|e| Error::bad_file(path, e))?;
-        buf.push(b'\n');
-    }
-    atomic_write(path, &buf)
-}
-
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+/// Read a JSON-lines artifact.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::bad_file(path, e))?;
     text.lines()
         .enumerate()
@@ -262,6 +344,35 @@ pub fn student_shift(
         .collect()
 }
 
+/// Score completions for gate Q0: the text scores plus persona strength from a teacher-forced base pass with
+/// the round's vector. The runner's generate stage and the worker's custom prompts, replays and re-scores all
+/// score through this.
+pub fn score_completions(
+    lm: &LoadedModel,
+    vector: Option<&SteerVector>,
+    det: &Detectors,
+    th: &FilterThresholds,
+    cs: Vec<Completion>,
+    progress: &dyn Progress,
+) -> Result<Vec<ScoredCompletion>> {
+    let mut out = Vec::with_capacity(cs.len());
+    for c in cs {
+        if progress.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let strength = match vector.filter(|v| !v.is_prompt_only()) {
+            Some(v) => {
+                score::perplexity::teacher_force(lm, &c.system, &c.prompt, &c.tokens, Some(&v.directions))?
+                    .persona_strength
+            }
+            None => None,
+        };
+        let score = score::score_completion(&c, det, th, strength);
+        out.push(ScoredCompletion { completion: c, score });
+    }
+    Ok(out)
+}
+
 /// The session a runner writes to: its own, or one the caller (the TUI worker) shares. A shared session is
 /// locked only for each read or append, so the caller's own writes (the researcher's decisions while a round
 /// runs) reach the log at once instead of queueing behind the whole round.
@@ -289,123 +400,178 @@ impl Held<'_> {
     }
 }
 
-/// A receiver of heal optimiser steps with their round.
-pub type HealStepSink<'s> = dyn FnMut(u32, &heal::StepRecord) + 's;
+/// A loaded student: the base plus the adapters of `chain` (in order), and, once a round's vector is known,
+/// that round and its vector. Handed between runs (the worker keeps it for replays while the researcher
+/// curates) so a round does not load the model again.
+pub struct Student {
+    /// The kept rounds whose adapters it carries.
+    pub chain: Vec<u32>,
+    /// The model.
+    pub lm: LoadedModel,
+    /// The round being curated and its vector (with c*), when one is.
+    pub round: Option<(u32, SteerVector)>,
+}
 
 /// One run of the loop over a session folder (created when absent).
 pub struct Runner<'a> {
     session: Held<'a>,
-    events: Vec<SessionEvent>,
+    layout: SessionDir,
+    manifest: SessionManifest,
+    state: SessionState,
     cfg: RoundsConfig,
     persona: Persona,
     progress: &'a mut dyn Progress,
-    log: &'a mut dyn FnMut(&str),
-    /// Sees every heal optimiser step with its round (the TUI charts them live).
-    heal_steps: Option<&'a mut HealStepSink<'a>>,
+    obs: &'a mut dyn RunObserver,
+    student: Option<Student>,
 }
 
 /// Whether the run goes on after a stage.
 enum Flow {
     Go,
-    Stop(String),
+    Stop(Stopped),
+}
+
+macro_rules! step {
+    ($e:expr) => {
+        if let Flow::Stop(w) = $e? {
+            return Ok(Flow::Stop(w));
+        }
+    };
 }
 
 impl<'a> Runner<'a> {
-    /// Open (or create) the session in `dir` for `cfg`.
+    /// Open the session in `dir`, or create it with `new_session` (called only when there is none).
     pub fn open(
         dir: &Path,
         cfg: RoundsConfig,
+        new_session: impl FnOnce(&Persona) -> SessionManifest,
         progress: &'a mut dyn Progress,
-        log: &'a mut dyn FnMut(&str),
+        obs: &'a mut dyn RunObserver,
     ) -> Result<Self> {
         let persona = Persona::load_or_default(cfg.persona.as_deref())?;
-        let name =
-            dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "session".into());
-        let opened = Session::open_or_create(dir, || Ok(SessionManifest::new(&name, &cfg.model)))?;
+        let opened = Session::open_or_create(dir, || Ok(new_session(&persona)))?;
         for w in &opened.warnings {
-            log(&format!("warning: {w}"));
+            obs.log(&format!("warning: {w}"));
         }
-        let events = opened.events.into_iter().map(|l| l.event).collect();
+        let manifest = opened.session.manifest().clone();
+        let persona = Self::session_persona(&manifest, persona, &cfg)?;
         Ok(Runner {
+            layout: opened.session.layout(),
             session: Held::Owned(Box::new(opened.session)),
-            events,
+            manifest,
+            state: opened.state,
             cfg,
             persona,
             progress,
-            log,
-            heal_steps: None,
+            obs,
+            student: None,
         })
     }
 
-    /// Run on a session the caller already has open and keeps writing to (its log is re-read from disk for the
-    /// lineage); the runner takes the lock only for each read or append.
+    /// Run on a session the caller already has open and keeps writing to (its log is re-read from disk); the
+    /// runner takes the lock only for each read or append. `student` is a model the caller kept from an earlier
+    /// run (used when it carries the chain the round needs).
     pub fn with_session(
         session: &'a Mutex<Session>,
         cfg: RoundsConfig,
+        student: Option<Student>,
         progress: &'a mut dyn Progress,
-        log: &'a mut dyn FnMut(&str),
+        obs: &'a mut dyn RunObserver,
     ) -> Result<Self> {
-        let persona = Persona::load_or_default(cfg.persona.as_deref())?;
         let held = Held::Shared(session);
-        let contents = held.with(|s| crate::session::event::read_log(&s.dir().join(session::EVENTS)))?;
-        let events = contents.events.into_iter().map(|l| l.event).collect();
-        Ok(Runner { session: held, events, cfg, persona, progress, log, heal_steps: None })
+        let (layout, manifest, contents) = held.with(|s| {
+            Ok((s.layout(), s.manifest().clone(), session::event::read_log(&s.layout().events())?))
+        })?;
+        let state = session::fold(contents.events.iter().map(|l| &l.event));
+        let persona = Persona::load_or_default(cfg.persona.as_deref().or(manifest.persona_file.as_deref()))?;
+        let persona = Self::session_persona(&manifest, persona, &cfg)?;
+        Ok(Runner { session: held, layout, manifest, state, cfg, persona, progress, obs, student })
     }
 
-    /// Pass every heal optimiser step (with its round) to `sink`, e.g. to stream it to a UI.
-    pub fn on_heal_step(mut self, sink: &'a mut HealStepSink<'a>) -> Self {
-        self.heal_steps = Some(sink);
-        self
+    /// The session's persona file wins over the configured one (a session is about one persona).
+    fn session_persona(manifest: &SessionManifest, persona: Persona, cfg: &RoundsConfig) -> Result<Persona> {
+        match &manifest.persona_file {
+            Some(p) if cfg.persona.as_deref() != Some(p.as_path()) => Persona::load(p),
+            _ => Ok(persona),
+        }
     }
 
     /// The lineage as the log tells it now.
-    pub fn lineage(&self) -> Lineage {
-        Lineage::fold(&self.events)
+    pub fn lineage(&self) -> &Lineage {
+        &self.state.lineage
     }
 
-    fn path(&self, rel: &str) -> Result<PathBuf> {
-        self.session.with(|s| s.artifact_path(rel))
+    /// The loaded student, for a caller that keeps it between runs.
+    pub fn into_student(self) -> Option<Student> {
+        self.student
     }
 
     fn append(&mut self, e: SessionEvent) -> Result<()> {
         self.session.with_mut(|s| s.append(e.clone()))?;
-        self.events.push(e);
+        session::state::apply(&mut self.state, &e);
         Ok(())
     }
 
+    fn write_artifact(&mut self, rel: &str, bytes: &[u8], e: SessionEvent) -> Result<()> {
+        self.session.with_mut(|s| s.write_artifact(rel, bytes, e.clone()))?;
+        session::state::apply(&mut self.state, &e);
+        Ok(())
+    }
+
+    fn is_done(&self, round: u32, stage: Stage) -> bool {
+        self.state.lineage.is_done(round, stage)
+    }
+
     /// Record a stage as done; returns `Stop` when the crash-simulation hook names it or the user cancelled.
-    fn done(&mut self, round: u32, stage: &str, file: String) -> Result<Flow> {
-        self.append(SessionEvent::StageDone { round, stage: stage.into(), file })?;
-        (self.log)(&format!("round {round}: {stage} done"));
-        if self.cfg.stop_after.as_ref().is_some_and(|(r, s)| *r == round && s == stage) {
-            return Ok(Flow::Stop(format!("stopped after round {round} {stage}")));
+    fn done(&mut self, round: u32, stage: Stage, file: String) -> Result<Flow> {
+        self.append(SessionEvent::StageDone { round, stage, file })?;
+        self.obs.log(&format!("round {round}: {stage} done"));
+        if self.cfg.stop_after == Some((round, stage)) {
+            return Ok(Flow::Stop(Stopped::StopAfter(round, stage)));
         }
         if self.progress.is_cancelled() {
-            return Ok(Flow::Stop("cancelled".into()));
+            return Ok(Flow::Stop(Stopped::Cancelled));
         }
         Ok(Flow::Go)
     }
 
-    /// Adapter directory of a round's heal run.
-    fn adapter_dir(&self, round: u32) -> Result<PathBuf> {
-        Ok(heal::train::RunPaths::new(&self.path(&rel(round, "heal"))?).adapter())
+    fn adapter_dir(&self, round: u32) -> PathBuf {
+        self.layout.round(round).heal().adapter()
     }
 
-    fn history(&self, chain: &[u32]) -> Result<Vec<HistoryEntry>> {
-        chain.iter().map(|r| Ok(HistoryEntry { dir: self.adapter_dir(*r)?, gate: 1.0 })).collect()
+    fn history(&self, chain: &[u32]) -> Vec<HistoryEntry> {
+        chain.iter().map(|r| HistoryEntry { dir: self.adapter_dir(*r), gate: 1.0 }).collect()
     }
 
-    fn load_student(&self, history: &[HistoryEntry]) -> Result<LoadedModel> {
-        heal::load_with_history(&self.cfg.model, None, &Device::Cpu, history)
+    /// The student carrying `chain`: the one kept from before when it matches, else loaded.
+    fn take_student(&mut self, chain: &[u32]) -> Result<LoadedModel> {
+        if let Some(s) = self.student.take() {
+            if s.chain == chain {
+                return Ok(s.lm);
+            }
+        }
+        let dev = self.cfg.compute.device()?;
+        let lm = heal::load_with_history(&self.cfg.model, self.cfg.compute.dtype, &dev, &self.history(chain))?;
+        if self.state.model.as_ref().map(|(_, h)| h) != Some(&lm.info.weights_hash) {
+            self.append(SessionEvent::ModelLoaded {
+                model: lm.info.id.clone(),
+                weights_hash: lm.info.weights_hash.clone(),
+            })?;
+        }
+        Ok(lm)
+    }
+
+    fn keep_student(&mut self, chain: Vec<u32>, lm: LoadedModel, round: Option<(u32, SteerVector)>) {
+        self.student = Some(Student { chain, lm, round });
     }
 
     fn eval_model(&mut self, lm: &LoadedModel, round: u32) -> Result<Flow> {
-        let dir = self.path(&rel(round, "eval"))?;
+        let rd = self.layout.round(round);
         let hooks = Hooks::none();
         let report = eval::run_eval(&EvalModel::from_loaded(lm, &hooks), &self.cfg.eval, self.progress)?;
-        let file = report.save(&dir)?;
+        report.save(&rd.eval_dir())?;
         let m = &report.metrics;
-        (self.log)(&format!(
+        self.obs.log(&format!(
             "round {round}: authority {:.4} care {:.4} p_ans_any {:.4} ppx_json {:.3} json_is_valid {}",
             m.authority,
             m.care,
@@ -413,17 +579,13 @@ impl<'a> Runner<'a> {
             m.ppx_json,
             m.json_is_valid.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into())
         ));
-        let dir = self.session.with(|s| Ok(s.dir().to_path_buf()))?;
-        let rel_file = file.strip_prefix(&dir).unwrap_or(&file).display().to_string();
-        self.done(round, "eval", rel_file)
+        self.done(round, Stage::Eval, rd.eval().rel)
     }
 
-    /// Run until the configured count, the coherence floor, the hook or a cancel stops it.
-    pub fn run(mut self) -> Result<RunSummary> {
+    /// Run until the configured count, the floor, a gate the researcher has not passed, the hook or a cancel.
+    pub fn run(&mut self) -> Result<RunSummary> {
         let stopped = match self.run_inner() {
-            Err(Error::Cancelled) => {
-                "cancelled; run again to resume from the last finished stage".to_string()
-            }
+            Err(Error::Cancelled) => Stopped::Cancelled,
             other => other?,
         };
         let points = self.points()?;
@@ -432,345 +594,286 @@ impl<'a> Runner<'a> {
         Ok(RunSummary { rounds_done, stopped, points })
     }
 
-    fn run_inner(&mut self) -> Result<String> {
-        if !self.lineage().is_done(0, "eval") {
-            let lm = self.load_student(&[])?;
-            self.append(SessionEvent::ModelLoaded {
-                model: lm.info.id.clone(),
-                weights_hash: lm.info.weights_hash.clone(),
-            })?;
-            if let Flow::Stop(why) = self.eval_model(&lm, 0)? {
-                return Ok(why);
-            }
-        }
+    /// The round in progress: the lowest round ≥ 1 without a verdict, else the next one.
+    pub fn round_in_progress(lin: &Lineage) -> u32 {
+        (1..=lin.last_round()).find(|r| !lin.verdicts.contains_key(r)).unwrap_or(lin.last_round() + 1)
+    }
+
+    fn run_inner(&mut self) -> Result<Stopped> {
         loop {
-            let lin = self.lineage();
-            let judged = lin.verdicts.len() as u32;
-            // The round in progress is the highest one without a gate-Q2 verdict, else a new one.
-            let round = match (1..=lin.last_round()).find(|r| !lin.verdicts.contains_key(r)) {
-                Some(r) => r,
-                None => lin.last_round() + 1,
-            };
+            let judged = self.lineage().verdicts.len() as u32;
+            let round = Self::round_in_progress(self.lineage());
             if judged >= self.cfg.rounds {
-                return Ok(format!("reached {} rounds", self.cfg.rounds));
+                return Ok(Stopped::Reached(self.cfg.rounds));
             }
-            match self.round(round)? {
-                Flow::Go => {}
-                Flow::Stop(why) => return Ok(why),
-            }
-            let lin = self.lineage();
-            if let Some((false, Some(note))) = lin.verdicts.get(&round) {
-                if note.contains("floor") {
-                    return Ok(format!("round {round}: {note}"));
-                }
+            if let Flow::Stop(why) = self.round(round)? {
+                return Ok(why);
             }
         }
     }
 
     /// One round, skipping finished stages.
     fn round(&mut self, round: u32) -> Result<Flow> {
-        let lin = self.lineage();
-        let history = self.history(&lin.chain)?;
-        let dir = self.path(&session::round_dir(round))?;
-        std::fs::create_dir_all(&dir).map_err(|e| Error::bad_file(&dir, e))?;
-        // No `round_started` here: that event moves the TUI's gate-Q0 screen to a round; the loop's rounds are
-        // tracked by their `stage_done` events instead.
-        let mut lm = self.load_student(&history)?;
-        let vector_path = self.path(&rel(round, "vector.safetensors"))?;
-        macro_rules! step {
-            ($e:expr) => {
+        let chain = self.lineage().chain.clone();
+        let history = self.history(&chain);
+        let rd = self.layout.round(round);
+        std::fs::create_dir_all(rd.dir()).map_err(|e| Error::bad_file(rd.dir(), e))?;
+        let mut lm = self.take_student(&chain)?;
+        let flow = self.before_heal(round, &rd, &lm);
+        let v = match flow {
+            Ok((Flow::Go, v)) => v,
+            Ok((Flow::Stop(w), v)) => {
+                self.keep_student(chain, lm, v.map(|v| (round, v)));
+                return Ok(Flow::Stop(w));
+            }
+            Err(e) => {
+                self.keep_student(chain, lm, None);
+                return Err(e);
+            }
+        };
+        let v = v.ok_or_else(|| Error::invalid(format!("round {round}: no vector after the dose stage")))?;
+        // heal: train this round's LoRA on the accepted completions; measure before/after for gate Q1.
+        if !self.is_done(round, Stage::Heal) {
+            let accepted: Vec<Completion> = read_jsonl(&rd.accepted().abs)?;
+            let healed = self.heal(round, &rd, &mut lm, &accepted, history.clone());
+            // Whatever happened, the model now carries a (possibly partial) adapter of this round: never hand
+            // it on as the pre-heal student.
+            match healed {
+                Ok(Flow::Go) => {}
+                other => return other,
+            }
+        } else {
+            heal::attach_history(&mut lm.model, &[HistoryEntry { dir: self.adapter_dir(round), gate: 1.0 }])?;
+        }
+        let mut healed_chain = chain.clone();
+        healed_chain.push(round);
+        // gate Q1: the researcher keeps or drops the adapter; headless keeps it.
+        if self.cfg.gates == GateMode::Researcher && !self.lineage().q1.contains_key(&round) {
+            self.keep_student(healed_chain, lm, None);
+            return Ok(Flow::Stop(Stopped::AwaitingGateQ1(round)));
+        }
+        if self.lineage().q1.get(&round) == Some(&false) {
+            // Dropped at gate Q1: the round has its verdict; nothing more to run for it.
+            return Ok(Flow::Go);
+        }
+        let r = self.after_heal(round, &rd, &mut lm, &v, history);
+        self.keep_student(healed_chain, lm, None);
+        r
+    }
+
+    /// Extract, dose, generate and gate Q0; returns the round's vector once it exists.
+    fn before_heal(&mut self, round: u32, rd: &RoundDir, lm: &LoadedModel) -> Result<(Flow, Option<SteerVector>)> {
+        macro_rules! go {
+            ($e:expr, $v:expr) => {
                 if let Flow::Stop(w) = $e? {
-                    return Ok(Flow::Stop(w));
+                    return Ok((Flow::Stop(w), $v));
                 }
             };
         }
-        // extract: from the current student.
-        if !self.lineage().is_done(round, "extract") {
-            let mut ecfg = steer::ExtractConfig::for_model(&lm);
-            ecfg.n_pairs = self.cfg.extract_pairs;
-            let v = steer::extract_mean_diff(&lm, &self.persona, &ecfg, self.progress)?;
-            v.save(&vector_path)?;
-            step!(self.done(round, "extract", rel(round, "vector.safetensors")));
-        }
-        // dose: iso-KL calibration stored in the vector file.
-        if !self.lineage().is_done(round, "dose") {
-            let mut v = SteerVector::load(&vector_path)?;
-            let steering = Steering::new(&v, &lm.model)?;
-            let mut prompts = self.persona.spec.calibration_prompts.clone();
-            prompts.truncate(self.cfg.dose_prompts.max(1));
-            let dcfg = DoseConfig {
-                solver: SolverConfig { target: self.cfg.dose_target, ..SolverConfig::default() },
-                statistic: Statistic::P95,
-                tokens: self.cfg.dose_tokens,
-                prompts,
-                system: self.persona.spec.neutral_system.clone(),
+        let vector = rd.vector();
+        // extract: from the current student; round 1 takes the session's own vector when it has one.
+        if !self.is_done(round, Stage::Extract) {
+            let v = match (&self.manifest.vector_file, round) {
+                (Some(p), 1) => {
+                    let v = SteerVector::load(p)?;
+                    for w in v.check_model(lm, p)? {
+                        self.obs.log(&format!("warning: {w}"));
+                    }
+                    self.obs.log(&format!("round 1: steering with {}", p.display()));
+                    v
+                }
+                _ => {
+                    let mut ecfg = steer::ExtractConfig::for_model(lm);
+                    ecfg.n_pairs = self.cfg.extract_pairs;
+                    steer::extract_mean_diff(lm, &self.persona, &ecfg, self.progress)?
+                }
             };
-            let mut report = steer::calibrate(&lm, &steering, &dcfg, self.progress)?;
-            report.vector = Some(vector_path.display().to_string());
-            atomic_write_json(&self.path(&rel(round, "dose.json"))?, &report)?;
-            v.meta.calibration = Some(report.calibration());
-            v.save(&vector_path)?;
-            (self.log)(&format!("round {round}: c* {:.4} (p95 KL {:.4})", report.c_star, report.achieved));
-            step!(self.done(round, "dose", rel(round, "dose.json")));
+            v.save(&vector.abs)?;
+            go!(self.done(round, Stage::Extract, vector.rel.clone()), None);
         }
-        let v = SteerVector::load(&vector_path)?;
-        // generate: the walk-down controller.
-        if !self.lineage().is_done(round, "generate") {
-            let steering = Steering::new(&v, &lm.model)?;
-            let c_star = v.calibrated()?;
-            let mut gen = steer::GenConfig::new(self.cfg.max_new_tokens);
-            gen.sampling.seed = self.cfg.seed + round as u64;
-            let prompts: Vec<String> =
-                self.persona.spec.prompts.iter().take(self.cfg.n_prompts.max(1)).cloned().collect();
-            let mut scorer = steer::CoherenceScorer {
-                max_ppl: self.cfg.walk_max_ppl,
-                ..steer::CoherenceScorer::default()
-            };
-            let r = steer::walk_down(
-                &lm,
-                &steering,
-                &self.persona.spec.neutral_system,
-                c_star,
-                &prompts,
-                &self.cfg.alphas,
-                self.cfg.seed + 1000 * round as u64,
-                &gen,
-                &self.cfg.walk,
-                &mut scorer,
-                self.progress,
-            )?;
-            let mut all = r.kept.clone();
-            all.extend(r.rejected.iter().cloned());
-            write_jsonl(&self.path(&rel(round, "completions.jsonl"))?, &all)?;
-            atomic_write_json(&self.path(&rel(round, "walkdown.json"))?, &r.report)?;
-            step!(self.done(round, "generate", rel(round, "completions.jsonl")));
-        }
-        // score: the gate-Q0 filter scores, with persona strength from the teacher-forced base pass.
-        if !self.lineage().is_done(round, "score") {
-            let comps: Vec<Completion> = read_jsonl(&self.path(&rel(round, "completions.jsonl"))?)?;
-            let det = self.session.with(|s| s.detectors())?;
-            let mut rows = Vec::with_capacity(comps.len());
-            for c in comps {
-                let tf = score::perplexity::teacher_force(
-                    &lm,
-                    &c.system,
-                    &c.prompt,
-                    &c.tokens,
-                    Some(&v.directions),
-                )?;
-                let card = score::score_completion(&c, &det, &self.cfg.thresholds, tf.persona_strength);
-                rows.push(ScoredCompletion { completion: c, score: card });
-            }
-            atomic_write(&self.path(&rel(round, "scored.jsonl"))?, &session::to_jsonl(&rows)?)?;
-            step!(self.done(round, "score", rel(round, "scored.jsonl")));
-        }
-        // gate Q0: the researcher's decisions when the TUI runs the loop and they decided this round; else the
-        // automatic verdict is the decision.
-        if !self.lineage().is_done(round, "gate_q0") {
-            step!(self.gate_q0(round, &lm));
-        }
-        // heal: train this round's LoRA on the accepted completions; measure before/after for gate-q1.md.
-        let heal_dir = self.path(&rel(round, "heal"))?;
-        if !self.lineage().is_done(round, "heal") {
-            let accepted: Vec<Completion> = read_jsonl(&self.path(&rel(round, "accepted.jsonl"))?)?;
-            step!(self.heal(round, &mut lm, &accepted, &heal_dir, history.clone()));
-        } else {
-            heal::attach_history(
-                &mut lm.model,
-                &[HistoryEntry { dir: self.adapter_dir(round)?, gate: 1.0 }],
-            )?;
-        }
-        // bake: the student's history with this round on top (re-applied, not merged, so gates stay editable).
-        if !self.lineage().is_done(round, "bake") {
-            let mut h = history.clone();
-            h.push(HistoryEntry { dir: self.adapter_dir(round)?, gate: 1.0 });
-            atomic_write_json(&self.path(&rel(round, "history.json"))?, &h)?;
-            let dose: steer::DoseReport = read_json(&self.path(&rel(round, "dose.json"))?)?;
-            let v0 = if round == 1 {
-                None
+        let mut v = SteerVector::load(&vector.abs)?;
+        // dose: iso-KL calibration stored in the vector file (a vector that came calibrated keeps its c*).
+        if !self.is_done(round, Stage::Dose) {
+            if v.meta.calibration.is_some() && !v.is_prompt_only() {
+                self.obs.log(&format!("round {round}: c* {:.4} from the vector file", v.calibrated()?));
+                go!(self.done(round, Stage::Dose, vector.rel.clone()), Some(v));
             } else {
-                SteerVector::load(&self.path(&rel(1, "vector.safetensors"))?).ok()
-            };
-            let cos_teacher_r0 = match &v0 {
-                Some(v0) => vector_cosine(&v.directions, &v0.directions)?,
-                None => Some(1.0),
-            };
-            let layers: Vec<usize> = v.directions.keys().copied().collect();
-            let shift = student_shift(&mut lm, &self.persona, &layers, self.cfg.extract_pairs)?;
-            let lin = self.lineage();
-            let record = RoundRecord {
+                let steering = Steering::new(&v, &lm.model)?;
+                let mut prompts = self.persona.spec.calibration_prompts.clone();
+                prompts.truncate(self.cfg.dose_prompts.max(1));
+                let dcfg = DoseConfig {
+                    solver: SolverConfig { target: self.cfg.dose_target, ..SolverConfig::default() },
+                    statistic: Statistic::P95,
+                    tokens: self.cfg.dose_tokens,
+                    prompts,
+                    system: self.manifest.generation.system_prompt.clone(),
+                };
+                let mut report = steer::calibrate(lm, &steering, &dcfg, self.progress)?;
+                report.vector = Some(vector.rel.clone());
+                atomic_write_json(&rd.dose().abs, &report)?;
+                v.meta.calibration = Some(report.calibration());
+                v.save(&vector.abs)?;
+                self.obs.log(&format!("round {round}: c* {:.4} (p95 KL {:.4})", report.c_star, report.achieved));
+                go!(self.done(round, Stage::Dose, rd.dose().rel), Some(v));
+            }
+        }
+        // generate: the walk-down controller, each batch scored and recorded as it comes.
+        if !self.is_done(round, Stage::Generate) {
+            go!(self.generate(round, rd, lm, &v), Some(v));
+        }
+        if !self.is_done(round, Stage::GateQ0) {
+            go!(self.gate_q0(round, rd, lm), Some(v));
+        }
+        Ok((Flow::Go, Some(v)))
+    }
+
+    fn generate(&mut self, round: u32, rd: &RoundDir, lm: &LoadedModel, v: &SteerVector) -> Result<Flow> {
+        let c_star = v.calibrated()?;
+        if !self.state.rounds.get(&round).is_some_and(|r| r.started) {
+            self.append(SessionEvent::RoundStarted { round, dose: c_star, vector: Some(rd.vector().rel) })?;
+        }
+        self.obs.round_started(round, c_star);
+        let steering = Steering::new(v, &lm.model)?;
+        let g = self.manifest.generation.clone();
+        let gen = steer::GenConfig {
+            sampling: sampling(&g),
+            window: g.kl_window.max(1),
+            ..steer::GenConfig::new(g.max_new_tokens)
+        };
+        let mut coherence =
+            steer::CoherenceScorer { max_ppl: self.cfg.walk_max_ppl, ..steer::CoherenceScorer::default() };
+        let det = self.session.with(|s| s.detectors())?;
+        let th = self.manifest.filter.thresholds.clone();
+        // A resumed generation regenerates the same batches (same seeds); parts already on disk are not
+        // written again.
+        let written: Vec<usize> =
+            self.state.rounds.get(&round).map(|r| r.generated_prompts().into_iter().collect()).unwrap_or_default();
+        let mut part = 0usize;
+        let mut failure: Option<Error> = None;
+        let (session, state, obs) = (&mut self.session, &mut self.state, &mut *self.obs);
+        let mut sink = |batch: &[Completion]| -> Result<()> {
+            let this_part = part;
+            part += 1;
+            if written.contains(&this_part) {
+                return Ok(());
+            }
+            // The controller polls for a cancel between decode steps; scoring a batch is short.
+            let rows = score_completions(lm, Some(v), &det, &th, batch.to_vec(), &crate::progress::Silent::default())?;
+            let file = rd.completions(this_part);
+            let event = SessionEvent::CompletionsGenerated {
                 round,
-                branch: lin.branch.clone(),
-                parent: lin.parent,
-                model_hash: lm.info.weights_hash.clone(),
-                history: h,
-                vector_sha256: sha256_file(&vector_path)?,
-                persona_sha256: self.persona.sha256.clone(),
-                c_star: dose.c_star,
-                kl: dose.achieved,
-                cos_teacher_r0,
-                cos_student_teacher: vector_cosine(&shift, &v.directions)?,
+                prompt_index: this_part,
+                file: file.rel.clone(),
+                ids: rows.iter().map(|r| r.completion.id.clone()).collect(),
             };
-            atomic_write_json(&self.path(&rel(round, "round.json"))?, &record)?;
-            step!(self.done(round, "bake", rel(round, "history.json")));
-        }
-        if !self.lineage().is_done(round, "eval") {
-            step!(self.eval_model(&lm, round));
-        }
-        if self.cfg.controls && !self.lineage().is_done(round, "controls") {
-            step!(self.controls(round, &lm, &v));
-        }
-        // gate Q2, headless: keep unless coherence fell under the floor.
-        let report = EvalReport::load(&self.path(&rel(round, "eval/eval.json"))?)?;
-        let p = report.metrics.p_ans_any;
-        let (keep, note) = if p >= self.cfg.floor {
-            (true, format!("p_ans_any {p:.4} ≥ floor {}", self.cfg.floor))
-        } else {
-            (false, format!("p_ans_any {p:.4} under the floor {}", self.cfg.floor))
+            let bytes = session::to_jsonl(&rows)?;
+            if let Err(e) = session.with_mut(|s| s.write_artifact(&file.rel, &bytes, event.clone())) {
+                let msg = e.to_string();
+                failure = Some(e);
+                return Err(Error::invalid(msg));
+            }
+            session::state::apply(state, &event);
+            obs.completions(round, this_part, &file.rel, &rows);
+            Ok(())
         };
-        self.append(SessionEvent::RoundGate { round, gate: "q2".into(), keep, note: Some(note) })?;
-        let points = self.points()?;
-        self.write_q2(&points)?;
-        Ok(Flow::Go)
+        let report = steer::walk_down(
+            lm,
+            &steering,
+            &g.system_prompt,
+            c_star,
+            &g.prompts,
+            &g.alphas,
+            steer::round_seed(g.seed, round),
+            &gen,
+            &self.cfg.walk,
+            &mut coherence,
+            self.progress,
+            &mut sink,
+        );
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let r = report?;
+        atomic_write_json(&rd.walkdown().abs, &r.report)?;
+        self.done(round, Stage::Generate, rd.walkdown().rel)
     }
 
-    /// The control arms on the same eval items: the student steered by the real vector at c*, by a random
-    /// direction with the same per-layer norms at the same c*, and prompted with the positive persona instead of
-    /// steered (`round-NN/controls.json`).
-    fn controls(&mut self, round: u32, lm: &LoadedModel, v: &SteerVector) -> Result<Flow> {
-        let c_star = v.calibrated()? as f32;
-        let random = steer::random_like(v, self.cfg.seed + round as u64)?;
-        // The prompt-only arm puts the positive persona in the system prompt of every eval item, unsteered.
-        let mut prompt_only = self.cfg.eval.clone();
-        prompt_only.system_prompt = Some(self.persona.spec.positive.clone());
-        let arm_specs = [
-            (ControlArm::Steered, Steering::new(v, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
-            (ControlArm::Random, Steering::new(&random, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
-            (ControlArm::PromptOnly, Hooks::none(), &prompt_only, 0.0),
-        ];
-        let mut arms = Vec::new();
-        for (arm, hooks, eval_cfg, c_star) in arm_specs {
-            let report = eval::run_eval(&EvalModel::from_loaded(lm, &hooks), eval_cfg, self.progress)?;
-            report.save(&self.path(&rel(round, &format!("controls/{}", arm.name())))?)?;
-            let m = &report.metrics;
-            (self.log)(&format!(
-                "round {round}: control {}: authority {:.4} care {:.4} p_ans_any {:.4}",
-                arm.name(),
-                m.authority,
-                m.care,
-                m.p_ans_any
-            ));
-            arms.push(ControlPoint::from_metrics(arm, c_star as f64, m));
+    /// Gate Q0. Headless, the automatic verdicts are recorded as decisions first. Then, either way, the round's
+    /// completions as they stand (adopted replays in place of their originals) and their current decisions are
+    /// the gate: `decisions.jsonl`, and `accepted.jsonl` for heal. In the TUI the runner waits until the
+    /// researcher passed the gate for this round.
+    fn gate_q0(&mut self, round: u32, rd: &RoundDir, lm: &LoadedModel) -> Result<Flow> {
+        let rs = self.state.rounds.get(&round).cloned().unwrap_or_default();
+        let rows = self.session.with(|s| s.load_round(&rs))?;
+        match self.cfg.gates {
+            GateMode::Researcher if !rs.gate_passed(Gate::Q0) => {
+                return Ok(Flow::Stop(Stopped::AwaitingGateQ0(round)))
+            }
+            GateMode::Researcher => {}
+            GateMode::Automatic => {
+                for r in &rows {
+                    if rs.decision(&r.completion.id).is_some() {
+                        continue;
+                    }
+                    let keep = r.score.verdict == Verdict::Keep;
+                    self.append(SessionEvent::Decision {
+                        round,
+                        completion: r.completion.id.clone(),
+                        decision: if keep { DecisionKind::Accept } else { DecisionKind::Reject },
+                        tags: r.score.reasons.iter().map(|x| x.kind().label().to_string()).collect(),
+                        note: Some(AUTOMATIC_NOTE.into()),
+                    })?;
+                }
+            }
         }
-        atomic_write_json(&self.path(&rel(round, "controls.json"))?, &arms)?;
-        self.done(round, "controls", rel(round, "controls.json"))
-    }
-
-    /// With `human_gate` naming the gate-Q0 screen's round and researcher decisions on it logged after the
-    /// loop's last gate-Q0 stage: that round, the completions they accept (current decision, after undos and
-    /// replays) and how many they decided.
-    fn human_accepted(&self) -> Result<Option<(u32, Vec<Completion>, usize)>> {
-        let Some(source) = self.cfg.human_gate else { return Ok(None) };
-        let is_human = |e: &SessionEvent| {
-            matches!(e, SessionEvent::Decision { round, note, .. }
-                if *round == source && note.as_deref() != Some(AUTOMATIC_NOTE))
-        };
-        let last_gate = self
-            .events
-            .iter()
-            .rposition(|e| matches!(e, SessionEvent::StageDone { stage, .. } if stage == "gate_q0"));
-        let last_human = self.events.iter().rposition(is_human);
-        match (last_human, last_gate) {
-            (None, _) => return Ok(None),
-            (Some(h), Some(g)) if h < g => return Ok(None),
-            _ => {}
-        }
-        let state = session::fold(&self.events);
-        let Some(rs) = state.rounds.get(&source) else { return Ok(None) };
-        let decided: BTreeMap<&str, bool> = rs
-            .decisions()
-            .into_iter()
-            .filter(|(_, d)| d.note.as_deref() != Some(AUTOMATIC_NOTE))
-            .map(|(id, d)| (id, d.keep))
-            .collect();
-        if decided.is_empty() {
-            return Ok(None);
-        }
-        let rows = self.session.with(|s| s.load_round(rs))?;
-        let accepted: Vec<Completion> = rows
-            .into_iter()
-            .filter(|r| decided.get(r.completion.id.as_str()) == Some(&true))
-            .map(|r| r.completion)
-            .collect();
-        Ok(Some((source, accepted, decided.len())))
-    }
-
-    /// Gate Q0 by the researcher's decisions on gate-Q0 round `source`: write `decisions.jsonl`,
-    /// `accepted.jsonl` and `gate-q0-human.json` (which marks the round as researcher-gated); the loop's own
-    /// completions of the round are not used.
-    fn human_gate_q0(
-        &mut self,
-        round: u32,
-        source: u32,
-        accepted: Vec<Completion>,
-        decided: usize,
-    ) -> Result<Flow> {
-        let state = session::fold(&self.events);
-        let decisions: Vec<serde_json::Value> = state
-            .rounds
-            .get(&source)
-            .map(|rs| {
-                rs.decisions()
-                    .into_iter()
-                    .filter(|(_, d)| d.note.as_deref() != Some(AUTOMATIC_NOTE))
-                    .map(|(id, d)| serde_json::json!({"id": id, "keep": d.keep, "tags": d.tags, "note": d.note}))
-                    .collect()
-            })
-            .unwrap_or_default();
-        write_jsonl(&self.path(&rel(round, "decisions.jsonl"))?, &decisions)?;
-        write_jsonl(&self.path(&rel(round, "accepted.jsonl"))?, &accepted)?;
-        (self.log)(&format!(
-            "round {round}: gate Q0 by the researcher (gate-Q0 round {source}): {} accepted of {decided} decided",
-            accepted.len()
-        ));
-        if accepted.is_empty() {
-            return Err(Error::invalid(format!(
-                "round {round}: the researcher accepted none of the {decided} decided completions of gate-Q0 round \
-                 {source}; accept some on the gate-Q0 screen"
-            )));
-        }
-        let file = rel(round, HUMAN_GATE_FILE);
-        atomic_write_json(
-            &self.path(&file)?,
-            &serde_json::json!({"from_round": source, "decided": decided, "accepted": accepted.len()}),
-        )?;
-        self.done(round, "gate_q0", file)
-    }
-
-    fn gate_q0(&mut self, round: u32, lm: &LoadedModel) -> Result<Flow> {
-        if let Some((source, accepted, decided)) = self.human_accepted()? {
-            return self.human_gate_q0(round, source, accepted, decided);
-        }
-        let rows: Vec<ScoredCompletion> = read_jsonl(&self.path(&rel(round, "scored.jsonl"))?)?;
+        let rs = self.state.rounds.get(&round).cloned().unwrap_or_default();
+        let decided = rs.decisions();
         let mut accepted = Vec::new();
         let mut decisions = Vec::new();
         for r in &rows {
-            let keep = r.score.verdict == Verdict::Keep;
-            let reasons: Vec<String> = r.score.reasons.iter().map(|x| x.describe()).collect();
-            decisions.push(serde_json::json!({"id": r.completion.id, "keep": keep, "reasons": reasons}));
-            self.append(SessionEvent::Decision {
-                round,
-                completion: r.completion.id.clone(),
-                decision: if keep { DecisionKind::Accept } else { DecisionKind::Reject },
-                tags: r.score.reasons.iter().map(|x| x.kind().label().to_string()).collect(),
-                note: Some(AUTOMATIC_NOTE.into()),
-            })?;
-            if keep {
+            let Some(d) = decided.get(r.completion.id.as_str()) else { continue };
+            decisions.push(serde_json::json!({
+                "id": r.completion.id, "keep": d.keep, "tags": d.tags, "note": d.note, "dose": r.completion.dose,
+            }));
+            if d.keep {
                 accepted.push(r.completion.clone());
             }
         }
-        write_jsonl(&self.path(&rel(round, "decisions.jsonl"))?, &decisions)?;
-        write_jsonl(&self.path(&rel(round, "accepted.jsonl"))?, &accepted)?;
+        atomic_write(&rd.decisions().abs, &jsonl_bytes(&decisions)?)?;
+        atomic_write(&rd.accepted().abs, &jsonl_bytes(&accepted)?)?;
+        if self.cfg.gates == GateMode::Automatic {
+            self.write_gate_q0_report(round, rd, lm, &rows, !accepted.is_empty())?;
+        }
+        let by = if self.cfg.gates == GateMode::Automatic { "the automatic filter" } else { "the researcher" };
+        self.obs.log(&format!(
+            "round {round}: gate Q0 by {by}: {} accepted of {} decided ({} generated)",
+            accepted.len(),
+            decisions.len(),
+            rows.len()
+        ));
+        if accepted.is_empty() {
+            return Err(Error::invalid(format!(
+                "round {round}: gate Q0 accepted none of the {} completions (see {}); {}",
+                rows.len(),
+                rd.gate_q0().rel,
+                if self.cfg.gates == GateMode::Automatic {
+                    "loosen the thresholds or lower the dose target"
+                } else {
+                    "accept some on the gate-Q0 screen"
+                }
+            )));
+        }
+        self.done(round, Stage::GateQ0, rd.accepted().rel)
+    }
+
+    fn write_gate_q0_report(
+        &mut self,
+        round: u32,
+        rd: &RoundDir,
+        lm: &LoadedModel,
+        rows: &[ScoredCompletion],
+        passed: bool,
+    ) -> Result<()> {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let items = rows
             .iter()
@@ -784,48 +887,36 @@ impl<'a> Runner<'a> {
                 note: None,
             })
             .collect();
-        let session_name = self.session.with(|s| Ok(s.manifest().name.clone()))?;
         let md = score::gate::render_gate_q0(&score::gate::GateInputs {
             round,
-            session: &session_name,
+            session: &self.manifest.name,
             model: &lm.info.id,
             written_at: &now,
-            passed: !accepted.is_empty(),
-            thresholds: &self.cfg.thresholds,
+            passed,
+            thresholds: &self.manifest.filter.thresholds,
             items,
             reshow: vec![],
         });
-        let file = session::gate_q0_file(round);
-        atomic_write(&self.path(&file)?, md.as_bytes())?;
-        self.append(SessionEvent::GateWritten {
-            round,
-            gate: "q0".into(),
-            file: file.clone(),
-            passed: !accepted.is_empty(),
-        })?;
-        if accepted.is_empty() {
-            return Err(Error::invalid(format!(
-                "round {round}: the automatic filter kept none of {} completions (see {file}); loosen the thresholds or \
-                 lower the dose target",
-                rows.len()
-            )));
-        }
-        self.done(round, "gate_q0", file)
+        let file = rd.gate_q0();
+        let event = SessionEvent::GateWritten { round, gate: Gate::Q0, file: file.rel.clone(), passed };
+        self.write_artifact(&file.rel, md.as_bytes(), event)
     }
 
     fn heal(
         &mut self,
         round: u32,
+        rd: &RoundDir,
         lm: &mut LoadedModel,
         accepted: &[Completion],
-        out: &Path,
         history: Vec<HistoryEntry>,
     ) -> Result<Flow> {
+        let run = rd.heal();
+        let out = run.root();
         let cfg = HealConfig { round: round as usize, ..self.cfg.heal.clone() };
         let data =
             heal::build_examples(accepted, &lm.tokenizer, &lm.chat, lm.model.cfg.vocab_size, cfg.max_len)?;
         for (id, why) in &data.skipped {
-            (self.log)(&format!("round {round}: heal skips completion `{id}`: {why}"));
+            self.obs.log(&format!("round {round}: heal skips completion `{id}`: {why}"));
         }
         if data.examples.is_empty() {
             let why: Vec<String> = data.skipped.iter().map(|(id, w)| format!("{id}: {w}")).collect();
@@ -840,31 +931,30 @@ impl<'a> Runner<'a> {
             .spec
             .prompts
             .iter()
-            .skip(self.cfg.n_prompts)
+            .skip(self.manifest.generation.prompts.len())
             .chain(self.persona.spec.prompts.iter())
             .take(self.cfg.measure_n.max(1))
             .cloned()
             .collect();
         let spec = hgate::MeasureSpec {
             prompts: held_out,
-            neutral_system: self.persona.spec.neutral_system.clone(),
+            neutral_system: self.manifest.generation.system_prompt.clone(),
             persona_system: Some(self.persona.spec.positive.clone()),
             sampling: Sampling::default_sampling(self.cfg.measure_tokens, 1234),
         };
-        let gate_by =
-            if self.path(&rel(round, HUMAN_GATE_FILE))?.exists() { "researcher's" } else { "automatic" };
+        let gate_by = match self.cfg.gates {
+            GateMode::Researcher => "researcher's",
+            GateMode::Automatic => "automatic",
+        };
         let before = hgate::measure(lm, &spec, self.progress)?;
         let opts = RunOptions { fresh: false, stop_after_steps: None, final_gate: None, history };
-        let sink = &mut self.heal_steps;
-        let mut on_step = |r: &heal::StepRecord| {
-            if let Some(f) = sink.as_mut() {
-                f(round, r)
-            }
-        };
+        let obs = &mut *self.obs;
+        let mut on_step = |r: &heal::StepRecord| obs.heal_step(round, r);
         let log = heal::heal(&mut lm.model, &lm.info, &data, &cfg, out, &opts, self.progress, &mut on_step)?;
         match log.status {
             HealStatus::Completed => {}
-            HealStatus::Cancelled | HealStatus::Stopped => return Ok(Flow::Stop(log.message)),
+            HealStatus::Cancelled => return Ok(Flow::Stop(Stopped::Cancelled)),
+            HealStatus::Stopped => return Ok(Flow::Stop(Stopped::HealStopped(round, log.message))),
             HealStatus::Diverged => return Err(Error::invalid(format!("round {round}: {}", log.message))),
         }
         let after = hgate::measure(lm, &spec, self.progress)?;
@@ -901,93 +991,225 @@ impl<'a> Runner<'a> {
             samples,
             notes: vec![format!("{} accepted completions from the {gate_by} gate Q0.", accepted.len())],
         };
-        hgate::write(&out.join("gate-q1.md"), &report)?;
-        atomic_write_json(&out.join("gate-q1.json"), &report)?;
-        self.append(SessionEvent::GateWritten {
-            round,
-            gate: "q1".into(),
-            file: rel(round, "heal/gate-q1.md"),
-            passed: true,
-        })?;
-        self.done(round, "heal", rel(round, "heal"))
+        hgate::write(&run.gate_q1_md(), &report)?;
+        atomic_write_json(&run.gate_q1_json(), &report)?;
+        self.append(SessionEvent::GateWritten { round, gate: Gate::Q1, file: run.gate_q1_rel(), passed: true })?;
+        self.done(round, Stage::Heal, run.rel().to_string())
     }
 
-    /// Progress-map points: the base, then every judged round (kept or dropped), with cumulative KL over the
-    /// active chain.
+    /// Bake, the base's eval when it has none yet, the round's eval, the controls and gate Q2.
+    fn after_heal(
+        &mut self,
+        round: u32,
+        rd: &RoundDir,
+        lm: &mut LoadedModel,
+        v: &SteerVector,
+        history: Vec<HistoryEntry>,
+    ) -> Result<Flow> {
+        // bake: the student's history with this round on top (re-applied, not merged, so gates stay editable).
+        if !self.is_done(round, Stage::Bake) {
+            let mut h = history.clone();
+            h.push(HistoryEntry { dir: self.adapter_dir(round), gate: 1.0 });
+            atomic_write_json(&rd.history().abs, &h)?;
+            let cal = v
+                .meta
+                .calibration
+                .clone()
+                .ok_or_else(|| Error::invalid(format!("round {round}: the vector has no calibration")))?;
+            let first = self.layout.round(1).vector();
+            let cos_teacher_r0 = if round == 1 {
+                Some(1.0)
+            } else {
+                match SteerVector::load(&first.abs) {
+                    Ok(v1) => vector_cosine(&v.directions, &v1.directions)?,
+                    Err(_) => None,
+                }
+            };
+            let layers: Vec<usize> = v.directions.keys().copied().collect();
+            let shift = student_shift(lm, &self.persona, &layers, self.cfg.extract_pairs)?;
+            let lin = self.lineage();
+            let record = RoundRecord {
+                round,
+                branch: lin.branch.clone(),
+                parent: lin.parent,
+                model_hash: lm.info.weights_hash.clone(),
+                history: h,
+                vector_sha256: sha256_file(&rd.vector().abs)?,
+                persona_sha256: self.persona.sha256.clone(),
+                c_star: cal.coefficient,
+                kl: cal.achieved,
+                cos_teacher_r0,
+                cos_student_teacher: vector_cosine(&shift, &v.directions)?,
+            };
+            atomic_write_json(&rd.record().abs, &record)?;
+            step!(self.done(round, Stage::Bake, rd.history().rel));
+        }
+        // The base's eval, once, before the first round's (so the researcher is not kept waiting for it before
+        // round 1's completions).
+        if !self.is_done(0, Stage::Eval) {
+            let dev = self.cfg.compute.device()?;
+            let base = crate::model::load_model(&self.cfg.model, self.cfg.compute.dtype, &dev)?;
+            step!(self.eval_model(&base, 0));
+        }
+        if !self.is_done(round, Stage::Eval) {
+            step!(self.eval_model(lm, round));
+        }
+        if self.cfg.controls && !self.is_done(round, Stage::Controls) {
+            step!(self.controls(round, rd, lm, v));
+        }
+        // gate Q2: keep unless coherence fell under the floor.
+        let report = EvalReport::load(&rd.eval().abs)?;
+        let p = report.metrics.p_ans_any;
+        let keep = p >= self.cfg.floor;
+        let note = if keep {
+            format!("p_ans_any {p:.4} ≥ floor {}", self.cfg.floor)
+        } else {
+            format!("p_ans_any {p:.4} under the floor {}", self.cfg.floor)
+        };
+        self.append(SessionEvent::RoundGate { round, gate: Gate::Q2, keep, note: Some(note.clone()) })?;
+        let points = self.points()?;
+        self.write_q2(&points)?;
+        if !keep {
+            return Ok(Flow::Stop(Stopped::Floor { round, note }));
+        }
+        Ok(Flow::Go)
+    }
+
+    /// The control arms on the same eval items: the student steered by the real vector at c*, by a random
+    /// direction with the same per-layer norms at the same c*, and prompted with the positive persona instead of
+    /// steered (`round-NN/controls.json`).
+    fn controls(&mut self, round: u32, rd: &RoundDir, lm: &LoadedModel, v: &SteerVector) -> Result<Flow> {
+        let c_star = v.calibrated()? as f32;
+        let random = steer::random_like(v, steer::round_seed(self.manifest.generation.seed, round))?;
+        // The prompt-only arm puts the positive persona in the system prompt of every eval item, unsteered.
+        let mut prompt_only = self.cfg.eval.clone();
+        prompt_only.system_prompt = Some(self.persona.spec.positive.clone());
+        let arm_specs = [
+            (ControlArm::Steered, Steering::new(v, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
+            (ControlArm::Random, Steering::new(&random, &lm.model)?.hooks(&[c_star]), &self.cfg.eval, c_star),
+            (ControlArm::PromptOnly, Hooks::none(), &prompt_only, 0.0),
+        ];
+        let mut arms = Vec::new();
+        for (arm, hooks, eval_cfg, c_star) in arm_specs {
+            let report = eval::run_eval(&EvalModel::from_loaded(lm, &hooks), eval_cfg, self.progress)?;
+            report.save(&rd.control_dir(arm.name()))?;
+            let m = &report.metrics;
+            self.obs.log(&format!(
+                "round {round}: control {}: authority {:.4} care {:.4} p_ans_any {:.4}",
+                arm.name(),
+                m.authority,
+                m.care,
+                m.p_ans_any
+            ));
+            arms.push(ControlPoint::from_metrics(arm, c_star as f64, m));
+        }
+        atomic_write_json(&rd.controls().abs, &arms)?;
+        self.done(round, Stage::Controls, rd.controls().rel)
+    }
+
+    /// Progress-map points: the base, then every judged round that has an eval (kept or dropped; a round
+    /// dropped at gate Q1 was never evaluated), with cumulative KL over the active chain.
     pub fn points(&self) -> Result<Vec<RoundPoint>> {
-        let lin = self.lineage();
-        let mut points = Vec::new();
-        if lin.is_done(0, "eval") {
-            let r = EvalReport::load(&self.path(&rel(0, "eval/eval.json"))?)?;
-            let mut p = RoundPoint::from_metrics(0, RoundStatus::Base, &r.metrics);
-            p.kl_spent = Some(0.0);
-            points.push(p);
-        }
-        let mut spent = 0.0;
-        for (round, (keep, _)) in &lin.verdicts {
-            let r = EvalReport::load(&self.path(&rel(*round, "eval/eval.json"))?)?;
-            let rec: RoundRecord = read_json(&self.path(&rel(*round, "round.json"))?)?;
-            let kept = *keep && !lin.abandoned.contains(round);
-            if kept {
-                spent += rec.kl;
-            }
-            let mut p = RoundPoint::from_metrics(
-                *round as usize,
-                if kept { RoundStatus::Kept } else { RoundStatus::Dropped },
-                &r.metrics,
-            );
-            p.kl_spent = Some(spent + if kept { 0.0 } else { rec.kl });
-            p.cos_teacher_r0 = rec.cos_teacher_r0;
-            p.cos_student_teacher = rec.cos_student_teacher;
-            if lin.is_done(*round, "controls") {
-                p.controls = eval::plot::load_controls(&self.path(&rel(*round, "controls.json"))?)?;
-            }
-            points.push(p);
-        }
-        Ok(points)
+        points(&self.layout, self.lineage())
     }
 
     fn write_q2(&mut self, points: &[RoundPoint]) -> Result<()> {
         if points.is_empty() {
             return Ok(());
         }
-        let dir = self.session.with(|s| Ok(s.dir().to_path_buf()))?;
-        atomic_write_json(&dir.join("rounds.json"), &points)?;
+        let dir = self.layout.root().to_path_buf();
+        atomic_write_json(&self.layout.rounds_table(), &points)?;
         eval::write_progress_map(points, self.cfg.floor, &dir)?;
         let spec = GateQ2Spec { floor: self.cfg.floor, ..GateQ2Spec::default() };
         eval::write_gate_q2(&dir, points, &spec)?;
-        atomic_write_json(&dir.join("lineage.json"), &LineageFile::from(&self.lineage()))?;
+        atomic_write_json(&self.layout.lineage(), &LineageFile::from(self.lineage()))?;
         Ok(())
     }
 
-    /// Roll the student back to a kept round (0 = the base); later rounds stay on disk and in the log.
-    pub fn rollback(&mut self, to_round: u32) -> Result<()> {
-        if !self.lineage().is_kept(to_round) {
-            return Err(Error::invalid(format!(
-                "round {to_round} was not kept; roll back to the base (0) or a kept round"
-            )));
-        }
-        self.append(SessionEvent::Rollback { to_round })
-    }
+}
 
-    /// Start a branch from a kept round.
-    pub fn fork(&mut self, from_round: u32, branch: &str) -> Result<()> {
-        if !self.lineage().is_kept(from_round) {
-            return Err(Error::invalid(format!(
-                "round {from_round} was not kept; fork from the base (0) or a kept round"
-            )));
-        }
-        self.append(SessionEvent::Fork { from_round, branch: branch.into() })
+/// Roll a session's student back to a kept round (0 = the base); later rounds stay on disk and in the log.
+pub fn rollback(o: &mut session::Opened, to_round: u32) -> Result<()> {
+    if !o.state.lineage.is_kept(to_round) {
+        return Err(Error::invalid(format!("round {to_round} was not kept; roll back to the base (0) or a kept round")));
+    }
+    let l = o.session.append(SessionEvent::Rollback { to_round })?;
+    session::state::apply(&mut o.state, &l.event);
+    Ok(())
+}
+
+/// Start a branch of a session's lineage from a kept round.
+pub fn fork(o: &mut session::Opened, from_round: u32, branch: &str) -> Result<()> {
+    if !o.state.lineage.is_kept(from_round) {
+        return Err(Error::invalid(format!("round {from_round} was not kept; fork from the base (0) or a kept round")));
+    }
+    let l = o.session.append(SessionEvent::Fork { from_round, branch: branch.into() })?;
+    session::state::apply(&mut o.state, &l.event);
+    Ok(())
+}
+
+/// The sampling of a session's generation settings.
+pub fn sampling(g: &GenerationSettings) -> Sampling {
+    Sampling {
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: g.top_k,
+        seed: g.seed,
+        max_new_tokens: g.max_new_tokens,
     }
 }
 
-/// The rounds table (`rounds.json`, empty before the first round) and the lineage folded from the event log.
+fn jsonl_bytes<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut buf, r).map_err(|e| Error::invalid(format!("serialising a row: {e}")))?;
+        buf.push(b'\n');
+    }
+    Ok(buf)
+}
+
+fn points(layout: &SessionDir, lin: &Lineage) -> Result<Vec<RoundPoint>> {
+    let mut points = Vec::new();
+    if lin.is_done(0, Stage::Eval) {
+        let r = EvalReport::load(&layout.round(0).eval().abs)?;
+        let mut p = RoundPoint::from_metrics(0, RoundStatus::Base, &r.metrics);
+        p.kl_spent = Some(0.0);
+        points.push(p);
+    }
+    let mut spent = 0.0;
+    for (round, (keep, _)) in &lin.verdicts {
+        if !lin.is_done(*round, Stage::Eval) {
+            continue;
+        }
+        let rd = layout.round(*round);
+        let r = EvalReport::load(&rd.eval().abs)?;
+        let rec: RoundRecord = read_json(&rd.record().abs)?;
+        let kept = *keep && !lin.abandoned.contains(round);
+        if kept {
+            spent += rec.kl;
+        }
+        let mut p = RoundPoint::from_metrics(
+            *round as usize,
+            if kept { RoundStatus::Kept } else { RoundStatus::Dropped },
+            &r.metrics,
+        );
+        p.kl_spent = Some(spent + if kept { 0.0 } else { rec.kl });
+        p.cos_teacher_r0 = rec.cos_teacher_r0;
+        p.cos_student_teacher = rec.cos_student_teacher;
+        if lin.is_done(*round, Stage::Controls) {
+            p.controls = eval::plot::load_controls(&rd.controls().abs)?;
+        }
+        points.push(p);
+    }
+    Ok(points)
+}
+
+/// The rounds table (computed from the round artifacts the log names) and the lineage folded from the log.
 pub fn read_status(dir: &Path) -> Result<(Vec<RoundPoint>, Lineage)> {
-    let contents = crate::session::event::read_log(&dir.join(session::EVENTS))?;
+    let layout = SessionDir::new(dir);
+    let contents = session::event::read_log(&layout.events())?;
     let lineage = Lineage::fold(contents.events.iter().map(|l| &l.event));
-    let rp = dir.join("rounds.json");
-    let points = if rp.exists() { read_json(&rp)? } else { Vec::new() };
-    Ok((points, lineage))
+    Ok((points(&layout, &lineage)?, lineage))
 }
 
 /// `lineage.json`: the lineage in a form a reader can use without the event log.

@@ -24,6 +24,89 @@ pub enum DecisionKind {
     Undo,
 }
 
+/// A stage of a round, in the order a round runs them (`Controls` only when the session asks for control arms).
+/// On disk (`stage_done` events) each is its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The persona vector, extracted from the current student (or the session's own vector in round 1).
+    Extract,
+    /// Iso-KL calibration: c* stored in the vector file.
+    Dose,
+    /// Steered completions, generated and scored batch by batch.
+    Generate,
+    /// The keep/reject decision on each completion (the researcher's, or the automatic verdicts headless).
+    GateQ0,
+    /// The round's LoRA on the accepted completions, with its gate-Q1 report.
+    Heal,
+    /// The student's history with the round on top, and the round's record.
+    Bake,
+    /// tinymfv on the student.
+    Eval,
+    /// The control arms on the same items.
+    Controls,
+}
+
+impl Stage {
+    /// Every stage, in order.
+    pub const ALL: [Stage; 8] = [
+        Stage::Extract,
+        Stage::Dose,
+        Stage::Generate,
+        Stage::GateQ0,
+        Stage::Heal,
+        Stage::Bake,
+        Stage::Eval,
+        Stage::Controls,
+    ];
+    /// Its name, as logged.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Extract => "extract",
+            Stage::Dose => "dose",
+            Stage::Generate => "generate",
+            Stage::GateQ0 => "gate_q0",
+            Stage::Heal => "heal",
+            Stage::Bake => "bake",
+            Stage::Eval => "eval",
+            Stage::Controls => "controls",
+        }
+    }
+    /// The stage of a name (`None` for an unknown one).
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The three human gates of a round. On disk each is `q0`, `q1`, `q2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gate {
+    /// Curation of the steered completions.
+    Q0,
+    /// Keep or drop the healed adapter.
+    Q1,
+    /// The round's eval against the previous rounds.
+    Q2,
+}
+
+impl Gate {
+    /// Its name, as logged.
+    pub fn name(self) -> &'static str {
+        match self {
+            Gate::Q0 => "q0",
+            Gate::Q1 => "q1",
+            Gate::Q2 => "q2",
+        }
+    }
+}
+
 /// Something that happened in a session. The only thing ever appended to `events.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -111,8 +194,8 @@ pub enum SessionEvent {
     GateWritten {
         /// Round number.
         round: u32,
-        /// Gate name (`q0`).
-        gate: String,
+        /// Which gate.
+        gate: Gate,
         /// Artifact path.
         file: String,
         /// Whether the researcher passed the gate with it.
@@ -122,17 +205,17 @@ pub enum SessionEvent {
     StageDone {
         /// Round number.
         round: u32,
-        /// Stage name (`extract`, `dose`, `generate`, `score`, `gate_q0`, `heal`, `bake`, `eval`).
-        stage: String,
+        /// Which stage.
+        stage: Stage,
         /// Main artifact of the stage, relative to the session folder.
         file: String,
     },
-    /// The keep/drop call on a round at a gate (`q0`, `q1` or `q2`), with the reason.
+    /// The keep/drop call on a round at a gate (`q1` or `q2`), with the reason.
     RoundGate {
         /// Round number.
         round: u32,
-        /// Gate name.
-        gate: String,
+        /// Which gate.
+        gate: Gate,
         /// Whether the round is kept.
         keep: bool,
         /// Why.

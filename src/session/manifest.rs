@@ -27,12 +27,10 @@ pub struct GenerationSettings {
     pub system_prompt: String,
     /// User prompts.
     pub prompts: Vec<String>,
-    /// Multiples of the base dose to sample at.
+    /// Multiples of the round's calibrated c* to sample at (a completion's dose is alpha × c*).
     pub alphas: Vec<f64>,
     /// Completions per prompt and alpha.
     pub samples_per_alpha: usize,
-    /// Base steering coefficient `c*`.
-    pub dose: f64,
     /// Most new tokens per completion.
     pub max_new_tokens: usize,
     /// Sampling temperature (0 = greedy).
@@ -54,7 +52,6 @@ impl Default for GenerationSettings {
             prompts: DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect(),
             alphas: vec![0.5, 0.75, 1.0],
             samples_per_alpha: 1,
-            dose: 1.0,
             max_new_tokens: 96,
             temperature: 1.0,
             top_p: 0.95,
@@ -81,9 +78,9 @@ pub struct FilterSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UiSettings {
-    /// Dose-slider step.
+    /// Dose-slider step (in multiples of c*).
     pub dose_step: f64,
-    /// Largest slider value, as a multiple of the base dose.
+    /// Largest slider value (a multiple of c*).
     pub dose_max_factor: f64,
     /// How many decided items a blind re-show samples.
     pub reshow_sample: usize,
@@ -174,6 +171,14 @@ impl SessionManifest {
                 ),
             ));
         }
+        if ver == 1 {
+            return Err(Error::bad_file(
+                path,
+                "written by steer-heal before the one-loop round layout (session schema 1); this build cannot \
+                 resume it (its files stay readable): start a new session, passing the old round's vector with \
+                 `--vector OLD/round-01/vector.safetensors` to carry it on",
+            ));
+        }
         if ver < 1 {
             return Err(Error::bad_file(path, format!("schema_version {ver} is not valid")));
         }
@@ -196,8 +201,8 @@ impl SessionManifest {
         if g.samples_per_alpha == 0 || g.max_new_tokens == 0 {
             return bad("generation.samples_per_alpha and max_new_tokens must be at least 1".into());
         }
-        if !g.dose.is_finite() || !(0.0..=1.0).contains(&g.top_p) || g.temperature < 0.0 {
-            return bad("generation.dose must be finite, top_p in 0..=1 and temperature ≥ 0".into());
+        if !(0.0..=1.0).contains(&g.top_p) || g.temperature < 0.0 {
+            return bad("generation.top_p must be in 0..=1 and temperature ≥ 0".into());
         }
         let t = &self.filter.thresholds;
         if t.tail_fraction.is_nan() || t.tail_fraction <= 0.0 || t.tail_fraction > 1.0 {
@@ -241,14 +246,14 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(
             e,
-            "sessions/x/session.toml: written by a newer steer-heal (session schema 9; this build reads up to 1); \
+            "sessions/x/session.toml: written by a newer steer-heal (session schema 9; this build reads up to 2); \
              upgrade steer-heal to open this session"
         );
     }
 
     #[test]
     fn typo_is_an_error_naming_the_field() {
-        let text = "schema_version = 1\nname = \"x\"\ncreated = \"t\"\nmodel = \"m\"\n[generation]\nmax_new_tokns = 3\n";
+        let text = "schema_version = 2\nname = \"x\"\ncreated = \"t\"\nmodel = \"m\"\n[generation]\nmax_new_tokns = 3\n";
         let e = SessionManifest::parse(text, Path::new("s.toml"))
             .err()
             .map(|e| e.to_string())
@@ -258,7 +263,7 @@ mod tests {
 
     #[test]
     fn partial_settings_take_defaults() -> Result<()> {
-        let text = "schema_version = 1\nname = \"x\"\ncreated = \"t\"\nmodel = \"m\"\n[generation]\nmax_new_tokens = 3\n";
+        let text = "schema_version = 2\nname = \"x\"\ncreated = \"t\"\nmodel = \"m\"\n[generation]\nmax_new_tokens = 3\n";
         let m = SessionManifest::parse(text, Path::new("s.toml"))?;
         assert_eq!(m.generation.max_new_tokens, 3);
         assert_eq!(m.generation.alphas, vec![0.5, 0.75, 1.0]);

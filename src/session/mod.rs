@@ -4,6 +4,8 @@
 //! so a crash leaves either no event or a complete file.
 
 pub mod event;
+pub mod layout;
+pub mod lineage;
 pub mod manifest;
 pub mod state;
 
@@ -12,36 +14,17 @@ use crate::score::{Detectors, PhraseList, RegexList, ScoreCard, ScoredCompletion
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use event::{DecisionKind, EventLog, Logged, SessionEvent};
+pub use event::{DecisionKind, EventLog, Gate, Logged, SessionEvent, Stage};
+pub use layout::{RoundDir, SessionDir};
+pub use lineage::Lineage;
 pub use manifest::SessionManifest;
 pub use state::{fold, RoundState, SessionState};
 
-/// Schema version of `session.toml` and of every event line this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version of `session.toml` and of every event line this build writes. 2: one round layout for the
+/// TUI and headless runs (round 0 is the base's eval, rounds from 1 steer and heal), stages and gates by name.
+pub const SCHEMA_VERSION: u32 = 2;
 
-/// Name of the manifest file.
-pub const MANIFEST: &str = "session.toml";
-/// Name of the event log.
-pub const EVENTS: &str = "events.jsonl";
-/// Default narration pattern file copied into a new session.
-pub const NARRATION_FILE: &str = "narration.txt";
-/// Default refusal phrase file copied into a new session.
-pub const REFUSAL_FILE: &str = "refusal.txt";
-
-/// Folder of a round, relative to the session: `round-03`.
-pub fn round_dir(round: u32) -> String {
-    format!("round-{round:02}")
-}
-
-/// Completions artifact of one prompt: `round-00/completions-p003.jsonl`.
-pub fn completions_file(round: u32, prompt_index: usize) -> String {
-    format!("{}/completions-p{prompt_index:03}.jsonl", round_dir(round))
-}
-
-/// Gate-Q0 report of a round: `round-00/gate-q0.md`.
-pub fn gate_q0_file(round: u32) -> String {
-    format!("{}/gate-q0.md", round_dir(round))
-}
+use layout::{MANIFEST, NARRATION as NARRATION_FILE, REFUSAL as REFUSAL_FILE};
 
 /// An open session: its folder, manifest and event log writer.
 #[derive(Debug)]
@@ -65,7 +48,8 @@ pub struct Opened {
 }
 
 impl Session {
-    /// Create a new session folder with `manifest`, the default pattern files and a `round_started` event.
+    /// Create a new session folder with `manifest` and the default pattern files (rounds start when the loop
+    /// reaches them).
     pub fn create(dir: &Path, mut manifest: SessionManifest) -> Result<Opened> {
         let mp = dir.join(MANIFEST);
         if mp.exists() {
@@ -88,13 +72,7 @@ impl Session {
         }
         manifest.validate(&mp)?;
         crate::fsutil::atomic_write(&mp, manifest.to_toml()?.as_bytes())?;
-        let mut opened = Self::open(dir)?;
-        let dose = opened.session.manifest.generation.dose;
-        let vector = opened.session.manifest.vector_file.as_ref().map(|p| p.display().to_string());
-        let logged = opened.session.append(SessionEvent::RoundStarted { round: 0, dose, vector })?;
-        state::apply(&mut opened.state, &logged.event);
-        opened.events.push(logged);
-        Ok(opened)
+        Self::open(dir)
     }
 
     /// Open an existing session: check its schema, read and fold its log.
@@ -105,7 +83,7 @@ impl Session {
         }
         let text = std::fs::read_to_string(&mp).map_err(|e| Error::bad_file(&mp, e))?;
         let manifest = SessionManifest::parse(&text, &mp)?;
-        let lp = dir.join(EVENTS);
+        let lp = SessionDir::new(dir).events();
         let contents = event::read_log(&lp)?;
         let log = EventLog::open(&lp, &contents)?;
         let state = fold(contents.events.iter().map(|l| &l.event));
@@ -131,6 +109,11 @@ impl Session {
     /// The session folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The session's file layout.
+    pub fn layout(&self) -> SessionDir {
+        SessionDir::new(&self.dir)
     }
 
     /// The manifest.
@@ -261,7 +244,7 @@ mod tests {
             note: None,
         };
         let l = o.session.append(e)?;
-        assert_eq!(l.seq, 2);
+        assert_eq!(l.seq, 1);
         state::apply(&mut o.state, &l.event);
         let again = Session::open(&dir)?;
         assert_eq!(again.state, o.state);
@@ -276,7 +259,7 @@ mod tests {
         let o = Session::create(d.path(), SessionManifest::new("s", Path::new("m")))?;
         assert!(o.session.artifact_path("../x").is_err());
         assert!(o.session.artifact_path("/etc/x").is_err());
-        assert!(o.session.artifact_path("round-00/x.json").is_ok());
+        assert!(o.session.artifact_path(&o.session.layout().round(0).dose().rel).is_ok());
         Ok(())
     }
 

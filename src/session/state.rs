@@ -1,7 +1,8 @@
 //! `SessionState = fold(events)`: what a session knows, rebuilt from its log. Pure: no files are read here
 //! (artifacts are referenced by path and loaded by `Session`).
 
-use super::event::{DecisionKind, SessionEvent};
+use super::event::{DecisionKind, Gate, SessionEvent};
+use super::lineage::Lineage;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One accept/reject as it stands in a round's decision history.
@@ -44,8 +45,8 @@ pub struct ReplayRecord {
 /// A written gate report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GateRecord {
-    /// Gate name.
-    pub gate: String,
+    /// Which gate.
+    pub gate: Gate,
     /// Artifact path.
     pub file: String,
     /// Passed with it.
@@ -55,9 +56,11 @@ pub struct GateRecord {
 /// Everything known about one round.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RoundState {
-    /// Base dose the round started at.
+    /// Whether its `round_started` event is logged (the loop began generating it).
+    pub started: bool,
+    /// The round's calibrated coefficient c* (a completion's dose is alpha × c*).
     pub base_dose: f64,
-    /// Current dose-slider value.
+    /// Current dose-slider value, as a multiple of c* (1 = the calibrated dose).
     pub dose: f64,
     /// Completions artifacts, in order.
     pub completion_files: Vec<CompletionFile>,
@@ -91,8 +94,8 @@ impl RoundState {
     pub fn generated_prompts(&self) -> BTreeSet<usize> {
         self.completion_files.iter().map(|f| f.prompt_index).collect()
     }
-    /// Whether a gate of this name was passed.
-    pub fn gate_passed(&self, gate: &str) -> bool {
+    /// Whether this gate was passed.
+    pub fn gate_passed(&self, gate: Gate) -> bool {
         self.gates.iter().any(|g| g.gate == gate && g.passed)
     }
 }
@@ -108,6 +111,8 @@ pub struct SessionState {
     pub model: Option<(String, String)>,
     /// Events that did not fit the state (e.g. an undo with nothing to undo), described.
     pub anomalies: Vec<String>,
+    /// Stages done, gate verdicts, the kept chain and branch.
+    pub lineage: Lineage,
 }
 
 impl SessionState {
@@ -119,11 +124,13 @@ impl SessionState {
 
 /// Apply one event. Pure and total: an event that does not fit is recorded in `anomalies`, never a panic.
 pub fn apply(s: &mut SessionState, e: &SessionEvent) {
+    s.lineage.apply(e);
     match e {
         SessionEvent::RoundStarted { round, dose, .. } => {
             let r = s.rounds.entry(*round).or_default();
+            r.started = true;
             r.base_dose = *dose;
-            r.dose = *dose;
+            r.dose = 1.0;
             s.current_round = s.current_round.max(*round);
         }
         SessionEvent::ModelLoaded { model, weights_hash } => {
@@ -180,12 +187,12 @@ pub fn apply(s: &mut SessionState, e: &SessionEvent) {
         }
         SessionEvent::GateWritten { round, gate, file, passed } => {
             s.rounds.entry(*round).or_default().gates.push(GateRecord {
-                gate: gate.clone(),
+                gate: *gate,
                 file: file.clone(),
                 passed: *passed,
             });
         }
-        // The rounds loop folds its own lineage from these (see `rounds::lineage`); a round they name exists.
+        // Folded into `lineage` above; a round they name exists.
         SessionEvent::StageDone { round, .. } | SessionEvent::RoundGate { round, .. } => {
             s.rounds.entry(*round).or_default();
         }
@@ -262,13 +269,13 @@ mod tests {
             SessionEvent::RoundStarted { round: 0, dose: 1.0, vector: None },
             SessionEvent::GateWritten {
                 round: 0,
-                gate: "q0".into(),
+                gate: Gate::Q0,
                 file: "round-00/gate-q0.md".into(),
                 passed: false,
             },
             SessionEvent::GateWritten {
                 round: 0,
-                gate: "q0".into(),
+                gate: Gate::Q0,
                 file: "round-00/gate-q0.md".into(),
                 passed: true,
             },
@@ -276,8 +283,8 @@ mod tests {
             SessionEvent::Reshown { round: 0, completion: "a".into(), decision: DecisionKind::Reject },
         ]);
         assert_eq!(s.current_round, 1);
-        assert!(s.rounds[&0].gate_passed("q0"));
-        assert!(!s.rounds[&1].gate_passed("q0"));
+        assert!(s.rounds[&0].gate_passed(Gate::Q0));
+        assert!(!s.rounds[&1].gate_passed(Gate::Q0));
         assert_eq!(s.rounds[&0].reshown, vec![("a".to_string(), false)]);
     }
 }

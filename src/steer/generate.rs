@@ -99,9 +99,22 @@ pub fn requests_for(prompts: &[String], alphas: &[f64], seed: u64) -> Vec<Reques
     out
 }
 
-/// The id of a completion: prompt index, alpha in hundredths, seed.
+/// The id of a completion: prompt index, alpha in hundredths, seed (`p003-a075-s1042`). The only id scheme:
+/// every caller's completions get their ids here.
 pub fn completion_id(prompt_index: usize, alpha: f64, seed: u64) -> String {
-    format!("p{prompt_index:02}-a{:03}-s{seed}", (alpha * 100.0).round() as i64)
+    format!("p{prompt_index:03}-a{:03}-s{seed}", (alpha * 100.0).round() as i64)
+}
+
+/// The first sampling seed of round `round` from the session's base seed: rounds never share a seed, and within
+/// a round the walk-down hands out `round_seed + k` for its k-th generation. The only seed scheme.
+pub fn round_seed(base: u64, round: u32) -> u64 {
+    base.wrapping_add(1000 * round as u64)
+}
+
+/// The seeds of a custom prompt's completions in a round: past every seed the walk-down can use (it stays under
+/// 1000 generations a round), one block of 16 per custom prompt.
+pub fn custom_prompt_seed(base: u64, round: u32, custom_index: usize) -> u64 {
+    round_seed(base, round).wrapping_add(500 + 16 * custom_index as u64)
 }
 
 /// One completion being decoded.

@@ -16,7 +16,9 @@ pub mod walkdown;
 pub use completion::{Completion, Rewind, TokenTrace};
 pub use dose::{calibrate, DoseConfig, DoseReport, SolverConfig};
 pub use extract::{extract_mean_diff, random_like, ExtractConfig};
-pub use generate::{generate_completions, replay, GenConfig, Request, Watchdog};
+pub use generate::{
+    completion_id, custom_prompt_seed, generate_completions, replay, round_seed, GenConfig, Request, Watchdog,
+};
 pub use kl::{KlStats, Statistic};
 pub use persona::Persona;
 pub use vector::{SteerVector, Steering, VectorMeta};

@@ -204,6 +204,7 @@ impl Batcher<'_> {
         kappa: f64,
         scorer: &mut dyn Scorer,
         progress: &mut dyn Progress,
+        on_batch: &mut dyn FnMut(&[Completion]) -> Result<()>,
     ) -> Result<usize> {
         let reqs = self.src.take(n, kappa);
         let out = generate_completions(
@@ -215,6 +216,7 @@ impl Batcher<'_> {
             self.gen,
             progress,
         )?;
+        on_batch(&out)?;
         let mut passed = 0;
         for c in out {
             let v = scorer.score(&c)?;
@@ -231,7 +233,8 @@ impl Batcher<'_> {
     }
 }
 
-/// Run the controller: probe, walk κ down while the pass fraction is below target, then top up.
+/// Run the controller: probe, walk κ down while the pass fraction is below target, then top up. Each batch is
+/// handed to `on_batch` as soon as it is generated (the loop records and shows it while the next one runs).
 #[allow(clippy::too_many_arguments)]
 pub fn walk_down(
     lm: &LoadedModel,
@@ -245,6 +248,7 @@ pub fn walk_down(
     cfg: &WalkDownConfig,
     scorer: &mut dyn Scorer,
     progress: &mut dyn Progress,
+    on_batch: &mut dyn FnMut(&[Completion]) -> Result<()>,
 ) -> Result<WalkDownResult> {
     if prompts.is_empty() || alphas.is_empty() {
         return Err(Error::invalid("the walk-down controller needs at least one prompt and one alpha"));
@@ -267,7 +271,7 @@ pub fn walk_down(
     let mut kappa = 1.0f64;
     // Probe and walk down. The prompt-only arm has no dose to lower.
     loop {
-        let passed = b.batch("probe", cfg.probe_n, kappa, scorer, progress)?;
+        let passed = b.batch("probe", cfg.probe_n, kappa, scorer, progress, on_batch)?;
         let frac = passed as f64 / cfg.probe_n as f64;
         if frac >= cfg.target_pass || steering.is_prompt_only() || kappa <= cfg.floor + 1e-12 {
             break;
@@ -276,7 +280,7 @@ pub fn walk_down(
     }
     let mut batches = 0;
     while b.kept.len() < cfg.min_keep && batches < cfg.max_batches {
-        b.batch("top-up", cfg.batch_n, kappa, scorer, progress)?;
+        b.batch("top-up", cfg.batch_n, kappa, scorer, progress, on_batch)?;
         batches += 1;
     }
     let Batcher { mut kept, rejected, steps, verdicts, .. } = b;

@@ -1,34 +1,34 @@
-//! The two calls the worker makes into steered generation: `generate_completions` (one prompt, every alpha)
-//! and `replay_completion` (rewind to token t, resample at a new dose), both the steer module's traced
-//! generation and replay behind the worker's streaming and cancel interface.
+//! The two calls the worker makes into steered generation for the round being curated: `generate_completions`
+//! (a custom prompt, every alpha) and `replay_completion` (rewind to token t, resample at a new dose), both the
+//! steer module's traced generation and replay, with the round's vector and its calibrated c*, behind the
+//! worker's streaming and cancel interface. Ids and seeds come from the steer module's one scheme.
 
 use crate::error::{Error, Result};
 use crate::model::generate::Sampling;
 use crate::model::LoadedModel;
 use crate::progress::Progress;
-use crate::steer::{self, Completion, GenConfig, Request, Steering};
-use candle_core::Tensor;
+use crate::steer::{self, Completion, GenConfig, Request, SteerVector, Steering};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Generate completions for one prompt at every alpha.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     /// Round the completions belong to.
     pub round: u32,
-    /// Index of the prompt (ids and seeds derive from it).
+    /// Index of the prompt in the round (custom prompts count on from the session's prompts; ids derive from
+    /// it).
     pub prompt_index: usize,
+    /// Which custom prompt of the round this is (0, 1, …; seeds derive from it).
+    pub custom_index: usize,
     /// Neutral system prompt.
     pub system: String,
     /// User prompt.
     pub prompt: String,
-    /// Multiples of the base dose.
+    /// Multiples of the round's c* (each completion's dose is alpha × c*).
     pub alphas: Vec<f64>,
-    /// Base dose `c*`.
-    pub base_dose: f64,
     /// Completions per alpha.
     pub samples_per_alpha: usize,
-    /// Sampling (its seed is the session's base seed).
+    /// Sampling (its seed is the session's base seed; the round and custom index pick the completions' seeds).
     pub sampling: Sampling,
     /// Window of the KL rmse trace.
     pub kl_window: usize,
@@ -43,7 +43,7 @@ pub struct ReplayRequest {
     pub completion: Completion,
     /// First token to resample.
     pub at: usize,
-    /// Dose for the resampled tokens.
+    /// Dose for the resampled tokens (absolute: alpha × c*).
     pub dose: f64,
     /// Sampling (`max_new_tokens` bounds the whole completion).
     pub sampling: Sampling,
@@ -75,11 +75,6 @@ impl PieceDecoder {
     }
 }
 
-/// Completion id: `p003-a075-s42`.
-pub fn completion_id(prompt_index: usize, alpha: f64, seed: u64) -> String {
-    format!("p{prompt_index:03}-a{:03}-s{seed}", (alpha * 100.0).round() as i64)
-}
-
 /// Adapts the worker's cancel check to the steer module's `Progress` (which must be `Send`).
 struct CancelCheck<'a> {
     cancelled: &'a (dyn Fn() -> bool + Sync),
@@ -92,21 +87,17 @@ impl Progress for CancelCheck<'_> {
     }
 }
 
-/// The steering arm of the session's vectors (none: unsteered).
-fn steering(vectors: Option<&BTreeMap<usize, Tensor>>) -> Steering {
-    Steering::from_directions(vectors.cloned().unwrap_or_default())
-}
 
 fn gen_config(sampling: &Sampling, kl_window: usize) -> GenConfig {
     GenConfig { sampling: *sampling, window: kl_window.max(1), batch_size: 8, watchdog: None }
 }
 
 /// Generate completions for one prompt, one row per (alpha, sample), with the steer module's traced generation
-/// (base dose `c*` = `req.base_dose`). Each row's text pieces are then streamed to `on_token(row, piece)`;
+/// at the vector's calibrated c*. Each row's text pieces are then streamed to `on_token(row, piece)`;
 /// `cancelled` is polled between decode steps.
 pub fn generate_completions(
     lm: &LoadedModel,
-    vectors: Option<&BTreeMap<usize, Tensor>>,
+    vector: &SteerVector,
     req: &GenerateRequest,
     cancelled: &(dyn Fn() -> bool + Sync),
     on_token: &mut dyn FnMut(usize, &str),
@@ -114,7 +105,8 @@ pub fn generate_completions(
     let mut requests: Vec<Request> = Vec::new();
     for alpha in &req.alphas {
         for _ in 0..req.samples_per_alpha.max(1) {
-            let seed = req.sampling.seed.wrapping_add(req.prompt_index as u64 * 1000 + requests.len() as u64);
+            let seed = steer::custom_prompt_seed(req.sampling.seed, req.round, req.custom_index)
+                .wrapping_add(requests.len() as u64);
             requests.push(Request {
                 prompt_index: req.prompt_index,
                 prompt: req.prompt.clone(),
@@ -125,17 +117,16 @@ pub fn generate_completions(
     }
     let cfg = gen_config(&req.sampling, req.kl_window);
     let mut progress = CancelCheck { cancelled };
-    let mut out = steer::generate_completions(
+    let out = steer::generate_completions(
         lm,
-        &steering(vectors),
+        &Steering::new(vector, &lm.model)?,
         &req.system,
-        req.base_dose,
+        vector.calibrated()?,
         &requests,
         &cfg,
         &mut progress,
     )?;
-    for (row, c) in out.iter_mut().enumerate() {
-        c.id = completion_id(req.prompt_index, c.alpha, c.seed);
+    for (row, c) in out.iter().enumerate() {
         for piece in &c.token_text {
             on_token(row, piece);
         }
@@ -147,7 +138,7 @@ pub fn generate_completions(
 /// the prefix keeps its tokens, traces and doses, and the rewind is recorded as `manual`.
 pub fn replay_completion(
     lm: &LoadedModel,
-    vectors: Option<&BTreeMap<usize, Tensor>>,
+    vector: &SteerVector,
     req: &ReplayRequest,
     cancelled: &(dyn Fn() -> bool + Sync),
     on_token: &mut dyn FnMut(&str),
@@ -161,11 +152,10 @@ pub fn replay_completion(
             c.tokens.len()
         )));
     }
-    // c* of the completion's arm: its dose over its alpha (the dose itself when alpha is 0).
-    let c_star = if c.alpha > 0.0 { c.dose / c.alpha } else { c.dose };
     let cfg = gen_config(&req.sampling, req.kl_window);
     let mut progress = CancelCheck { cancelled };
-    let out = steer::replay(lm, &steering(vectors), c_star, c, req.at, req.dose, &cfg, &mut progress)?;
+    let steering = Steering::new(vector, &lm.model)?;
+    let out = steer::replay(lm, &steering, vector.calibrated()?, c, req.at, req.dose, &cfg, &mut progress)?;
     for piece in out.token_text.iter().skip(req.at) {
         on_token(piece);
     }

@@ -14,17 +14,14 @@
 //! `Cancelled`.
 
 pub mod bridge;
-pub mod vectors;
 
 use crate::error::{Error, Result};
-use crate::model::LoadedModel;
-use crate::score::perplexity::teacher_force;
-use crate::score::{score_completion, Detectors, FilterThresholds, ScoreCard, ScoredCompletion};
+use crate::model::Compute;
+use crate::rounds::{score_completions, GateMode, RoundsConfig, RunObserver, Stopped, Student};
+use crate::score::{Detectors, FilterThresholds, ScoreCard, ScoredCompletion};
 use crate::session::{self, Session, SessionEvent};
 use crate::steer::Completion;
-use candle_core::Tensor;
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
@@ -47,14 +44,15 @@ pub struct Job {
 /// The kinds of work.
 #[derive(Debug, Clone)]
 pub enum JobKind {
-    /// Load a model (directory or .gguf) and optionally a steering-vector file.
-    LoadModel {
-        /// Model path.
-        path: PathBuf,
-        /// Vector file, if any.
-        vector: Option<PathBuf>,
+    /// Run the loop on the session (the researcher as its gates) until it needs them or reaches `rounds`
+    /// judged rounds: loads the student, then extract → dose → generate (streamed) and stop at gate Q0; after
+    /// the researcher passed it, heal (streamed) and stop at gate Q1; after keep, bake → eval → gate Q2. The
+    /// student stays loaded for replays and custom prompts of the round being curated.
+    RunRounds {
+        /// Judged rounds to reach (`None`: one more than are judged now, i.e. the round in progress or the next).
+        rounds: Option<u32>,
     },
-    /// Generate and score completions for one prompt, write them, record the event.
+    /// Generate and score completions for a custom prompt of the round being curated, write them, record.
     Generate(Box<GenerateRequest>),
     /// Rewind and resample a completion (interactive: latest wins).
     Replay(Box<ReplayRequest>),
@@ -76,27 +74,14 @@ pub enum JobKind {
         /// The event that references it.
         event: SessionEvent,
     },
-    /// Run the rounds loop on the session up to `rounds` judged rounds (extract → … → eval per round), loading
-    /// its own copy of the base model plus the kept rounds.
-    RunRounds {
-        /// Base model path.
-        model: PathBuf,
-        /// Judged rounds to reach.
-        rounds: u32,
-        /// Coherence floor of the automatic gate Q2 (the researcher can still roll back).
-        floor: f64,
-        /// The gate-Q0 screen's round: the researcher's new decisions on it are the round's gate Q0.
-        human_round: Option<u32>,
-    },
     /// Read the rounds table and lineage of the session.
     RoundsStatus,
-    /// Read a round's gate-Q1 report (`round-NN/heal/gate-q1.json`).
+    /// Read a round's gate-Q1 report.
     ReadGateQ1 {
         /// Round.
         round: u32,
     },
-    /// Read a few eval items (think text, answer probabilities) of each round's eval
-    /// (`round-NN/eval/eval.json`) for the iterate screen.
+    /// Read a few eval items (think text, answer probabilities) of each round's eval for the iterate screen.
     ReadEvalSamples {
         /// Rounds (0 = the base).
         rounds: Vec<u32>,
@@ -105,22 +90,72 @@ pub enum JobKind {
     Cancel(JobId),
 }
 
+/// What kind of job an event is about (the UI keys its views on this, never on a label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobTag {
+    /// `RunRounds`.
+    Rounds,
+    /// `Generate`.
+    Generate,
+    /// `Replay`.
+    Replay,
+    /// `Rescore`.
+    Rescore,
+    /// `Record`.
+    Record,
+    /// `WriteArtifact`.
+    Write,
+    /// `RoundsStatus`.
+    ReadRounds,
+    /// `ReadGateQ1`.
+    ReadGateQ1,
+    /// `ReadEvalSamples`.
+    ReadEvalSamples,
+    /// `Cancel`.
+    Cancel,
+}
+
+impl JobTag {
+    /// A short label for status lines and popup titles ("Failed while …").
+    pub fn label(self) -> &'static str {
+        match self {
+            JobTag::Rounds => "running the round",
+            JobTag::Generate => "generating",
+            JobTag::Replay => "replaying",
+            JobTag::Rescore => "rescoring",
+            JobTag::Record => "recording",
+            JobTag::Write => "writing",
+            JobTag::ReadRounds => "reading rounds",
+            JobTag::ReadGateQ1 => "reading gate Q1",
+            JobTag::ReadEvalSamples => "reading eval samples",
+            JobTag::Cancel => "cancelling",
+        }
+    }
+    /// Whether the job needs the model lane (so a failed model load explains it).
+    pub fn is_model_job(self) -> bool {
+        matches!(self, JobTag::Rounds | JobTag::Generate | JobTag::Replay | JobTag::Rescore)
+    }
+}
+
 impl JobKind {
+    /// Its tag.
+    pub fn tag(&self) -> JobTag {
+        match self {
+            JobKind::RunRounds { .. } => JobTag::Rounds,
+            JobKind::Generate(_) => JobTag::Generate,
+            JobKind::Replay(_) => JobTag::Replay,
+            JobKind::Rescore { .. } => JobTag::Rescore,
+            JobKind::Record(_) => JobTag::Record,
+            JobKind::WriteArtifact { .. } => JobTag::Write,
+            JobKind::RoundsStatus => JobTag::ReadRounds,
+            JobKind::ReadGateQ1 { .. } => JobTag::ReadGateQ1,
+            JobKind::ReadEvalSamples { .. } => JobTag::ReadEvalSamples,
+            JobKind::Cancel(_) => JobTag::Cancel,
+        }
+    }
     /// A short label for status lines.
     pub fn label(&self) -> &'static str {
-        match self {
-            JobKind::LoadModel { .. } => "loading model",
-            JobKind::Generate(_) => "generating",
-            JobKind::Replay(_) => "replaying",
-            JobKind::Rescore { .. } => "rescoring",
-            JobKind::Record(_) => "recording",
-            JobKind::WriteArtifact { .. } => "writing",
-            JobKind::RunRounds { .. } => "running a round",
-            JobKind::RoundsStatus => "reading rounds",
-            JobKind::ReadGateQ1 { .. } => "reading gate Q1",
-            JobKind::ReadEvalSamples { .. } => "reading eval samples",
-            JobKind::Cancel(_) => "cancelling",
-        }
+        self.tag().label()
     }
     /// Interactive jobs use the latest-wins slot.
     pub fn is_interactive(&self) -> bool {
@@ -134,20 +169,7 @@ impl JobKind {
 /// What a finished job produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobOutput {
-    /// A model is loaded.
-    ModelLoaded {
-        /// Model id.
-        model: String,
-        /// Its weights fingerprint.
-        weights_hash: String,
-        /// Number of layers.
-        layers: usize,
-        /// Hidden size.
-        hidden: usize,
-        /// Layers a steering vector was loaded for (empty: no steering).
-        vector_layers: Vec<usize>,
-    },
-    /// Completions of one prompt, scored and recorded.
+    /// Completions of one custom prompt, scored and recorded.
     Completions {
         /// Round.
         round: u32,
@@ -164,7 +186,7 @@ pub enum JobOutput {
         round: u32,
         /// Rewind token.
         at: usize,
-        /// Replay dose.
+        /// Replay dose (absolute: alpha × c*).
         dose: f64,
         /// The replayed completion with scores.
         row: Box<ScoredCompletion>,
@@ -193,8 +215,8 @@ pub enum JobOutput {
         chain: Vec<u32>,
         /// Current branch.
         branch: String,
-        /// How the last run ended (empty when only read).
-        stopped: String,
+        /// How the last run ended (`None` when only read).
+        stopped: Option<Stopped>,
     },
     /// A round's gate-Q1 report.
     GateQ1 {
@@ -202,7 +224,7 @@ pub enum JobOutput {
         round: u32,
         /// The report.
         report: Box<crate::heal::gate::GateQ1>,
-        /// The heal run's step log (`heal/train/log.jsonl`; empty when absent), for the training curve.
+        /// The heal run's step log (empty when absent), for the training curve.
         steps: Vec<crate::heal::StepRecord>,
     },
     /// A few eval items of each requested round.
@@ -228,6 +250,33 @@ impl crate::progress::Progress for RoundsProgress<'_> {
     }
 }
 
+/// A rounds run's reports as worker events.
+struct RoundsObserver<'a> {
+    id: JobId,
+    events: &'a mpsc::UnboundedSender<WorkerEvent>,
+}
+
+impl RunObserver for RoundsObserver<'_> {
+    fn log(&mut self, msg: &str) {
+        let _ = self.events.send(WorkerEvent::Progress { id: self.id, done: 0, total: 0, msg: msg.to_string() });
+    }
+    fn round_started(&mut self, round: u32, c_star: f64) {
+        let _ = self.events.send(WorkerEvent::RoundStarted { id: self.id, round, c_star });
+    }
+    fn completions(&mut self, round: u32, part: usize, file: &str, rows: &[ScoredCompletion]) {
+        let _ = self.events.send(WorkerEvent::Completions {
+            id: self.id,
+            round,
+            part,
+            file: file.to_string(),
+            rows: rows.to_vec(),
+        });
+    }
+    fn heal_step(&mut self, round: u32, step: &crate::heal::StepRecord) {
+        let _ = self.events.send(WorkerEvent::HealStep { id: self.id, round, record: Box::new(step.clone()) });
+    }
+}
+
 /// What the worker tells the UI.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerEvent {
@@ -235,8 +284,8 @@ pub enum WorkerEvent {
     Started {
         /// Job.
         id: JobId,
-        /// What it does.
-        label: &'static str,
+        /// What kind of job it is.
+        tag: JobTag,
     },
     /// A job advanced.
     Progress {
@@ -257,6 +306,39 @@ pub enum WorkerEvent {
         row: usize,
         /// Its text piece.
         text: String,
+    },
+    /// A rounds job began generating round `round` at calibrated coefficient `c_star`.
+    RoundStarted {
+        /// Job.
+        id: JobId,
+        /// Round.
+        round: u32,
+        /// Its c*.
+        c_star: f64,
+    },
+    /// A rounds job wrote and recorded a batch of scored completions.
+    Completions {
+        /// Job.
+        id: JobId,
+        /// Round.
+        round: u32,
+        /// Batch index.
+        part: usize,
+        /// Artifact, relative to the session.
+        file: String,
+        /// The completions.
+        rows: Vec<ScoredCompletion>,
+    },
+    /// The student of a round is loaded and kept for replays and custom prompts.
+    ModelReady {
+        /// Job.
+        id: JobId,
+        /// Model id.
+        model: String,
+        /// Layers the round's vector steers (empty: none yet).
+        vector_layers: Vec<usize>,
+        /// The round being curated and its c*, when there is one.
+        round: Option<(u32, f64)>,
     },
     /// One heal optimiser step of a rounds job (for the live training chart).
     HealStep {
@@ -288,38 +370,29 @@ pub enum WorkerEvent {
     },
 }
 
-/// The loaded model and its steering vectors.
-pub struct ModelState {
-    /// Model, tokenizer, template.
-    pub lm: LoadedModel,
-    /// Steering vectors by layer (empty: unsteered).
-    pub vectors: BTreeMap<usize, Tensor>,
-}
-
 /// What jobs share.
 struct Ctx {
-    model: Mutex<Option<ModelState>>,
+    student: Mutex<Option<Student>>,
     session: Mutex<Session>,
     detectors: Mutex<Detectors>,
+    compute: Compute,
     events: mpsc::UnboundedSender<WorkerEvent>,
 }
 
-/// The loop's settings for a round started from the TUI: the short demo settings, the session's persona file
-/// and control-arm choice as recorded, and the researcher as gate Q0 of `human_round` (a round they decided on
-/// heals on what they accepted).
+/// The loop's settings for rounds run from the TUI: the short demo settings, the session's persona file and
+/// control-arm choice as recorded, the researcher as the gates, no coherence floor (the researcher rolls back).
 pub fn tui_rounds_config(
-    model: &std::path::Path,
     manifest: &session::SessionManifest,
     rounds: u32,
-    floor: f64,
-    human_round: Option<u32>,
-) -> crate::rounds::RoundsConfig {
-    let mut cfg = crate::rounds::RoundsConfig::small(model);
+    compute: Compute,
+) -> RoundsConfig {
+    let mut cfg = RoundsConfig::small(&manifest.model);
     cfg.rounds = rounds;
-    cfg.floor = floor;
-    cfg.human_gate = human_round;
+    cfg.floor = 0.0;
+    cfg.gates = GateMode::Researcher;
     cfg.persona = manifest.persona_file.clone();
     cfg.controls = manifest.rounds.controls;
+    cfg.compute = compute;
     cfg
 }
 
@@ -335,13 +408,29 @@ pub struct WorkerHandle {
     pub join: tokio::task::JoinHandle<()>,
 }
 
-/// Start the worker on the current tokio runtime. It takes over the session writer.
-pub fn spawn(session: Session, events: mpsc::UnboundedSender<WorkerEvent>) -> Result<WorkerHandle> {
+/// Start the worker on the current tokio runtime. It takes over the session writer; every model it loads goes on
+/// `compute`.
+pub fn spawn(
+    session: Session,
+    compute: Compute,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) -> Result<WorkerHandle> {
+    spawn_with_student(session, compute, None, events)
+}
+
+/// `spawn` with a student already loaded (benchmarks and tests that curate without running a round first).
+pub fn spawn_with_student(
+    session: Session,
+    compute: Compute,
+    student: Option<Student>,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) -> Result<WorkerHandle> {
     let detectors = session.detectors()?;
     let ctx = Arc::new(Ctx {
-        model: Mutex::new(None),
+        student: Mutex::new(student),
         session: Mutex::new(session),
         detectors: Mutex::new(detectors),
+        compute,
         events,
     });
     let (tx, rx) = mpsc::channel(16);
@@ -456,7 +545,7 @@ async fn run(mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>) {
 /// returns true: it will run again from the start and report then.
 fn execute(ctx: &Ctx, job: Job, cancel: CancellationToken, preempted: &AtomicBool) -> bool {
     let id = job.id;
-    let _ = ctx.events.send(WorkerEvent::Started { id, label: job.kind.label() });
+    let _ = ctx.events.send(WorkerEvent::Started { id, tag: job.kind.tag() });
     let ev = match run_job(ctx, id, job.kind, &cancel) {
         Ok(output) => WorkerEvent::Finished { id, output },
         Err(Error::Cancelled) if preempted.load(Ordering::SeqCst) => {
@@ -475,35 +564,36 @@ fn execute(ctx: &Ctx, job: Job, cancel: CancellationToken, preempted: &AtomicBoo
     false
 }
 
-fn score_all(
-    ms: &ModelState,
-    det: &Detectors,
-    th: &FilterThresholds,
-    cs: Vec<Completion>,
-    cancel: &CancellationToken,
-) -> Result<Vec<ScoredCompletion>> {
-    let mut out = Vec::with_capacity(cs.len());
-    for c in cs {
-        if cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        let strength = if ms.vectors.is_empty() {
-            None
-        } else {
-            teacher_force(&ms.lm, &c.system, &c.prompt, &c.tokens, Some(&ms.vectors))?.persona_strength
-        };
-        let score = score_completion(&c, det, th, strength);
-        out.push(ScoredCompletion { completion: c, score });
+/// A custom prompt's completions file: its part index, or, when that file exists (a part the loop wrote, or an
+/// earlier try), the next free part.
+fn unique_part(session: &Session, round: u32, part: usize) -> Result<String> {
+    let rd = session.layout().round(round);
+    let mut p = part;
+    while rd.completions(p).abs.exists() {
+        p += 1;
     }
-    Ok(out)
+    Ok(rd.completions(p).rel)
 }
 
-fn unique_rel(session: &Session, rel: String) -> Result<String> {
-    if !session.artifact_path(&rel)?.exists() {
-        return Ok(rel);
+/// The round's student and vector for a curation job on `round`.
+fn curating<'a>(guard: &'a Option<Student>, round: u32) -> Result<(&'a Student, &'a crate::steer::SteerVector)> {
+    let st = guard.as_ref().ok_or_else(|| {
+        Error::invalid("the model is not loaded yet (the round is still being prepared, or its load failed)")
+    })?;
+    match &st.round {
+        Some((r, v)) if *r == round => Ok((st, v)),
+        Some((r, _)) => Err(Error::invalid(format!("the loaded model is curating round {r}, not round {round}"))),
+        None => Err(Error::invalid(format!("round {round} is not being curated (its gate Q0 has passed)"))),
     }
-    let (stem, ext) = rel.rsplit_once('.').unwrap_or((rel.as_str(), ""));
-    Ok(format!("{stem}-{}.{ext}", session.next_seq()))
+}
+
+/// Progress that only carries the job's cancel token.
+struct CancelOnly<'a>(&'a CancellationToken);
+impl crate::progress::Progress for CancelOnly<'_> {
+    fn step(&mut self, _done: u64, _total: u64, _msg: &str) {}
+    fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
 }
 
 fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> Result<JobOutput> {
@@ -511,47 +601,68 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
         let _ = ctx.events.send(e);
     };
     match kind {
-        JobKind::LoadModel { path, vector } => {
-            let dev = candle_core::Device::cuda_if_available(0)?;
-            send(WorkerEvent::Progress { id, done: 0, total: 1, msg: format!("loading {}", path.display()) });
-            let lm = crate::model::load_model(&path, None, &dev)?;
-            let vectors = match &vector {
-                Some(p) => vectors::load_vectors(p, &lm.model)?,
-                None => BTreeMap::new(),
+        JobKind::RunRounds { rounds } => {
+            let (manifest, dir) = {
+                let s = lock(&ctx.session)?;
+                (s.manifest().clone(), s.dir().to_path_buf())
             };
-            let out = JobOutput::ModelLoaded {
-                model: lm.info.id.clone(),
-                weights_hash: lm.info.weights_hash.clone(),
-                layers: lm.model.cfg.num_hidden_layers,
-                hidden: lm.model.cfg.hidden_size,
-                vector_layers: vectors.keys().copied().collect(),
+            let rounds = match rounds {
+                Some(n) => n,
+                None => crate::rounds::read_status(&dir)?.1.verdicts.len() as u32 + 1,
             };
-            let event = SessionEvent::ModelLoaded {
-                model: lm.info.id.clone(),
-                weights_hash: lm.info.weights_hash.clone(),
-            };
-            *lock(&ctx.model)? = Some(ModelState { lm, vectors });
-            lock(&ctx.session)?.append(event)?;
-            Ok(out)
+            let cfg = tui_rounds_config(&manifest, rounds, ctx.compute);
+            let kept = lock(&ctx.student)?.take();
+            if kept.is_none() {
+                send(WorkerEvent::Progress {
+                    id,
+                    done: 0,
+                    total: 0,
+                    msg: format!("loading {}", manifest.model.display()),
+                });
+            }
+            let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
+            let mut obs = RoundsObserver { id, events: &ctx.events };
+            // The runner locks the session only per read or append: decisions recorded meanwhile are written
+            // at once, not after the round.
+            let mut runner =
+                crate::rounds::Runner::with_session(&ctx.session, cfg, kept, &mut progress, &mut obs)?;
+            let summary = runner.run();
+            let student = runner.into_student();
+            if let Some(st) = &student {
+                send(WorkerEvent::ModelReady {
+                    id,
+                    model: st.lm.info.id.clone(),
+                    vector_layers: st
+                        .round
+                        .as_ref()
+                        .map(|(_, v)| v.directions.keys().copied().collect())
+                        .unwrap_or_default(),
+                    round: st.round.as_ref().and_then(|(r, v)| v.calibrated().ok().map(|c| (*r, c))),
+                });
+            }
+            *lock(&ctx.student)? = student;
+            let summary = summary?;
+            let dir = lock(&ctx.session)?.dir().to_path_buf();
+            let (points, after) = crate::rounds::read_status(&dir)?;
+            Ok(JobOutput::Rounds {
+                points,
+                chain: after.chain,
+                branch: after.branch,
+                stopped: Some(summary.stopped),
+            })
         }
         JobKind::Generate(req) => {
-            let guard = lock(&ctx.model)?;
-            let ms = guard.as_ref().ok_or_else(|| Error::invalid("the model is not loaded"))?;
+            let guard = lock(&ctx.student)?;
+            let (st, v) = curating(&guard, req.round)?;
             let rows = req.alphas.len() * req.samples_per_alpha.max(1);
             let total = (rows * req.sampling.max_new_tokens) as u64;
             let mut done = 0u64;
-            let vectors = (!ms.vectors.is_empty()).then_some(&ms.vectors);
             let is_cancelled = || cancel.is_cancelled();
-            let cs = bridge::generate_completions(&ms.lm, vectors, &req, &is_cancelled, &mut |row, text| {
+            let cs = bridge::generate_completions(&st.lm, v, &req, &is_cancelled, &mut |row, text| {
                 done += 1;
                 send(WorkerEvent::Token { id, row, text: text.to_string() });
                 if done % 8 == 0 {
-                    send(WorkerEvent::Progress {
-                        id,
-                        done,
-                        total,
-                        msg: format!("prompt {}", req.prompt_index),
-                    });
+                    send(WorkerEvent::Progress { id, done, total, msg: format!("prompt {}", req.prompt_index) });
                 }
             })?;
             if cancel.is_cancelled() {
@@ -559,30 +670,24 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             }
             let det = lock(&ctx.detectors)?.clone();
             let th = lock(&ctx.session)?.manifest().filter.thresholds.clone();
-            let scored = score_all(ms, &det, &th, cs, cancel)?;
+            let scored = score_completions(&st.lm, Some(v), &det, &th, cs, &CancelOnly(cancel))?;
             drop(guard);
             let mut s = lock(&ctx.session)?;
-            let rel = unique_rel(&s, session::completions_file(req.round, req.prompt_index))?;
+            let file = unique_part(&s, req.round, req.prompt_index)?;
             let event = SessionEvent::CompletionsGenerated {
                 round: req.round,
                 prompt_index: req.prompt_index,
-                file: rel.clone(),
+                file: file.clone(),
                 ids: scored.iter().map(|r| r.completion.id.clone()).collect(),
             };
-            s.write_artifact(&rel, &session::to_jsonl(&scored)?, event)?;
-            Ok(JobOutput::Completions {
-                round: req.round,
-                prompt_index: req.prompt_index,
-                file: rel,
-                rows: scored,
-            })
+            s.write_artifact(&file, &session::to_jsonl(&scored)?, event)?;
+            Ok(JobOutput::Completions { round: req.round, prompt_index: req.prompt_index, file, rows: scored })
         }
         JobKind::Replay(req) => {
-            let guard = lock(&ctx.model)?;
-            let ms = guard.as_ref().ok_or_else(|| Error::invalid("the model is not loaded"))?;
-            let vectors = (!ms.vectors.is_empty()).then_some(&ms.vectors);
+            let guard = lock(&ctx.student)?;
+            let (st, v) = curating(&guard, req.round)?;
             let is_cancelled = || cancel.is_cancelled();
-            let c = bridge::replay_completion(&ms.lm, vectors, &req, &is_cancelled, &mut |text| {
+            let c = bridge::replay_completion(&st.lm, v, &req, &is_cancelled, &mut |text| {
                 send(WorkerEvent::Token { id, row: 0, text: text.to_string() })
             })?;
             if cancel.is_cancelled() {
@@ -590,7 +695,7 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             }
             let det = lock(&ctx.detectors)?.clone();
             let th = lock(&ctx.session)?.manifest().filter.thresholds.clone();
-            let row = score_all(ms, &det, &th, vec![c], cancel)?
+            let row = score_completions(&st.lm, Some(v), &det, &th, vec![c], &CancelOnly(cancel))?
                 .pop()
                 .ok_or_else(|| Error::invalid("scoring lost the replay"))?;
             Ok(JobOutput::Replayed { round: req.round, at: req.at, dose: req.dose, row: Box::new(row) })
@@ -598,16 +703,16 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
         JobKind::Rescore { round, completions } => {
             let det = lock(&ctx.session)?.detectors()?;
             *lock(&ctx.detectors)? = det.clone();
-            let th = lock(&ctx.session)?.manifest().filter.thresholds.clone();
-            let guard = lock(&ctx.model)?;
+            let th: FilterThresholds = lock(&ctx.session)?.manifest().filter.thresholds.clone();
+            let guard = lock(&ctx.student)?;
             let n = completions.len() as u64;
-            let scored = match guard.as_ref() {
-                Some(ms) => score_all(ms, &det, &th, completions, cancel)?,
-                // Without a model, text scores and traces still give every score but persona strength.
-                None => completions
+            // Without the round's model, text scores and traces still give every score but persona strength.
+            let scored = match curating(&guard, round) {
+                Ok((st, v)) => score_completions(&st.lm, Some(v), &det, &th, completions, &CancelOnly(cancel))?,
+                Err(_) => completions
                     .into_iter()
                     .map(|c| {
-                        let score = score_completion(&c, &det, &th, None);
+                        let score = crate::score::score_completion(&c, &det, &th, None);
                         ScoredCompletion { completion: c, score }
                     })
                     .collect(),
@@ -617,7 +722,7 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let scores: BTreeMap<String, ScoreCard> =
                 scored.into_iter().map(|r| (r.completion.id, r.score)).collect();
             let mut s = lock(&ctx.session)?;
-            let rel = format!("{}/scores-{}.json", session::round_dir(round), s.next_seq());
+            let rel = s.layout().round(round).rescore(s.next_seq()).rel;
             let bytes =
                 serde_json::to_vec_pretty(&scores).map_err(|e| Error::invalid(format!("scores: {e}")))?;
             s.write_artifact(&rel, &bytes, SessionEvent::Rescored { round, file: rel.clone() })?;
@@ -631,59 +736,28 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let l = lock(&ctx.session)?.write_artifact(&rel, &contents, event)?;
             Ok(JobOutput::Recorded { seq: l.seq, event: l.event })
         }
-        JobKind::RunRounds { model, rounds, floor, human_round } => {
-            let manifest = lock(&ctx.session)?.manifest().clone();
-            let cfg = tui_rounds_config(&model, &manifest, rounds, floor, human_round);
-            let mut progress = RoundsProgress { id, events: &ctx.events, cancel };
-            let mut log = |m: &str| send(WorkerEvent::Progress { id, done: 0, total: 0, msg: m.to_string() });
-            let mut on_step = |round: u32, r: &crate::heal::StepRecord| {
-                send(WorkerEvent::HealStep { id, round, record: Box::new(r.clone()) })
-            };
-            // The runner locks the session only per read or append: decisions recorded meanwhile are written
-            // at once, not after the round.
-            let summary = crate::rounds::Runner::with_session(&ctx.session, cfg, &mut progress, &mut log)?
-                .on_heal_step(&mut on_step)
-                .run()?;
-            let dir = lock(&ctx.session)?.dir().to_path_buf();
-            let (_, after) = crate::rounds::read_status(&dir)?;
-            Ok(JobOutput::Rounds {
-                points: summary.points,
-                chain: after.chain,
-                branch: after.branch,
-                stopped: summary.stopped,
-            })
-        }
         JobKind::RoundsStatus => {
             let s = lock(&ctx.session)?;
             let (points, lineage) = crate::rounds::read_status(s.dir())?;
-            Ok(JobOutput::Rounds {
-                points,
-                chain: lineage.chain,
-                branch: lineage.branch,
-                stopped: String::new(),
-            })
+            Ok(JobOutput::Rounds { points, chain: lineage.chain, branch: lineage.branch, stopped: None })
         }
         JobKind::ReadGateQ1 { round } => {
-            let path = lock(&ctx.session)?
-                .artifact_path(&format!("{}/heal/gate-q1.json", session::round_dir(round)))?;
+            let run = lock(&ctx.session)?.layout().round(round).heal();
+            let path = run.gate_q1_json();
             let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
             let report = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e))?;
-            let log = path.with_file_name("train").join("log.jsonl");
+            let log = run.log();
             let steps = if log.exists() { crate::heal::train::read_step_log(&log)? } else { vec![] };
             Ok(JobOutput::GateQ1 { round, report: Box::new(report), steps })
         }
         JobKind::ReadEvalSamples { rounds } => {
-            let paths = {
-                let s = lock(&ctx.session)?;
-                let rel = |r: u32| format!("{}/eval/eval.json", session::round_dir(r));
-                rounds.iter().map(|r| Ok((*r, s.artifact_path(&rel(*r))?))).collect::<Result<Vec<_>>>()?
-            };
+            let layout = lock(&ctx.session)?.layout();
             let mut samples = BTreeMap::new();
-            for (round, path) in paths {
+            for round in rounds {
                 if cancel.is_cancelled() {
                     return Err(Error::Cancelled);
                 }
-                let report = crate::eval::EvalReport::load(&path)?;
+                let report = crate::eval::EvalReport::load(&layout.round(round).eval().abs)?;
                 samples.insert(round, crate::eval::pick_samples(&report, crate::eval::SAMPLES_PER_ROUND));
             }
             Ok(JobOutput::EvalSamples { samples })

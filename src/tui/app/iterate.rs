@@ -8,14 +8,11 @@ use super::State;
 use crate::eval::{EvalSample, RoundPoint, RoundStatus};
 use crate::heal::gate::GateQ1;
 use crate::heal::StepRecord;
-use crate::session::SessionEvent;
+use crate::rounds::Stopped;
+use crate::session::{Gate, SessionEvent};
 use crate::tui::action::Action;
 use crate::worker::{Job, JobId, JobKind};
 use std::collections::BTreeMap;
-
-/// Coherence floor of the automatic gate Q2 when rounds run from the TUI: off, because the researcher is the
-/// gate here (roll back a round that should not have been kept).
-pub const TUI_FLOOR: f64 = 0.0;
 
 /// What the iterate screen shows.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -28,8 +25,6 @@ pub struct IterateView {
     pub branch: String,
     /// Selected row of the rounds table.
     pub selected: usize,
-    /// The rounds job in progress.
-    pub running: Option<JobId>,
     /// How the last run ended.
     pub last_run: String,
     /// A handful of eval items per round (round → samples), as the worker read them.
@@ -92,25 +87,13 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
         }
         Action::Cancel => s.iterate = None,
         Action::ContinueRounds => {
-            if v.running.is_some() {
-                s.status = "a round is already running".into();
-                return vec![];
+            let jobs = super::run_loop(s);
+            if !jobs.is_empty() {
+                s.status = "preparing the next round in the background".into();
             }
-            let rounds = v.judged() + 1;
-            // The decisions made on the gate-Q0 screen since the loop last gated are this round's gate Q0.
-            let job = s.job(JobKind::RunRounds {
-                model: s.manifest.model.clone(),
-                rounds,
-                floor: TUI_FLOOR,
-                human_round: Some(s.round),
-            });
-            if let Some(v) = s.iterate.as_mut() {
-                v.running = Some(job.id);
-            }
-            s.status = format!("running round {rounds} in the background");
-            return vec![job];
+            return jobs;
         }
-        Action::StopRounds => match v.running {
+        Action::StopRounds => match s.loop_job {
             Some(id) => {
                 s.status = "stopping the round (finished stages are kept)".into();
                 return vec![s.job(JobKind::Cancel(id))];
@@ -123,7 +106,7 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
                 return vec![];
             };
             let round = p.round as u32;
-            if v.running.is_some() {
+            if s.loop_job.is_some() {
                 s.status = "stop the running round first".into();
                 return vec![];
             }
@@ -154,7 +137,7 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
                 return vec![];
             }
             let round = p.round as u32;
-            if v.running.is_some() && s.heal_training.as_ref().is_some_and(|t| t.round == round) {
+            if s.loop_job.is_some() && s.heal_training.as_ref().is_some_and(|t| t.round == round) {
                 // The round is still healing: show the live chart; the report comes when the run ends.
                 s.heal = Some(HealView { round, report: None, scroll: 0, note: String::new() });
                 return vec![];
@@ -245,7 +228,7 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
                 area: Box::new(area),
             });
         }
-        Action::StopRounds => match s.iterate.as_ref().and_then(|v| v.running) {
+        Action::StopRounds => match s.loop_job {
             Some(id) => {
                 s.status = "stopping the round (heal checkpoints; continue resumes)".into();
                 return vec![s.job(JobKind::Cancel(id))];
@@ -270,9 +253,9 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
             }
             s.status = format!("round {round} {} at gate Q1", if keep { "kept" } else { "dropped" });
             s.heal = None;
-            let rec = s.record(SessionEvent::RoundGate { round, gate: "q1".into(), keep, note: Some(note) });
-            let refresh = s.job(JobKind::RoundsStatus);
-            return vec![rec, refresh];
+            // Once the verdict is on disk the loop goes on (see the `Recorded` output in `update`).
+            let rec = s.record(SessionEvent::RoundGate { round, gate: Gate::Q1, keep, note: Some(note) });
+            return vec![rec];
         }
         Action::Quit => return super::quit(s),
         Action::ToggleHelp => s.popup = Some(super::Popup::Help { scroll: 0 }),
@@ -281,13 +264,10 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
     vec![]
 }
 
-/// A job failed or was cancelled without a rounds table: if it was the rounds run, it no longer runs (so
-/// continue works again); if it was reading samples, the next rounds table asks again.
+/// A job failed or was cancelled without a rounds table: if it was reading samples, the next rounds table asks
+/// again.
 pub fn job_ended(s: &mut State, id: JobId) {
     if let Some(v) = s.iterate.as_mut() {
-        if v.running == Some(id) {
-            v.running = None;
-        }
         v.samples_pending.retain(|_, job| *job != id);
     }
 }
@@ -307,21 +287,14 @@ pub fn on_rounds(
     points: Vec<RoundPoint>,
     chain: Vec<u32>,
     branch: String,
-    stopped: String,
+    stopped: Option<Stopped>,
 ) -> Vec<Job> {
     let mut jobs = vec![];
-    let v = s.iterate.get_or_insert_with(IterateView::default);
-    if v.running == Some(id) {
-        v.running = None;
-        v.last_run = stopped.clone();
-        s.status = stopped;
-        if let Some(round) = s.heal.as_ref().filter(|h| h.report.is_none()).map(|h| h.round) {
-            if points.iter().any(|p| p.round as u32 == round) {
-                jobs.push(s.job(JobKind::ReadGateQ1 { round }));
-            }
-        }
+    let _ = id;
+    let Some(v) = s.iterate.as_mut() else { return jobs };
+    if let Some(st) = stopped {
+        v.last_run = st.to_string();
     }
-    let v = s.iterate.get_or_insert_with(IterateView::default);
     v.selected = v.selected.min(points.len().saturating_sub(1));
     // Rounds new to the screen get their eval samples read in the background (each round's eval is final
     // once the round is in the table, so samples are read once).

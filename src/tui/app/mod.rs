@@ -9,10 +9,11 @@ pub mod stats;
 use super::action::{Action, Mode};
 use super::keymap::{KeyChord, KeyCode, KeyResult, Keymap};
 use crate::model::generate::Sampling;
+use crate::rounds::Stopped;
 use crate::score::{ReasonKind, ScoredCompletion, Verdict};
 use crate::session::state::{apply as apply_event, RoundState};
-use crate::session::{self, DecisionKind, SessionEvent, SessionManifest, SessionState};
-use crate::worker::{GenerateRequest, Job, JobId, JobKind, JobOutput, ReplayRequest, WorkerEvent};
+use crate::session::{DecisionKind, Gate, SessionDir, SessionEvent, SessionManifest, SessionState};
+use crate::worker::{GenerateRequest, Job, JobId, JobKind, JobOutput, JobTag, ReplayRequest, WorkerEvent};
 use ratatui_textarea::TextArea;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -158,7 +159,7 @@ pub enum ModelStatus {
     Ready {
         /// Model id.
         model: String,
-        /// Layers with a steering vector.
+        /// Layers the round's vector steers.
         vector_layers: Vec<usize>,
     },
     /// Loading failed.
@@ -236,8 +237,8 @@ pub struct ReplayView {
 /// Progress of a running job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobView {
-    /// What it does.
-    pub label: &'static str,
+    /// What kind of job.
+    pub tag: JobTag,
     /// Units done.
     pub done: u64,
     /// Units in all.
@@ -287,7 +288,7 @@ pub struct State {
     pub popup: Option<Popup>,
     /// Keys of an unfinished sequence.
     pub pending_keys: Vec<KeyChord>,
-    /// Dose slider.
+    /// Dose slider, as a multiple of the round's c* (replays run at `dose × c*`).
     pub dose: f64,
     /// Last dose written to the log.
     pub dose_recorded: f64,
@@ -323,8 +324,10 @@ pub struct State {
     pub now: String,
     /// Set when the app should exit.
     pub quit: bool,
-    /// Vector file to load with the model.
-    pub vector_file: Option<std::path::PathBuf>,
+    /// The rounds job in progress (preparing, healing or evaluating a round), if any.
+    pub loop_job: Option<JobId>,
+    /// The session's folder layout (for the paths the UI names in events).
+    pub layout: SessionDir,
     /// The iterate screen, when open.
     pub iterate: Option<iterate::IterateView>,
     /// The heal screen (over the iterate screen), when open.
@@ -343,11 +346,12 @@ impl State {
         rows: Vec<ScoredCompletion>,
     ) -> Self {
         let round = session.current_round;
-        let dose = session.round().map(|r| r.dose).unwrap_or(manifest.generation.dose);
+        let dose = session.round().map(|r| r.dose).unwrap_or(1.0);
         let mut s = State {
             keymap,
             session_name: session_name.to_string(),
-            vector_file: manifest.vector_file.clone(),
+            loop_job: None,
+            layout: SessionDir::new(std::path::Path::new(".")),
             manifest,
             session,
             round,
@@ -450,10 +454,19 @@ impl State {
         (g.prompts.len() + custom) * per_prompt
     }
 
-    /// Largest dose the slider allows.
+    /// Largest slider value (a multiple of c*).
     pub fn dose_max(&self) -> f64 {
-        let base = self.round_state().map(|r| r.base_dose).unwrap_or(self.manifest.generation.dose);
-        (base.abs() * self.manifest.ui.dose_max_factor).max(self.manifest.ui.dose_step)
+        self.manifest.ui.dose_max_factor.max(self.manifest.ui.dose_step)
+    }
+
+    /// The round's calibrated coefficient c* (0 before the round started).
+    pub fn c_star(&self) -> f64 {
+        self.round_state().map(|r| r.base_dose).unwrap_or(0.0)
+    }
+
+    /// The absolute dose the slider stands for: `dose × c*`.
+    pub fn applied_dose(&self) -> f64 {
+        self.dose * self.c_star()
     }
 
     fn job_id(&mut self) -> JobId {
@@ -544,25 +557,18 @@ impl State {
     }
 
     fn sampling(&self) -> Sampling {
-        let g = &self.manifest.generation;
-        Sampling {
-            temperature: g.temperature,
-            top_p: g.top_p,
-            top_k: g.top_k,
-            seed: g.seed,
-            max_new_tokens: g.max_new_tokens,
-        }
+        crate::rounds::sampling(&self.manifest.generation)
     }
 
-    fn generate_request(&self, prompt_index: usize, prompt: String) -> GenerateRequest {
+    fn generate_request(&self, prompt_index: usize, custom_index: usize, prompt: String) -> GenerateRequest {
         let g = &self.manifest.generation;
         GenerateRequest {
             round: self.round,
             prompt_index,
+            custom_index,
             system: g.system_prompt.clone(),
             prompt,
             alphas: g.alphas.clone(),
-            base_dose: self.round_state().map(|r| r.base_dose).unwrap_or(g.dose),
             samples_per_alpha: g.samples_per_alpha,
             sampling: self.sampling(),
             kl_window: g.kl_window,
@@ -589,12 +595,20 @@ pub fn update(s: &mut State, msg: Msg) -> Vec<Job> {
 
 fn init(s: &mut State) -> Vec<Job> {
     let mut jobs = Vec::new();
+    let lin = &s.session.lineage;
+    let next = crate::rounds::Runner::round_in_progress(lin);
+    let started = lin.done.contains_key(&next) || s.session.rounds.get(&next).is_some_and(|r| r.started);
+    // A session with a round in progress (or none yet) goes on with it; one whose rounds are all judged waits on
+    // the iterate screen for `continue`.
     if s.model == ModelStatus::NotLoaded {
-        s.model = ModelStatus::Loading;
-        let kind = JobKind::LoadModel { path: s.manifest.model.clone(), vector: s.vector_file.clone() };
-        jobs.push(s.job(kind));
+        if !lin.verdicts.is_empty() && !started {
+            let in_progress = next;
+            s.status = format!("round {} is judged; continue starts round {in_progress}", in_progress - 1);
+            jobs.extend(iterate::open(s));
+        } else {
+            jobs.extend(run_loop(s));
+        }
     }
-    jobs.extend(queue_missing_generation(s));
     if !s.warnings.is_empty() {
         let text = s.warnings.join("\n");
         s.message("Session opened with warnings", text);
@@ -602,20 +616,19 @@ fn init(s: &mut State) -> Vec<Job> {
     jobs
 }
 
-/// Generate jobs for the session's prompts that have no completions yet in this round.
-fn queue_missing_generation(s: &mut State) -> Vec<Job> {
-    let done = s.round_state().map(|r| r.generated_prompts()).unwrap_or_default();
-    let prompts = s.manifest.generation.prompts.clone();
-    let mut jobs = Vec::new();
-    for (i, p) in prompts.into_iter().enumerate() {
-        if done.contains(&i) || s.generating.contains(&i) {
-            continue;
-        }
-        s.generating.insert(i);
-        let req = s.generate_request(i, p);
-        jobs.push(s.job(JobKind::Generate(Box::new(req))));
+/// Run the loop on to the next gate it needs (or the next round); the worker loads the model first when it has
+/// none.
+pub fn run_loop(s: &mut State) -> Vec<Job> {
+    if s.loop_job.is_some() {
+        s.status = "a round is already running".into();
+        return vec![];
     }
-    jobs
+    if s.model == ModelStatus::NotLoaded {
+        s.model = ModelStatus::Loading;
+    }
+    let job = s.job(JobKind::RunRounds { rounds: None });
+    s.loop_job = Some(job.id);
+    vec![job]
 }
 
 /// Ticks a status message stays up (the loop ticks every 250 ms).
@@ -857,9 +870,13 @@ fn edit_action(s: &mut State, a: Action) -> Vec<Job> {
                         .max()
                         .map(|m| m + 1)
                         .unwrap_or(base);
+                    if !matches!(s.model, ModelStatus::Ready { .. }) {
+                        s.status = "the model is not ready yet; try again when the round is generated".into();
+                        return vec![];
+                    }
                     s.generating.insert(next);
                     s.status = format!("generating from your prompt (p{next:03})");
-                    let req = s.generate_request(next, text);
+                    let req = s.generate_request(next, next - base, text);
                     vec![s.job(JobKind::Generate(Box::new(req)))]
                 }
             }
@@ -888,10 +905,15 @@ fn confirm_action(s: &mut State, a: Action) -> Vec<Job> {
 
 fn write_gate(s: &mut State, passed: bool) -> Vec<Job> {
     let md = stats::gate_markdown(s, passed);
-    let rel = session::gate_q0_file(s.round);
-    let event = SessionEvent::GateWritten { round: s.round, gate: "q0".into(), file: rel.clone(), passed };
+    let rel = s.layout.round(s.round).gate_q0().rel;
+    let event = SessionEvent::GateWritten { round: s.round, gate: Gate::Q0, file: rel.clone(), passed };
     apply_event(&mut s.session, &event);
-    s.status = if passed { format!("gate Q0 passed; wrote {rel}") } else { format!("wrote {rel}") };
+    s.status = if passed {
+        format!("gate Q0 passed; wrote {rel}; healing round {} on the accepted completions", s.round)
+    } else {
+        format!("wrote {rel}")
+    };
+    // Passing the gate resumes the loop (heal) once the gate is on disk: see `on_output`'s `Recorded`.
     vec![s.job(JobKind::WriteArtifact { rel, contents: md.into_bytes(), event })]
 }
 
@@ -1038,11 +1060,12 @@ fn start_replay(s: &mut State) -> Vec<Job> {
     }
     let Some(row) = s.current().cloned() else { return vec![] };
     let at = s.cursor.min(row.completion.tokens.len());
+    let dose = s.applied_dose();
     let req = ReplayRequest {
         round: s.round,
         completion: row.completion.clone(),
         at,
-        dose: s.dose,
+        dose,
         sampling: s.sampling(),
         kl_window: s.manifest.generation.kl_window,
     };
@@ -1051,11 +1074,16 @@ fn start_replay(s: &mut State) -> Vec<Job> {
         job: job.id,
         completion: row.completion.id.clone(),
         at,
-        dose: s.dose,
+        dose,
         streamed: String::new(),
         result: None,
     });
-    s.status = format!("replaying {} from token {at} at dose {:.2}", row.completion.id, s.dose);
+    s.status = format!(
+        "replaying {} from token {at} at dose {dose:.2} ({:.2} × c* {:.2})",
+        row.completion.id,
+        s.dose,
+        s.c_star()
+    );
     vec![job]
 }
 
@@ -1195,12 +1223,13 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
             let p = stats::progress(s);
             s.popup = Some(Popup::Confirm {
                 question: format!(
-                    "Pass gate Q0 for round {} with {} of {} decided ({} accepted)?\nThis writes {}.",
+                    "Pass gate Q0 for round {} with {} of {} decided ({} accepted)?\nThis writes {} and heals the \
+                     round on the accepted completions.",
                     s.round,
                     p.decided,
                     p.total,
                     p.kept,
-                    session::gate_q0_file(s.round)
+                    s.layout.round(s.round).gate_q0().rel
                 ),
                 yes: Action::PassGate,
             });
@@ -1257,7 +1286,7 @@ fn adopt_replay(s: &mut State) -> Vec<Job> {
     let (id, at, dose) = (r.completion.clone(), r.at, r.dose);
     let Some(i) = s.rows.iter().position(|x| x.completion.id == id) else { return vec![] };
     let n = s.round_state().map(|r| r.replays.iter().filter(|x| x.completion == id).count()).unwrap_or(0);
-    let rel = format!("{}/replays/{id}-r{}.json", session::round_dir(s.round), n + 1);
+    let rel = s.layout.round(s.round).replay(&id, n + 1).rel;
     let contents = match serde_json::to_vec_pretty(&*row) {
         Ok(c) => c,
         Err(e) => {
@@ -1276,11 +1305,54 @@ fn adopt_replay(s: &mut State) -> Vec<Job> {
     vec![s.job(JobKind::WriteArtifact { rel, contents, event })]
 }
 
+/// Show an error popup; one already open stays on top (the first failure is usually the cause of the next).
+fn error_popup(s: &mut State, title: &str, text: String) {
+    match &mut s.popup {
+        Some(Popup::Message { title: t, text: body }) if t.starts_with("Failed") => {
+            body.push_str(&format!("\n\nthen, {}: {text}", title.to_lowercase()));
+        }
+        _ => s.message(title, text),
+    }
+}
+
+/// A round began generating: the gate-Q0 screen moves to it.
+fn on_round_started(s: &mut State, round: u32, c_star: f64) {
+    let vector = Some(s.layout.round(round).vector().rel);
+    if !s.session.rounds.get(&round).is_some_and(|r| r.started) {
+        apply_event(&mut s.session, &SessionEvent::RoundStarted { round, dose: c_star, vector });
+    }
+    if round != s.round {
+        s.round = round;
+        s.rows.clear();
+        s.replay = None;
+        s.reshow = None;
+        s.selected = 0;
+        s.cursor = 0;
+        s.refresh_view(None);
+    }
+    s.dose = s.round_state().map(|r| r.dose).unwrap_or(1.0);
+    s.dose_recorded = s.dose;
+    s.heal = None;
+    s.iterate = None;
+    s.status = format!("round {round}: generating steered completions at c* {c_star:.3}");
+}
+
+fn add_rows(s: &mut State, round: u32, prompt_index: usize, file: String, rows: Vec<ScoredCompletion>) {
+    let ids = rows.iter().map(|r| r.completion.id.clone()).collect();
+    apply_event(&mut s.session, &SessionEvent::CompletionsGenerated { round, prompt_index, file, ids });
+    if round == s.round {
+        let keep = s.current_id();
+        let known: BTreeSet<String> = s.rows.iter().map(|r| r.completion.id.clone()).collect();
+        s.rows.extend(rows.into_iter().filter(|r| !known.contains(&r.completion.id)));
+        s.refresh_view(keep);
+    }
+}
+
 fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
     match e {
-        WorkerEvent::Started { id, label } => {
-            s.jobs.insert(id, JobView { label, done: 0, total: 0, msg: String::new() });
-            if label == "generating" {
+        WorkerEvent::Started { id, tag } => {
+            s.jobs.insert(id, JobView { tag, done: 0, total: 0, msg: String::new() });
+            if tag == JobTag::Generate {
                 s.live = Some((id, BTreeMap::new()));
             }
         }
@@ -1300,31 +1372,43 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
                 }
             }
         }
+        WorkerEvent::RoundStarted { round, c_star, .. } => on_round_started(s, round, c_star),
+        WorkerEvent::Completions { round, part, file, rows, .. } => add_rows(s, round, part, file, rows),
+        WorkerEvent::ModelReady { model, vector_layers, .. } => {
+            apply_event(&mut s.session, &SessionEvent::ModelLoaded { model: model.clone(), weights_hash: String::new() });
+            s.model = ModelStatus::Ready { model, vector_layers };
+        }
         WorkerEvent::HealStep { id, round, record } => iterate::on_heal_step(s, id, round, *record),
         WorkerEvent::Finished { id, output } => {
             s.jobs.remove(&id);
             return on_output(s, id, output);
         }
         WorkerEvent::Failed { id, error } => {
-            let label = s.jobs.remove(&id).map(|j| j.label);
+            let tag = s.jobs.remove(&id).map(|j| j.tag);
             if s.live.as_ref().is_some_and(|l| l.0 == id) {
                 s.live = None;
             }
             if s.replay.as_ref().is_some_and(|r| r.job == id) {
                 s.replay = None;
             }
-            iterate::job_ended(s, id);
-            if label == Some("loading model") {
-                s.model = ModelStatus::Failed(error.clone());
+            if s.loop_job == Some(id) {
+                s.loop_job = None;
+                if !matches!(s.model, ModelStatus::Ready { .. }) {
+                    s.model = ModelStatus::Failed(error.clone());
+                }
             }
-            let title = match label {
-                Some(l) => format!("Failed while {l}"),
+            iterate::job_ended(s, id);
+            let title = match tag {
+                Some(t) => format!("Failed while {}", t.label()),
                 None => "A background job failed".to_string(),
             };
-            s.message(&title, error);
+            error_popup(s, &title, error);
         }
         WorkerEvent::Cancelled { id } => {
             s.jobs.remove(&id);
+            if s.loop_job == Some(id) {
+                s.loop_job = None;
+            }
             iterate::job_ended(s, id);
             if s.live.as_ref().is_some_and(|l| l.0 == id) {
                 s.live = None;
@@ -1334,28 +1418,44 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
     vec![]
 }
 
+/// A rounds job ended: show what it waits for.
+fn on_loop_stopped(s: &mut State, stopped: &Stopped) -> Vec<Job> {
+    s.status = stopped.to_string();
+    match stopped {
+        Stopped::AwaitingGateQ0(r) => {
+            if *r != s.round {
+                let c = s.session.rounds.get(r).map(|x| x.base_dose).unwrap_or(0.0);
+                on_round_started(s, *r, c);
+            }
+            s.heal = None;
+            s.iterate = None;
+            s.status = format!("round {r}: curate its completions, then pass gate Q0 (P)");
+            vec![]
+        }
+        Stopped::AwaitingGateQ1(r) => {
+            s.iterate = None;
+            s.heal = Some(iterate::HealView { round: *r, report: None, scroll: 0, note: String::new() });
+            s.status = format!("round {r} healed: keep or drop it (gate Q1)");
+            vec![s.job(JobKind::ReadGateQ1 { round: *r })]
+        }
+        Stopped::Reached(_) | Stopped::Floor { .. } => {
+            s.heal = None;
+            let mut jobs = iterate::open(s);
+            jobs.retain(|j| !matches!(j.kind, JobKind::RoundsStatus));
+            jobs
+        }
+        _ => vec![],
+    }
+}
+
 fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
     match out {
-        JobOutput::ModelLoaded { model, weights_hash, vector_layers, .. } => {
-            s.status = format!("model {model} loaded");
-            apply_event(&mut s.session, &SessionEvent::ModelLoaded { model: model.clone(), weights_hash });
-            s.model = ModelStatus::Ready { model, vector_layers };
-        }
         JobOutput::Completions { round, prompt_index, file, rows } => {
             if s.live.as_ref().is_some_and(|l| l.0 == id) {
                 s.live = None;
             }
             s.generating.remove(&prompt_index);
-            let ids = rows.iter().map(|r| r.completion.id.clone()).collect();
-            apply_event(
-                &mut s.session,
-                &SessionEvent::CompletionsGenerated { round, prompt_index, file, ids },
-            );
-            if round == s.round {
-                let keep = s.current_id();
-                s.rows.extend(rows);
-                s.refresh_view(keep);
-            }
+            add_rows(s, round, prompt_index, file, rows);
         }
         JobOutput::Replayed { row, .. } => {
             if let Some(r) = s.replay.as_mut().filter(|r| r.job == id) {
@@ -1379,9 +1479,26 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
                 s.status = format!("rescored {} completions", scores.len());
             }
         }
-        JobOutput::Recorded { .. } => {}
+        JobOutput::Recorded { event, .. } => match event {
+            // The researcher's gate is on disk: the loop goes on (heal after Q0; bake and eval after Q1 keep;
+            // the next round after a Q1 drop).
+            SessionEvent::GateWritten { gate: Gate::Q0, passed: true, round, .. } if round == s.round => {
+                s.heal = Some(iterate::HealView { round, report: None, scroll: 0, note: String::new() });
+                return run_loop(s);
+            }
+            SessionEvent::RoundGate { gate: Gate::Q1, .. } => return run_loop(s),
+            _ => {}
+        },
         JobOutput::Rounds { points, chain, branch, stopped } => {
-            return iterate::on_rounds(s, id, points, chain, branch, stopped)
+            let mut jobs = vec![];
+            if s.loop_job == Some(id) {
+                s.loop_job = None;
+                if let Some(st) = &stopped {
+                    jobs = on_loop_stopped(s, st);
+                }
+            }
+            jobs.extend(iterate::on_rounds(s, id, points, chain, branch, stopped));
+            return jobs;
         }
         JobOutput::GateQ1 { round, report, steps } => iterate::on_gate_q1(s, id, round, *report, steps),
         JobOutput::EvalSamples { samples } => iterate::on_samples(s, id, samples),

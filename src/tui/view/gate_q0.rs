@@ -47,12 +47,11 @@ pub fn header(s: &State, area: Rect, buf: &mut Buffer) {
     let cells = 10usize;
     let filled = ((s.dose / max).clamp(0.0, 1.0) * cells as f64).round() as usize;
     let slider = format!("{}{}", "■".repeat(filled), "□".repeat(cells - filled));
-    let base = s.round_state().map(|r| r.base_dose).unwrap_or(s.manifest.generation.dose);
     let line = Line::from(vec![
         Span::styled(" steer-heal ", BOLD.fg(Color::Black).bg(Color::Cyan)),
         Span::raw(format!(" session {} │ round {} │ model {} │ dose ", s.session_name, s.round, model)),
         Span::styled(slider, Style::new().fg(Color::Yellow)),
-        Span::raw(format!(" {:.2} (base {:.2})", s.dose, base)),
+        Span::raw(format!(" {:.2} × c* {:.2} = {:.2}", s.dose, s.c_star(), s.applied_dose())),
     ]);
     Paragraph::new(line).render(area, buf);
 }
@@ -323,7 +322,7 @@ pub fn progress_line(s: &State, area: Rect, buf: &mut Buffer) {
     if let Some(k) = stats::kappa(s).kappa {
         spans.push(Span::raw(format!(" │ κ {k:.2}")));
     }
-    if s.round_state().is_some_and(|r| r.gate_passed("q0")) {
+    if s.round_state().is_some_and(|r| r.gate_passed(crate::session::Gate::Q0)) {
         spans.push(Span::styled(" │ gate Q0 passed", BOLD.fg(Color::Green)));
     }
     for j in s.jobs.values() {
@@ -332,7 +331,12 @@ pub fn progress_line(s: &State, area: Rect, buf: &mut Buffer) {
         } else {
             String::new()
         };
-        spans.push(Span::styled(format!(" │ {}{pct}", j.label), Style::new().fg(Color::Yellow)));
+        let detail = if j.tag == crate::worker::JobTag::Rounds && !j.msg.is_empty() {
+            format!(": {}", j.msg.chars().take(48).collect::<String>())
+        } else {
+            String::new()
+        };
+        spans.push(Span::styled(format!(" │ {}{pct}{detail}", j.tag.label()), Style::new().fg(Color::Yellow)));
     }
     let queued = s.generating.len();
     if queued > 0 {

@@ -201,11 +201,10 @@ fn table(v: &IterateView, area: Rect, buf: &mut Buffer) {
 pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
     let Some(v) = &s.iterate else { return };
     if v.points.is_empty() {
-        let text = if v.running.is_some() {
-            "running the first round… (the base is evaluated first)".to_string()
+        let text = if s.loop_job.is_some() {
+            "running the round… (the base is evaluated before the first round's eval)".to_string()
         } else {
-            "No rounds yet. Continue runs the base evaluation and one round (extract → dose → generate → score → \
-             gate Q0 → heal → bake → eval) in the background."
+            "No rounds yet. Continue prepares a round (extract → dose → generate) for gate Q0 in the background."
                 .to_string()
         };
         Paragraph::new(text)

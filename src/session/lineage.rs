@@ -1,14 +1,17 @@
-//! Round lineage folded from the session's events: which stages of which round are done, which rounds were
-//! kept or dropped at gate Q2, and the active chain of kept rounds after rollbacks and forks. Pure; no I/O.
+//! Round lineage, part of the one fold of the session's events (`SessionState::lineage`): which stages of which
+//! round are done, which rounds were kept or dropped (gates Q1 and Q2), and the active chain of kept rounds after
+//! rollbacks and forks. Pure; no I/O.
 
-use crate::session::SessionEvent;
+use super::event::{Gate, SessionEvent, Stage};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The lineage of a session as its events tell it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Lineage {
     /// Finished stages per round, with the artifact each wrote.
-    pub done: BTreeMap<u32, BTreeMap<String, String>>,
+    pub done: BTreeMap<u32, BTreeMap<Stage, String>>,
+    /// The researcher's gate-Q1 call per round (kept or dropped), before gate Q2.
+    pub q1: BTreeMap<u32, bool>,
     /// Keep/drop per round: set by gate `q2`; a later drop at any gate (the researcher at `q1`) overrides it.
     pub verdicts: BTreeMap<u32, (bool, Option<String>)>,
     /// The kept rounds the student carries now, in order (after rollbacks and forks).
@@ -21,16 +24,42 @@ pub struct Lineage {
     pub parent: u32,
 }
 
+impl Default for Lineage {
+    fn default() -> Self {
+        Lineage {
+            done: BTreeMap::new(),
+            q1: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+            chain: Vec::new(),
+            abandoned: BTreeSet::new(),
+            branch: "main".into(),
+            parent: 0,
+        }
+    }
+}
+
 impl Lineage {
     /// Fold the events, in order.
     pub fn fold<'a>(events: impl IntoIterator<Item = &'a SessionEvent>) -> Self {
-        let mut l = Lineage { branch: "main".into(), ..Lineage::default() };
+        let mut l = Lineage::default();
         for e in events {
+            l.apply(e);
+        }
+        l
+    }
+
+    /// Apply one event.
+    pub fn apply(&mut self, e: &SessionEvent) {
+        let l = self;
+        {
             match e {
                 SessionEvent::StageDone { round, stage, file } => {
-                    l.done.entry(*round).or_default().insert(stage.clone(), file.clone());
+                    l.done.entry(*round).or_default().insert(*stage, file.clone());
                 }
-                SessionEvent::RoundGate { round, gate, keep, note } if gate == "q2" => {
+                SessionEvent::RoundGate { round, gate: Gate::Q1, keep, .. } if *keep => {
+                    l.q1.insert(*round, true);
+                }
+                SessionEvent::RoundGate { round, gate: Gate::Q2, keep, note } => {
                     l.verdicts.insert(*round, (*keep, note.clone()));
                     if *keep && !l.chain.contains(round) {
                         l.chain.push(*round);
@@ -40,7 +69,10 @@ impl Lineage {
                     }
                 }
                 // The researcher dropping a round at gate Q1 (after looking at the healed student) takes it out.
-                SessionEvent::RoundGate { round, keep: false, note, .. } => {
+                SessionEvent::RoundGate { round, gate, keep: false, note } => {
+                    if *gate == Gate::Q1 {
+                        l.q1.insert(*round, false);
+                    }
                     l.verdicts.insert(*round, (false, note.clone()));
                     l.chain.retain(|r| r != round);
                     if l.parent == *round {
@@ -55,7 +87,6 @@ impl Lineage {
                 _ => {}
             }
         }
-        l
     }
 
     /// Keep the chain up to and including `to` (0 = the base: empty chain).
@@ -72,8 +103,8 @@ impl Lineage {
     }
 
     /// Whether `stage` of `round` has finished.
-    pub fn is_done(&self, round: u32, stage: &str) -> bool {
-        self.done.get(&round).is_some_and(|m| m.contains_key(stage))
+    pub fn is_done(&self, round: u32, stage: Stage) -> bool {
+        self.done.get(&round).is_some_and(|m| m.contains_key(&stage))
     }
 
     /// The highest round number that has any event (0 when none).
@@ -94,7 +125,7 @@ mod tests {
     use super::*;
 
     fn gate(round: u32, keep: bool) -> SessionEvent {
-        SessionEvent::RoundGate { round, gate: "q2".into(), keep, note: None }
+        SessionEvent::RoundGate { round, gate: Gate::Q2, keep, note: None }
     }
 
     #[test]
@@ -102,7 +133,7 @@ mod tests {
         let events = vec![
             SessionEvent::StageDone {
                 round: 1,
-                stage: "extract".into(),
+                stage: Stage::Extract,
                 file: "round-01/vector.safetensors".into(),
             },
             gate(1, true),
@@ -113,8 +144,8 @@ mod tests {
             SessionEvent::Fork { from_round: 0, branch: "alt".into() },
         ];
         let l = Lineage::fold(&events);
-        assert!(l.is_done(1, "extract"));
-        assert!(!l.is_done(1, "dose"));
+        assert!(l.is_done(1, Stage::Extract));
+        assert!(!l.is_done(1, Stage::Dose));
         assert_eq!(l.chain, Vec::<u32>::new());
         assert_eq!(l.abandoned, BTreeSet::from([1, 3, 4]));
         assert_eq!(l.branch, "alt");
@@ -126,7 +157,7 @@ mod tests {
             gate(2, true),
             SessionEvent::RoundGate {
                 round: 2,
-                gate: "q1".into(),
+                gate: Gate::Q1,
                 keep: false,
                 note: Some("drifted".into()),
             },
