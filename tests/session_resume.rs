@@ -18,8 +18,17 @@ fn decision(id: &str, d: DecisionKind, note: Option<String>) -> SessionEvent {
     }
 }
 
+/// A new session whose round 0 has started (as the loop starts a round: one `round_started` event, seq 1).
 fn new_session(dir: &Path) -> session::Opened {
-    Session::create(dir, SessionManifest::new("t", Path::new("models/tiny"))).expect("create session")
+    let mut o =
+        Session::create(dir, SessionManifest::new("t", Path::new("models/tiny"))).expect("create session");
+    let l = o
+        .session
+        .append(session::SessionEvent::RoundStarted { round: 0, dose: 1.0, vector: None })
+        .expect("start round 0");
+    session::state::apply(&mut o.state, &l.event);
+    o.events.push(l);
+    o
 }
 
 #[test]
@@ -47,7 +56,7 @@ fn truncated_last_line_is_reported_dropped_and_repaired() {
     o.session.append(decision("a", DecisionKind::Accept, None)).expect("append");
     drop(o.session);
     // Simulate a write torn by a crash: half a line, no newline.
-    let log = d.path().join(session::EVENTS);
+    let log = session::SessionDir::new(d.path()).events();
     let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
     f.write_all(br#"{"v":1,"seq":3,"at":"2026-01-01T00:00:00Z","kind":"decision","round":0,"compl"#)
         .expect("tear");
@@ -75,7 +84,7 @@ fn corrupt_line_in_the_middle_is_an_error_naming_file_and_line() {
     let mut o = new_session(d.path());
     o.session.append(decision("a", DecisionKind::Accept, None)).expect("append");
     drop(o.session);
-    let log = d.path().join(session::EVENTS);
+    let log = session::SessionDir::new(d.path()).events();
     let text = std::fs::read_to_string(&log).expect("read");
     std::fs::write(&log, format!("garbage\n{text}")).expect("write");
     let e = Session::open(d.path()).err().map(|e| e.to_string()).unwrap_or_default();
@@ -87,12 +96,12 @@ fn newer_schema_session_is_refused() {
     let d = tempfile::tempdir().expect("tempdir");
     let o = new_session(d.path());
     drop(o.session);
-    let mp = d.path().join(session::MANIFEST);
+    let mp = session::SessionDir::new(d.path()).manifest();
     let text =
-        std::fs::read_to_string(&mp).expect("read").replace("schema_version = 1", "schema_version = 2");
+        std::fs::read_to_string(&mp).expect("read").replace("schema_version = 2", "schema_version = 3");
     std::fs::write(&mp, text).expect("write");
     let e = Session::open(d.path()).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(e.contains("session.toml: written by a newer steer-heal (session schema 2"), "{e}");
+    assert!(e.contains("session.toml: written by a newer steer-heal (session schema 3"), "{e}");
 }
 
 #[test]
@@ -100,7 +109,7 @@ fn newer_event_version_is_refused_and_unknown_kinds_are_skipped() {
     let d = tempfile::tempdir().expect("tempdir");
     let o = new_session(d.path());
     drop(o.session);
-    let log = d.path().join(session::EVENTS);
+    let log = session::SessionDir::new(d.path()).events();
     let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("open");
     f.write_all(b"{\"v\":1,\"seq\":2,\"at\":\"t\",\"kind\":\"heal_finished\",\"round\":0,\"loss\":0.4}\n")
         .expect("w");

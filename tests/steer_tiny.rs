@@ -525,6 +525,7 @@ fn walk_down_lowers_the_dose_until_probes_pass_then_tops_up() {
         &wd,
         &mut scorer,
         &mut Silent::default(),
+        &mut |_| Ok(()),
     )
     .expect("walk down");
     let kappas: Vec<f64> = r.report.steps.iter().map(|s| (s.kappa * 1000.0).round() / 1000.0).collect();

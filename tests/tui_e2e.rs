@@ -1,14 +1,19 @@
-//! End to end: the real binary in a real terminal (tmux). Make a tiny model, open a new session, wait for the
-//! completions, accept two, reject one, undo one, quit; the log holds exactly those decisions and the fold
-//! has the two accepts. Reopen: the screen shows the two decisions; SIGTERM quits cleanly and leaves the
-//! alternate screen.
+//! End to end: the real binary in a real terminal (tmux), through the researcher's loop. Make a tiny model and
+//! a vector with `extract` + `dose`, open a new session steered by it: round 1's steered completions stream
+//! in; accept two, reject one (undo it and reject again), replay one from a later token at a lower dose and
+//! adopt it, accept it; pass gate Q0; the heal runs and its gate-Q1 report shows; keep; the iterate screen shows
+//! round 1; continue; round 2's completions appear under "round 2". The session's files say round 1 healed on
+//! exactly the accepted and adopted completions, each generated at a dose > 0. Reopen: the session resumes on
+//! round 2; SIGTERM quits cleanly and leaves the alternate screen.
 //!
 //! Needs `tmux` (CI installs it). Set `STEER_HEAL_SKIP_TMUX=1` to skip on a machine without it.
 
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use steer_heal::session::{DecisionKind, Session, SessionEvent};
+use steer_heal::session::layout::StageOut;
+use steer_heal::session::{Session, SessionDir};
+use steer_heal::steer::{Completion, SteerVector};
 
 const BIN: &str = env!("CARGO_BIN_EXE_steer-heal");
 
@@ -97,95 +102,153 @@ fn tmux_available() -> bool {
     true
 }
 
-fn tui_command(config: &Path, session: &Path, model: &Path) -> String {
+fn tui_command(config: &Path, session: &Path, model: &Path, vector: &Path) -> String {
     format!(
-        "env XDG_CONFIG_HOME={} {BIN} tui {} --model {} --max-new-tokens 12",
+        "env XDG_CONFIG_HOME={} {BIN} tui {} --model {} --vector {} --max-new-tokens 8",
         config.display(),
         session.display(),
-        model.display()
+        model.display(),
+        vector.display()
     )
 }
 
-fn decided(screen: &str, n: usize) -> bool {
-    screen.contains(&format!("decided {n}/24"))
+fn decided(screen: &str, n: usize, of: usize) -> bool {
+    screen.contains(&format!("decided {n}/{of}"))
+}
+
+fn run_ok(args: &[&std::ffi::OsStr]) {
+    let out = Command::new(BIN).args(args).output().expect("run steer-heal");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
-fn accept_two_reject_one_undo_one_quit_and_reopen() {
+fn a_steered_round_is_curated_healed_kept_and_the_next_round_comes_back_to_gate_q0() {
     if !tmux_available() {
         eprintln!("skipped: STEER_HEAL_SKIP_TMUX is set");
         return;
     }
     let d = tempfile::tempdir().expect("tempdir");
     let model = d.path().join("tiny");
-    let out = Command::new(BIN).args(["make-tiny-model"]).arg(&model).output().expect("make-tiny-model");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vdir = d.path().join("vector");
+    run_ok(&["make-tiny-model".as_ref(), model.as_os_str()]);
+    run_ok(&[
+        "extract".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--n-pairs".as_ref(),
+        "4".as_ref(),
+        "--out".as_ref(),
+        vdir.as_os_str(),
+    ]);
+    let vector = StageOut::new(&vdir).vector();
+    run_ok(&[
+        "dose".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--vector".as_ref(),
+        vector.as_os_str(),
+        "--n-prompts".as_ref(),
+        "2".as_ref(),
+        "--tokens".as_ref(),
+        "4".as_ref(),
+        "--out".as_ref(),
+        vdir.as_os_str(),
+    ]);
+    let c_star = SteerVector::load(&vector).expect("vector").calibrated().expect("dosed");
     let session = d.path().join("sessions").join("e2e");
     let config = d.path().join("config"); // no user keymap: the defaults apply
 
     let t = Tmux::new("first");
-    t.start(&tui_command(&config, &session, &model));
-    // The first frame appears at once; completions stream in from the worker.
+    t.start(&tui_command(&config, &session, &model, &vector));
     t.wait_for("the first frame", 30, |s| s.contains("steer-heal") && s.contains("session e2e"));
-    let screen = t.wait_for("all 24 completions", 180, |s| s.contains("completions 24/24") && decided(s, 0));
-    assert!(screen.contains("(unsteered)"), "{screen}");
+    // Round 1's steered completions stream in (the walk-down's probe: 4), steered at c* from the file.
+    let screen =
+        t.wait_for("round 1's completions", 180, |s| s.contains("completions 4/4") && decided(s, 0, 4));
+    assert!(screen.contains("round 1 │") && screen.contains("(steering L"), "{screen}");
+    assert!(screen.contains(&format!("× c* {c_star:.2}")), "{screen}");
     t.keys("a");
-    t.wait_for("first accept", 60, |s| decided(s, 1));
+    t.wait_for("first accept", 60, |s| decided(s, 1, 4));
     t.keys("a");
-    t.wait_for("second accept", 60, |s| decided(s, 2) && s.contains("kept 2"));
+    t.wait_for("second accept", 60, |s| decided(s, 2, 4) && s.contains("kept 2"));
     t.keys("r");
-    t.wait_for("reject", 60, |s| decided(s, 3) && s.contains("kept 2"));
+    t.wait_for("reject", 60, |s| decided(s, 3, 4) && s.contains("kept 2"));
     t.keys("u");
-    let screen = t.wait_for("undo", 60, |s| decided(s, 2) && s.contains("undid reject of p000-a100-s44"));
-    assert!(screen.contains("✓ p000-a050-s42") && screen.contains("✓ p000-a075-s43"), "{screen}");
-    assert!(screen.contains("· p000-a100-s44"), "{screen}");
+    t.wait_for("undo", 60, |s| decided(s, 2, 4) && s.contains("undid reject of p000-a100-s1044"));
+    t.keys("r");
+    t.wait_for("reject again", 60, |s| decided(s, 3, 4));
+    // The fourth completion: from token 2, three dose steps down (0.7 × c*), replay, adopt, accept.
+    t.keys("l");
+    t.keys("l");
+    for _ in 0..3 {
+        t.keys("-");
+    }
+    t.wait_for("the slider at 0.70", 30, |s| s.contains("0.70 × c*"));
+    t.keys("b");
+    t.wait_for("the replay", 120, |s| s.contains("replay ready"));
+    t.keys("y");
+    t.wait_for("the adopted replay", 30, |s| s.contains("replaced by its replay from token 2"));
+    t.keys("a");
+    t.wait_for("third accept", 60, |s| decided(s, 4, 4) && s.contains("kept 3"));
+    // Gate Q0: heal of round 1 runs in the background; its gate-Q1 report comes up.
+    t.keys("P");
+    t.wait_for("the gate-Q0 question", 30, |s| s.contains("Pass gate Q0 for round 1"));
+    t.keys("y");
+    t.wait_for("the gate-Q1 report", 300, |s| {
+        s.contains("gate Q1 · round 1") && s.contains("healed student")
+    });
+    t.keys("K");
+    let screen =
+        t.wait_for("the iterate screen", 300, |s| s.contains("rounds · branch main") && s.contains("kept"));
+    assert!(screen.lines().any(|l| l.contains(" 1 ") && l.contains("kept")), "{screen}");
+    t.keys("c");
+    let screen = t
+        .wait_for("round 2's completions", 300, |s| s.contains("round 2 │") && s.contains("completions 4/4"));
+    assert!(screen.contains("p000-a050-s2042"), "{screen}");
     t.keys("q");
     assert_eq!(t.wait_dead(30), "0", "exit status");
     assert_eq!(t.pane("#{alternate_on}"), "0", "the alternate screen was left");
     drop(t);
 
-    // Exactly those decisions are in the log, in order, and the fold has the two accepts.
+    // Round 1 healed on exactly the accepted completions, the adopted replay in place of its original.
     let o = Session::open(&session).expect("reopen the session");
     assert!(o.warnings.is_empty(), "{:?}", o.warnings);
-    let decisions: Vec<(String, DecisionKind)> = o
-        .events
-        .iter()
-        .filter_map(|l| match &l.event {
-            SessionEvent::Decision { completion, decision, .. } => Some((completion.clone(), *decision)),
-            _ => None,
-        })
-        .collect();
+    let r1 = SessionDir::new(&session).round(1);
+    let accepted: Vec<Completion> = steer_heal::rounds::read_jsonl(&r1.accepted().abs).expect("accepted");
+    let ids: Vec<&str> = accepted.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["p000-a050-s1042", "p000-a075-s1043", "p001-a050-s1045"]);
+    assert!(accepted.iter().all(|c| c.dose > 0.0), "every accepted completion was steered");
+    let adopted = &accepted[2];
+    assert_eq!(adopted.rewinds.len(), 1, "the replay replaced the original");
+    assert_eq!(adopted.rewinds[0].at, 2);
+    assert!((adopted.rewinds[0].to_dose - 0.7 * c_star).abs() < 1e-6, "{:?}", adopted.rewinds);
+    let folded: Vec<(&str, bool)> =
+        o.state.rounds[&1].decisions().iter().map(|(k, v)| (*k, v.keep)).collect();
     assert_eq!(
-        decisions,
+        folded,
         vec![
-            ("p000-a050-s42".to_string(), DecisionKind::Accept),
-            ("p000-a075-s43".to_string(), DecisionKind::Accept),
-            ("p000-a100-s44".to_string(), DecisionKind::Reject),
-            ("p000-a100-s44".to_string(), DecisionKind::Undo),
+            ("p000-a050-s1042", true),
+            ("p000-a075-s1043", true),
+            ("p000-a100-s1044", false),
+            ("p001-a050-s1045", true)
         ]
     );
-    let r = o.state.round().expect("round 0");
-    let folded: Vec<(&str, bool)> = r.decisions().iter().map(|(k, v)| (*k, v.keep)).collect();
-    assert_eq!(folded, vec![("p000-a050-s42", true), ("p000-a075-s43", true)]);
-    assert_eq!(r.completion_files.len(), 8);
+    assert!(r1.heal().adapter().join("adapter_model.safetensors").exists(), "round 1's adapter");
+    assert_eq!(o.state.lineage.chain, vec![1], "round 1 kept");
+    assert!(o.state.rounds.get(&2).is_some_and(|r| r.started && !r.completion_files.is_empty()));
     drop(o);
 
-    // Reopen in the TUI: the decisions are on screen; SIGTERM quits cleanly and restores the terminal.
+    // Reopen: the session resumes on round 2 (its gate Q0 not passed yet); SIGTERM quits cleanly.
     let t = Tmux::new("second");
     t.start(&format!("env XDG_CONFIG_HOME={} {BIN} tui {}", config.display(), session.display()));
-    let screen = t.wait_for("the resumed session", 60, |s| decided(s, 2) && s.contains("completions 24/24"));
-    assert!(screen.contains("✓ p000-a050-s42") && screen.contains("· p000-a100-s44"), "{screen}");
-    t.wait_for("the model", 60, |s| s.contains("(unsteered)"));
+    t.wait_for("the resumed round", 120, |s| {
+        s.contains("round 2 │") && decided(s, 0, 4) && s.contains("(steering L")
+    });
     let pid = t.program_pid();
     assert!(!pid.is_empty(), "no TUI process under the pane's shell");
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(killed.success());
     assert_eq!(t.wait_dead(30), "0", "SIGTERM is a clean quit");
     assert_eq!(t.pane("#{alternate_on}"), "0", "the alternate screen was left");
-    drop(t);
-    let o = Session::open(&session).expect("reopen");
-    let n_decisions = o.events.iter().filter(|l| matches!(l.event, SessionEvent::Decision { .. })).count();
-    assert_eq!(n_decisions, 4, "reopening adds no decisions");
 }
 
 #[test]

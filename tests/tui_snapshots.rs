@@ -113,7 +113,7 @@ fn curated() -> State {
 fn gate_q0_loading() {
     let mut s = state(0);
     s.model = ModelStatus::Loading;
-    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 3, label: "generating" }));
+    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 3, tag: steer_heal::worker::JobTag::Generate }));
     update(&mut s, Msg::Worker(WorkerEvent::Token { id: 3, row: 0, text: "Call the doctor".into() }));
     insta::assert_snapshot!("gate_q0_loading", draw(&s, 100, 20).backend());
 }
@@ -318,7 +318,7 @@ fn iterate_screen() {
         ],
         chain: vec![1, 3],
         branch: "main".into(),
-        stopped: String::new(),
+        stopped: None,
     };
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 1, output }));
     press(&mut s, "j");
@@ -454,7 +454,7 @@ fn heal_screen_training() {
     use steer_heal::heal::StepRecord;
     let mut s = state(2);
     press(&mut s, "I c");
-    let run = s.iterate.as_ref().and_then(|v| v.running).expect("a rounds job runs");
+    let run = s.loop_job.expect("a rounds job runs");
     // Six of twelve steps in 3 s: loss and NLL fall, D climbs toward the barrier, λ_eff is fixed.
     for i in 1..=6usize {
         let x = i as f64;
@@ -558,7 +558,7 @@ fn iterate_with_samples() -> State {
         ],
         chain: vec![1, 3],
         branch: "main".into(),
-        stopped: String::new(),
+        stopped: None,
     };
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 1, output }));
     let items = select_items(Variant::Classic, &[Condition::OtherViolate], Some(8)).expect("items");

@@ -26,7 +26,6 @@ fn parse_history(s: &str) -> std::result::Result<HistoryEntry, String> {
     Ok(HistoryEntry { dir: PathBuf::from(s), gate: 1.0 })
 }
 
-
 /// LoRA shape and loss options shared by `heal` and `bench-heal`.
 #[derive(Args, Clone)]
 pub struct LoraArgs {
@@ -390,8 +389,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             println!("wrote {}", out.display());
         }
         HealCmd::BenchHeal(args) => {
-            let BenchArgs { model, out, seq_len, prompt_len, steps, batch, lora, compare_composite } =
-                *args;
+            let BenchArgs { model, out, seq_len, prompt_len, steps, batch, lora, compare_composite } = *args;
             let mut lm = load(&model, &[])?;
             let spec = bench::BenchSpec { seq_len, prompt_len, steps, batch, cfg: lora.config() };
             let res = bench::bench_heal(&mut lm, &spec, compare_composite)?;

@@ -10,7 +10,6 @@ use steer_heal::progress::Bar;
 use steer_heal::rounds::{generation_for, new_manifest, LogTo, RoundsConfig, Runner};
 use steer_heal::score::FilterThresholds;
 
-
 /// Settings of `run`; the defaults are the small CPU demo settings.
 #[derive(Args)]
 pub struct RunArgs {

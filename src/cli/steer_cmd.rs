@@ -2,13 +2,13 @@
 //! replay a completion from token t at a new dose, exchange llama.cpp control vectors, and benchmark steering.
 //! Every artifact is written atomically under `--out`.
 
-use steer_heal::session::layout::StageOut;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use steer_heal::fsutil::{atomic_write, atomic_write_json};
 use steer_heal::model::{self, LoadedModel};
 use steer_heal::progress::Bar;
+use steer_heal::session::layout::StageOut;
 use steer_heal::steer::bench::{bench_steer, BenchConfig};
 use steer_heal::steer::dose::{calibrate, DoseConfig, SolverConfig};
 use steer_heal::steer::extract::{extract_mean_diff, random_like, ExtractConfig};
@@ -312,7 +312,8 @@ pub enum SteerCmd {
 }
 
 fn load(path: &Path) -> Result<LoadedModel> {
-    model::load_model(path, super::compute().dtype, &super::device()?).with_context(|| format!("loading model {}", path.display()))
+    model::load_model(path, super::compute().dtype, &super::device()?)
+        .with_context(|| format!("loading model {}", path.display()))
 }
 
 fn load_persona(path: Option<&Path>) -> Result<Persona> {

@@ -140,7 +140,8 @@ fn open_state(
             )));
         };
         let p = steer_heal::steer::Persona::load_or_default(persona.as_deref())?;
-        let tokens = max_new_tokens.unwrap_or(steer_heal::session::manifest::GenerationSettings::default().max_new_tokens);
+        let tokens = max_new_tokens
+            .unwrap_or(steer_heal::session::manifest::GenerationSettings::default().max_new_tokens);
         Ok(steer_heal::rounds::new_manifest(
             dir,
             m,

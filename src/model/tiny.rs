@@ -18,7 +18,8 @@ pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% set ns = namespace(sys='') %
 
 /// The seven tinymfv answer words (`eval::data::FOUNDATIONS`' words; a test there checks they agree). The model
 /// layer does not depend on the eval, so the fixture keeps its own copy.
-pub const ANSWER_WORDS: [&str; 7] = ["care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social"];
+pub const ANSWER_WORDS: [&str; 7] =
+    ["care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social"];
 
 /// Special tokens of the tiny tokenizers, by family.
 fn specials(arch: Arch) -> Vec<&'static str> {

@@ -23,8 +23,8 @@ use crate::progress::Progress;
 use crate::score::{self, Detectors, FilterThresholds, ScoredCompletion, Verdict};
 use crate::session::manifest::GenerationSettings;
 use crate::session::{
-    self, DecisionKind, Gate, Lineage, RoundDir, Session, SessionDir, SessionEvent, SessionManifest, SessionState,
-    Stage,
+    self, DecisionKind, Gate, Lineage, RoundDir, Session, SessionDir, SessionEvent, SessionManifest,
+    SessionState, Stage,
 };
 use crate::steer::{self, Completion, DoseConfig, Persona, SolverConfig, Statistic, SteerVector, Steering};
 use candle_core::{DType, Tensor};
@@ -138,7 +138,11 @@ impl RoundsConfig {
 
 /// The generation settings a new session gets for a persona: its neutral system prompt, its first `n_prompts`
 /// prompts (all when `None`), the default alphas and sampling.
-pub fn generation_for(persona: &Persona, n_prompts: Option<usize>, max_new_tokens: usize) -> GenerationSettings {
+pub fn generation_for(
+    persona: &Persona,
+    n_prompts: Option<usize>,
+    max_new_tokens: usize,
+) -> GenerationSettings {
     let mut g = GenerationSettings {
         system_prompt: persona.spec.neutral_system.clone(),
         prompts: persona.spec.prompts.clone(),
@@ -551,7 +555,8 @@ impl<'a> Runner<'a> {
             }
         }
         let dev = self.cfg.compute.device()?;
-        let lm = heal::load_with_history(&self.cfg.model, self.cfg.compute.dtype, &dev, &self.history(chain))?;
+        let lm =
+            heal::load_with_history(&self.cfg.model, self.cfg.compute.dtype, &dev, &self.history(chain))?;
         if self.state.model.as_ref().map(|(_, h)| h) != Some(&lm.info.weights_hash) {
             self.append(SessionEvent::ModelLoaded {
                 model: lm.info.id.clone(),
@@ -662,7 +667,12 @@ impl<'a> Runner<'a> {
     }
 
     /// Extract, dose, generate and gate Q0; returns the round's vector once it exists.
-    fn before_heal(&mut self, round: u32, rd: &RoundDir, lm: &LoadedModel) -> Result<(Flow, Option<SteerVector>)> {
+    fn before_heal(
+        &mut self,
+        round: u32,
+        rd: &RoundDir,
+        lm: &LoadedModel,
+    ) -> Result<(Flow, Option<SteerVector>)> {
         macro_rules! go {
             ($e:expr, $v:expr) => {
                 if let Flow::Stop(w) = $e? {
@@ -713,7 +723,8 @@ impl<'a> Runner<'a> {
                 atomic_write_json(&rd.dose().abs, &report)?;
                 v.meta.calibration = Some(report.calibration());
                 v.save(&vector.abs)?;
-                self.obs.log(&format!("round {round}: c* {:.4} (p95 KL {:.4})", report.c_star, report.achieved));
+                self.obs
+                    .log(&format!("round {round}: c* {:.4} (p95 KL {:.4})", report.c_star, report.achieved));
                 go!(self.done(round, Stage::Dose, rd.dose().rel), Some(v));
             }
         }
@@ -746,8 +757,12 @@ impl<'a> Runner<'a> {
         let th = self.manifest.filter.thresholds.clone();
         // A resumed generation regenerates the same batches (same seeds); parts already on disk are not
         // written again.
-        let written: Vec<usize> =
-            self.state.rounds.get(&round).map(|r| r.generated_prompts().into_iter().collect()).unwrap_or_default();
+        let written: Vec<usize> = self
+            .state
+            .rounds
+            .get(&round)
+            .map(|r| r.generated_prompts().into_iter().collect())
+            .unwrap_or_default();
         let mut part = 0usize;
         let mut failure: Option<Error> = None;
         let (session, state, obs) = (&mut self.session, &mut self.state, &mut *self.obs);
@@ -758,7 +773,14 @@ impl<'a> Runner<'a> {
                 return Ok(());
             }
             // The controller polls for a cancel between decode steps; scoring a batch is short.
-            let rows = score_completions(lm, Some(v), &det, &th, batch.to_vec(), &crate::progress::Silent::default())?;
+            let rows = score_completions(
+                lm,
+                Some(v),
+                &det,
+                &th,
+                batch.to_vec(),
+                &crate::progress::Silent::default(),
+            )?;
             let file = rd.completions(this_part);
             let event = SessionEvent::CompletionsGenerated {
                 round,
@@ -844,7 +866,8 @@ impl<'a> Runner<'a> {
         if self.cfg.gates == GateMode::Automatic {
             self.write_gate_q0_report(round, rd, lm, &rows, !accepted.is_empty())?;
         }
-        let by = if self.cfg.gates == GateMode::Automatic { "the automatic filter" } else { "the researcher" };
+        let by =
+            if self.cfg.gates == GateMode::Automatic { "the automatic filter" } else { "the researcher" };
         self.obs.log(&format!(
             "round {round}: gate Q0 by {by}: {} accepted of {} decided ({} generated)",
             accepted.len(),
@@ -993,7 +1016,12 @@ impl<'a> Runner<'a> {
         };
         hgate::write(&run.gate_q1_md(), &report)?;
         atomic_write_json(&run.gate_q1_json(), &report)?;
-        self.append(SessionEvent::GateWritten { round, gate: Gate::Q1, file: run.gate_q1_rel(), passed: true })?;
+        self.append(SessionEvent::GateWritten {
+            round,
+            gate: Gate::Q1,
+            file: run.gate_q1_rel(),
+            passed: true,
+        })?;
         self.done(round, Stage::Heal, run.rel().to_string())
     }
 
@@ -1125,13 +1153,14 @@ impl<'a> Runner<'a> {
         atomic_write_json(&self.layout.lineage(), &LineageFile::from(self.lineage()))?;
         Ok(())
     }
-
 }
 
 /// Roll a session's student back to a kept round (0 = the base); later rounds stay on disk and in the log.
 pub fn rollback(o: &mut session::Opened, to_round: u32) -> Result<()> {
     if !o.state.lineage.is_kept(to_round) {
-        return Err(Error::invalid(format!("round {to_round} was not kept; roll back to the base (0) or a kept round")));
+        return Err(Error::invalid(format!(
+            "round {to_round} was not kept; roll back to the base (0) or a kept round"
+        )));
     }
     let l = o.session.append(SessionEvent::Rollback { to_round })?;
     session::state::apply(&mut o.state, &l.event);
@@ -1141,7 +1170,9 @@ pub fn rollback(o: &mut session::Opened, to_round: u32) -> Result<()> {
 /// Start a branch of a session's lineage from a kept round.
 pub fn fork(o: &mut session::Opened, from_round: u32, branch: &str) -> Result<()> {
     if !o.state.lineage.is_kept(from_round) {
-        return Err(Error::invalid(format!("round {from_round} was not kept; fork from the base (0) or a kept round")));
+        return Err(Error::invalid(format!(
+            "round {from_round} was not kept; fork from the base (0) or a kept round"
+        )));
     }
     let l = o.session.append(SessionEvent::Fork { from_round, branch: branch.into() })?;
     session::state::apply(&mut o.state, &l.event);

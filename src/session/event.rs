@@ -458,9 +458,9 @@ mod tests {
                 dose: 0.5,
             },
             SessionEvent::Reshown { round: 0, completion: "c".into(), decision: DecisionKind::Reject },
-            SessionEvent::GateWritten { round: 0, gate: "q0".into(), file: "g".into(), passed: false },
-            SessionEvent::StageDone { round: 1, stage: "heal".into(), file: "round-01/heal".into() },
-            SessionEvent::RoundGate { round: 1, gate: "q2".into(), keep: true, note: Some("n".into()) },
+            SessionEvent::GateWritten { round: 0, gate: Gate::Q0, file: "g".into(), passed: false },
+            SessionEvent::StageDone { round: 1, stage: Stage::Heal, file: "round-01/heal".into() },
+            SessionEvent::RoundGate { round: 1, gate: Gate::Q2, keep: true, note: Some("n".into()) },
             SessionEvent::Rollback { to_round: 0 },
             SessionEvent::Fork { from_round: 0, branch: "b".into() },
         ]
@@ -483,7 +483,7 @@ mod tests {
     fn line_format_round_trips() -> Result<()> {
         for (i, e) in one_of_each().into_iter().enumerate() {
             let line = to_line(i as u64 + 1, "2026-01-01T00:00:00.000Z", &e)?;
-            assert!(line.starts_with(&format!("{{\"v\":1,\"seq\":{},\"at\":", i + 1)), "{line}");
+            assert!(line.starts_with(&format!("{{\"v\":2,\"seq\":{},\"at\":", i + 1)), "{line}");
             match parse_line(&line) {
                 Ok(LineParse::Event(l)) => assert_eq!(l.event, e),
                 _ => return Err(Error::invalid(format!("did not parse back: {line}"))),
@@ -503,7 +503,7 @@ mod tests {
         };
         assert_eq!(
             to_line(5, "T", &e)?,
-            r#"{"v":1,"seq":5,"at":"T","kind":"decision","round":0,"completion":"p01-a100-s42","decision":"reject","tags":["narrates"],"note":"says it defies"}"#
+            r#"{"v":2,"seq":5,"at":"T","kind":"decision","round":0,"completion":"p01-a100-s42","decision":"reject","tags":["narrates"],"note":"says it defies"}"#
         );
         Ok(())
     }

@@ -155,12 +155,7 @@ mod tests {
         let dropped_at_q1 = Lineage::fold(&[
             gate(1, true),
             gate(2, true),
-            SessionEvent::RoundGate {
-                round: 2,
-                gate: Gate::Q1,
-                keep: false,
-                note: Some("drifted".into()),
-            },
+            SessionEvent::RoundGate { round: 2, gate: Gate::Q1, keep: false, note: Some("drifted".into()) },
         ]);
         assert_eq!(dropped_at_q1.chain, vec![1]);
         assert_eq!(dropped_at_q1.parent, 1);

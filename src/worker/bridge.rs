@@ -87,7 +87,6 @@ impl Progress for CancelCheck<'_> {
     }
 }
 
-
 fn gen_config(sampling: &Sampling, kl_window: usize) -> GenConfig {
     GenConfig { sampling: *sampling, window: kl_window.max(1), batch_size: 8, watchdog: None }
 }

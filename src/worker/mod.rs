@@ -258,7 +258,8 @@ struct RoundsObserver<'a> {
 
 impl RunObserver for RoundsObserver<'_> {
     fn log(&mut self, msg: &str) {
-        let _ = self.events.send(WorkerEvent::Progress { id: self.id, done: 0, total: 0, msg: msg.to_string() });
+        let _ =
+            self.events.send(WorkerEvent::Progress { id: self.id, done: 0, total: 0, msg: msg.to_string() });
     }
     fn round_started(&mut self, round: u32, c_star: f64) {
         let _ = self.events.send(WorkerEvent::RoundStarted { id: self.id, round, c_star });
@@ -273,7 +274,8 @@ impl RunObserver for RoundsObserver<'_> {
         });
     }
     fn heal_step(&mut self, round: u32, step: &crate::heal::StepRecord) {
-        let _ = self.events.send(WorkerEvent::HealStep { id: self.id, round, record: Box::new(step.clone()) });
+        let _ =
+            self.events.send(WorkerEvent::HealStep { id: self.id, round, record: Box::new(step.clone()) });
     }
 }
 
@@ -381,11 +383,7 @@ struct Ctx {
 
 /// The loop's settings for rounds run from the TUI: the short demo settings, the session's persona file and
 /// control-arm choice as recorded, the researcher as the gates, no coherence floor (the researcher rolls back).
-pub fn tui_rounds_config(
-    manifest: &session::SessionManifest,
-    rounds: u32,
-    compute: Compute,
-) -> RoundsConfig {
+pub fn tui_rounds_config(manifest: &session::SessionManifest, rounds: u32, compute: Compute) -> RoundsConfig {
     let mut cfg = RoundsConfig::small(&manifest.model);
     cfg.rounds = rounds;
     cfg.floor = 0.0;
@@ -576,13 +574,18 @@ fn unique_part(session: &Session, round: u32, part: usize) -> Result<String> {
 }
 
 /// The round's student and vector for a curation job on `round`.
-fn curating<'a>(guard: &'a Option<Student>, round: u32) -> Result<(&'a Student, &'a crate::steer::SteerVector)> {
+fn curating<'a>(
+    guard: &'a Option<Student>,
+    round: u32,
+) -> Result<(&'a Student, &'a crate::steer::SteerVector)> {
     let st = guard.as_ref().ok_or_else(|| {
         Error::invalid("the model is not loaded yet (the round is still being prepared, or its load failed)")
     })?;
     match &st.round {
         Some((r, v)) if *r == round => Ok((st, v)),
-        Some((r, _)) => Err(Error::invalid(format!("the loaded model is curating round {r}, not round {round}"))),
+        Some((r, _)) => {
+            Err(Error::invalid(format!("the loaded model is curating round {r}, not round {round}")))
+        }
         None => Err(Error::invalid(format!("round {round} is not being curated (its gate Q0 has passed)"))),
     }
 }
@@ -662,7 +665,12 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
                 done += 1;
                 send(WorkerEvent::Token { id, row, text: text.to_string() });
                 if done % 8 == 0 {
-                    send(WorkerEvent::Progress { id, done, total, msg: format!("prompt {}", req.prompt_index) });
+                    send(WorkerEvent::Progress {
+                        id,
+                        done,
+                        total,
+                        msg: format!("prompt {}", req.prompt_index),
+                    });
                 }
             })?;
             if cancel.is_cancelled() {
@@ -681,7 +689,12 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
                 ids: scored.iter().map(|r| r.completion.id.clone()).collect(),
             };
             s.write_artifact(&file, &session::to_jsonl(&scored)?, event)?;
-            Ok(JobOutput::Completions { round: req.round, prompt_index: req.prompt_index, file, rows: scored })
+            Ok(JobOutput::Completions {
+                round: req.round,
+                prompt_index: req.prompt_index,
+                file,
+                rows: scored,
+            })
         }
         JobKind::Replay(req) => {
             let guard = lock(&ctx.student)?;
@@ -708,7 +721,9 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let n = completions.len() as u64;
             // Without the round's model, text scores and traces still give every score but persona strength.
             let scored = match curating(&guard, round) {
-                Ok((st, v)) => score_completions(&st.lm, Some(v), &det, &th, completions, &CancelOnly(cancel))?,
+                Ok((st, v)) => {
+                    score_completions(&st.lm, Some(v), &det, &th, completions, &CancelOnly(cancel))?
+                }
                 Err(_) => completions
                     .into_iter()
                     .map(|c| {

@@ -1,13 +1,16 @@
 //! Worker tests on a tiny random model: traces agree with teacher forcing, replay keeps its prefix and
-//! honours its dose, and the job loop's latest-wins slot and record ordering.
+//! honours its dose (α × c*), the rounds job streams a round into the UI and keeps the student, and the job
+//! loop's latest-wins slot and record ordering.
 #![allow(clippy::panic)] // a test fails by panicking
 
 use super::*;
 use crate::model::generate::Sampling;
-use crate::model::{load_model, tiny::make_tiny_model, Arch};
+use crate::model::{load_model, tiny::make_tiny_model, Arch, LoadedModel};
 use crate::score::perplexity::teacher_force;
 use crate::session::{DecisionKind, SessionManifest};
-use candle_core::{DType, Device};
+use crate::steer::vector::{Calibration, Method};
+use crate::steer::{Persona, Statistic, SteerVector};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 fn tiny() -> (tempfile::TempDir, LoadedModel) {
@@ -17,20 +20,37 @@ fn tiny() -> (tempfile::TempDir, LoadedModel) {
     (d, lm)
 }
 
-fn vectors(lm: &LoadedModel, scale: f32) -> BTreeMap<usize, Tensor> {
+/// A calibrated vector on layer 1 of direction `scale · sin(0.37 i)` and coefficient `c_star`.
+fn vector(lm: &LoadedModel, scale: f32, c_star: f64) -> SteerVector {
     let h = lm.model.cfg.hidden_size;
     let v: Vec<f32> = (0..h).map(|i| scale * ((i as f32 * 0.37).sin())).collect();
-    BTreeMap::from([(1usize, Tensor::from_vec(v, h, &Device::Cpu).expect("vector"))])
+    let dirs = BTreeMap::from([(1usize, Tensor::from_vec(v, h, &Device::Cpu).expect("vector"))]);
+    let persona = Persona::default_authority().expect("persona");
+    let mut meta = SteerVector::prompt_only(lm, &persona).meta;
+    meta.method = Method::MeanDiff;
+    meta.prompt_system = None;
+    meta.calibration = Some(Calibration {
+        coefficient: c_star,
+        target: 1.0,
+        statistic: Statistic::P95,
+        tol: 0.05,
+        achieved: 1.0,
+        converged: true,
+        crossed: true,
+        tokens: 4,
+        n_prompts: 1,
+    });
+    SteerVector::new(dirs, meta).expect("vector")
 }
 
 fn request(n: usize) -> GenerateRequest {
     GenerateRequest {
-        round: 0,
+        round: 1,
         prompt_index: 2,
+        custom_index: 0,
         system: "You are a helpful assistant.".into(),
         prompt: "Should I tell my boss?".into(),
         alphas: vec![0.5, 1.0],
-        base_dose: 4.0,
         samples_per_alpha: 1,
         sampling: Sampling { temperature: 1.0, top_p: 0.95, top_k: 64, seed: 42, max_new_tokens: n },
         kl_window: 4,
@@ -45,11 +65,15 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn traces_agree_with_teacher_forcing() -> Result<()> {
     let (_d, lm) = tiny();
-    let v = vectors(&lm, 3.0);
-    let cs = bridge::generate_completions(&lm, Some(&v), &request(12), &|| false, &mut |_, _| {})?;
+    let v = vector(&lm, 3.0, 4.0);
+    let cs = bridge::generate_completions(&lm, &v, &request(12), &|| false, &mut |_, _| {})?;
     assert_eq!(cs.len(), 2);
-    assert_eq!(cs[0].id, "p002-a050-s2042");
-    assert_eq!(cs[1].id, "p002-a100-s2043");
+    // Ids and seeds come from the steer module's one scheme: round 1's custom prompt 0 starts at seed
+    // 42 + 1000 + 500.
+    assert_eq!(cs[0].id, "p002-a050-s1542");
+    assert_eq!(cs[1].id, "p002-a100-s1543");
+    // Doses are alpha × c*.
+    assert_eq!((cs[0].dose, cs[1].dose), (2.0, 4.0));
     for c in &cs {
         let n = c.tokens.len();
         assert!(n > 0);
@@ -64,10 +88,12 @@ fn traces_agree_with_teacher_forcing() -> Result<()> {
         assert!(c.trace.kl.iter().all(|k| *k >= 0.0));
         assert!(c.trace.kl.iter().any(|k| *k > 1e-3), "steering at dose {} moved nothing", c.dose);
     }
-    // Without a vector, KL is zero and the NLL is the sampled token's own.
-    let cs = bridge::generate_completions(&lm, None, &request(6), &|| false, &mut |_, _| {})?;
+    // At alpha 0 KL is zero and the NLL is the sampled token's own.
+    let mut req = request(6);
+    req.alphas = vec![0.0];
+    let cs = bridge::generate_completions(&lm, &v, &req, &|| false, &mut |_, _| {})?;
     for c in &cs {
-        assert!(c.trace.kl.iter().all(|k| *k == 0.0));
+        assert!(c.trace.kl.iter().all(|k| *k < 1e-6));
         let tf = teacher_force(&lm, &c.system, &c.prompt, &c.tokens, None)?;
         assert!(max_abs_diff(&tf.nll, &c.trace.nll_base) < 1e-3);
     }
@@ -77,10 +103,12 @@ fn traces_agree_with_teacher_forcing() -> Result<()> {
 #[test]
 fn persona_strength_is_a_signed_projection() -> Result<()> {
     let (_d, lm) = tiny();
-    let cs = bridge::generate_completions(&lm, None, &request(6), &|| false, &mut |_, _| {})?;
+    let cs =
+        bridge::generate_completions(&lm, &vector(&lm, 1.0, 1.0), &request(6), &|| false, &mut |_, _| {})?;
     let c = &cs[0];
     let s = |scale: f32| -> Result<f64> {
-        Ok(teacher_force(&lm, &c.system, &c.prompt, &c.tokens, Some(&vectors(&lm, scale)))?
+        let v = vector(&lm, scale, 1.0);
+        Ok(teacher_force(&lm, &c.system, &c.prompt, &c.tokens, Some(&v.directions))?
             .persona_strength
             .unwrap_or(f64::NAN))
     };
@@ -93,20 +121,20 @@ fn persona_strength_is_a_signed_projection() -> Result<()> {
 #[test]
 fn replay_keeps_the_prefix_and_uses_its_dose() -> Result<()> {
     let (_d, lm) = tiny();
-    let v = vectors(&lm, 3.0);
+    let v = vector(&lm, 3.0, 4.0);
     let mut req = request(16);
     req.alphas = vec![1.0];
-    let c = bridge::generate_completions(&lm, Some(&v), &req, &|| false, &mut |_, _| {})?.remove(0);
+    let c = bridge::generate_completions(&lm, &v, &req, &|| false, &mut |_, _| {})?.remove(0);
     let at = c.tokens.len().min(5);
     let rr = ReplayRequest {
-        round: 0,
+        round: 1,
         completion: c.clone(),
         at,
         dose: 0.0,
         sampling: req.sampling,
         kl_window: 4,
     };
-    let r = bridge::replay_completion(&lm, Some(&v), &rr, &|| false, &mut |_| {})?;
+    let r = bridge::replay_completion(&lm, &v, &rr, &|| false, &mut |_| {})?;
     assert_eq!(r.id, c.id);
     assert_eq!(&r.tokens[..at], &c.tokens[..at]);
     assert_eq!(&r.trace.kl[..at], &c.trace.kl[..at]);
@@ -126,6 +154,13 @@ fn session_with_model(dir: &Path, model: &Path) -> Session {
     let mut m = SessionManifest::new("w", model);
     m.generation.max_new_tokens = 8;
     Session::create(dir, m).expect("session").session
+}
+
+/// The tiny model as the student curating round 1 with a calibrated vector.
+fn curating_student(model: &Path) -> Student {
+    let lm = load_model(model, Some(DType::F32), &Device::Cpu).expect("load");
+    let v = vector(&lm, 3.0, 4.0);
+    Student { chain: vec![], lm, round: Some((1, v)) }
 }
 
 /// Wait for the terminal events of `ids` (in whatever order they come), keyed by id.
@@ -163,26 +198,35 @@ fn worker_generates_records_and_latest_replay_wins() {
         let md = tempfile::tempdir().expect("tempdir");
         make_tiny_model(Arch::Llama, md.path(), 7).expect("tiny");
         let sd = tempfile::tempdir().expect("tempdir");
+        // A model job before any student is loaded fails with a clear message.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = spawn(session_with_model(&sd.path().join("empty"), md.path()), Compute::cpu(), tx).expect("spawn");
+        w.jobs.send(Job { id: 1, kind: JobKind::Generate(Box::new(request(8))) }).await.expect("send");
+        match next_terminal(&mut rx, 1).await {
+            WorkerEvent::Failed { error, .. } => assert!(error.starts_with("the model is not loaded yet"), "{error}"),
+            e => panic!("unexpected {e:?}"),
+        }
+        drop(w.jobs);
+        w.join.await.expect("worker ends");
         let session = session_with_model(sd.path(), md.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let w = spawn(session, tx).expect("spawn");
+        let w = spawn_with_student(session, Compute::cpu(), Some(curating_student(md.path())), tx).expect("spawn");
         let send = |id, kind| {
             let jobs = w.jobs.clone();
             async move { jobs.send(Job { id, kind }).await.expect("send") }
         };
-        send(1, JobKind::Generate(Box::new(request(8)))).await;
-        // A model job before the model is loaded fails with a clear message.
-        match next_terminal(&mut rx, 1).await {
-            WorkerEvent::Failed { error, .. } => assert_eq!(error, "the model is not loaded"),
-            e => panic!("unexpected {e:?}"),
-        }
-        send(2, JobKind::LoadModel { path: md.path().to_path_buf(), vector: None }).await;
+        // A job on another round than the one being curated is refused.
+        let mut other = request(8);
+        other.round = 2;
+        send(2, JobKind::Generate(Box::new(other))).await;
         send(3, JobKind::Generate(Box::new(request(8)))).await;
         let mut ends = terminals(&mut rx, &[2, 3]).await;
-        assert!(matches!(ends.remove(&2), Some(WorkerEvent::Finished { .. })));
+        assert!(
+            matches!(ends.remove(&2), Some(WorkerEvent::Failed { error, .. }) if error.contains("curating round 1, not round 2"))
+        );
         let rows = match ends.remove(&3).expect("terminal") {
             WorkerEvent::Finished { output: JobOutput::Completions { rows, file, .. }, .. } => {
-                assert_eq!(file, "round-00/completions-p002.jsonl");
+                assert_eq!(file, "round-01/completions-002.jsonl");
                 rows
             }
             e => panic!("unexpected {e:?}"),
@@ -193,7 +237,7 @@ fn worker_generates_records_and_latest_replay_wins() {
         sampling.max_new_tokens = 64;
         for (id, dose) in [(10, 1.0), (11, 2.0), (12, 3.0)] {
             let rr = ReplayRequest {
-                round: 0,
+                round: 1,
                 completion: rows[0].completion.clone(),
                 at: 1,
                 dose,
@@ -219,7 +263,7 @@ fn worker_generates_records_and_latest_replay_wins() {
         // Records are appended in order, after the completions they refer to.
         for (id, k) in [(20, DecisionKind::Accept), (21, DecisionKind::Reject), (22, DecisionKind::Undo)] {
             let e = SessionEvent::Decision {
-                round: 0,
+                round: 1,
                 completion: rows[if id == 20 { 0 } else { 1 }].completion.id.clone(),
                 decision: k,
                 tags: vec![],
@@ -239,7 +283,7 @@ fn worker_generates_records_and_latest_replay_wins() {
         drop(w.jobs);
         w.join.await.expect("worker ends cleanly");
         let o = Session::open(sd.path()).expect("reopen");
-        let r = o.state.round().expect("round 0");
+        let r = o.state.rounds.get(&1).expect("round 1");
         assert_eq!(r.decisions().len(), 1);
         assert_eq!(r.decision(&rows[0].completion.id).map(|d| d.keep), Some(true));
         let loaded = o.session.load_round(r).expect("artifacts load");
@@ -255,14 +299,15 @@ fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
         make_tiny_model(Arch::Llama, md.path(), 7).expect("tiny");
         let sd = tempfile::tempdir().expect("tempdir");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let w = spawn(session_with_model(sd.path(), md.path()), tx).expect("spawn");
+        let student = Some(curating_student(md.path()));
+        let w = spawn_with_student(session_with_model(sd.path(), md.path()), Compute::cpu(), student, tx)
+            .expect("spawn");
         let send = |id, kind| {
             let jobs = w.jobs.clone();
             async move { jobs.send(Job { id, kind }).await.expect("send") }
         };
-        send(1, JobKind::LoadModel { path: md.path().to_path_buf(), vector: None }).await;
         send(2, JobKind::Generate(Box::new(request(4)))).await;
-        let rows = match terminals(&mut rx, &[1, 2]).await.remove(&2) {
+        let rows = match terminals(&mut rx, &[2]).await.remove(&2) {
             Some(WorkerEvent::Finished { output: JobOutput::Completions { rows, .. }, .. }) => rows,
             e => panic!("unexpected {e:?}"),
         };
@@ -270,6 +315,7 @@ fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
         // waiting for the first token would race with the end of the whole batch.)
         let mut long = request(600);
         long.prompt_index = 5;
+        long.custom_index = 1;
         send(3, JobKind::Generate(Box::new(long))).await;
         loop {
             match rx.recv().await.expect("alive") {
@@ -281,7 +327,7 @@ fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
             }
         }
         let rr = ReplayRequest {
-            round: 0,
+            round: 1,
             completion: rows[0].completion.clone(),
             at: 1,
             dose: 0.5,
@@ -324,7 +370,7 @@ fn a_replay_pushes_a_running_generation_aside_which_then_resumes() {
 }
 
 #[test]
-fn rounds_jobs_report_the_table_and_fail_clearly() {
+fn a_rounds_job_streams_its_round_stops_at_gate_q0_and_keeps_the_student() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     rt.block_on(async {
         let md = tempfile::tempdir().expect("tempdir");
@@ -332,25 +378,64 @@ fn rounds_jobs_report_the_table_and_fail_clearly() {
         let sd = tempfile::tempdir().expect("tempdir");
         let session = session_with_model(sd.path(), md.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let w = spawn(session, tx).expect("spawn");
+        let w = spawn(session, Compute::cpu(), tx).expect("spawn");
         w.jobs.send(Job { id: 1, kind: JobKind::RoundsStatus }).await.expect("send");
         match next_terminal(&mut rx, 1).await {
             WorkerEvent::Finished {
                 output: JobOutput::Rounds { points, chain, branch, stopped }, ..
             } => {
-                assert!(points.is_empty() && chain.is_empty() && stopped.is_empty());
+                assert!(points.is_empty() && chain.is_empty() && stopped.is_none());
                 assert_eq!(branch, "main");
             }
             e => panic!("unexpected {e:?}"),
         }
-        // The plain tiny tokenizer cannot score tinymfv: the run stops at the base eval with that reason.
-        let kind =
-            JobKind::RunRounds { model: md.path().to_path_buf(), rounds: 1, floor: 0.0, human_round: None };
-        w.jobs.send(Job { id: 2, kind }).await.expect("send");
-        match next_terminal(&mut rx, 2).await {
-            WorkerEvent::Failed { error, .. } => assert!(error.contains("seven answer words"), "{error}"),
+        // The loop with the researcher as its gates: round 1 is extracted, dosed and generated, its batches
+        // stream as they are written, and the run stops at gate Q0 with the student kept for replays.
+        w.jobs.send(Job { id: 2, kind: JobKind::RunRounds { rounds: None } }).await.expect("send");
+        let (mut started, mut streamed, mut ready, mut end) = (None, vec![], None, None);
+        while end.is_none() {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(300), rx.recv())
+                .await
+                .expect("in time")
+                .expect("alive");
+            match e {
+                WorkerEvent::RoundStarted { round, c_star, .. } => started = Some((round, c_star)),
+                WorkerEvent::Completions { round, rows, .. } => streamed.push((round, rows.len())),
+                WorkerEvent::ModelReady { round, .. } => ready = round,
+                WorkerEvent::Finished { id: 2, output } => end = Some(output),
+                WorkerEvent::Failed { id: 2, error } => panic!("{error}"),
+                _ => {}
+            }
+        }
+        let (round, c_star) = started.expect("round started");
+        assert_eq!(round, 1);
+        assert!(c_star > 0.0);
+        assert!(!streamed.is_empty() && streamed.iter().all(|(r, n)| *r == 1 && *n > 0), "{streamed:?}");
+        assert_eq!(ready, Some((1, c_star)));
+        assert!(
+            matches!(end, Some(JobOutput::Rounds { stopped: Some(Stopped::AwaitingGateQ0(1)), .. })),
+            "{end:?}"
+        );
+        // The kept student serves a replay of one of the streamed completions at once.
+        let o = Session::open(sd.path()).expect("reopen");
+        let rows = o.session.load_round(&o.state.rounds[&1]).expect("round 1");
+        let rr = ReplayRequest {
+            round: 1,
+            completion: rows[0].completion.clone(),
+            at: 1,
+            dose: 0.5 * c_star,
+            sampling: request(4).sampling,
+            kl_window: 4,
+        };
+        w.jobs.send(Job { id: 3, kind: JobKind::Replay(Box::new(rr)) }).await.expect("send");
+        match next_terminal(&mut rx, 3).await {
+            WorkerEvent::Finished { output: JobOutput::Replayed { row, .. }, .. } => {
+                assert_eq!(row.completion.rewinds.last().map(|r| r.to_dose), Some(0.5 * c_star));
+            }
             e => panic!("unexpected {e:?}"),
         }
+        drop(w.jobs);
+        w.join.await.expect("worker ends");
     });
 }
 
@@ -403,7 +488,7 @@ fn gate_q1_comes_with_the_heal_step_log() {
             [step(1), step(2)].iter().map(|r| serde_json::to_string(r).expect("json") + "\n").collect();
         std::fs::write(sd.path().join("round-01/heal/train/log.jsonl"), log).expect("write log");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let w = spawn(session, tx).expect("spawn");
+        let w = spawn(session, Compute::cpu(), tx).expect("spawn");
         for (id, round, want) in [(1, 1, vec![step(1), step(2)]), (2, 2, vec![])] {
             w.jobs.send(Job { id, kind: JobKind::ReadGateQ1 { round } }).await.expect("send");
             match next_terminal(&mut rx, id).await {
@@ -467,7 +552,7 @@ fn eval_samples_are_read_from_each_rounds_eval_json() {
         std::fs::create_dir_all(&dir).expect("mkdir");
         report.save(&dir).expect("save");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let w = spawn(session, tx).expect("spawn");
+        let w = spawn(session, Compute::cpu(), tx).expect("spawn");
         w.jobs.send(Job { id: 1, kind: JobKind::ReadEvalSamples { rounds: vec![0] } }).await.expect("send");
         match next_terminal(&mut rx, 1).await {
             WorkerEvent::Finished { output: JobOutput::EvalSamples { samples }, .. } => {
@@ -499,14 +584,15 @@ fn eval_samples_are_read_from_each_rounds_eval_json() {
 fn rounds_from_the_tui_take_the_sessions_persona_and_control_choice() {
     let path = Path::new("sessions/x/session.toml");
     let base =
-        "schema_version = 1\nname = \"x\"\ncreated = \"now\"\nmodel = \"m\"\npersona_file = \"p.toml\"\n";
+        "schema_version = 2\nname = \"x\"\ncreated = \"now\"\nmodel = \"m\"\npersona_file = \"p.toml\"\n";
     let plain = SessionManifest::parse(base, path).expect("a session.toml without [rounds] still reads");
-    let cfg = tui_rounds_config(Path::new("m"), &plain, 3, 0.5, Some(2));
+    let cfg = tui_rounds_config(&plain, 3, Compute::cpu());
     assert!(!cfg.controls);
-    assert_eq!((cfg.rounds, cfg.floor, cfg.human_gate), (3, 0.5, Some(2)));
+    assert_eq!((cfg.rounds, cfg.floor, cfg.gates), (3, 0.0, GateMode::Researcher));
     assert_eq!(cfg.persona.as_deref(), Some(Path::new("p.toml")));
+    assert_eq!(cfg.model, Path::new("m"));
     let with = SessionManifest::parse(&format!("{base}[rounds]\ncontrols = true\n"), path).expect("parse");
-    assert!(tui_rounds_config(Path::new("m"), &with, 1, 0.0, None).controls);
+    assert!(tui_rounds_config(&with, 1, Compute::cpu()).controls);
     let typo = SessionManifest::parse(&format!("{base}[rounds]\ncontrol = true\n"), path);
     assert!(typo.is_err_and(|e| e.to_string().contains("control")), "an unknown key is named");
 }

@@ -443,15 +443,14 @@ impl State {
         }
     }
 
-    /// Number of completions planned for the round (prompts × alphas × samples, plus custom prompts).
+    /// Number of completions the round has or is about to have: those written so far plus the custom prompts
+    /// being generated (the walk-down decides how many batches the loop generates).
     pub fn planned(&self) -> usize {
         let g = &self.manifest.generation;
         let per_prompt = g.alphas.len() * g.samples_per_alpha.max(1);
-        let custom = self
-            .round_state()
-            .map(|r| r.completion_files.iter().filter(|f| f.prompt_index >= g.prompts.len()).count())
-            .unwrap_or(0);
-        (g.prompts.len() + custom) * per_prompt
+        let written =
+            self.round_state().map(|r| r.completion_files.iter().map(|f| f.ids.len()).sum()).unwrap_or(0);
+        written + self.generating.len() * per_prompt
     }
 
     /// Largest slider value (a multiple of c*).
@@ -1375,7 +1374,10 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
         WorkerEvent::RoundStarted { round, c_star, .. } => on_round_started(s, round, c_star),
         WorkerEvent::Completions { round, part, file, rows, .. } => add_rows(s, round, part, file, rows),
         WorkerEvent::ModelReady { model, vector_layers, .. } => {
-            apply_event(&mut s.session, &SessionEvent::ModelLoaded { model: model.clone(), weights_hash: String::new() });
+            apply_event(
+                &mut s.session,
+                &SessionEvent::ModelLoaded { model: model.clone(), weights_hash: String::new() },
+            );
             s.model = ModelStatus::Ready { model, vector_layers };
         }
         WorkerEvent::HealStep { id, round, record } => iterate::on_heal_step(s, id, round, *record),
@@ -1433,7 +1435,6 @@ fn on_loop_stopped(s: &mut State, stopped: &Stopped) -> Vec<Job> {
             vec![]
         }
         Stopped::AwaitingGateQ1(r) => {
-            s.iterate = None;
             s.heal = Some(iterate::HealView { round: *r, report: None, scroll: 0, note: String::new() });
             s.status = format!("round {r} healed: keep or drop it (gate Q1)");
             vec![s.job(JobKind::ReadGateQ1 { round: *r })]

@@ -457,7 +457,7 @@ fn write_gate_and_pass_gate_write_the_report() {
     assert_eq!(s.mode(), Mode::GateQ0);
     let jobs = press(&mut s, "P y");
     assert!(matches!(records(&jobs)[..], [SessionEvent::GateWritten { passed: true, .. }]));
-    assert!(s.round_state().is_some_and(|r| r.gate_passed("q0")));
+    assert!(s.round_state().is_some_and(|r| r.gate_passed(Gate::Q0)));
 }
 
 #[test]
@@ -563,35 +563,82 @@ fn a_user_keymap_changes_what_keys_do() {
 }
 
 #[test]
-fn init_loads_the_model_and_generates_only_missing_prompts() {
+fn init_runs_the_loop_once_and_a_judged_session_waits_on_the_iterate_screen() {
+    // A session with no judged round: init asks the worker to run the loop (load, prepare round 1); the model
+    // is loading; a second init queues nothing more.
+    let mut s = state_with(0);
+    s.model = ModelStatus::NotLoaded;
+    let jobs = update(&mut s, Msg::Init);
+    assert!(matches!(jobs[..], [Job { kind: JobKind::RunRounds { rounds: None }, .. }]), "{jobs:?}");
+    assert_eq!(s.loop_job, Some(jobs[0].id));
+    assert_eq!(s.model, ModelStatus::Loading);
+    assert!(update(&mut s, Msg::Init).is_empty());
+    // Round 1 judged and round 2 not started: the iterate screen opens and nothing runs until continue.
     let mut s = state_with(0);
     s.model = ModelStatus::NotLoaded;
     apply_event(
         &mut s.session,
-        &SessionEvent::CompletionsGenerated { round: 0, prompt_index: 0, file: "f".into(), ids: vec![] },
+        &SessionEvent::RoundGate { round: 1, gate: Gate::Q2, keep: true, note: None },
     );
     let jobs = update(&mut s, Msg::Init);
-    assert!(
-        matches!(&jobs[0].kind, JobKind::LoadModel { path, .. } if path.as_path() == std::path::Path::new("models/tiny"))
+    assert!(matches!(jobs[..], [Job { kind: JobKind::RoundsStatus, .. }]), "{jobs:?}");
+    assert_eq!(s.mode(), Mode::Iterate);
+    assert_eq!(s.loop_job, None);
+}
+
+#[test]
+fn the_loops_round_streams_into_gate_q0_and_its_c_star_scales_the_dose() {
+    let mut s = state_with(0);
+    s.loop_job = Some(5);
+    update(&mut s, Msg::Worker(WorkerEvent::RoundStarted { id: 5, round: 2, c_star: 8.0 }));
+    assert_eq!(s.round, 2);
+    assert_eq!(s.c_star(), 8.0);
+    let file = "round-02/completions-000.jsonl".to_string();
+    let rows = vec![row(1, 20.0, true), row(2, 30.0, true)];
+    update(&mut s, Msg::Worker(WorkerEvent::Completions { id: 5, round: 2, part: 0, file, rows }));
+    assert_eq!(s.rows.len(), 2);
+    assert_eq!(s.round_state().map(|r| r.completion_files.len()), Some(1));
+    // The slider is a multiple of c*: two steps down from 1 replay at 0.8 × 8.
+    s.model = ModelStatus::Ready { model: "tiny".into(), vector_layers: vec![1] };
+    press(&mut s, "- -");
+    let jobs = press(&mut s, "b");
+    match &jobs[..] {
+        [Job { kind: JobKind::Replay(r), .. }] => assert!((r.dose - 6.4).abs() < 1e-9, "{}", r.dose),
+        other => panic!("{other:?}"),
+    }
+    // Passing gate Q0 writes the gate; once it is recorded the loop resumes (heal).
+    let jobs = press(&mut s, "P y");
+    let write = jobs.iter().find_map(|j| match &j.kind {
+        JobKind::WriteArtifact { event, .. } => Some(event.clone()),
+        _ => None,
+    });
+    let Some(event) = write else { panic!("no gate write in {jobs:?}") };
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: 5,
+            output: JobOutput::Rounds {
+                points: vec![],
+                chain: vec![],
+                branch: "main".into(),
+                stopped: Some(Stopped::AwaitingGateQ0(2)),
+            },
+        }),
     );
-    let gen: Vec<(usize, String)> = jobs
-        .iter()
-        .filter_map(|j| match &j.kind {
-            JobKind::Generate(r) => Some((r.prompt_index, r.prompt.clone())),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(gen, vec![(1, "second".to_string())]);
-    assert_eq!(s.model, ModelStatus::Loading);
-    // A second init does not queue the same work again.
-    assert!(update(&mut s, Msg::Init).is_empty());
+    assert_eq!(s.loop_job, None);
+    let jobs = update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished { id: 99, output: JobOutput::Recorded { seq: 9, event } }),
+    );
+    assert!(matches!(jobs[..], [Job { kind: JobKind::RunRounds { rounds: None }, .. }]), "{jobs:?}");
+    assert_eq!(s.mode(), Mode::Heal);
 }
 
 #[test]
 fn worker_events_update_the_screen_state() {
     let mut s = state_with(1);
     s.generating.insert(1);
-    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 7, label: "generating" }));
+    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 7, tag: JobTag::Generate }));
     update(&mut s, Msg::Worker(WorkerEvent::Progress { id: 7, done: 8, total: 32, msg: "prompt 1".into() }));
     assert_eq!(s.jobs.get(&7).map(|j| (j.done, j.total)), Some((8, 32)));
     update(&mut s, Msg::Worker(WorkerEvent::Token { id: 7, row: 0, text: "Hel".into() }));
@@ -605,7 +652,7 @@ fn worker_events_update_the_screen_state() {
             output: JobOutput::Completions {
                 round: 0,
                 prompt_index: 1,
-                file: "round-00/completions-p001.jsonl".into(),
+                file: "round-00/completions-001.jsonl".into(),
                 rows,
             },
         }),
@@ -614,29 +661,39 @@ fn worker_events_update_the_screen_state() {
     assert_eq!(s.current_id().as_deref(), Some("p000-a100-s0"), "arrivals do not move the selection");
     assert!(s.generating.is_empty() && s.jobs.is_empty() && s.live.is_none());
     assert_eq!(s.round_state().map(|r| r.completion_files.len()), Some(1));
-    // Failures show as a message popup; a model that fails to load says so.
-    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 9, label: "loading model" }));
+    // Failures show as a message popup; a rounds job that fails before the model is ready says the model
+    // failed, and a later failure never hides that first message.
+    s.model = ModelStatus::Loading;
+    s.loop_job = Some(9);
+    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 9, tag: JobTag::Rounds }));
     update(&mut s, Msg::Worker(WorkerEvent::Failed { id: 9, error: "m.gguf: missing".into() }));
     assert_eq!(s.model, ModelStatus::Failed("m.gguf: missing".into()));
     assert!(
-        matches!(&s.popup, Some(Popup::Message { title, text }) if title == "Failed while loading model" && text == "m.gguf: missing")
+        matches!(&s.popup, Some(Popup::Message { title, text }) if title == "Failed while running the round" && text == "m.gguf: missing")
     );
+    update(&mut s, Msg::Worker(WorkerEvent::Started { id: 11, tag: JobTag::Replay }));
+    update(&mut s, Msg::Worker(WorkerEvent::Failed { id: 11, error: "the model is not loaded".into() }));
+    match &s.popup {
+        Some(Popup::Message { title, text }) => {
+            assert_eq!(title, "Failed while running the round");
+            assert!(
+                text.starts_with("m.gguf: missing") && text.contains("the model is not loaded"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     press(&mut s, "esc");
     update(
         &mut s,
-        Msg::Worker(WorkerEvent::Finished {
+        Msg::Worker(WorkerEvent::ModelReady {
             id: 10,
-            output: JobOutput::ModelLoaded {
-                model: "tiny".into(),
-                weights_hash: "h".into(),
-                layers: 4,
-                hidden: 64,
-                vector_layers: vec![2],
-            },
+            model: "tiny".into(),
+            vector_layers: vec![2],
+            round: Some((1, 4.0)),
         }),
     );
     assert_eq!(s.model, ModelStatus::Ready { model: "tiny".into(), vector_layers: vec![2] });
-    assert_eq!(s.session.model, Some(("tiny".into(), "h".into())));
 }
 
 #[test]
@@ -685,7 +742,7 @@ fn iterate_state() -> State {
         points: vec![point(0, Base, -5.56), point(1, Kept, -5.68), point(2, Dropped, -5.9)],
         chain: vec![1],
         branch: "main".into(),
-        stopped: String::new(),
+        stopped: None,
     };
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id: jobs[0].id, output }));
     s
@@ -699,9 +756,7 @@ fn iterate_keys_continue_stop_rollback_fork() {
     // It carries the gate-Q0 screen's round, whose new decisions are the round's gate Q0.
     let jobs = press(&mut s, "c");
     let run_id = match &jobs[..] {
-        [Job { id, kind: JobKind::RunRounds { rounds: 3, human_round: Some(r), .. } }] if *r == s.round => {
-            *id
-        }
+        [Job { id, kind: JobKind::RunRounds { rounds: None } }] => *id,
         other => panic!("{other:?}"),
     };
     assert!(press(&mut s, "c").is_empty());
@@ -712,7 +767,7 @@ fn iterate_keys_continue_stop_rollback_fork() {
         points: iterate_state().iterate.expect("view").points,
         chain: vec![1],
         branch: "main".into(),
-        stopped: "cancelled; run again to resume from the last finished stage".into(),
+        stopped: Some(Stopped::Cancelled),
     };
     update(&mut s, Msg::Worker(WorkerEvent::Finished { id: run_id, output }));
     assert!(s.status.starts_with("cancelled"));
@@ -797,14 +852,20 @@ fn heal_screen_keeps_or_drops_the_round_with_a_note() {
     let jobs = press(&mut s, "D");
     match &records(&jobs)[..] {
         [SessionEvent::RoundGate { round: 1, gate, keep: false, note: Some(note) }] => {
-            assert_eq!(gate, "q1");
+            assert_eq!(*gate, Gate::Q1);
             assert!(note.starts_with("loops in sample 2"), "{note}");
             assert!(note.contains("-2.010 → -2.210"), "{note}");
         }
         other => panic!("{other:?}"),
     }
-    assert!(jobs.iter().any(|j| matches!(j.kind, JobKind::RoundsStatus)), "the table is re-read");
     assert_eq!(s.mode(), Mode::Iterate);
+    // Once the verdict is on disk the loop goes on (a drop: the next round; a keep: bake and eval).
+    let event = records(&jobs)[0].clone();
+    let jobs = update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished { id: 77, output: JobOutput::Recorded { seq: 4, event } }),
+    );
+    assert!(matches!(jobs[..], [Job { kind: JobKind::RunRounds { rounds: None }, .. }]), "{jobs:?}");
 }
 
 fn step_record(step: usize, total: usize, elapsed_s: f64) -> crate::heal::StepRecord {
@@ -832,7 +893,7 @@ fn heal_steps_land_in_state_open_the_live_chart_and_stop_cancels_the_run() {
     let mut s = iterate_state();
     let jobs = press(&mut s, "c");
     let run_id = match &jobs[..] {
-        [Job { id, kind: JobKind::RunRounds { rounds: 3, .. } }] => *id,
+        [Job { id, kind: JobKind::RunRounds { rounds: None } }] => *id,
         other => panic!("{other:?}"),
     };
     for (i, t) in [(1, 0.5), (2, 1.0)] {
@@ -859,7 +920,7 @@ fn heal_steps_land_in_state_open_the_live_chart_and_stop_cancels_the_run() {
         ],
         chain: vec![1, 3],
         branch: "main".into(),
-        stopped: "cancelled".into(),
+        stopped: Some(Stopped::AwaitingGateQ1(3)),
     };
     let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: run_id, output }));
     // (and, round 3 being new to the screen, for its eval samples).
@@ -905,7 +966,7 @@ fn eval_samples_are_read_once_per_round_and_the_sample_keys_step_through_them() 
         points: vec![point(0, Base, -5.56), point(1, Kept, -5.68), point(2, Dropped, -5.9)],
         chain: vec![1],
         branch: "main".into(),
-        stopped: String::new(),
+        stopped: None,
     };
     // The first table asks the worker for every round's samples; a second table while they load asks nothing.
     let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: jobs[0].id, output: table() }));

@@ -317,7 +317,11 @@ pub fn progress_line(s: &State, area: Rect, buf: &mut Buffer) {
     let agree = p.agreement.map(|a| format!("{:.0}%", a * 100.0)).unwrap_or_else(|| "–".into());
     let mut spans = vec![
         Span::styled(format!(" decided {}/{}", p.decided, p.total), BOLD),
-        Span::raw(format!(" (of {} planned) │ kept {} │ auto-agree {agree}", p.planned, p.kept)),
+        Span::raw(if p.planned > p.total {
+            format!(" ({} coming) │ kept {} │ auto-agree {agree}", p.planned - p.total, p.kept)
+        } else {
+            format!(" │ kept {} │ auto-agree {agree}", p.kept)
+        }),
     ];
     if let Some(k) = stats::kappa(s).kappa {
         spans.push(Span::raw(format!(" │ κ {k:.2}")));
@@ -336,7 +340,8 @@ pub fn progress_line(s: &State, area: Rect, buf: &mut Buffer) {
         } else {
             String::new()
         };
-        spans.push(Span::styled(format!(" │ {}{pct}{detail}", j.tag.label()), Style::new().fg(Color::Yellow)));
+        spans
+            .push(Span::styled(format!(" │ {}{pct}{detail}", j.tag.label()), Style::new().fg(Color::Yellow)));
     }
     let queued = s.generating.len();
     if queued > 0 {
