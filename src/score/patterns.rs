@@ -177,10 +177,13 @@ mod tests {
 
     #[test]
     fn bad_regex_names_file_and_line() {
-        let e = RegexList::parse("# c\n\nok\n(unclosed\n", Path::new("sess/narration.txt"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = RegexList::parse(
+            "# c\n\nok\n(unclosed\n",
+            &Path::new("sess").join(crate::session::layout::NARRATION),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(e.starts_with("sess/narration.txt: line 4: bad pattern `(unclosed`"), "{e}");
     }
 

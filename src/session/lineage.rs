@@ -134,7 +134,7 @@ mod tests {
             SessionEvent::StageDone {
                 round: 1,
                 stage: Stage::Extract,
-                file: "round-01/vector.safetensors".into(),
+                file: crate::session::SessionDir::new(std::path::Path::new(".")).round(1).vector().rel,
             },
             gate(1, true),
             gate(2, false),

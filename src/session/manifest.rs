@@ -231,19 +231,22 @@ mod tests {
     #[test]
     fn round_trips_through_toml() -> Result<()> {
         let mut m = SessionManifest::new("demo", Path::new("models/x.gguf"));
-        m.filter.narration_file = Some("narration.txt".into());
+        m.filter.narration_file = Some(crate::session::layout::NARRATION.into());
         let text = m.to_toml()?;
-        assert_eq!(SessionManifest::parse(&text, Path::new("session.toml"))?, m);
+        assert_eq!(SessionManifest::parse(&text, Path::new(crate::session::layout::MANIFEST))?, m);
         Ok(())
     }
 
     #[test]
     fn newer_schema_is_refused_with_a_clear_message() {
         let text = "schema_version = 9\nname = \"x\"\ncreated = \"t\"\nmodel = \"m\"\nbrand_new_field = 1\n";
-        let e = SessionManifest::parse(text, Path::new("sessions/x/session.toml"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = SessionManifest::parse(
+            text,
+            &crate::session::SessionDir::new(Path::new("sessions/x")).manifest(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert_eq!(
             e,
             "sessions/x/session.toml: written by a newer steer-heal (session schema 9; this build reads up to 2); \

@@ -267,18 +267,8 @@ mod tests {
     fn rounds_and_gates() {
         let s = fold(&[
             SessionEvent::RoundStarted { round: 0, dose: 1.0, vector: None },
-            SessionEvent::GateWritten {
-                round: 0,
-                gate: Gate::Q0,
-                file: "round-00/gate-q0.md".into(),
-                passed: false,
-            },
-            SessionEvent::GateWritten {
-                round: 0,
-                gate: Gate::Q0,
-                file: "round-00/gate-q0.md".into(),
-                passed: true,
-            },
+            SessionEvent::GateWritten { round: 0, gate: Gate::Q0, file: "g".into(), passed: false },
+            SessionEvent::GateWritten { round: 0, gate: Gate::Q0, file: "g".into(), passed: true },
             SessionEvent::RoundStarted { round: 1, dose: 0.8, vector: None },
             SessionEvent::Reshown { round: 0, completion: "a".into(), decision: DecisionKind::Reject },
         ]);

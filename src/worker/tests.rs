@@ -479,14 +479,14 @@ fn gate_q1_comes_with_the_heal_step_log() {
             elapsed_s: i as f64,
         };
         for round in [1u32, 2] {
-            let heal = sd.path().join(format!("round-{round:02}/heal"));
-            std::fs::create_dir_all(heal.join("train")).expect("mkdir");
-            std::fs::write(heal.join("gate-q1.json"), serde_json::to_vec(&report).expect("json"))
-                .expect("write");
+            let heal = crate::session::SessionDir::new(sd.path()).round(round).heal();
+            std::fs::create_dir_all(heal.train()).expect("mkdir");
+            std::fs::write(heal.gate_q1_json(), serde_json::to_vec(&report).expect("json")).expect("write");
         }
         let log: String =
             [step(1), step(2)].iter().map(|r| serde_json::to_string(r).expect("json") + "\n").collect();
-        std::fs::write(sd.path().join("round-01/heal/train/log.jsonl"), log).expect("write log");
+        std::fs::write(crate::session::SessionDir::new(sd.path()).round(1).heal().log(), log)
+            .expect("write log");
         let (tx, mut rx) = mpsc::unbounded_channel();
         let w = spawn(session, Compute::cpu(), tx).expect("spawn");
         for (id, round, want) in [(1, 1, vec![step(1), step(2)]), (2, 2, vec![])] {
@@ -571,7 +571,7 @@ fn eval_samples_are_read_from_each_rounds_eval_json() {
             .expect("send");
         match next_terminal(&mut rx, 2).await {
             WorkerEvent::Failed { error, .. } => {
-                assert!(error.contains("round-04") && error.contains("eval.json"), "{error}")
+                assert!(error.contains("round-04") && error.contains(crate::session::layout::EVAL), "{error}")
             }
             e => panic!("unexpected {e:?}"),
         }
@@ -582,7 +582,7 @@ fn eval_samples_are_read_from_each_rounds_eval_json() {
 
 #[test]
 fn rounds_from_the_tui_take_the_sessions_persona_and_control_choice() {
-    let path = Path::new("sessions/x/session.toml");
+    let path = &crate::session::SessionDir::new(Path::new("sessions/x")).manifest();
     let base =
         "schema_version = 2\nname = \"x\"\ncreated = \"now\"\nmodel = \"m\"\npersona_file = \"p.toml\"\n";
     let plain = SessionManifest::parse(base, path).expect("a session.toml without [rounds] still reads");

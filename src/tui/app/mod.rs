@@ -1373,11 +1373,12 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
         }
         WorkerEvent::RoundStarted { round, c_star, .. } => on_round_started(s, round, c_star),
         WorkerEvent::Completions { round, part, file, rows, .. } => add_rows(s, round, part, file, rows),
-        WorkerEvent::ModelReady { model, vector_layers, .. } => {
-            apply_event(
-                &mut s.session,
-                &SessionEvent::ModelLoaded { model: model.clone(), weights_hash: String::new() },
-            );
+        WorkerEvent::ModelReady { model, vector_layers, round, .. } => {
+            // After heal the student curates no round; the header keeps naming the round's vector.
+            let vector_layers = match (&s.model, round) {
+                (ModelStatus::Ready { vector_layers: old, .. }, None) => old.clone(),
+                _ => vector_layers,
+            };
             s.model = ModelStatus::Ready { model, vector_layers };
         }
         WorkerEvent::HealStep { id, round, record } => iterate::on_heal_step(s, id, round, *record),
@@ -1441,6 +1442,9 @@ fn on_loop_stopped(s: &mut State, stopped: &Stopped) -> Vec<Job> {
         }
         Stopped::Reached(_) | Stopped::Floor { .. } => {
             s.heal = None;
+            if matches!(stopped, Stopped::Reached(_)) {
+                s.status = format!("round {} judged; continue (c) prepares the next round", s.round);
+            }
             let mut jobs = iterate::open(s);
             jobs.retain(|j| !matches!(j.kind, JobKind::RoundsStatus));
             jobs

@@ -443,7 +443,10 @@ fn write_gate_and_pass_gate_write_the_report() {
     let jobs = press(&mut s, "w");
     match &jobs[..] {
         [Job { kind: JobKind::WriteArtifact { rel, contents, event }, .. }] => {
-            assert_eq!(rel, "round-00/gate-q0.md");
+            assert_eq!(
+                *rel,
+                crate::session::SessionDir::new(std::path::Path::new(".")).round(0).gate_q0().rel
+            );
             let md = String::from_utf8(contents.clone()).expect("utf8");
             assert!(md.contains("Status: **in progress** · written 2026-02-03T04:05:06Z"), "{md}");
             assert!(md.contains("5 completions · 5 decided · 3 accepted · 2 rejected"));
