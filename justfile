@@ -20,16 +20,22 @@ check:
 fetch-model:
     @test -f {{model}} || cargo run --locked -q -- fetch-model smollm2
 
-# Open the TUI on SmolLM2 with a freshly extracted and iso-KL-dosed authority vector (short completions), to
-# curate a round's gate Q0; `just demo-headless` runs the whole round (heal, bake, eval) without the TUI.
+# Open the TUI on SmolLM2 with a freshly extracted and iso-KL-dosed authority vector (short completions): round 1's
+# steered completions come to gate Q0; pass it to heal, keep, and continue to round 2. `just demo-headless` runs a
+# whole round without the TUI.
 demo: fetch-model
     @test -f sessions/demo-vector/vector.safetensors || cargo run --locked -q -- extract --model {{model}} --n-pairs 16 --out sessions/demo-vector
     @test -f sessions/demo-vector/dose.json || cargo run --locked -q -- dose --model {{model}} --vector sessions/demo-vector/vector.safetensors --n-prompts 4 --tokens 12 --out sessions/demo-vector
     cargo run --locked -q -- tui demo --model {{model}} --vector sessions/demo-vector/vector.safetensors --max-new-tokens 48
 
-# A tiny random model for fast development runs.
+# A tiny random model for fast development runs (its tokenizer has the tinymfv answer words, so the whole loop runs).
 tiny arch="llama":
     cargo run --locked -q -- make-tiny-model --arch {{arch}} models/tiny-{{arch}}
+
+# The fast-dev run: two whole rounds headless on the tiny model, in seconds (filters opened for random text).
+tiny-run: tiny
+    rm -rf sessions/tiny-run
+    cargo run --locked -q -- run --session sessions/tiny-run --model models/tiny-llama --rounds 2 --floor 0 --n-prompts 2 --max-new-tokens 8 --extract-pairs 4 --eval-n 2 --think 4 --json-probe-tokens 8 --max-ppl 1e30 --max-repetition 1.01
 
 # Format the code.
 fmt:

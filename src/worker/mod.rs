@@ -574,10 +574,7 @@ fn unique_part(session: &Session, round: u32, part: usize) -> Result<String> {
 }
 
 /// The round's student and vector for a curation job on `round`.
-fn curating<'a>(
-    guard: &'a Option<Student>,
-    round: u32,
-) -> Result<(&'a Student, &'a crate::steer::SteerVector)> {
+fn curating(guard: &Option<Student>, round: u32) -> Result<(&Student, &crate::steer::SteerVector)> {
     let st = guard.as_ref().ok_or_else(|| {
         Error::invalid("the model is not loaded yet (the round is still being prepared, or its load failed)")
     })?;
