@@ -1,63 +1,55 @@
 //! The rounds loop end to end on a tiny random model: two full headless rounds write every artifact and the
 //! lineage; a run stopped right after a round's heal stage (a simulated crash, plus a torn last log line) resumes
-//! to the same end state without redoing finished stages; rollback and fork move the lineage; with the human gate
-//! on, heal trains on the researcher's accepted completions.
+//! to the same end state without redoing finished stages; rollback and fork move the lineage; with the
+//! researcher's gates, the run waits for gate Q0, heal trains on exactly the researcher's accepted completions
+//! (adopted replays in place of their originals), and the run waits again for the keep or drop at gate Q1.
 
 use candle_core::{DType, Device};
 use std::path::Path;
-use steer_heal::eval::{pick_samples, ControlArm, EvalReport, FOUNDATIONS, SAMPLES_PER_ROUND};
+use steer_heal::eval::{pick_samples, ControlArm, EvalReport, SAMPLES_PER_ROUND};
 use steer_heal::heal::train::read_step_log;
 use steer_heal::heal::StepRecord;
-use steer_heal::model::tiny::{make_tiny_model, random_weights};
-use steer_heal::model::{load_model, Arch, ModelConfig};
+use steer_heal::model::tiny::make_tiny_model;
+use steer_heal::model::{load_model, Arch, Compute};
 use steer_heal::progress::Silent;
 use steer_heal::rounds::{
-    Lineage, RoundRecord, RoundsConfig, RunSummary, Runner, AUTOMATIC_NOTE, HUMAN_GATE_FILE,
+    fork, generation_for, new_manifest, read_status, rollback, GateMode, LogTo, Quiet, RoundRecord,
+    RoundsConfig, RunObserver, RunSummary, Runner, Stopped, AUTOMATIC_NOTE,
 };
-use steer_heal::score::{ScoredCompletion, Verdict};
-use steer_heal::session::{event::read_log, DecisionKind, Session, SessionEvent};
-use steer_heal::steer::Completion;
-use tokenizers::{AddedToken, Tokenizer};
+use steer_heal::score::{FilterThresholds, ScoredCompletion, Verdict};
+use steer_heal::session::event::{read_log, Logged};
+use steer_heal::session::layout::{self, SessionDir};
+use steer_heal::session::{DecisionKind, Gate, Lineage, Session, SessionEvent, Stage};
+use steer_heal::steer::{Completion, Rewind};
+use tokenizers::Tokenizer;
 
-/// A tiny model whose tokenizer has the seven answer words as tokens (so tinymfv can score it).
+/// A tiny model whose tokenizer has the seven answer words as tokens (so tinymfv can score it), with room for
+/// an eval prompt.
 fn tiny_with_answer_words(dir: &Path) {
     make_tiny_model(Arch::Llama, dir, 7).expect("tiny model");
-    let tp = dir.join("tokenizer.json");
-    let mut tok = Tokenizer::from_file(&tp).expect("tokenizer");
-    let words: Vec<AddedToken> = FOUNDATIONS.iter().map(|f| AddedToken::from(f.word(), false)).collect();
-    tok.add_tokens(words).expect("add answer words");
-    tok.save(&tp, true).expect("save tokenizer");
-    let cp = dir.join("config.json");
-    let mut cfg = ModelConfig::from_hf_json(&cp).expect("config");
-    cfg.vocab_size = tok.get_vocab_size(true);
-    cfg.max_position_embeddings = 4096;
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cp).expect("read")).expect("json");
-    v["vocab_size"] = cfg.vocab_size.into();
-    v["max_position_embeddings"] = cfg.max_position_embeddings.into();
-    std::fs::write(&cp, serde_json::to_string_pretty(&v).expect("json")).expect("write config");
-    let w = random_weights(&cfg, 11).expect("weights");
-    candle_core::safetensors::save(&w, dir.join("model.safetensors")).expect("save weights");
+}
+
+/// Random weights write gibberish: the session's filter thresholds are opened so gate Q0 keeps it.
+fn open_thresholds() -> FilterThresholds {
+    FilterThresholds { max_perplexity: 1e30, max_repetition: 1.01, ..FilterThresholds::default() }
 }
 
 fn tiny_config(model: &Path, rounds: u32) -> RoundsConfig {
     let mut c = RoundsConfig::small(model);
+    c.compute = Compute::cpu();
     c.rounds = rounds;
+    c.gates = GateMode::Automatic;
     c.floor = 0.0; // a random model puts almost no mass on the answers
     c.extract_pairs = Some(4);
     c.dose_tokens = 4;
     c.dose_prompts = 2;
-    c.n_prompts = 2;
-    c.max_new_tokens = 8;
     c.walk.probe_n = 2;
     c.walk.batch_n = 2;
     c.walk.min_keep = 2;
     c.walk.max_keep = 4;
     c.walk.max_batches = 1;
-    // Random weights write gibberish: open the coherence filters so the loop has data to heal on.
+    // The walk-down's own coherence filter, opened like the session's thresholds.
     c.walk_max_ppl = 1e30;
-    c.thresholds.max_perplexity = 1e30;
-    c.thresholds.max_repetition = 1.01;
     c.heal.epochs = 1;
     c.heal.grad_accum = 1;
     c.heal.r = 2;
@@ -73,17 +65,40 @@ fn tiny_config(model: &Path, rounds: u32) -> RoundsConfig {
     c
 }
 
+/// A runner on `session`, created (when absent) with two of the persona's prompts, 8 new tokens each and the
+/// open thresholds.
+fn runner<'a>(
+    session: &Path,
+    cfg: RoundsConfig,
+    progress: &'a mut Silent,
+    obs: &'a mut dyn RunObserver,
+) -> Runner<'a> {
+    let model = cfg.model.clone();
+    Runner::open(
+        session,
+        cfg,
+        |p| new_manifest(session, &model, None, None, generation_for(p, Some(2), 8), Some(open_thresholds())),
+        progress,
+        obs,
+    )
+    .expect("open")
+}
+
 fn run(session: &Path, cfg: RoundsConfig) -> RunSummary {
     let mut progress = Silent::default();
-    let mut log = |_: &str| {};
-    Runner::open(session, cfg, &mut progress, &mut log).expect("open").run().expect("run")
+    let mut obs = Quiet;
+    runner(session, cfg, &mut progress, &mut obs).run().expect("run")
+}
+
+fn logged(session: &Path) -> Vec<Logged> {
+    read_log(&SessionDir::new(session).events()).expect("log").events
 }
 
 fn events(session: &Path) -> Vec<SessionEvent> {
-    read_log(&session.join("events.jsonl")).expect("log").events.into_iter().map(|l| l.event).collect()
+    logged(session).into_iter().map(|l| l.event).collect()
 }
 
-fn stage_events(session: &Path) -> Vec<(u32, String)> {
+fn stage_events(session: &Path) -> Vec<(u32, Stage)> {
     events(session)
         .into_iter()
         .filter_map(|e| match e {
@@ -93,8 +108,42 @@ fn stage_events(session: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 
-fn sha(path: &Path) -> Vec<u8> {
-    std::fs::read(path).expect("read")
+fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())).expect("read")
+}
+
+/// The round's completions as they stand (generated files, re-scores, adopted replays).
+fn round_rows(session: &Path, round: u32) -> Vec<ScoredCompletion> {
+    let o = Session::open(session).expect("open session");
+    let rs = o.state.rounds.get(&round).cloned().unwrap_or_default();
+    o.session.load_round(&rs).expect("round completions")
+}
+
+/// The automatic decisions logged for `round`.
+fn automatic_decisions(session: &Path, round: u32) -> Vec<String> {
+    events(session)
+        .into_iter()
+        .filter_map(|e| match e {
+            SessionEvent::Decision { round: r, completion, note: Some(n), .. }
+                if r == round && n == AUTOMATIC_NOTE =>
+            {
+                Some(completion)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn c_star_of(session: &Path, round: u32) -> f64 {
+    let starts: Vec<f64> = events(session)
+        .into_iter()
+        .filter_map(|e| match e {
+            SessionEvent::RoundStarted { round: r, dose, .. } if r == round => Some(dose),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts.len(), 1, "round {round} starts once: {starts:?}");
+    starts[0]
 }
 
 #[test]
@@ -108,54 +157,99 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
     let s = work.path().join("full");
     let summary = run(&s, tiny_config(mdir.path(), 2));
     assert_eq!(summary.rounds_done, 2, "{}", summary.stopped);
+    assert_eq!(summary.stopped, Stopped::Reached(2));
     assert_eq!(summary.points.len(), 3, "base + two rounds");
-    for r in ["round-01", "round-02"] {
-        for f in [
-            "vector.safetensors",
-            "dose.json",
-            "completions.jsonl",
-            "walkdown.json",
-            "scored.jsonl",
-            "decisions.jsonl",
-            "accepted.jsonl",
-            "gate-q0.md",
-            "heal/adapter/adapter_config.json",
-            "heal/heal.json",
-            "heal/gate-q1.md",
-            "history.json",
-            "round.json",
-            "eval/eval.json",
-            "controls.json",
-            "controls/steered/eval.json",
-            "controls/random/eval.json",
-            "controls/prompt_only/eval.json",
-        ] {
-            let p = s.join(r).join(f);
+    let layout = SessionDir::new(&s);
+    let log = events(&s);
+    for round in [1, 2] {
+        let rd = layout.round(round);
+        let heal = rd.heal();
+        let mut files = vec![
+            rd.vector().abs,
+            rd.dose().abs,
+            rd.walkdown().abs,
+            rd.completions(0).abs,
+            rd.decisions().abs,
+            rd.accepted().abs,
+            rd.gate_q0().abs,
+            heal.adapter().join("adapter_config.json"),
+            heal.summary(),
+            heal.gate_q1_md(),
+            heal.gate_q1_json(),
+            heal.log(),
+            rd.history().abs,
+            rd.record().abs,
+            rd.eval().abs,
+            rd.controls().abs,
+        ];
+        files.extend(ControlArm::ALL.iter().map(|a| rd.control_dir(a.name()).join(layout::EVAL)));
+        for p in files {
             assert!(p.exists(), "missing {}", p.display());
         }
-        let controls: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(s.join(r).join("controls.json")).expect("controls.json"),
-        )
-        .expect("json");
+        // Generation writes one scored file per walk-down batch, nothing else: no merged completions file.
+        assert!(!rd.dir().join(layout::COMPLETIONS).exists());
+        assert!(!rd.dir().join("scored.jsonl").exists());
+        let generated: Vec<(usize, String, Vec<String>)> = log
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::CompletionsGenerated { round: r, prompt_index, file, ids } if *r == round => {
+                    Some((*prompt_index, file.clone(), ids.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(!generated.is_empty(), "round {round} recorded its completions");
+        for (i, (part, file, ids)) in generated.iter().enumerate() {
+            assert_eq!(*part, i);
+            assert_eq!(*file, rd.completions(i).rel);
+            let rows: Vec<ScoredCompletion> = std::fs::read_to_string(rd.completions(i).abs)
+                .expect("completions file")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a ScoredCompletion"))
+                .collect();
+            assert_eq!(&rows.iter().map(|r| r.completion.id.clone()).collect::<Vec<_>>(), ids);
+        }
+        // Headless, the automatic verdicts are gate Q0's decisions, logged as such, one per completion.
+        let rows = round_rows(&s, round);
+        let mut auto = automatic_decisions(&s, round);
+        let mut all: Vec<String> = rows.iter().map(|r| r.completion.id.clone()).collect();
+        auto.sort();
+        all.sort();
+        assert_eq!(auto, all, "round {round}");
+        assert!(log.iter().any(|e| matches!(e,
+            SessionEvent::GateWritten { round: r, gate: Gate::Q0, passed: true, .. } if *r == round)));
+        let keep = log.iter().any(|e| {
+            matches!(e, SessionEvent::RoundGate { round: r, gate: Gate::Q2, keep: true, .. } if *r == round)
+        });
+        assert!(keep, "round {round} was kept at gate Q2");
+        let controls: serde_json::Value =
+            serde_json::from_slice(&bytes(&rd.controls().abs)).expect("controls.json");
         let arms: Vec<&str> =
             controls.as_array().expect("array").iter().filter_map(|a| a["arm"].as_str()).collect();
         assert_eq!(arms, ["steered", "random", "prompt_only"]);
     }
-    for f in [
-        "round-00/eval/eval.json",
-        "progress.png",
-        "progress.svg",
-        "gate-q2.md",
-        "rounds.json",
-        "lineage.json",
-    ] {
-        assert!(s.join(f).exists(), "missing {f}");
+    // The session itself logs no round until the loop starts one; each round starts once, at its c*.
+    assert!(!log.iter().any(|e| matches!(e, SessionEvent::RoundStarted { round: 0, .. })));
+    for round in [1, 2] {
+        let rec: RoundRecord =
+            serde_json::from_slice(&bytes(&layout.round(round).record().abs)).expect("record");
+        assert_eq!(c_star_of(&s, round), rec.c_star, "round {round}");
     }
-    assert!(sha(&s.join("progress.png")).starts_with(b"\x89PNG"));
-    let svg = String::from_utf8(sha(&s.join("progress.svg"))).expect("utf8");
+    for p in [
+        layout.round(0).eval().abs,
+        s.join(layout::PROGRESS_PNG),
+        s.join(layout::PROGRESS_SVG),
+        s.join(layout::GATE_Q2),
+        layout.rounds_table(),
+        layout.lineage(),
+    ] {
+        assert!(p.exists(), "missing {}", p.display());
+    }
+    assert!(bytes(&s.join(layout::PROGRESS_PNG)).starts_with(b"\x89PNG"));
+    let svg = String::from_utf8(bytes(&s.join(layout::PROGRESS_SVG))).expect("utf8");
     assert!(svg.contains("<svg"));
     // The control arms travel with their round into rounds.json, the map and gate-q2.md.
-    let gate = std::fs::read_to_string(s.join("gate-q2.md")).expect("gate-q2.md");
+    let gate = std::fs::read_to_string(s.join(layout::GATE_Q2)).expect("gate-q2.md");
     assert!(gate.contains("## Control arms"), "{gate}");
     for p in &summary.points[1..] {
         let arms: Vec<ControlArm> = p.controls.iter().map(|c| c.arm).collect();
@@ -171,7 +265,7 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
     assert!(summary.points[0].controls.is_empty(), "the base has no control arms");
     // The iterate screen's eval samples read from a round's real eval.json: both items, with their vignette
     // text, a forced think of at most 4 tokens and, where both frames answered, a seven-way distribution.
-    let report = EvalReport::load(&s.join("round-01/eval")).expect("eval");
+    let report = EvalReport::load(&layout.round(1).eval_dir()).expect("eval");
     let samples = pick_samples(&report, SAMPLES_PER_ROUND);
     assert_eq!(samples.len(), 2);
     for smp in &samples {
@@ -182,18 +276,19 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
     }
     // Lineage: round 2 descends from round 1 and carries its adapter.
     let rec2: RoundRecord =
-        serde_json::from_slice(&sha(&s.join("round-02/round.json"))).expect("round record");
+        serde_json::from_slice(&bytes(&layout.round(2).record().abs)).expect("round record");
     assert_eq!(rec2.parent, 1);
     assert_eq!(rec2.history.len(), 2);
+    assert_eq!(rec2.history[0].dir, layout.round(1).heal().adapter());
     assert!(rec2.history[0].dir.ends_with("round-01/heal/adapter"));
     assert_eq!(rec2.vector_sha256.len(), 64);
     assert!(rec2.cos_teacher_r0.is_some_and(|c| c.abs() <= 1.0 + 1e-9));
     assert!(rec2.cos_student_teacher.is_some_and(|c| c.is_finite()));
     // Gate Q1's columns: the student before round 1's heal is the base (KL exactly 0); before round 2's heal it
     // carries round 1's adapter, so it has moved off the base.
-    for (r, moved) in [("round-01", false), ("round-02", true)] {
+    for (round, moved) in [(1, false), (2, true)] {
         let g: steer_heal::heal::gate::GateQ1 =
-            serde_json::from_slice(&sha(&s.join(r).join("heal/gate-q1.json"))).expect("gate-q1.json");
+            serde_json::from_slice(&bytes(&layout.round(round).heal().gate_q1_json())).expect("gate-q1.json");
         assert!(!g.samples.is_empty());
         for p in &g.samples {
             let before = p.before_heat.as_ref().expect("before heat");
@@ -201,79 +296,113 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
             assert_eq!(before.tokens.len(), before.kl.len());
             assert_eq!(after.tokens.len(), after.kl.len());
             assert!(before.persona_gain.is_some() && after.kl_mean.is_some_and(|k| k.is_finite()));
-            assert_eq!(before.kl.iter().any(|k| *k != 0.0), moved, "{r}: {:?}", before.kl);
+            assert_eq!(before.kl.iter().any(|k| *k != 0.0), moved, "round {round}: {:?}", before.kl);
             if p.teacher.is_some() {
                 let t = p.teacher_heat.as_ref().expect("teacher heat");
-                assert!(t.kl.len() == t.tokens.len() && t.persona_gain.is_some_and(f64::is_finite), "{r}");
+                assert!(
+                    t.kl.len() == t.tokens.len() && t.persona_gain.is_some_and(f64::is_finite),
+                    "{round}"
+                );
             }
         }
     }
     let kl = summary.points.iter().map(|p| p.kl_spent.expect("kl")).collect::<Vec<_>>();
     assert!(kl[2] >= kl[1] && kl[1] >= kl[0], "cumulative KL never falls: {kl:?}");
+    // Per round: extract, dose, generate, gate Q0, heal, bake, (the base's eval, once, before round 1's), eval,
+    // controls.
     let full_stages = stage_events(&s);
-    assert_eq!(full_stages.len(), 1 + 2 * 9, "{full_stages:?}");
+    use Stage::*;
+    let round = |r: u32| [Extract, Dose, Generate, GateQ0, Heal, Bake].into_iter().map(move |st| (r, st));
+    let mut want: Vec<(u32, Stage)> = round(1).collect();
+    want.extend([(0, Eval), (1, Eval), (1, Controls)]);
+    want.extend(round(2));
+    want.extend([(2, Eval), (2, Controls)]);
+    assert_eq!(full_stages, want);
+    assert_eq!(full_stages.len(), 1 + 2 * 8);
 
     // Rollback to round 1 drops round 2 from the student; fork from the base empties the chain; neither erases.
     {
-        let mut progress = Silent::default();
-        let mut log = |_: &str| {};
-        let mut r = Runner::open(&s, tiny_config(mdir.path(), 2), &mut progress, &mut log).expect("open");
-        assert!(r.rollback(7).is_err(), "round 7 was never kept");
-        r.rollback(1).expect("rollback");
-        assert_eq!(r.lineage().chain, vec![1]);
-        r.fork(0, "alt").expect("fork");
-        let l: Lineage = r.lineage();
+        let mut o = Session::open(&s).expect("open session");
+        assert!(rollback(&mut o, 7).is_err(), "round 7 was never kept");
+        rollback(&mut o, 1).expect("rollback");
+        assert_eq!(o.state.lineage.chain, vec![1]);
+        fork(&mut o, 0, "alt").expect("fork");
+        let l: &Lineage = &o.state.lineage;
         assert!(l.chain.is_empty());
         assert_eq!(l.branch, "alt");
+        assert_eq!(l.parent, 0);
         assert_eq!(l.verdicts.len(), 2, "judged rounds stay visible");
+        assert!(l.abandoned.contains(&1) && l.abandoned.contains(&2));
+        // Both moves are in the log: a reopened session and the status reader fold the same lineage.
+        assert_eq!(&Session::open(&s).expect("reopen").state.lineage, l);
+        let (_, status) = read_status(&s).expect("status");
+        assert_eq!(&status, l);
+        assert!(layout.round(2).eval().abs.exists(), "a rollback erases nothing");
     }
 
     // Crash right after round 1's heal, with a torn last line in the log.
     let c = work.path().join("crash");
+    let cl = SessionDir::new(&c);
     let mut cfg = tiny_config(mdir.path(), 1);
-    cfg.stop_after = Some((1, "heal".into()));
+    cfg.stop_after = Some((1, Stage::Heal));
     let stopped = run(&c, cfg);
-    assert!(stopped.stopped.contains("stopped after round 1 heal"), "{}", stopped.stopped);
+    assert_eq!(stopped.stopped, Stopped::StopAfter(1, Stage::Heal));
+    assert!(stopped.stopped.to_string().contains("stopped after round 1 heal"), "{}", stopped.stopped);
     assert_eq!(stopped.rounds_done, 0);
-    assert!(!c.join("round-01/eval/eval.json").exists());
-    let vector_before = sha(&c.join("round-01/vector.safetensors"));
-    let adapter_before = sha(&c.join("round-01/heal/adapter/adapter_model.safetensors"));
+    assert!(!cl.round(1).eval().abs.exists());
+    assert!(!cl.round(0).eval().abs.exists(), "the base's eval comes after round 1's bake");
+    let vector_before = bytes(&cl.round(1).vector().abs);
+    let completions_before = bytes(&cl.round(1).completions(0).abs);
+    let accepted_before = bytes(&cl.round(1).accepted().abs);
+    let adapter_before = bytes(&cl.round(1).heal().adapter().join("adapter_model.safetensors"));
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(c.join("events.jsonl")).expect("log");
-        f.write_all(br#"{"v":1,"seq":999,"at":"x","kind":"stage_do"#).expect("torn write");
+        let mut f = std::fs::OpenOptions::new().append(true).open(cl.events()).expect("log");
+        f.write_all(br#"{"v":2,"seq":999,"at":"x","kind":"stage_do"#).expect("torn write");
     }
     let resumed = run(&c, tiny_config(mdir.path(), 1));
     assert_eq!(resumed.rounds_done, 1, "{}", resumed.stopped);
+    assert_eq!(resumed.stopped, Stopped::Reached(1));
     // Finished stages were skipped: their artifacts are byte-identical and each stage event is there once.
-    assert_eq!(sha(&c.join("round-01/vector.safetensors")), vector_before);
-    assert_eq!(sha(&c.join("round-01/heal/adapter/adapter_model.safetensors")), adapter_before);
+    assert_eq!(bytes(&cl.round(1).vector().abs), vector_before);
+    assert_eq!(bytes(&cl.round(1).completions(0).abs), completions_before);
+    assert_eq!(bytes(&cl.round(1).accepted().abs), accepted_before);
+    assert_eq!(bytes(&cl.round(1).heal().adapter().join("adapter_model.safetensors")), adapter_before);
     let crash_stages = stage_events(&c);
-    let full_round1: Vec<(u32, String)> = full_stages.iter().filter(|(r, _)| *r <= 1).cloned().collect();
+    let full_round1: Vec<(u32, Stage)> = full_stages.iter().filter(|(r, _)| *r <= 1).cloned().collect();
     assert_eq!(crash_stages, full_round1, "same stages, each once, in order");
-    for f in ["round-01/eval/eval.json", "round-01/round.json", "progress.png", "progress.svg", "gate-q2.md"]
-    {
-        assert!(c.join(f).exists(), "missing {f} after resume");
+    c_star_of(&c, 1);
+    for p in [
+        cl.round(1).eval().abs,
+        cl.round(1).record().abs,
+        c.join(layout::PROGRESS_PNG),
+        c.join(layout::PROGRESS_SVG),
+        c.join(layout::GATE_Q2),
+    ] {
+        assert!(p.exists(), "missing {} after resume", p.display());
     }
 
     // The TUI worker runs the loop on the session it shares: the runner locks it only for each read or append,
-    // so the researcher's own events (here one per progress line) reach the log while the round runs, and the
-    // log stays one consecutive sequence.
+    // so the researcher's own events (here one per log line) reach the log while the round runs, and the log
+    // stays one consecutive sequence.
     let opened = Session::open(&c).expect("open session");
     let shared = std::sync::Mutex::new(opened.session);
     let mut progress = Silent::default();
     let mut meanwhile = 0usize;
-    let mut log = |_: &str| {
-        let mut s = shared.try_lock().expect("the runner holds the session only while it reads or writes");
-        s.append(SessionEvent::DoseChanged { round: 0, dose: 1.0 }).expect("append meanwhile");
-        meanwhile += 1;
+    let (again, student) = {
+        let mut obs = LogTo(|_: &str| {
+            let mut s =
+                shared.try_lock().expect("the runner holds the session only while it reads or writes");
+            s.append(SessionEvent::DoseChanged { round: 0, dose: 1.0 }).expect("append meanwhile");
+            meanwhile += 1;
+        });
+        let mut r = Runner::with_session(&shared, tiny_config(mdir.path(), 2), None, &mut progress, &mut obs)
+            .expect("runner");
+        let summary = r.run().expect("run");
+        (summary, r.into_student())
     };
-    let again = Runner::with_session(&shared, tiny_config(mdir.path(), 2), &mut progress, &mut log)
-        .expect("runner")
-        .run()
-        .expect("run");
     assert_eq!(again.rounds_done, 2, "{}", again.stopped);
-    let events = read_log(&c.join("events.jsonl")).expect("log").events;
+    let events = logged(&c);
     let seqs: Vec<u64> = events.iter().map(|l| l.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     let first_meanwhile =
@@ -283,13 +412,18 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
         .rposition(|l| matches!(&l.event, SessionEvent::StageDone { round: 2, .. }))
         .expect("round 2 ran");
     assert!(meanwhile > 1 && first_meanwhile < last_round2, "the researcher's events waited for the round");
+    // The runner hands on the student it healed (round 2 on top of round 1), for the worker to keep.
+    let student = student.expect("the runner keeps the student");
+    assert_eq!(student.chain, vec![1, 2]);
     // A finished run redoes nothing.
     let stages = stage_events(&c);
-    let mut log = |_: &str| {};
-    Runner::with_session(&shared, tiny_config(mdir.path(), 2), &mut progress, &mut log)
-        .expect("runner")
-        .run()
-        .expect("run");
+    let mut obs = Quiet;
+    let done =
+        Runner::with_session(&shared, tiny_config(mdir.path(), 2), Some(student), &mut progress, &mut obs)
+            .expect("runner")
+            .run()
+            .expect("run");
+    assert_eq!(done.stopped, Stopped::Reached(2));
     assert_eq!(stage_events(&c), stages, "a finished run redoes nothing");
 }
 
@@ -306,108 +440,296 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn ids_in(path: &Path) -> Vec<String> {
+fn accepted_in(path: &Path) -> Vec<Completion> {
     std::fs::read_to_string(path)
         .expect("read")
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str::<Completion>(l).expect("completion").id)
+        .map(|l| serde_json::from_str::<Completion>(l).expect("completion"))
         .collect()
 }
 
+fn ids_in(path: &Path) -> Vec<String> {
+    accepted_in(path).into_iter().map(|c| c.id).collect()
+}
+
+/// What a run reports as it goes: rounds starting, completions as they are written, heal steps.
+#[derive(Default)]
+struct Seen {
+    started: Vec<(u32, f64)>,
+    completions: Vec<(u32, usize, String, Vec<ScoredCompletion>)>,
+    steps: Vec<(u32, StepRecord)>,
+}
+
+impl RunObserver for Seen {
+    fn round_started(&mut self, round: u32, c_star: f64) {
+        self.started.push((round, c_star));
+    }
+    fn completions(&mut self, round: u32, part: usize, file: &str, rows: &[ScoredCompletion]) {
+        self.completions.push((round, part, file.to_string(), rows.to_vec()));
+    }
+    fn heal_step(&mut self, round: u32, step: &StepRecord) {
+        self.steps.push((round, step.clone()));
+    }
+}
+
+/// What a replay the researcher adopted looks like: the tokens from `at` on resampled (here: each the next id
+/// of the vocabulary), a rewind recorded at half the dose.
+fn replayed(orig: &ScoredCompletion, at: usize, tok: &Tokenizer) -> ScoredCompletion {
+    let vocab = tok.get_vocab_size(true) as u32;
+    let mut r = orig.clone();
+    let c = &mut r.completion;
+    for t in &mut c.tokens[at..] {
+        *t = (*t + 1) % vocab;
+    }
+    for (i, t) in c.tokens.iter().enumerate().skip(at) {
+        c.token_text[i] = tok.decode(&[*t], false).expect("decode");
+    }
+    c.text = format!("{} [replayed]", tok.decode(&c.tokens, false).expect("decode"));
+    c.rewinds.push(Rewind { at, from_dose: c.dose, to_dose: c.dose * 0.5, cause: "manual".into() });
+    r
+}
+
 #[test]
-fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_headless_ignores_them() {
+fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_gate_q1_keeps_or_drops_the_round() {
     let mdir = tempfile::tempdir().expect("tempdir");
     tiny_with_answer_words(mdir.path());
+    let tok = Tokenizer::from_file(mdir.path().join("tokenizer.json")).expect("tokenizer");
     let work = tempfile::tempdir().expect("tempdir");
-    let s = work.path().join("human");
-    let mut cfg = tiny_config(mdir.path(), 1);
-    cfg.stop_after = Some((1, "score".into()));
-    run(&s, cfg);
-    // The researcher decides on the gate-Q0 screen (its round 0, the TUI's default): accept the first
-    // completion; accept the second, undo that, and reject it (its current decision: reject).
-    let rows: Vec<ScoredCompletion> = std::fs::read_to_string(s.join("round-01/scored.jsonl"))
-        .expect("scored")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("row"))
-        .collect();
-    assert!(rows.len() >= 2, "the tiny walk-down keeps {} completions", rows.len());
-    let auto_keeps = rows.iter().filter(|r| r.score.verdict == Verdict::Keep).count();
-    assert!(auto_keeps >= 2, "the open thresholds keep {auto_keeps}");
+    let s = work.path().join("researcher");
+    let layout = SessionDir::new(&s);
+    let rd = layout.round(1);
+    let researcher = |rounds: u32| {
+        let mut c = tiny_config(mdir.path(), rounds);
+        c.gates = GateMode::Researcher;
+        // The probe's two pass; one top-up batch of two more makes four completions in two files.
+        c.walk.min_keep = 3;
+        c
+    };
+
+    // The run generates round 1 and waits for the researcher's gate Q0; nothing is decided for them. Each batch
+    // reaches the observer as it is written.
+    let mut progress = Silent::default();
+    let mut seen = Seen::default();
+    let first = runner(&s, researcher(1), &mut progress, &mut seen).run().expect("run");
+    assert_eq!(first.stopped, Stopped::AwaitingGateQ0(1));
+    assert_eq!(first.rounds_done, 0);
+    assert!(first.stopped.to_string().contains("waiting for gate Q0"), "{}", first.stopped);
+    assert!(rd.completions(0).abs.exists() && rd.completions(1).abs.exists());
+    assert!(!rd.accepted().abs.exists() && !rd.decisions().abs.exists());
+    assert!(automatic_decisions(&s, 1).is_empty());
+    let stages = stage_events(&s);
+    assert_eq!(stages, [(1, Stage::Extract), (1, Stage::Dose), (1, Stage::Generate)]);
+    // Running again while the gate is not passed waits again and generates nothing new.
+    let n_events = events(&s).len();
+    assert_eq!(run(&s, researcher(1)).stopped, Stopped::AwaitingGateQ0(1));
+    assert_eq!(stage_events(&s), stages);
+    let generated = |session: &Path| {
+        events(session).iter().filter(|e| matches!(e, SessionEvent::CompletionsGenerated { .. })).count()
+    };
+    let n_generated = generated(&s);
+    assert!(n_generated >= 2, "a probe and a top-up batch: {n_generated}");
+    assert_eq!(events(&s).len(), n_events, "the waiting run logs nothing");
+    assert_eq!(seen.started, vec![(1, c_star_of(&s, 1))]);
+    assert_eq!(seen.completions.len(), n_generated);
+    for (i, (round, part, file, rows)) in seen.completions.iter().enumerate() {
+        assert_eq!((*round, *part), (1, i));
+        assert_eq!(*file, rd.completions(i).rel);
+        let on_disk: Vec<ScoredCompletion> = std::fs::read_to_string(rd.completions(i).abs)
+            .expect("completions file")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a ScoredCompletion"))
+            .collect();
+        assert_eq!(rows, &on_disk, "part {i}");
+    }
+    assert!(seen.steps.is_empty(), "nothing healed yet");
+    let headless = work.path().join("headless");
+    copy_dir(&s, &headless);
+
+    // The researcher decides: accept the first completion (with a tag and a note); accept the second, undo that
+    // and reject it; accept the third and adopt a replay of it; leave the fourth undecided. Then pass gate Q0.
+    let rows = round_rows(&s, 1);
+    assert!(rows.len() >= 4, "the tiny walk-down keeps {} completions", rows.len());
     let ids: Vec<String> = rows.iter().map(|r| r.completion.id.clone()).collect();
+    let at = rows[2].completion.tokens.len() / 2;
+    assert!(at >= 1, "the third completion has {} tokens", rows[2].completion.tokens.len());
+    let replay = replayed(&rows[2], at, &tok);
+    assert_ne!(replay.completion.tokens, rows[2].completion.tokens);
     {
-        let mut opened = Session::open(&s).expect("open");
+        let mut o = Session::open(&s).expect("open");
         let decide = |id: &str, decision| SessionEvent::Decision {
-            round: 0,
+            round: 1,
             completion: id.into(),
             decision,
             tags: vec![],
             note: None,
         };
         for e in [
-            SessionEvent::CompletionsGenerated {
-                round: 0,
-                prompt_index: 0,
-                file: "round-01/scored.jsonl".into(),
-                ids: ids.clone(),
+            SessionEvent::Decision {
+                round: 1,
+                completion: ids[0].clone(),
+                decision: DecisionKind::Accept,
+                tags: vec!["on-persona".into()],
+                note: Some("reads right".into()),
             },
-            decide(&ids[0], DecisionKind::Accept),
             decide(&ids[1], DecisionKind::Accept),
             decide(&ids[1], DecisionKind::Undo),
             decide(&ids[1], DecisionKind::Reject),
+            decide(&ids[2], DecisionKind::Accept),
         ] {
-            opened.session.append(e).expect("append");
+            o.session.append(e).expect("append");
         }
+        let file = rd.replay(&ids[2], 1);
+        let bytes = serde_json::to_vec(&replay).expect("json");
+        let adopted = SessionEvent::ReplayAdopted {
+            round: 1,
+            completion: ids[2].clone(),
+            file: file.rel.clone(),
+            at,
+            dose: replay.completion.dose * 0.5,
+        };
+        o.session.write_artifact(&file.rel, &bytes, adopted).expect("replay");
+        let gate = rd.gate_q0();
+        let passed =
+            SessionEvent::GateWritten { round: 1, gate: Gate::Q0, file: gate.rel.clone(), passed: true };
+        o.session.write_artifact(&gate.rel, b"# Gate Q0\n", passed).expect("gate q0");
     }
-    let headless = work.path().join("headless");
-    copy_dir(&s, &headless);
 
-    // From the TUI (human gate on round 0): round 1 heals on the one accepted completion, and streams its steps.
-    let mut cfg = tiny_config(mdir.path(), 1);
-    cfg.human_gate = Some(0);
-    cfg.stop_after = Some((1, "heal".into()));
-    let mut progress = Silent::default();
-    let mut log = |_: &str| {};
-    let mut streamed: Vec<(u32, StepRecord)> = Vec::new();
-    let mut sink = |round: u32, r: &StepRecord| streamed.push((round, r.clone()));
-    let summary = Runner::open(&s, cfg, &mut progress, &mut log)
-        .expect("open")
-        .on_heal_step(&mut sink)
-        .run()
-        .expect("run");
-    assert!(summary.stopped.contains("stopped after round 1 heal"), "{}", summary.stopped);
-    assert_eq!(ids_in(&s.join("round-01/accepted.jsonl")), vec![ids[0].clone()]);
-    let logged = read_step_log(&s.join("round-01/heal/train/log.jsonl")).expect("step log");
-    // One example, one epoch, no accumulation: one optimiser step.
-    assert_eq!(logged.iter().map(|r| r.total_steps).collect::<Vec<_>>(), vec![1]);
-    assert_eq!(streamed, logged.iter().map(|r| (1, r.clone())).collect::<Vec<_>>());
-    let automatic = events(&s)
-        .iter()
-        .filter(|e| matches!(e, SessionEvent::Decision { note: Some(n), .. } if n == AUTOMATIC_NOTE))
-        .count();
-    assert_eq!(automatic, 0, "the researcher's decisions are not overwritten");
-    assert!(s.join("round-01").join(HUMAN_GATE_FILE).exists());
-
-    // Those decisions are used once: round 2, with nothing new decided, takes the automatic verdicts.
-    let mut cfg = tiny_config(mdir.path(), 2);
-    cfg.human_gate = Some(0);
-    cfg.stop_after = Some((2, "gate_q0".into()));
-    run(&s, cfg);
-    let keeps2: Vec<String> = std::fs::read_to_string(s.join("round-02/scored.jsonl"))
-        .expect("scored")
+    // The next run heals on exactly those decisions, streams its steps, and waits for gate Q1.
+    let mut seen = Seen::default();
+    let healed = runner(&s, researcher(1), &mut progress, &mut seen).run().expect("run");
+    assert_eq!(healed.stopped, Stopped::AwaitingGateQ1(1));
+    assert_eq!(healed.rounds_done, 0);
+    assert!(healed.stopped.to_string().contains("gate Q1"), "{}", healed.stopped);
+    let accepted = accepted_in(&rd.accepted().abs);
+    assert_eq!(
+        accepted.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        vec![ids[0].clone(), ids[2].clone()]
+    );
+    assert_eq!(accepted[0], rows[0].completion);
+    assert_eq!(accepted[1], replay.completion, "the adopted replay replaces its original");
+    let c_star = c_star_of(&s, 1);
+    assert!(c_star > 0.0);
+    for c in &accepted {
+        assert!(c.dose > 0.0, "{}: dose {}", c.id, c.dose);
+        assert!(
+            (c.dose - c.alpha * c_star).abs() <= 1e-9 * c_star,
+            "{}: dose {} alpha {}",
+            c.id,
+            c.dose,
+            c.alpha
+        );
+    }
+    // decisions.jsonl: the current decision of every decided completion (the undecided fourth is not there),
+    // with the researcher's tags and note.
+    let decisions: Vec<serde_json::Value> = std::fs::read_to_string(rd.decisions().abs)
+        .expect("decisions")
         .lines()
-        .map(|l| serde_json::from_str::<ScoredCompletion>(l).expect("row"))
-        .filter(|r| r.score.verdict == Verdict::Keep)
-        .map(|r| r.completion.id)
+        .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
-    assert_eq!(ids_in(&s.join("round-02/accepted.jsonl")), keeps2);
-    assert!(!s.join("round-02").join(HUMAN_GATE_FILE).exists());
+    let calls: Vec<(String, bool)> = decisions
+        .iter()
+        .map(|v| (v["id"].as_str().expect("id").to_string(), v["keep"].as_bool().expect("keep")))
+        .collect();
+    assert_eq!(calls, vec![(ids[0].clone(), true), (ids[1].clone(), false), (ids[2].clone(), true)]);
+    assert_eq!(decisions[0]["tags"], serde_json::json!(["on-persona"]));
+    assert_eq!(decisions[0]["note"], "reads right");
+    let logged_steps = read_step_log(&rd.heal().log()).expect("step log");
+    // Two examples, one epoch, no accumulation: two optimiser steps.
+    assert_eq!(logged_steps.iter().map(|r| r.total_steps).collect::<Vec<_>>(), vec![2, 2]);
+    assert_eq!(seen.steps, logged_steps.iter().map(|r| (1, r.clone())).collect::<Vec<_>>());
+    assert!(automatic_decisions(&s, 1).is_empty(), "the researcher's decisions are not overwritten");
+    assert!(rd.heal().gate_q1_md().exists() && rd.heal().gate_q1_json().exists());
+    assert!(!rd.eval().abs.exists() && !rd.record().abs.exists());
+    let g: steer_heal::heal::gate::GateQ1 =
+        serde_json::from_slice(&bytes(&rd.heal().gate_q1_json())).expect("gate-q1.json");
+    assert!(
+        g.notes.iter().any(|n| n.contains("2 accepted completions from the researcher's gate Q0")),
+        "{:?}",
+        g.notes
+    );
+    // Waiting for gate Q1 does not heal again.
+    let adapter = bytes(&rd.heal().adapter().join("adapter_model.safetensors"));
+    let stages = stage_events(&s);
+    assert_eq!(run(&s, researcher(1)).stopped, Stopped::AwaitingGateQ1(1));
+    assert_eq!(stage_events(&s), stages);
+    assert_eq!(bytes(&rd.heal().adapter().join("adapter_model.safetensors")), adapter);
+    let dropped = work.path().join("dropped");
+    copy_dir(&s, &dropped);
 
-    // Headless on the same log: the automatic verdicts decide.
+    // Keep at gate Q1: the next run bakes, evaluates (the base first) and judges the round.
+    Session::open(&s)
+        .expect("open")
+        .session
+        .append(SessionEvent::RoundGate { round: 1, gate: Gate::Q1, keep: true, note: Some("healed".into()) })
+        .expect("append");
+    let kept = run(&s, researcher(1));
+    assert_eq!(kept.stopped, Stopped::Reached(1));
+    assert_eq!(kept.rounds_done, 1);
+    assert_eq!(kept.points.len(), 2, "base + round 1");
+    assert!(rd.eval().abs.exists() && layout.round(0).eval().abs.exists() && rd.record().abs.exists());
+    assert!(events(&s)
+        .iter()
+        .any(|e| matches!(e, SessionEvent::RoundGate { round: 1, gate: Gate::Q2, keep: true, .. })));
+    let lineage = Session::open(&s).expect("open").state.lineage;
+    assert_eq!(lineage.chain, vec![1]);
+    assert_eq!(lineage.q1.get(&1), Some(&true));
+
+    // Those decisions were round 1's: round 2, headless, takes the automatic verdicts of its own completions.
+    let mut cfg = tiny_config(mdir.path(), 2);
+    cfg.stop_after = Some((2, Stage::GateQ0));
+    assert_eq!(run(&s, cfg).stopped, Stopped::StopAfter(2, Stage::GateQ0));
+    let rows2 = round_rows(&s, 2);
+    let keeps2: Vec<String> =
+        rows2.iter().filter(|r| r.score.verdict == Verdict::Keep).map(|r| r.completion.id.clone()).collect();
+    assert!(!keeps2.is_empty());
+    assert_eq!(ids_in(&layout.round(2).accepted().abs), keeps2);
+    assert_eq!(automatic_decisions(&s, 2).len(), rows2.len());
+    assert!(automatic_decisions(&s, 1).is_empty());
+    assert!(layout.round(2).gate_q0().abs.exists());
+
+    // Drop at gate Q1 instead: the round is judged without an eval and the next run starts round 2.
+    let dl = SessionDir::new(&dropped);
+    Session::open(&dropped)
+        .expect("open")
+        .session
+        .append(SessionEvent::RoundGate {
+            round: 1,
+            gate: Gate::Q1,
+            keep: false,
+            note: Some("drifted".into()),
+        })
+        .expect("append");
+    let one = run(&dropped, researcher(1));
+    assert_eq!(one.stopped, Stopped::Reached(1), "a dropped round counts as judged");
+    assert_eq!(one.rounds_done, 1);
+    let next = run(&dropped, researcher(2));
+    assert_eq!(next.stopped, Stopped::AwaitingGateQ0(2));
+    assert_eq!(next.rounds_done, 1);
+    assert!(next.points.is_empty(), "nothing was evaluated: {:?}", next.points);
+    assert!(!dl.round(1).eval().abs.exists() && !dl.round(1).record().abs.exists());
+    assert!(dl.round(2).completions(0).abs.exists());
+    c_star_of(&dropped, 2);
+    let stages = stage_events(&dropped);
+    assert!(!stages.iter().any(|(r, st)| *r == 1 && matches!(st, Stage::Bake | Stage::Eval)), "{stages:?}");
+    let lineage = Session::open(&dropped).expect("open").state.lineage;
+    assert_eq!(lineage.verdicts.get(&1), Some(&(false, Some("drifted".to_string()))));
+    assert!(lineage.chain.is_empty());
+    assert_eq!(lineage.parent, 0);
+
+    // Headless on the copy taken before the researcher decided: the automatic verdicts decide, logged as such,
+    // from the completions already generated.
     let mut cfg = tiny_config(mdir.path(), 1);
-    cfg.stop_after = Some((1, "gate_q0".into()));
-    run(&headless, cfg);
+    cfg.stop_after = Some((1, Stage::GateQ0));
+    assert_eq!(run(&headless, cfg).stopped, Stopped::StopAfter(1, Stage::GateQ0));
+    assert_eq!(generated(&headless), n_generated, "nothing was generated again");
     let want: Vec<String> =
         rows.iter().filter(|r| r.score.verdict == Verdict::Keep).map(|r| r.completion.id.clone()).collect();
-    assert_eq!(ids_in(&headless.join("round-01/accepted.jsonl")), want);
+    let hl = SessionDir::new(&headless);
+    assert_eq!(ids_in(&hl.round(1).accepted().abs), want);
+    assert_eq!(automatic_decisions(&headless, 1).len(), rows.len());
+    assert!(hl.round(1).gate_q0().abs.exists());
+    assert!(events(&headless)
+        .iter()
+        .any(|e| matches!(e, SessionEvent::GateWritten { round: 1, gate: Gate::Q0, passed: true, .. })));
 }

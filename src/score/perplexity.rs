@@ -11,18 +11,8 @@ use crate::model::{CapturePositions, Forward, Hooks, LoadedModel, LogitsAt, Path
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 
-/// Perplexity of the last `ceil(frac · n)` entries of a per-token NLL trace (at least one token).
-/// `None` for an empty trace.
-pub fn tail_perplexity(nll: &[f32], frac: f64) -> Option<f64> {
-    let n = nll.len();
-    if n == 0 {
-        return None;
-    }
-    let k = ((n as f64 * frac.clamp(0.0, 1.0)).ceil() as usize).clamp(1, n);
-    let tail = &nll[n - k..];
-    let mean = tail.iter().map(|x| *x as f64).sum::<f64>() / k as f64;
-    Some(mean.exp())
-}
+/// The one tail-perplexity function (the walk-down's coherence filter uses it too).
+pub use crate::steer::kl::tail_perplexity;
 
 /// What one teacher-forced pass of the base model over prompt + completion gives.
 #[derive(Debug, Clone, PartialEq)]

@@ -118,8 +118,8 @@ pub struct SessionManifest {
     /// Persona file (relative like `model`), when any.
     #[serde(default)]
     pub persona_file: Option<PathBuf>,
-    /// Steering-vector safetensors file (relative like `model`), when any: one `[hidden]` tensor per layer,
-    /// named by its layer index (`"14"`, `"layer.14"`, `"layers.14"`).
+    /// Round 1's steering-vector file (relative like `model`), when any: what `extract` (+ `dose`) or
+    /// `import-gguf` writes, read by `SteerVector::load`; its calibrated c* is used when it has one.
     #[serde(default)]
     pub vector_file: Option<PathBuf>,
     /// Generation settings.

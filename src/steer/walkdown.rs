@@ -52,13 +52,8 @@ impl Default for CoherenceScorer {
 
 /// Base-model perplexity of the last `tail` fraction of a completion's tokens (at least one token).
 pub fn tail_perplexity(c: &Completion, tail: f64) -> Result<f64> {
-    let n = c.trace.nll_base.len();
-    if n == 0 {
-        return Err(Error::invalid(format!("completion {} has no tokens to score", c.id)));
-    }
-    let k = ((n as f64 * tail).ceil() as usize).clamp(1, n);
-    let mean = c.trace.nll_base[n - k..].iter().map(|x| *x as f64).sum::<f64>() / k as f64;
-    Ok(mean.exp())
+    super::kl::tail_perplexity(&c.trace.nll_base, tail)
+        .ok_or_else(|| Error::invalid(format!("completion {} has no tokens to score", c.id)))
 }
 
 impl Scorer for CoherenceScorer {
