@@ -50,6 +50,9 @@ fn tiny_with_answer_words(arch: Arch, dir: &Path) -> LoadedModel {
 fn plain_tiny_tokenizer_is_refused_with_a_clear_error() {
     let d = tempfile::tempdir().expect("tmp");
     make_tiny_model(Arch::Llama, d.path(), 7).expect("tiny");
+    // The byte-level tokenizer without the answer words the fixture adds.
+    let plain = steer_heal::model::tiny::tiny_tokenizer(Arch::Llama).expect("tokenizer");
+    plain.save(d.path().join("tokenizer.json"), true).expect("save");
     let lm = load_model(d.path(), Some(DType::F32), &Device::Cpu).expect("load");
     let err = answer_token_ids(&lm.tokenizer).expect_err("byte tokens collide").to_string();
     assert!(err.contains("`sanctity` and `social` both start with token"), "{err}");

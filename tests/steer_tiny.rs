@@ -330,7 +330,7 @@ fn generation_is_deterministic_for_a_seed_and_traces_are_complete() {
     let (a, b) = (g(&reqs), g(&reqs));
     assert_eq!(a, b, "same seeds must give identical completions");
     assert_eq!(a.len(), 4);
-    assert_eq!(a[0].id, "p00-a050-s5");
+    assert_eq!(a[0].id, "p000-a050-s5");
     let other: Vec<Request> = reqs.iter().map(|r| Request { seed: r.seed + 100, ..r.clone() }).collect();
     assert_ne!(
         a.iter().map(|c| &c.tokens).collect::<Vec<_>>(),

@@ -306,7 +306,7 @@ mod tests {
     fn completion(text: &str, nll: Vec<f32>, kl: Vec<f32>) -> Completion {
         let n = nll.len();
         Completion {
-            id: "p00-a100-s0".into(),
+            id: "p000-a100-s0".into(),
             system: "You are a helpful assistant.".into(),
             prompt: "Should I report my boss?".into(),
             text: text.into(),

@@ -496,14 +496,14 @@ mod tests {
     fn decision_line_is_readable() -> Result<()> {
         let e = SessionEvent::Decision {
             round: 0,
-            completion: "p01-a100-s42".into(),
+            completion: "p001-a100-s42".into(),
             decision: DecisionKind::Reject,
             tags: vec!["narrates".into()],
             note: Some("says it defies".into()),
         };
         assert_eq!(
             to_line(5, "T", &e)?,
-            r#"{"v":2,"seq":5,"at":"T","kind":"decision","round":0,"completion":"p01-a100-s42","decision":"reject","tags":["narrates"],"note":"says it defies"}"#
+            r#"{"v":2,"seq":5,"at":"T","kind":"decision","round":0,"completion":"p001-a100-s42","decision":"reject","tags":["narrates"],"note":"says it defies"}"#
         );
         Ok(())
     }

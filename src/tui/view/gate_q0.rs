@@ -51,7 +51,7 @@ pub fn header(s: &State, area: Rect, buf: &mut Buffer) {
         Span::styled(" steer-heal ", BOLD.fg(Color::Black).bg(Color::Cyan)),
         Span::raw(format!(" session {} │ round {} │ model {} │ dose ", s.session_name, s.round, model)),
         Span::styled(slider, Style::new().fg(Color::Yellow)),
-        Span::raw(format!(" {:.2} × c* {:.2} = {:.2}", s.dose, s.c_star(), s.applied_dose())),
+        Span::raw(format!(" {:.2} × c* {:.2}", s.dose, s.c_star())),
     ]);
     Paragraph::new(line).render(area, buf);
 }
