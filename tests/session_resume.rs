@@ -105,6 +105,25 @@ fn newer_schema_session_is_refused() {
 }
 
 #[test]
+fn a_session_from_before_the_one_loop_layout_is_refused_with_how_to_carry_it_on() {
+    // A schema-1 session as a705e25 wrote it (the TUI's round 0 in completions-pNNN files).
+    let d = tempfile::tempdir().expect("tempdir");
+    let mp = session::SessionDir::new(d.path()).manifest();
+    std::fs::write(
+        &mp,
+        "schema_version = 1\nname = \"old\"\ncreated = \"t\"\nmodel = \"m\"\n[generation]\ndose = 1.0\n",
+    )
+    .expect("write");
+    let e = Session::open(d.path()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("session.toml: written by steer-heal before the one-loop round layout"), "{e}");
+    assert!(
+        e.contains("start a new session") && e.contains("--vector OLD/round-01/vector.safetensors"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+}
+
+#[test]
 fn newer_event_version_is_refused_and_unknown_kinds_are_skipped() {
     let d = tempfile::tempdir().expect("tempdir");
     let o = new_session(d.path());

@@ -545,24 +545,7 @@ fn write_gate(
             pick.map(|p| &p.measurement)
         }
     };
-    let mut samples = Vec::new();
-    for (i, b) in before.samples.iter().enumerate() {
-        let teacher = comps.iter().find(|c| c.prompt == b.prompt);
-        let a = chosen.and_then(|m| m.samples.get(i));
-        let teacher_heat = match teacher {
-            Some(c) => gate::teacher_heat(lm, spec, c)?,
-            None => None,
-        };
-        samples.push(gate::SamplePair {
-            prompt: b.prompt.clone(),
-            teacher: teacher.map(|c| c.text.clone()),
-            before: b.text.clone(),
-            after: a.map(|s| s.text.clone()).unwrap_or_default(),
-            teacher_heat,
-            before_heat: b.heat.clone(),
-            after_heat: a.and_then(|s| s.heat.clone()),
-        });
-    }
+    let samples = gate::sample_pairs(lm, spec, comps, before, chosen)?;
     let report = gate::GateQ1 {
         round: cfg.round,
         model: lm.info.id.clone(),

@@ -358,6 +358,37 @@ pub struct SweepRow {
     pub sample: String,
 }
 
+/// The heal screen's columns for each measured prompt: the teacher (a training completion for that prompt, with its
+/// KL heat), the student before, and the healed student (`after`, when measured). The one pairing the `heal`
+/// command and the rounds loop both report.
+pub fn sample_pairs(
+    lm: &mut LoadedModel,
+    spec: &MeasureSpec,
+    training: &[Completion],
+    before: &Measurement,
+    after: Option<&Measurement>,
+) -> Result<Vec<SamplePair>> {
+    let mut samples = Vec::new();
+    for (i, b) in before.samples.iter().enumerate() {
+        let teacher = training.iter().find(|c| c.prompt == b.prompt);
+        let a = after.and_then(|m| m.samples.get(i));
+        let teacher_heat = match teacher {
+            Some(c) => teacher_heat(lm, spec, c)?,
+            None => None,
+        };
+        samples.push(SamplePair {
+            prompt: b.prompt.clone(),
+            teacher: teacher.map(|c| c.text.clone()),
+            before: b.text.clone(),
+            after: a.map(|s| s.text.clone()).unwrap_or_default(),
+            teacher_heat,
+            before_heat: b.heat.clone(),
+            after_heat: a.and_then(|s| s.heat.clone()),
+        });
+    }
+    Ok(samples)
+}
+
 /// A before/after sample for one prompt.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SamplePair {

@@ -427,6 +427,8 @@ pub struct Runner<'a> {
     progress: &'a mut dyn Progress,
     obs: &'a mut dyn RunObserver,
     student: Option<Student>,
+    /// Gate Q0's accepted completions of a round, handed to heal within the run.
+    accepted: Option<(u32, Vec<Completion>)>,
 }
 
 /// Whether the run goes on after a stage.
@@ -469,6 +471,7 @@ impl<'a> Runner<'a> {
             progress,
             obs,
             student: None,
+            accepted: None,
         })
     }
 
@@ -489,7 +492,18 @@ impl<'a> Runner<'a> {
         let state = session::fold(contents.events.iter().map(|l| &l.event));
         let persona = Persona::load_or_default(cfg.persona.as_deref().or(manifest.persona_file.as_deref()))?;
         let persona = Self::session_persona(&manifest, persona, &cfg)?;
-        Ok(Runner { session: held, layout, manifest, state, cfg, persona, progress, obs, student })
+        Ok(Runner {
+            session: held,
+            layout,
+            manifest,
+            state,
+            cfg,
+            persona,
+            progress,
+            obs,
+            student,
+            accepted: None,
+        })
     }
 
     /// The session's persona file wins over the configured one (a session is about one persona).
@@ -639,7 +653,10 @@ impl<'a> Runner<'a> {
         let v = v.ok_or_else(|| Error::invalid(format!("round {round}: no vector after the dose stage")))?;
         // heal: train this round's LoRA on the accepted completions; measure before/after for gate Q1.
         if !self.is_done(round, Stage::Heal) {
-            let accepted: Vec<Completion> = read_jsonl(&rd.accepted().abs)?;
+            let accepted: Vec<Completion> = match self.accepted.take() {
+                Some((r, a)) if r == round => a,
+                _ => read_jsonl(&rd.accepted().abs)?,
+            };
             let healed = self.heal(round, &rd, &mut lm, &accepted, history.clone());
             // Whatever happened, the model now carries a (possibly partial) adapter of this round: never hand
             // it on as the pre-heal student.
@@ -681,6 +698,8 @@ impl<'a> Runner<'a> {
             };
         }
         let vector = rd.vector();
+        // Within one run the stages hand each other values; the files are read back only on resume.
+        let mut extracted = None;
         // extract: from the current student; round 1 takes the session's own vector when it has one.
         if !self.is_done(round, Stage::Extract) {
             let v = match (&self.manifest.vector_file, round) {
@@ -700,8 +719,12 @@ impl<'a> Runner<'a> {
             };
             v.save(&vector.abs)?;
             go!(self.done(round, Stage::Extract, vector.rel.clone()), None);
+            extracted = Some(v);
         }
-        let mut v = SteerVector::load(&vector.abs)?;
+        let mut v = match extracted {
+            Some(v) => v,
+            None => SteerVector::load(&vector.abs)?,
+        };
         // dose: iso-KL calibration stored in the vector file (a vector that came calibrated keeps its c*).
         if !self.is_done(round, Stage::Dose) {
             if v.meta.calibration.is_some() && !v.is_prompt_only() {
@@ -863,6 +886,7 @@ impl<'a> Runner<'a> {
         }
         atomic_write(&rd.decisions().abs, &jsonl_bytes(&decisions)?)?;
         atomic_write(&rd.accepted().abs, &jsonl_bytes(&accepted)?)?;
+        self.accepted = Some((round, accepted.clone()));
         if self.cfg.gates == GateMode::Automatic {
             self.write_gate_q0_report(round, rd, lm, &rows, !accepted.is_empty())?;
         }
@@ -982,24 +1006,7 @@ impl<'a> Runner<'a> {
         }
         let after = hgate::measure(lm, &spec, self.progress)?;
         let (source, coherence_label, trait_label) = hgate::fallback_labels(true);
-        let mut samples = Vec::new();
-        for (i, b) in before.samples.iter().enumerate() {
-            let teacher = accepted.iter().find(|c| c.prompt == b.prompt);
-            let a = after.samples.get(i);
-            let teacher_heat = match teacher {
-                Some(c) => hgate::teacher_heat(lm, &spec, c)?,
-                None => None,
-            };
-            samples.push(hgate::SamplePair {
-                prompt: b.prompt.clone(),
-                teacher: teacher.map(|c| c.text.clone()),
-                before: b.text.clone(),
-                after: a.map(|s| s.text.clone()).unwrap_or_default(),
-                teacher_heat,
-                before_heat: b.heat.clone(),
-                after_heat: a.and_then(|s| s.heat.clone()),
-            });
-        }
+        let samples = hgate::sample_pairs(lm, &spec, accepted, &before, Some(&after))?;
         let report = hgate::GateQ1 {
             round: round as usize,
             model: lm.info.id.clone(),

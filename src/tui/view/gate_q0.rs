@@ -198,7 +198,12 @@ fn detail_pane(s: &State, area: Rect, buf: &mut Buffer) {
                 "Loading the model; completions appear as they are generated…"
             }
             ModelStatus::Failed(_) => "The model failed to load; see the message.",
-            ModelStatus::Ready { .. } if s.rows.is_empty() => "Generating completions…",
+            ModelStatus::Ready { .. } if s.rows.is_empty() && s.loop_job.is_some() => {
+                "Generating completions…"
+            }
+            ModelStatus::Ready { .. } if s.rows.is_empty() => {
+                "No completions: the round is not being prepared (see the message; I then c runs it again)."
+            }
             ModelStatus::Ready { .. } => "No completion matches the filter.",
         })];
         if let Some((_, live)) = &s.live {
