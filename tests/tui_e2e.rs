@@ -237,6 +237,12 @@ fn a_steered_round_is_curated_healed_kept_and_the_next_round_comes_back_to_gate_
     assert!(o.state.rounds.get(&2).is_some_and(|r| r.started && !r.completion_files.is_empty()));
     drop(o);
 
+    // A session keeps the vector it was created with: another one is refused before the terminal is touched.
+    let out = Command::new(BIN).arg("tui").arg(&session).arg("--vector").arg(&model).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the session steers round 1 with") && err.lines().count() == 1, "{err}");
+
     // Reopen: the session resumes on round 2 (its gate Q0 not passed yet); SIGTERM quits cleanly.
     let t = Tmux::new("second");
     t.start(&format!("env XDG_CONFIG_HOME={} {BIN} tui {}", config.display(), session.display()));

@@ -153,10 +153,21 @@ fn open_state(
     })
     .with_context(|| format!("opening session {}", dir.display()))?;
     let manifest = opened.session.manifest().clone();
+    let same = |a: &Path, b: &Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    if let Some(v) = &vector {
+        if !manifest.vector_file.as_deref().is_some_and(|f| same(v, f)) {
+            bail!(
+                "{}: the session steers round 1 with {}, not {} (a vector is chosen when a session is created: \
+                 open a new session to steer with it)",
+                dir.display(),
+                manifest.vector_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "its own extracted vector".into()),
+                v.display()
+            );
+        }
+    }
     if let Some(m) = &model {
-        let same = |a: &Path, b: &Path| {
-            a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-        };
         if !same(m, &manifest.model) {
             bail!(
                 "{}: the session uses model {}, not {} (edit session.toml to switch models)",
