@@ -4,13 +4,14 @@
 //! items per round (think text, answer probabilities) are read by the worker when a round first appears and
 //! stepped through beside the round's metrics.
 
-use super::State;
+use super::{Screen, State};
 use crate::eval::{EvalSample, RoundPoint, RoundStatus};
 use crate::heal::gate::GateQ1;
 use crate::heal::StepRecord;
 use crate::rounds::Stopped;
 use crate::session::{Gate, SessionEvent};
 use crate::tui::action::Action;
+use crate::tui::action::Mode;
 use crate::worker::{Job, JobId, JobKind};
 use std::collections::BTreeMap;
 
@@ -63,15 +64,15 @@ impl IterateView {
 
 /// Open the screen and ask the worker for the rounds table.
 pub fn open(s: &mut State) -> Vec<Job> {
-    if s.iterate.is_none() {
-        s.iterate = Some(IterateView { branch: "main".into(), ..IterateView::default() });
+    if s.screens.iterate().is_none() {
+        s.screens.open(Screen::Iterate(IterateView { branch: "main".into(), ..IterateView::default() }));
     }
     vec![s.job(JobKind::RoundsStatus)]
 }
 
 /// Keys on the iterate screen.
 pub fn action(s: &mut State, a: Action) -> Vec<Job> {
-    let Some(v) = s.iterate.as_mut() else { return vec![] };
+    let Some(v) = s.screens.iterate_mut() else { return vec![] };
     match a {
         Action::NextRound => v.selected = (v.selected + 1).min(v.points.len().saturating_sub(1)),
         Action::PrevRound => v.selected = v.selected.saturating_sub(1),
@@ -85,7 +86,7 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
             let shown = v.sample.min(n - 1);
             v.sample = if a == Action::NextSample { (shown + 1).min(n - 1) } else { shown.saturating_sub(1) };
         }
-        Action::Cancel => s.iterate = None,
+        Action::Cancel => s.screens.close(Mode::Iterate),
         Action::ContinueRounds => {
             let jobs = super::run_loop(s);
             if !jobs.is_empty() {
@@ -139,7 +140,12 @@ pub fn action(s: &mut State, a: Action) -> Vec<Job> {
             let round = p.round as u32;
             if s.loop_job.is_some() && s.heal_training.as_ref().is_some_and(|t| t.round == round) {
                 // The round is still healing: show the live chart; the report comes when the run ends.
-                s.heal = Some(HealView { round, report: None, scroll: 0, note: String::new() });
+                s.screens.open(Screen::Heal(HealView {
+                    round,
+                    report: None,
+                    scroll: 0,
+                    note: String::new(),
+                }));
                 return vec![];
             }
             return vec![s.job(JobKind::ReadGateQ1 { round })];
@@ -191,7 +197,7 @@ impl HealTraining {
 /// A gate-Q1 report arrived: show it, with its heal run's logged steps as the training curve (a live curve of
 /// the same round is kept: it is as fresh).
 pub fn on_gate_q1(s: &mut State, job: JobId, round: u32, report: GateQ1, steps: Vec<StepRecord>) {
-    s.heal = Some(HealView { round, report: Some(report), scroll: 0, note: String::new() });
+    s.screens.open(Screen::Heal(HealView { round, report: Some(report), scroll: 0, note: String::new() }));
     let live = s.heal_training.as_ref().is_some_and(|t| t.round == round && !t.steps.is_empty());
     if !live && !steps.is_empty() {
         s.heal_training = Some(HealTraining { job, round, steps });
@@ -204,8 +210,8 @@ pub fn on_heal_step(s: &mut State, job: JobId, round: u32, record: StepRecord) {
     let fresh = !s.heal_training.as_ref().is_some_and(|t| t.job == job && t.round == round);
     if fresh {
         s.heal_training = Some(HealTraining { job, round, steps: Vec::new() });
-        if s.heal.is_none() && s.iterate.is_some() && s.popup.is_none() {
-            s.heal = Some(HealView { round, report: None, scroll: 0, note: String::new() });
+        if s.screens.heal().is_none() && s.screens.iterate().is_some() && s.popup.is_none() {
+            s.screens.open(Screen::Heal(HealView { round, report: None, scroll: 0, note: String::new() }));
         }
     }
     if let Some(t) = s.heal_training.as_mut() {
@@ -215,11 +221,11 @@ pub fn on_heal_step(s: &mut State, job: JobId, round: u32, record: StepRecord) {
 
 /// Keys on the heal screen: keep or drop the round (a `round_gate` event at `q1`), scroll, back.
 pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
-    let Some(h) = s.heal.as_mut() else { return vec![] };
+    let Some(h) = s.screens.heal_mut() else { return vec![] };
     match a {
         Action::ScrollDown => h.scroll = h.scroll.saturating_add(1),
         Action::ScrollUp => h.scroll = h.scroll.saturating_sub(1),
-        Action::Cancel => s.heal = None,
+        Action::Cancel => s.screens.close(Mode::Heal),
         Action::EditNote => {
             let area = super::editor(&h.note);
             s.popup = Some(super::Popup::Edit {
@@ -252,7 +258,7 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
                 note = format!("{} ({note})", h.note);
             }
             s.status = format!("round {round} {} at gate Q1", if keep { "kept" } else { "dropped" });
-            s.heal = None;
+            s.screens.close(Mode::Heal);
             // Once the verdict is on disk the loop goes on (see the `Recorded` output in `update`).
             let rec = s.record(SessionEvent::RoundGate { round, gate: Gate::Q1, keep, note: Some(note) });
             return vec![rec];
@@ -267,14 +273,14 @@ pub fn heal_action(s: &mut State, a: Action) -> Vec<Job> {
 /// A job failed or was cancelled without a rounds table: if it was reading samples, the next rounds table asks
 /// again.
 pub fn job_ended(s: &mut State, id: JobId) {
-    if let Some(v) = s.iterate.as_mut() {
+    if let Some(v) = s.screens.iterate_mut() {
         v.samples_pending.retain(|_, job| *job != id);
     }
 }
 
 /// Eval samples arrived from the worker: keep them by round.
 pub fn on_samples(s: &mut State, id: JobId, samples: BTreeMap<u32, Vec<EvalSample>>) {
-    let Some(v) = s.iterate.as_mut() else { return };
+    let Some(v) = s.screens.iterate_mut() else { return };
     v.samples_pending.retain(|_, job| *job != id);
     v.samples.extend(samples);
 }
@@ -291,7 +297,7 @@ pub fn on_rounds(
 ) -> Vec<Job> {
     let mut jobs = vec![];
     let _ = id;
-    let Some(v) = s.iterate.as_mut() else { return jobs };
+    let Some(v) = s.screens.iterate_mut() else { return jobs };
     if let Some(st) = stopped {
         v.last_run = st.to_string();
     }
@@ -309,7 +315,7 @@ pub fn on_rounds(
     v.branch = branch;
     if !missing.is_empty() {
         let job = s.job(JobKind::ReadEvalSamples { rounds: missing.clone() });
-        if let Some(v) = s.iterate.as_mut() {
+        if let Some(v) = s.screens.iterate_mut() {
             v.samples_pending.extend(missing.into_iter().map(|r| (r, job.id)));
         }
         jobs.push(job);

@@ -256,6 +256,80 @@ pub struct Reshow {
     pub pos: usize,
 }
 
+/// A screen over the gate-Q0 screen (which is always there, at the bottom); each owns its state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Screen {
+    /// The blind re-show of decided completions.
+    Reshow(Reshow),
+    /// The rounds table and progress map (gate Q2).
+    Iterate(iterate::IterateView),
+    /// One round's heal: live curves, then its gate-Q1 report.
+    Heal(iterate::HealView),
+}
+
+impl Screen {
+    /// The key mode of the screen.
+    pub fn mode(&self) -> Mode {
+        match self {
+            Screen::Reshow(_) => Mode::Reshow,
+            Screen::Iterate(_) => Mode::Iterate,
+            Screen::Heal(_) => Mode::Heal,
+        }
+    }
+}
+
+/// The stack of screens over gate Q0, bottom to top: at most one of each kind; opening one brings it to the top.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Screens(Vec<Screen>);
+
+macro_rules! screen_access {
+    ($get:ident, $get_mut:ident, $variant:ident, $ty:ty) => {
+        /// That screen, wherever it is in the stack.
+        pub fn $get(&self) -> Option<&$ty> {
+            self.0.iter().find_map(|x| match x {
+                Screen::$variant(v) => Some(v),
+                _ => None,
+            })
+        }
+        /// That screen, mutably.
+        pub fn $get_mut(&mut self) -> Option<&mut $ty> {
+            self.0.iter_mut().find_map(|x| match x {
+                Screen::$variant(v) => Some(v),
+                _ => None,
+            })
+        }
+    };
+}
+
+impl Screens {
+    screen_access!(reshow, reshow_mut, Reshow, Reshow);
+    screen_access!(iterate, iterate_mut, Iterate, iterate::IterateView);
+    screen_access!(heal, heal_mut, Heal, iterate::HealView);
+
+    /// The screen on top, if any.
+    pub fn top(&self) -> Option<&Screen> {
+        self.0.last()
+    }
+    /// The key mode of the top screen (gate Q0 when none is open).
+    pub fn mode(&self) -> Mode {
+        self.top().map(Screen::mode).unwrap_or(Mode::GateQ0)
+    }
+    /// Open a screen on top (replacing one of its kind).
+    pub fn open(&mut self, screen: Screen) {
+        let mode = screen.mode();
+        self.0.retain(|x| x.mode() != mode);
+        self.0.push(screen);
+    }
+    /// Close the screen of this kind, if open.
+    pub fn close(&mut self, mode: Mode) {
+        self.0.retain(|x| x.mode() != mode);
+    }
+    /// Back to gate Q0.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Everything the UI knows. Views only read it.
 pub struct State {
     /// The merged keymap.
@@ -316,8 +390,8 @@ pub struct State {
     pub status_age: (String, u32),
     /// Problems found while opening the session.
     pub warnings: Vec<String>,
-    /// Blind re-show in progress.
-    pub reshow: Option<Reshow>,
+    /// The screens over the gate-Q0 screen, bottom to top (re-show, iterate, heal); the top one has the keys.
+    pub screens: Screens,
     /// Reason tags offered.
     pub tags: Vec<String>,
     /// Wall-clock time of the last tick.
@@ -328,10 +402,6 @@ pub struct State {
     pub loop_job: Option<JobId>,
     /// The session's folder layout (for the paths the UI names in events).
     pub layout: SessionDir,
-    /// The iterate screen, when open.
-    pub iterate: Option<iterate::IterateView>,
-    /// The heal screen (over the iterate screen), when open.
-    pub heal: Option<iterate::HealView>,
     /// Heal steps streamed by the running rounds job (the heal screen's live chart).
     pub heal_training: Option<iterate::HealTraining>,
 }
@@ -379,12 +449,10 @@ impl State {
             status: String::new(),
             status_age: (String::new(), 0),
             warnings: vec![],
-            reshow: None,
+            screens: Screens::default(),
             tags: DEFAULT_TAGS.iter().map(|s| s.to_string()).collect(),
             now: String::new(),
             quit: false,
-            iterate: None,
-            heal: None,
             heal_training: None,
         };
         s.refresh_view(None);
@@ -400,10 +468,7 @@ impl State {
             Some(Popup::Confirm { .. }) => Mode::Confirm,
             Some(Popup::Stats) => Mode::Stats,
             Some(Popup::Message { .. }) => Mode::Message,
-            None if self.heal.is_some() => Mode::Heal,
-            None if self.iterate.is_some() => Mode::Iterate,
-            None if self.reshow.is_some() => Mode::Reshow,
-            None => Mode::GateQ0,
+            None => self.screens.mode(),
         }
     }
 
@@ -849,7 +914,7 @@ fn edit_action(s: &mut State, a: Action) -> Vec<Job> {
                     set_annotation(s, None, Some((!text.is_empty()).then_some(text)))
                 }
                 EditTarget::RoundNote => {
-                    if let Some(h) = s.heal.as_mut() {
+                    if let Some(h) = s.screens.heal_mut() {
                         h.note = text;
                     }
                     vec![]
@@ -919,14 +984,14 @@ fn write_gate(s: &mut State, passed: bool) -> Vec<Job> {
 fn reshow_action(s: &mut State, a: Action) -> Vec<Job> {
     match a {
         Action::Accept | Action::Reject => {
-            let Some(rs) = s.reshow.as_mut() else { return vec![] };
+            let Some(rs) = s.screens.reshow_mut() else { return vec![] };
             let Some(id) = rs.queue.get(rs.pos).cloned() else { return vec![] };
             rs.pos += 1;
             let finished = rs.pos >= rs.queue.len();
             let decision = if a == Action::Accept { DecisionKind::Accept } else { DecisionKind::Reject };
             let job = s.record(SessionEvent::Reshown { round: s.round, completion: id, decision });
             if finished {
-                s.reshow = None;
+                s.screens.close(Mode::Reshow);
                 let k = stats::kappa(s);
                 let text = match k.kappa {
                     Some(v) => format!(
@@ -943,7 +1008,7 @@ fn reshow_action(s: &mut State, a: Action) -> Vec<Job> {
             vec![job]
         }
         Action::Cancel => {
-            s.reshow = None;
+            s.screens.close(Mode::Reshow);
             s.status = "re-show stopped".into();
             vec![]
         }
@@ -1239,7 +1304,7 @@ fn gate_action(s: &mut State, a: Action) -> Vec<Job> {
                 s.message("Blind re-show", "No decided completions left to re-show. Decide some first.");
             } else {
                 s.status = format!("blind re-show of {} completions", queue.len());
-                s.reshow = Some(Reshow { queue, pos: 0 });
+                s.screens.open(Screen::Reshow(Reshow { queue, pos: 0 }));
                 s.detail_scroll = 0;
             }
         }
@@ -1324,15 +1389,15 @@ fn on_round_started(s: &mut State, round: u32, c_star: f64) {
         s.round = round;
         s.rows.clear();
         s.replay = None;
-        s.reshow = None;
+        s.screens.close(Mode::Reshow);
         s.selected = 0;
         s.cursor = 0;
         s.refresh_view(None);
     }
     s.dose = s.round_state().map(|r| r.dose).unwrap_or(1.0);
     s.dose_recorded = s.dose;
-    s.heal = None;
-    s.iterate = None;
+    s.screens.close(Mode::Heal);
+    s.screens.close(Mode::Iterate);
     s.status = format!("round {round}: generating steered completions at c* {c_star:.3}");
 }
 
@@ -1430,18 +1495,23 @@ fn on_loop_stopped(s: &mut State, stopped: &Stopped) -> Vec<Job> {
                 let c = s.session.rounds.get(r).map(|x| x.base_dose).unwrap_or(0.0);
                 on_round_started(s, *r, c);
             }
-            s.heal = None;
-            s.iterate = None;
+            s.screens.close(Mode::Heal);
+            s.screens.close(Mode::Iterate);
             s.status = format!("round {r}: curate its completions, then pass gate Q0 (P)");
             vec![]
         }
         Stopped::AwaitingGateQ1(r) => {
-            s.heal = Some(iterate::HealView { round: *r, report: None, scroll: 0, note: String::new() });
+            s.screens.open(Screen::Heal(iterate::HealView {
+                round: *r,
+                report: None,
+                scroll: 0,
+                note: String::new(),
+            }));
             s.status = format!("round {r} healed: keep or drop it (gate Q1)");
             vec![s.job(JobKind::ReadGateQ1 { round: *r })]
         }
         Stopped::Reached(_) | Stopped::Floor { .. } => {
-            s.heal = None;
+            s.screens.close(Mode::Heal);
             if matches!(stopped, Stopped::Reached(_)) {
                 s.status = format!("round {} judged; continue (c) prepares the next round", s.round);
             }
@@ -1488,7 +1558,12 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
             // The researcher's gate is on disk: the loop goes on (heal after Q0; bake and eval after Q1 keep;
             // the next round after a Q1 drop).
             SessionEvent::GateWritten { gate: Gate::Q0, passed: true, round, .. } if round == s.round => {
-                s.heal = Some(iterate::HealView { round, report: None, scroll: 0, note: String::new() });
+                s.screens.open(Screen::Heal(iterate::HealView {
+                    round,
+                    report: None,
+                    scroll: 0,
+                    note: String::new(),
+                }));
                 return run_loop(s);
             }
             SessionEvent::RoundGate { gate: Gate::Q1, .. } => return run_loop(s),

@@ -471,7 +471,7 @@ fn blind_reshow_records_and_reports_kappa() {
     press(&mut s, "esc a r a r");
     press(&mut s, "R");
     assert_eq!(s.mode(), Mode::Reshow);
-    let queue = s.reshow.as_ref().map(|r| r.queue.clone()).unwrap_or_default();
+    let queue = s.screens.reshow().map(|r| r.queue.clone()).unwrap_or_default();
     assert_eq!(queue.len(), 4);
     let mut all = vec![];
     // Re-decide each the same way it was decided, except the last.
@@ -483,7 +483,7 @@ fn blind_reshow_records_and_reports_kappa() {
     }
     assert_eq!(all.len(), 4);
     assert!(all.iter().all(|e| matches!(e, SessionEvent::Reshown { .. })));
-    assert!(s.reshow.is_none());
+    assert!(s.screens.reshow().is_none());
     let k = stats::kappa(&s);
     assert_eq!((k.n, k.same), (4, 3));
     assert!(k.kappa.is_some_and(|v| (v - 0.5).abs() < 1e-9), "{k:?}");
@@ -587,6 +587,39 @@ fn init_runs_the_loop_once_and_a_judged_session_waits_on_the_iterate_screen() {
     assert!(matches!(jobs[..], [Job { kind: JobKind::RoundsStatus, .. }]), "{jobs:?}");
     assert_eq!(s.mode(), Mode::Iterate);
     assert_eq!(s.loop_job, None);
+}
+
+#[test]
+fn screens_stack_over_gate_q0_and_the_top_one_has_the_keys() {
+    let mut s = state_with(2);
+    assert_eq!(s.mode(), Mode::GateQ0);
+    press(&mut s, "I");
+    assert_eq!(s.mode(), Mode::Iterate);
+    s.screens.open(Screen::Heal(iterate::HealView {
+        round: 1,
+        report: None,
+        scroll: 0,
+        note: String::new(),
+    }));
+    assert_eq!(s.mode(), Mode::Heal);
+    // Esc closes the heal screen: the iterate screen under it has the keys again, then gate Q0.
+    press(&mut s, "esc");
+    assert_eq!(s.mode(), Mode::Iterate);
+    press(&mut s, "esc");
+    assert_eq!(s.mode(), Mode::GateQ0);
+    // Opening a screen again replaces it (and brings it to the top) instead of stacking a second one.
+    press(&mut s, "I");
+    let heal =
+        |round| Screen::Heal(iterate::HealView { round, report: None, scroll: 0, note: String::new() });
+    s.screens.open(heal(1));
+    s.screens.open(Screen::Iterate(iterate::IterateView::default()));
+    assert_eq!(s.mode(), Mode::Iterate);
+    s.screens.open(heal(2));
+    assert_eq!(s.screens.heal().map(|h| h.round), Some(2));
+    press(&mut s, "esc");
+    assert_eq!(s.mode(), Mode::Iterate);
+    press(&mut s, "esc");
+    assert_eq!(s.mode(), Mode::GateQ0, "one heal screen only");
 }
 
 #[test]
@@ -767,7 +800,7 @@ fn iterate_keys_continue_stop_rollback_fork() {
     assert!(matches!(press(&mut s, "s")[..], [Job { kind: JobKind::Cancel(id), .. }] if id == run_id));
     assert!(records(&press(&mut s, "b")).is_empty());
     let output = JobOutput::Rounds {
-        points: iterate_state().iterate.expect("view").points,
+        points: iterate_state().screens.iterate().expect("view").points.clone(),
         chain: vec![1],
         branch: "main".into(),
         stopped: Some(Stopped::Cancelled),
@@ -840,18 +873,18 @@ fn heal_screen_keeps_or_drops_the_round_with_a_note() {
     // The logged heal steps are the screen's training curve.
     assert_eq!(s.heal_training.as_ref().map(|t| (t.round, t.steps.clone())), Some((1, steps)));
     press(&mut s, "j j j");
-    assert_eq!(s.heal.as_ref().map(|h| h.scroll), Some(3));
+    assert_eq!(s.screens.heal().map(|h| h.scroll), Some(3));
     // `e` opens the note editor; esc throws the text away, ctrl-s keeps it for the decision.
     press(&mut s, "e");
     assert!(matches!(s.popup, Some(Popup::Edit { target: EditTarget::RoundNote, .. })));
     press(&mut s, "x y z");
     press(&mut s, "esc");
-    assert_eq!(s.heal.as_ref().map(|h| h.note.as_str()), Some(""));
+    assert_eq!(s.screens.heal().map(|h| h.note.as_str()), Some(""));
     press(&mut s, "e");
     update(&mut s, Msg::Paste("loops in sample 2".into()));
     press(&mut s, "ctrl-s");
     assert!(s.popup.is_none());
-    assert_eq!(s.heal.as_ref().map(|h| h.note.as_str()), Some("loops in sample 2"));
+    assert_eq!(s.screens.heal().map(|h| h.note.as_str()), Some("loops in sample 2"));
     let jobs = press(&mut s, "D");
     match &records(&jobs)[..] {
         [SessionEvent::RoundGate { round: 1, gate, keep: false, note: Some(note) }] => {
@@ -910,7 +943,7 @@ fn heal_steps_land_in_state_open_the_live_chart_and_stop_cancels_the_run() {
     assert_eq!(t.rate_and_eta(), Some((2.0, 3.0)));
     // The first step opened the heal screen on the live chart; there is no report to judge yet.
     assert_eq!(s.mode(), Mode::Heal);
-    assert!(s.heal.as_ref().is_some_and(|h| h.round == 3 && h.report.is_none()));
+    assert!(s.screens.heal().is_some_and(|h| h.round == 3 && h.report.is_none()));
     assert!(records(&press(&mut s, "K")).is_empty());
     assert!(s.status.contains("still healing"), "{}", s.status);
     // Stop cancels the rounds job from the heal screen.
@@ -995,7 +1028,7 @@ fn eval_samples_are_read_once_per_round_and_the_sample_keys_step_through_them() 
         Msg::Worker(WorkerEvent::Finished { id: read, output: JobOutput::EvalSamples { samples } }),
     );
     let shown = |s: &State| {
-        let v = s.iterate.as_ref().expect("iterate");
+        let v = s.screens.iterate().expect("iterate");
         v.current_sample().map(|(i, x)| (v.current().map(|p| p.round), i, x.id.clone()))
     };
     assert_eq!(shown(&s), Some((Some(0), 0, "b0".into())));

@@ -296,7 +296,7 @@ fn score_lines_brief(r: &ScoredCompletion) -> Vec<Line<'static>> {
 
 /// The blind re-show screen: prompt and text only, no scores or earlier decision.
 pub fn reshow(s: &State, area: Rect, buf: &mut Buffer) {
-    let Some(rs) = &s.reshow else { return };
+    let Some(rs) = s.screens.reshow() else { return };
     let id = rs.queue.get(rs.pos);
     let row = id.and_then(|id| s.rows.iter().find(|r| &r.completion.id == id));
     let title = format!(" blind re-show {}/{} — decide again without scores ", rs.pos + 1, rs.queue.len());
@@ -363,15 +363,7 @@ pub fn hint_line(s: &State, area: Rect, buf: &mut Buffer) {
         return;
     }
     // Hints describe the screen under any popup; popups carry their own key hints.
-    let mode = if s.heal.is_some() {
-        Mode::Heal
-    } else if s.iterate.is_some() {
-        Mode::Iterate
-    } else if s.reshow.is_some() {
-        Mode::Reshow
-    } else {
-        Mode::GateQ0
-    };
+    let mode = s.screens.mode();
     let wanted: &[(Action, &str)] = match mode {
         Mode::Heal => &[
             (Action::KeepRound, "keep round"),

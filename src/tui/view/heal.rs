@@ -30,7 +30,7 @@ fn duration(secs: f64) -> String {
 
 /// Draw the heal screen into `area`.
 pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
-    let Some(h) = &s.heal else { return };
+    let Some(h) = s.screens.heal() else { return };
     let training = s.heal_training.as_ref().filter(|t| t.round == h.round && !t.steps.is_empty());
     let Some(r) = &h.report else {
         // Still healing: the live chart takes the screen.

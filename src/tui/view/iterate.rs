@@ -199,7 +199,7 @@ fn table(v: &IterateView, area: Rect, buf: &mut Buffer) {
 
 /// Draw the iterate screen into `area`.
 pub fn main(s: &State, area: Rect, buf: &mut Buffer) {
-    let Some(v) = &s.iterate else { return };
+    let Some(v) = s.screens.iterate() else { return };
     if v.points.is_empty() {
         let text = if s.loop_job.is_some() {
             "running the round… (the base is evaluated before the first round's eval)".to_string()

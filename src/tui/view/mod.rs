@@ -6,7 +6,7 @@ pub mod heal;
 pub mod iterate;
 pub mod popups;
 
-use super::app::{Popup, State};
+use super::app::{Popup, Screen, State};
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -25,14 +25,12 @@ pub fn render(s: &State, area: Rect, buf: &mut Buffer) {
     ])
     .areas(area);
     gate_q0::header(s, header, buf);
-    if s.heal.is_some() {
-        heal::main(s, main, buf);
-    } else if s.iterate.is_some() {
-        iterate::main(s, main, buf);
-    } else if s.reshow.is_some() {
-        gate_q0::reshow(s, main, buf);
-    } else {
-        gate_q0::main(s, main, buf);
+    // The top screen is drawn; the gate-Q0 screen is the one under every other.
+    match s.screens.top() {
+        Some(Screen::Heal(_)) => heal::main(s, main, buf),
+        Some(Screen::Iterate(_)) => iterate::main(s, main, buf),
+        Some(Screen::Reshow(_)) => gate_q0::reshow(s, main, buf),
+        None => gate_q0::main(s, main, buf),
     }
     gate_q0::progress_line(s, progress, buf);
     gate_q0::hint_line(s, hints, buf);
