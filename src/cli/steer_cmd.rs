@@ -345,12 +345,7 @@ fn read_completions(path: &Path) -> Result<Vec<Completion>> {
 }
 
 fn write_completions(path: &Path, cs: &[Completion]) -> Result<()> {
-    let mut buf = Vec::new();
-    for c in cs {
-        serde_json::to_writer(&mut buf, c)?;
-        buf.push(b'\n');
-    }
-    atomic_write(path, &buf)?;
+    atomic_write(path, &steer_heal::session::to_jsonl(cs)?)?;
     Ok(())
 }
 

@@ -490,8 +490,8 @@ impl<'a> Runner<'a> {
             Ok((s.layout(), s.manifest().clone(), session::event::read_log(&s.layout().events())?))
         })?;
         let state = session::fold(contents.events.iter().map(|l| &l.event));
-        let persona = Persona::load_or_default(cfg.persona.as_deref().or(manifest.persona_file.as_deref()))?;
-        let persona = Self::session_persona(&manifest, persona, &cfg)?;
+        // The session's persona file wins over the configured one (a session is about one persona).
+        let persona = Persona::load_or_default(manifest.persona_file.as_deref().or(cfg.persona.as_deref()))?;
         Ok(Runner {
             session: held,
             layout,
@@ -533,6 +533,17 @@ impl<'a> Runner<'a> {
     fn write_artifact(&mut self, rel: &str, bytes: &[u8], e: SessionEvent) -> Result<()> {
         self.session.with_mut(|s| s.write_artifact(rel, bytes, e.clone()))?;
         session::state::apply(&mut self.state, &e);
+        Ok(())
+    }
+
+    /// Re-fold the log of a shared session: the caller (the TUI's record lane) appends the researcher's
+    /// decisions and gates while the run goes on, and a gate must see them. An owned session has no other
+    /// writer, so its fold is current.
+    fn refresh(&mut self) -> Result<()> {
+        if let Held::Shared(_) = self.session {
+            let contents = self.session.with(|s| session::event::read_log(&s.layout().events()))?;
+            self.state = session::fold(contents.events.iter().map(|l| &l.event));
+        }
         Ok(())
     }
 
@@ -613,6 +624,13 @@ impl<'a> Runner<'a> {
         Ok(RunSummary { rounds_done, stopped, points })
     }
 
+    /// Run the round in progress to its end (or to a gate it waits at), or one more round when none is in
+    /// progress: `run` with the round count one past the rounds judged now.
+    pub fn run_next(&mut self) -> Result<RunSummary> {
+        self.cfg.rounds = self.lineage().verdicts.len() as u32 + 1;
+        self.run()
+    }
+
     /// The round in progress: the lowest round ≥ 1 without a verdict, else the next one.
     pub fn round_in_progress(lin: &Lineage) -> u32 {
         (1..=lin.last_round()).find(|r| !lin.verdicts.contains_key(r)).unwrap_or(lin.last_round() + 1)
@@ -670,6 +688,7 @@ impl<'a> Runner<'a> {
         let mut healed_chain = chain.clone();
         healed_chain.push(round);
         // gate Q1: the researcher keeps or drops the adapter; headless keeps it.
+        self.refresh()?;
         if self.cfg.gates == GateMode::Researcher && !self.lineage().q1.contains_key(&round) {
             self.keep_student(healed_chain, lm, None);
             return Ok(Flow::Stop(Stopped::AwaitingGateQ1(round)));
@@ -848,6 +867,7 @@ impl<'a> Runner<'a> {
     /// the gate: `decisions.jsonl`, and `accepted.jsonl` for heal. In the TUI the runner waits until the
     /// researcher passed the gate for this round.
     fn gate_q0(&mut self, round: u32, rd: &RoundDir, lm: &LoadedModel) -> Result<Flow> {
+        self.refresh()?;
         let rs = self.state.rounds.get(&round).cloned().unwrap_or_default();
         let rows = self.session.with(|s| s.load_round(&rs))?;
         match self.cfg.gates {
@@ -884,8 +904,8 @@ impl<'a> Runner<'a> {
                 accepted.push(r.completion.clone());
             }
         }
-        atomic_write(&rd.decisions().abs, &jsonl_bytes(&decisions)?)?;
-        atomic_write(&rd.accepted().abs, &jsonl_bytes(&accepted)?)?;
+        atomic_write(&rd.decisions().abs, &session::to_jsonl(&decisions)?)?;
+        atomic_write(&rd.accepted().abs, &session::to_jsonl(&accepted)?)?;
         self.accepted = Some((round, accepted.clone()));
         if self.cfg.gates == GateMode::Automatic {
             self.write_gate_q0_report(round, rd, lm, &rows, !accepted.is_empty())?;
@@ -1195,15 +1215,6 @@ pub fn sampling(g: &GenerationSettings) -> Sampling {
         seed: g.seed,
         max_new_tokens: g.max_new_tokens,
     }
-}
-
-fn jsonl_bytes<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    for r in rows {
-        serde_json::to_writer(&mut buf, r).map_err(|e| Error::invalid(format!("serialising a row: {e}")))?;
-        buf.push(b'\n');
-    }
-    Ok(buf)
 }
 
 fn points(layout: &SessionDir, lin: &Lineage) -> Result<Vec<RoundPoint>> {

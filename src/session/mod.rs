@@ -215,12 +215,11 @@ pub fn load_round(dir: &Path, round: &RoundState) -> Result<Vec<ScoredCompletion
     Ok(rows)
 }
 
-/// Serialise completions as JSON lines (the completions artifact format).
-pub fn to_jsonl(rows: &[ScoredCompletion]) -> Result<Vec<u8>> {
+/// Serialise rows as JSON lines (the completions, decisions and accepted artifacts).
+pub fn to_jsonl<T: serde::Serialize>(rows: &[T]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     for r in rows {
-        serde_json::to_writer(&mut out, r)
-            .map_err(|e| Error::invalid(format!("serialising a completion: {e}")))?;
+        serde_json::to_writer(&mut out, r).map_err(|e| Error::invalid(format!("serialising a row: {e}")))?;
         out.push(b'\n');
     }
     Ok(out)

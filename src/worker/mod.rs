@@ -602,15 +602,9 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
     };
     match kind {
         JobKind::RunRounds { rounds } => {
-            let (manifest, dir) = {
-                let s = lock(&ctx.session)?;
-                (s.manifest().clone(), s.dir().to_path_buf())
-            };
-            let rounds = match rounds {
-                Some(n) => n,
-                None => crate::rounds::read_status(&dir)?.1.verdicts.len() as u32 + 1,
-            };
-            let cfg = tui_rounds_config(&manifest, rounds, ctx.compute);
+            let manifest = lock(&ctx.session)?.manifest().clone();
+            // `None`: the runner finishes the round in progress, or runs one more.
+            let cfg = tui_rounds_config(&manifest, rounds.unwrap_or(0), ctx.compute);
             let kept = lock(&ctx.student)?.take();
             if kept.is_none() {
                 send(WorkerEvent::Progress {
@@ -626,7 +620,11 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             // at once, not after the round.
             let mut runner =
                 crate::rounds::Runner::with_session(&ctx.session, cfg, kept, &mut progress, &mut obs)?;
-            let summary = runner.run();
+            let summary = match rounds {
+                Some(_) => runner.run(),
+                None => runner.run_next(),
+            };
+            let (chain, branch) = (runner.lineage().chain.clone(), runner.lineage().branch.clone());
             let student = runner.into_student();
             if let Some(st) = &student {
                 send(WorkerEvent::ModelReady {
@@ -642,14 +640,7 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             }
             *lock(&ctx.student)? = student;
             let summary = summary?;
-            let dir = lock(&ctx.session)?.dir().to_path_buf();
-            let (points, after) = crate::rounds::read_status(&dir)?;
-            Ok(JobOutput::Rounds {
-                points,
-                chain: after.chain,
-                branch: after.branch,
-                stopped: Some(summary.stopped),
-            })
+            Ok(JobOutput::Rounds { points: summary.points, chain, branch, stopped: Some(summary.stopped) })
         }
         JobKind::Generate(req) => {
             let guard = lock(&ctx.student)?;

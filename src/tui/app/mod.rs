@@ -400,6 +400,8 @@ pub struct State {
     pub quit: bool,
     /// The rounds job in progress (preparing, healing or evaluating a round), if any.
     pub loop_job: Option<JobId>,
+    /// A gate was recorded while `loop_job` ran: run the loop again if that run ends waiting at a gate.
+    pub resume_after_run: bool,
     /// The session's folder layout (for the paths the UI names in events).
     pub layout: SessionDir,
     /// Heal steps streamed by the running rounds job (the heal screen's live chart).
@@ -421,6 +423,7 @@ impl State {
             keymap,
             session_name: session_name.to_string(),
             loop_job: None,
+            resume_after_run: false,
             layout: SessionDir::new(std::path::Path::new(".")),
             manifest,
             session,
@@ -1486,9 +1489,25 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
     vec![]
 }
 
+/// A gate is on disk: run the loop on, or, while a run is still going (it may already have stopped looking
+/// for the gate), once that run ends at a gate.
+fn resume_loop(s: &mut State) -> Vec<Job> {
+    if s.loop_job.is_some() {
+        s.resume_after_run = true;
+        return vec![];
+    }
+    run_loop(s)
+}
+
 /// A rounds job ended: show what it waits for.
 fn on_loop_stopped(s: &mut State, stopped: &Stopped) -> Vec<Job> {
     s.status = stopped.to_string();
+    // A gate the researcher passed while the run was still going (recorded after the run last looked) is on
+    // disk now: the loop goes on.
+    let resume = std::mem::take(&mut s.resume_after_run);
+    if resume && matches!(stopped, Stopped::AwaitingGateQ0(_) | Stopped::AwaitingGateQ1(_)) {
+        return run_loop(s);
+    }
     match stopped {
         Stopped::AwaitingGateQ0(r) => {
             if *r != s.round {
@@ -1564,9 +1583,9 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
                     scroll: 0,
                     note: String::new(),
                 }));
-                return run_loop(s);
+                return resume_loop(s);
             }
-            SessionEvent::RoundGate { gate: Gate::Q1, .. } => return run_loop(s),
+            SessionEvent::RoundGate { gate: Gate::Q1, .. } => return resume_loop(s),
             _ => {}
         },
         JobOutput::Rounds { points, chain, branch, stopped } => {

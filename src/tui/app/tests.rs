@@ -668,6 +668,20 @@ fn the_loops_round_streams_into_gate_q0_and_its_c_star_scales_the_dose() {
     );
     assert!(matches!(jobs[..], [Job { kind: JobKind::RunRounds { rounds: None }, .. }]), "{jobs:?}");
     assert_eq!(s.mode(), Mode::Heal);
+    // A gate recorded while a run still goes: that run ending at the gate runs the loop on (once).
+    let run = s.loop_job.expect("the heal run");
+    let event = SessionEvent::RoundGate { round: 2, gate: Gate::Q1, keep: true, note: None };
+    let recorded = JobOutput::Recorded { seq: 10, event };
+    assert!(update(&mut s, Msg::Worker(WorkerEvent::Finished { id: 98, output: recorded })).is_empty());
+    let waiting = JobOutput::Rounds {
+        points: vec![],
+        chain: vec![],
+        branch: "main".into(),
+        stopped: Some(Stopped::AwaitingGateQ1(2)),
+    };
+    let jobs = update(&mut s, Msg::Worker(WorkerEvent::Finished { id: run, output: waiting }));
+    assert!(matches!(jobs[..], [Job { kind: JobKind::RunRounds { rounds: None }, .. }]), "{jobs:?}");
+    assert!(!s.resume_after_run);
 }
 
 #[test]
