@@ -18,6 +18,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod heal;
 pub mod model;
+pub mod numeric;
 pub mod progress;
 pub mod rounds;
 pub mod score;

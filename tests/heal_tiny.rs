@@ -339,6 +339,51 @@ fn checkpoint_crash_resume_equals_an_uninterrupted_run() {
     assert_eq!((log_e.status, log_e.resumed_from), (HealStatus::Completed, Some(8)));
 }
 
+/// Killed before its first checkpoint: the rerun starts over, and its log holds each step once.
+#[test]
+fn a_crash_before_the_first_checkpoint_leaves_no_duplicate_steps() {
+    let (dir, _lm) = tiny_model(Arch::Llama, 7);
+    let cfg = HealConfig { epochs: 2, checkpoint_every: 4, ..quick_cfg() };
+    let mut b = reload(dir.path());
+    let data = dataset(&b, 3, 96);
+    let out = tempfile::tempdir().expect("out");
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = heal::heal(
+            &mut b.model,
+            &b.info,
+            &data,
+            &cfg,
+            out.path(),
+            &RunOptions::default(),
+            &mut Silent::default(),
+            &mut |r| {
+                if r.step == 2 {
+                    std::panic::resume_unwind(Box::new("simulated crash"));
+                }
+            },
+        );
+    }));
+    assert!(crashed.is_err());
+    let log_path = out.path().join("train/log.jsonl");
+    assert_eq!(train::read_step_log(&log_path).expect("log").len(), 2);
+    assert!(!out.path().join("train/checkpoint.safetensors").exists());
+    let mut c = reload(dir.path());
+    let (log, _) = run(&mut c, &data, &cfg, out.path(), &RunOptions::default());
+    assert_eq!((log.status, log.resumed_from), (HealStatus::Completed, None));
+    let steps: Vec<usize> = train::read_step_log(&log_path).expect("log").iter().map(|r| r.step).collect();
+    assert_eq!(steps, (1..=log.total_steps).collect::<Vec<_>>());
+    // A run that does continue from a checkpoint says so.
+    let out2 = tempfile::tempdir().expect("out");
+    let mut d = reload(dir.path());
+    let stop = RunOptions { stop_after_steps: Some(4), ..RunOptions::default() };
+    let (first, _) = run(&mut d, &data, &cfg, out2.path(), &stop);
+    assert_eq!(first.status, HealStatus::Stopped);
+    let mut e = reload(dir.path());
+    let (log, _) = run(&mut e, &data, &cfg, out2.path(), &RunOptions::default());
+    assert_eq!(log.resumed_from, Some(4));
+    assert!(log.message.starts_with("resumed from the checkpoint at step 4; completed"), "{}", log.message);
+}
+
 struct CancelAfter {
     calls: usize,
     after: usize,

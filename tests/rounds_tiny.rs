@@ -334,7 +334,7 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
         assert_eq!(l.verdicts.len(), 2, "judged rounds stay visible");
         assert!(l.abandoned.contains(&1) && l.abandoned.contains(&2));
         // Both moves are in the log: a reopened session and the status reader fold the same lineage.
-        assert_eq!(&Session::open(&s).expect("reopen").state.lineage, l);
+        assert_eq!(&steer_heal::session::read_saved(&s).expect("read the log").lineage, l);
         let (_, status) = read_status(&s).expect("status");
         assert_eq!(&status, l);
         assert!(layout.round(2).eval().abs.exists(), "a rollback erases nothing");

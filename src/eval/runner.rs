@@ -75,9 +75,17 @@ fn argmax_excluding(logits: &[f32], banned: &[u32]) -> u32 {
     best.unwrap_or(0) as u32
 }
 
-/// Log-probabilities of the answer ids in one row of logits.
-fn answer_lp(logits: &[f32], lse: f32, ids: &[u32; 7]) -> [f64; 7] {
-    ids.map(|id| (logits[id as usize] - lse) as f64)
+/// Log-probabilities of the answer ids in one row of logits. A row with a NaN or infinity has a non-finite
+/// log-sum-exp: that is an error, not an answer probability of NaN (or 0) in the report.
+fn answer_lp(logits: &[f32], lse: f32, ids: &[u32; 7]) -> Result<[f64; 7]> {
+    if !lse.is_finite() {
+        let (i, v) = crate::numeric::first_non_finite(logits).unwrap_or((0, lse));
+        return Err(Error::invalid(format!(
+            "eval: the model's logits are not finite ({v} at vocabulary id {i}); check the model's weights and the \
+             adapters it carries"
+        )));
+    }
+    Ok(ids.map(|id| (logits[id as usize] - lse) as f64))
 }
 
 /// Progress units of one sequence: prefill, each think step, the answer forward.
@@ -136,7 +144,7 @@ fn run_batch(
         for r in 0..b {
             let logits = &dec.last_logits[r];
             let lse = logsumexp(logits);
-            slot_lp[r].push(answer_lp(logits, lse, ids));
+            slot_lp[r].push(answer_lp(logits, lse, ids)?);
             let t = argmax_excluding(logits, &tok.stop_ids);
             gen_lp[r].push((logits[t as usize] - lse) as f64);
             think_ids[r].push(t);
@@ -146,7 +154,7 @@ fn run_batch(
         tally.add(b, &format!("think {}/{think}", k + 1))?;
     }
     for (slots, logits) in slot_lp.iter_mut().zip(&dec.last_logits) {
-        slots.push(answer_lp(logits, logsumexp(logits), ids));
+        slots.push(answer_lp(logits, logsumexp(logits), ids)?);
     }
     timings.think_s += t1.elapsed().as_secs_f64();
 
@@ -197,7 +205,7 @@ fn run_batch(
                 }
                 let n = suffix.len() - st;
                 let last = &rows[rows.len() - 1];
-                let lp = answer_lp(last, logsumexp(last), ids);
+                let lp = answer_lp(last, logsumexp(last), ids)?;
                 (lp, lp.iter().map(|x| x.exp()).sum(), nll / n as f64, n)
             }
         };

@@ -596,7 +596,13 @@ pub fn heal(
         let step = load_checkpoint(&ckpt, &lora, &mut opt, &[&identity, &older_identity])?;
         truncate_log(&paths.log(), step)?;
         resumed_from = Some(step);
+    } else {
+        // Killed before its first checkpoint: training starts again at step 1, so the steps logged by the
+        // lost attempt go (else the log would read 1, 2, 1, 2).
+        truncate_log(&paths.log(), 0)?;
     }
+    let resumed_note =
+        resumed_from.map(|s| format!("resumed from the checkpoint at step {s}; ")).unwrap_or_default();
     lora.attach(model, 1.0)?;
 
     let n = data.examples.len();
@@ -615,7 +621,7 @@ pub fn heal(
     let mut tokens_run = 0usize;
     let start_step = opt.step;
     let mut orders: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    progress.step(start_step as u64, total as u64, "training");
+    progress.step(start_step as u64, total as u64, &format!("{resumed_note}training"));
 
     while opt.step < total {
         if opts.stop_after_steps.is_some_and(|s| opt.step >= s) {
@@ -775,6 +781,8 @@ pub fn heal(
     if let Some(g) = opts.final_gate {
         adapter::set_gate(model, &name, g);
     }
+    // Whoever reads the outcome learns that this run continued an earlier one.
+    let message = format!("{resumed_note}{message}");
     let wall = started.elapsed().as_secs_f64();
     let log = HealLog {
         schema_version: SCHEMA_VERSION,

@@ -336,7 +336,7 @@ fn hf_name(name: &str, arch: Arch) -> Option<String> {
 pub fn unpermute_qk(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::invalid(format!("cannot unpermute {rows} rows into {heads} heads")));
     }
     let half = rows / heads / 2;
@@ -348,7 +348,7 @@ pub fn unpermute_qk(t: &Tensor, heads: usize) -> Result<Tensor> {
 pub fn permute_qk(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::invalid(format!("cannot permute {rows} rows into {heads} heads")));
     }
     let half = rows / heads / 2;

@@ -381,6 +381,15 @@ pub struct EventLog {
     path: PathBuf,
     file: std::fs::File,
     next_seq: u64,
+    /// Bytes that hold complete, durable lines. A failed append cuts the file back to this length, so a full
+    /// disk never leaves half a line for the next append to glue onto.
+    len: u64,
+    /// A failed append could not cut its partial line off yet (the cut itself failed): the next append cuts
+    /// first, and refuses to write while it cannot.
+    torn: bool,
+    /// Tests: the next append writes only this many bytes and then fails as a full disk does.
+    #[cfg(test)]
+    fail_after: Option<usize>,
 }
 
 impl EventLog {
@@ -399,25 +408,75 @@ impl EventLog {
             file.set_len(contents.valid_len).map_err(|e| Error::bad_file(path, e))?;
         }
         use std::io::Seek;
-        file.seek(std::io::SeekFrom::End(0)).map_err(|e| Error::bad_file(path, e))?;
+        let mut len = file.seek(std::io::SeekFrom::End(0)).map_err(|e| Error::bad_file(path, e))?;
         if contents.needs_newline {
             file.write_all(b"\n").map_err(|e| Error::bad_file(path, e))?;
+            len += 1;
         }
         file.sync_all().map_err(|e| Error::bad_file(path, e))?;
-        Ok(EventLog { path: path.to_path_buf(), file, next_seq: contents.last_seq + 1 })
+        Ok(EventLog {
+            path: path.to_path_buf(),
+            file,
+            next_seq: contents.last_seq + 1,
+            len,
+            torn: false,
+            #[cfg(test)]
+            fail_after: None,
+        })
     }
 
-    /// Append one event as one line, then fsync; returns what was stored.
+    /// Append one event as one line, then fsync; returns what was stored. On failure the file is as it was
+    /// before the call (the partial line is cut off) and the event is not stored: the caller must not show it
+    /// as saved.
     pub fn append(&mut self, event: SessionEvent) -> Result<Logged> {
+        if self.torn {
+            self.cut_back().map_err(|e| {
+                Error::bad_file(
+                    &self.path,
+                    format!("a failed write left a partial line that cannot be cut off: {e}"),
+                )
+            })?;
+        }
         let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let mut line = to_line(self.next_seq, &at, &event)?;
         line.push('\n');
         // One write of the whole line: a kill can tear only this line, never an earlier one.
-        self.file.write_all(line.as_bytes()).map_err(|e| Error::bad_file(&self.path, e))?;
-        self.file.sync_data().map_err(|e| Error::bad_file(&self.path, e))?;
+        let written = self.write_line(line.as_bytes());
+        if let Err(e) = written {
+            // Disk full (or any write error): cut the partial line back now; if even that fails, remember it.
+            self.torn = self.cut_back().is_err();
+            return Err(Error::bad_file(&self.path, format!("{e}; the event was not saved")));
+        }
+        self.len += line.len() as u64;
         let logged = Logged { seq: self.next_seq, at, event };
         self.next_seq += 1;
         Ok(logged)
+    }
+
+    #[cfg(not(test))]
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(line)?;
+        self.file.sync_data()
+    }
+
+    #[cfg(test)]
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if let Some(n) = self.fail_after.take() {
+            self.file.write_all(&line[..n.min(line.len())])?;
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        self.file.write_all(line)?;
+        self.file.sync_data()
+    }
+
+    /// Cut the file back to its last complete line and put the write position there.
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.file.set_len(self.len)?;
+        self.file.seek(std::io::SeekFrom::Start(self.len))?;
+        self.file.sync_data()?;
+        self.torn = false;
+        Ok(())
     }
 
     /// Sequence number the next event gets.
@@ -489,6 +548,42 @@ mod tests {
                 _ => return Err(Error::invalid(format!("did not parse back: {line}"))),
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_append_leaves_the_file_as_it_was() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let p = crate::session::SessionDir::new(d.path()).events();
+        let mut log = EventLog::open(&p, &read_log(&p)?)?;
+        let decide = |c: &str| SessionEvent::Decision {
+            round: 1,
+            completion: c.into(),
+            decision: DecisionKind::Accept,
+            tags: vec![],
+            note: None,
+        };
+        log.append(decide("a"))?;
+        let before = std::fs::read(&p)?;
+        // The disk fills after 9 bytes of the next line (`{"v":2,"s`).
+        log.fail_after = Some(9);
+        let e = log.append(decide("b")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(&p.display().to_string()) && e.contains("not saved"), "{e}");
+        assert_eq!(std::fs::read(&p)?, before, "the partial line is cut back");
+        // Space again: the next append is a whole line with the sequence number the failed one did not use.
+        let l = log.append(decide("c"))?;
+        assert_eq!(l.seq, 2);
+        let back = read_log(&p)?;
+        assert!(back.warnings.is_empty(), "{:?}", back.warnings);
+        let ids: Vec<_> = back
+            .events
+            .iter()
+            .map(|l| match &l.event {
+                SessionEvent::Decision { completion, .. } => completion.clone(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
         Ok(())
     }
 

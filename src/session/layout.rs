@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 pub const MANIFEST: &str = "session.toml";
 /// Session event log.
 pub const EVENTS: &str = "events.jsonl";
+/// Held locked (exclusively) by the one process that has the session open; names that process.
+pub const LOCK: &str = "session.lock";
 /// Narration pattern file copied into a new session.
 pub const NARRATION: &str = "narration.txt";
 /// Refusal phrase file copied into a new session.
@@ -103,6 +105,10 @@ impl SessionDir {
     /// `events.jsonl`.
     pub fn events(&self) -> PathBuf {
         self.root.join(EVENTS)
+    }
+    /// `session.lock`.
+    pub fn lock(&self) -> PathBuf {
+        self.root.join(LOCK)
     }
     /// `rounds.json`.
     pub fn rounds_table(&self) -> PathBuf {

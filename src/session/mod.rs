@@ -32,6 +32,48 @@ pub struct Session {
     dir: PathBuf,
     manifest: SessionManifest,
     log: EventLog,
+    /// Held for as long as the session is open: one writer per session (two would interleave log lines).
+    _lock: SessionLock,
+}
+
+/// An exclusive lock on `session.lock`, released when dropped (or when the process dies, however it dies).
+#[derive(Debug)]
+struct SessionLock {
+    _file: std::fs::File,
+}
+
+impl SessionLock {
+    /// Take the session's lock, or say which process holds it.
+    fn take(dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = SessionDir::new(dir).lock();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::bad_file(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder =
+                    if holder.is_empty() { "another process".to_string() } else { holder.to_string() };
+                return Err(Error::bad_file(
+                    dir,
+                    format!("the session is open in {holder}; close it there first (one process at a time)"),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::bad_file(&path, e)),
+        }
+        let me = format!("steer-heal pid {}\n", std::process::id());
+        // Best effort: the name is only for the message a second opener sees; the lock is what protects.
+        let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(me.as_bytes()));
+        Ok(SessionLock { _file: file })
+    }
 }
 
 /// A session as opened: the writer plus what its log folds to.
@@ -83,6 +125,9 @@ impl Session {
         }
         let text = std::fs::read_to_string(&mp).map_err(|e| Error::bad_file(&mp, e))?;
         let manifest = SessionManifest::parse(&text, &mp)?;
+        let lock = SessionLock::take(dir)?;
+        // With the lock held no writer is using the folder: any temp file in it is left from a failed write.
+        crate::fsutil::remove_stale_temps(dir)?;
         let lp = SessionDir::new(dir).events();
         let contents = event::read_log(&lp)?;
         let log = EventLog::open(&lp, &contents)?;
@@ -90,7 +135,7 @@ impl Session {
         let mut warnings = contents.warnings;
         warnings.extend(state.anomalies.iter().map(|a| format!("{}: {a}", lp.display())));
         Ok(Opened {
-            session: Session { dir: dir.to_path_buf(), manifest, log },
+            session: Session { dir: dir.to_path_buf(), manifest, log, _lock: lock },
             state,
             events: contents.events,
             warnings,
@@ -119,6 +164,11 @@ impl Session {
     /// The manifest.
     pub fn manifest(&self) -> &SessionManifest {
         &self.manifest
+    }
+
+    /// The fold of the log as it is on disk now (what a crash right now would resume from).
+    pub fn saved_state(&self) -> Result<SessionState> {
+        read_saved(&self.dir)
     }
 
     /// Sequence number the next event will get.
@@ -176,17 +226,57 @@ impl Session {
     }
 }
 
+/// The fold of the session log in `dir` as it is on disk, without opening the session (no lock, no writes):
+/// for a read-only look while another process, or this one, has it open.
+pub fn read_saved(dir: &Path) -> Result<SessionState> {
+    let contents = event::read_log(&SessionDir::new(dir).events())?;
+    Ok(fold(contents.events.iter().map(|l| &l.event)))
+}
+
 /// Read a round's completions from `dir` (see `Session::load_round`).
 pub fn load_round(dir: &Path, round: &RoundState) -> Result<Vec<ScoredCompletion>> {
     let mut rows: Vec<ScoredCompletion> = Vec::new();
     for f in &round.completion_files {
         let path = dir.join(&f.file);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::bad_file(&path, e))?;
+        let first = rows.len();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let sc: ScoredCompletion = serde_json::from_str(line)
                 .map_err(|e| Error::bad_file(&path, format!("line {}: {e}", i + 1)))?;
             rows.push(sc);
         }
+        // The log names the completions each file was written with; a file changed since would silently drop
+        // completions (and the decisions on them).
+        let held: std::collections::BTreeSet<&str> =
+            rows[first..].iter().map(|r| r.completion.id.as_str()).collect();
+        let missing: Vec<&str> = f.ids.iter().map(String::as_str).filter(|id| !held.contains(id)).collect();
+        if !missing.is_empty() {
+            return Err(Error::bad_file(
+                &path,
+                format!(
+                    "lacks {} of the {} completions the session log says it was written with ({}); it was changed \
+                     after it was written — restore it",
+                    missing.len(),
+                    f.ids.len(),
+                    short_list(&missing)
+                ),
+            ));
+        }
+    }
+    // Every decision must be on a completion that exists: one that is not would vanish from the gate's count.
+    let known: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.completion.id.as_str()).collect();
+    let orphans: Vec<&str> = round.decisions().into_keys().filter(|id| !known.contains(id)).collect();
+    if !orphans.is_empty() {
+        let files: Vec<&str> = round.completion_files.iter().map(|f| f.file.as_str()).collect();
+        return Err(Error::bad_file(
+            SessionDir::new(dir).events(),
+            format!(
+                "decides {} completion(s) that no completions file of the round holds ({}; files: {})",
+                orphans.len(),
+                short_list(&orphans),
+                if files.is_empty() { "none".to_string() } else { files.join(", ") }
+            ),
+        ));
     }
     let index = |rows: &Vec<ScoredCompletion>, id: &str| rows.iter().position(|r| r.completion.id == id);
     for f in &round.rescore_files {
@@ -213,6 +303,15 @@ pub fn load_round(dir: &Path, round: &RoundState) -> Result<Vec<ScoredCompletion
         }
     }
     Ok(rows)
+}
+
+/// The first few of a list of ids, for a one-line message.
+fn short_list(ids: &[&str]) -> String {
+    let mut s = ids.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+    if ids.len() > 3 {
+        s.push_str(&format!(" and {} more", ids.len() - 3));
+    }
+    s
 }
 
 /// Serialise rows as JSON lines (the completions, decisions and accepted artifacts).
@@ -245,9 +344,16 @@ mod tests {
         let l = o.session.append(e)?;
         assert_eq!(l.seq, 1);
         state::apply(&mut o.state, &l.event);
+        // One process at a time: a second opener is told who has it, and nothing is written.
+        let busy = Session::open(&dir).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(busy.contains("the session is open in steer-heal pid"), "{busy}");
+        assert_eq!(read_saved(&dir)?, o.state, "a read-only look needs no lock");
+        let Opened { session, state: folded, .. } = o;
+        drop(session);
         let again = Session::open(&dir)?;
-        assert_eq!(again.state, o.state);
+        assert_eq!(again.state, folded);
         assert!(again.warnings.is_empty());
+        drop(again);
         assert!(Session::create(&dir, SessionManifest::new("s1", Path::new("m"))).is_err());
         Ok(())
     }

@@ -328,7 +328,11 @@ pub fn teacher_forced_kl(
     let b0 = pad[1] + base_prompt.len() - 1;
     let s = logits.get(0)?.narrow(0, s0, l)?;
     let b = logits.get(1)?.narrow(0, b0, l)?;
-    Ok(kl_tensor(&s, &b)?.to_vec1()?)
+    let kl: Vec<f32> = kl_tensor(&s, &b)?.to_vec1()?;
+    crate::numeric::ensure_finite(&kl, || {
+        format!("KL(steered‖base) at coefficient {coeff} (the steering vector or the model's logits are not finite)")
+    })?;
+    Ok(kl)
 }
 
 /// Calibrate a steering arm by iso-KL. The prompt-only arm has no coefficient: it is measured once at 1.

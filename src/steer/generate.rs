@@ -219,9 +219,18 @@ impl Run<'_> {
                     active[r] = false;
                     continue;
                 }
+                let (k, nll) = (kl[r], nll_row(base, tok));
+                if !k.is_finite() || nll.is_nan() {
+                    return Err(Error::invalid(format!(
+                        "generation for prompt {} at token {}: KL(steered‖base) is {k} and the base NLL is {nll}; \
+                         the logits are not finite (a NaN or infinity in the steering vector or the model's weights)",
+                        i,
+                        lane.tokens.len() + 1
+                    )));
+                }
                 lane.tokens.push(tok);
-                lane.kl.push(kl[r]);
-                lane.nll.push(nll_row(base, tok));
+                lane.kl.push(k);
+                lane.nll.push(nll);
                 lane.doses.push(lane.dose as f32);
                 if lane.tokens.len() >= max_new {
                     lane.done = true;

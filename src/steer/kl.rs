@@ -109,10 +109,18 @@ pub fn percentile_sorted(sorted: &[f64], q: f64) -> f64 {
 pub fn kl_rows(steered: &[f32], base: &[f32]) -> f32 {
     let ls = log_softmax64(steered);
     let lb = log_softmax64(base);
-    let kl: f64 =
-        ls.iter().zip(lb.iter()).map(|(s, b)| if s.is_finite() { s.exp() * (s - b) } else { 0.0 }).sum();
+    // A zero-probability token (log p = −∞) adds nothing; a NaN anywhere makes the KL NaN, never 0.
+    let kl: f64 = ls
+        .iter()
+        .zip(lb.iter())
+        .map(|(s, b)| if *s == f64::NEG_INFINITY { 0.0 } else { s.exp() * (s - b) })
+        .sum();
     // Rounding can leave a tiny negative value for identical distributions.
-    kl.max(0.0) as f32
+    if kl < 0.0 {
+        0.0
+    } else {
+        kl as f32
+    }
 }
 
 /// Negative log-likelihood of `token` under one row of raw logits, nats.
@@ -143,7 +151,9 @@ pub fn kl_tensor(steered: &Tensor, base: &Tensor) -> Result<Tensor> {
     let ls = candle_nn::ops::log_softmax(&steered.to_dtype(DType::F32)?, D::Minus1)?;
     let lb = candle_nn::ops::log_softmax(&base.to_dtype(DType::F32)?, D::Minus1)?;
     let kl = (ls.exp()? * (ls - lb)?)?.sum(D::Minus1)?;
-    Ok(kl.relu()?)
+    // Rounding can leave a tiny negative value: clamp with (|x| + x) / 2, which keeps a NaN a NaN (`relu` would
+    // turn it into a harmless-looking 0).
+    Ok(((kl.abs()? + &kl)? * 0.5)?)
 }
 
 /// Root-mean-square of `kl` over the trailing window of `window` tokens ending at each token.

@@ -197,6 +197,7 @@ impl SteerVector {
                     meta.hidden_size
                 )));
             }
+            crate::numeric::ensure_finite_tensor(&v, || format!("the direction for layer {l}"))?;
             norms.push(v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
             out.insert(l, v);
         }
@@ -338,6 +339,8 @@ impl SteerVector {
                 ));
             }
             let t = Tensor::from_raw_buffer(view.data(), DType::F32, &[meta.hidden_size], &Device::Cpu)?;
+            crate::numeric::ensure_finite_tensor(&t, || format!("tensor `{name}`"))
+                .map_err(|e| Error::bad_file(path, e))?;
             directions.insert(layer, t);
         }
         let found: Vec<usize> = directions.keys().copied().collect();
@@ -352,6 +355,17 @@ impl SteerVector {
                 path,
                 format!("layer {l} is outside the model's {} blocks", meta.num_layers),
             ));
+        }
+        if let Some(c) = &meta.calibration {
+            if !c.coefficient.is_finite() || c.coefficient < 0.0 || !c.achieved.is_finite() {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "calibration coefficient c* = {} (achieved {}) is not a finite, non-negative number",
+                        c.coefficient, c.achieved
+                    ),
+                ));
+            }
         }
         if meta.method == Method::PromptOnly && meta.prompt_system.is_none() {
             return Err(Error::bad_file(path, "prompt-only vector without `prompt_system`"));

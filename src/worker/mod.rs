@@ -74,6 +74,12 @@ pub enum JobKind {
         /// The event that references it.
         event: SessionEvent,
     },
+    /// Re-read the session log from disk (after a failed append, so the screen shows what is really saved),
+    /// with the completions of `round` as they stand there.
+    Refold {
+        /// Round on screen.
+        round: u32,
+    },
     /// Read the rounds table and lineage of the session.
     RoundsStatus,
     /// Read a round's gate-Q1 report.
@@ -105,6 +111,8 @@ pub enum JobTag {
     Record,
     /// `WriteArtifact`.
     Write,
+    /// `Refold`.
+    Refold,
     /// `RoundsStatus`.
     ReadRounds,
     /// `ReadGateQ1`.
@@ -125,6 +133,7 @@ impl JobTag {
             JobTag::Rescore => "rescoring",
             JobTag::Record => "recording",
             JobTag::Write => "writing",
+            JobTag::Refold => "re-reading the session log",
             JobTag::ReadRounds => "reading rounds",
             JobTag::ReadGateQ1 => "reading gate Q1",
             JobTag::ReadEvalSamples => "reading eval samples",
@@ -147,6 +156,7 @@ impl JobKind {
             JobKind::Rescore { .. } => JobTag::Rescore,
             JobKind::Record(_) => JobTag::Record,
             JobKind::WriteArtifact { .. } => JobTag::Write,
+            JobKind::Refold { .. } => JobTag::Refold,
             JobKind::RoundsStatus => JobTag::ReadRounds,
             JobKind::ReadGateQ1 { .. } => JobTag::ReadGateQ1,
             JobKind::ReadEvalSamples { .. } => JobTag::ReadEvalSamples,
@@ -162,7 +172,7 @@ impl JobKind {
         matches!(self, JobKind::Replay(_))
     }
     fn is_record(&self) -> bool {
-        matches!(self, JobKind::Record(_) | JobKind::WriteArtifact { .. })
+        matches!(self, JobKind::Record(_) | JobKind::WriteArtifact { .. } | JobKind::Refold { .. })
     }
 }
 
@@ -206,6 +216,15 @@ pub enum JobOutput {
         seq: u64,
         /// The event.
         event: SessionEvent,
+    },
+    /// The session as saved on disk (`Refold`).
+    Refolded {
+        /// The fold of the log file.
+        state: Box<crate::session::SessionState>,
+        /// The round's completions as saved.
+        round: u32,
+        /// Its rows.
+        rows: Vec<ScoredCompletion>,
     },
     /// The rounds table (base first) and lineage, after a run or on request.
     Rounds {
@@ -652,7 +671,7 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
             let cs = bridge::generate_completions(&st.lm, v, &req, &is_cancelled, &mut |row, text| {
                 done += 1;
                 send(WorkerEvent::Token { id, row, text: text.to_string() });
-                if done % 8 == 0 {
+                if done.is_multiple_of(8) {
                     send(WorkerEvent::Progress {
                         id,
                         done,
@@ -738,6 +757,15 @@ fn run_job(ctx: &Ctx, id: JobId, kind: JobKind, cancel: &CancellationToken) -> R
         JobKind::WriteArtifact { rel, contents, event } => {
             let l = lock(&ctx.session)?.write_artifact(&rel, &contents, event)?;
             Ok(JobOutput::Recorded { seq: l.seq, event: l.event })
+        }
+        JobKind::Refold { round } => {
+            let s = lock(&ctx.session)?;
+            let state = s.saved_state()?;
+            let rows = match state.rounds.get(&round) {
+                Some(r) => s.load_round(r)?,
+                None => vec![],
+            };
+            Ok(JobOutput::Refolded { state: Box::new(state), round, rows })
         }
         JobKind::RoundsStatus => {
             let s = lock(&ctx.session)?;

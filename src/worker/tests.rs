@@ -417,8 +417,8 @@ fn a_rounds_job_streams_its_round_stops_at_gate_q0_and_keeps_the_student() {
             "{end:?}"
         );
         // The kept student serves a replay of one of the streamed completions at once.
-        let o = Session::open(sd.path()).expect("reopen");
-        let rows = o.session.load_round(&o.state.rounds[&1]).expect("round 1");
+        let saved = crate::session::read_saved(sd.path()).expect("read the log");
+        let rows = crate::session::load_round(sd.path(), &saved.rounds[&1]).expect("round 1");
         let rr = ReplayRequest {
             round: 1,
             completion: rows[0].completion.clone(),

@@ -406,6 +406,9 @@ pub struct State {
     pub layout: SessionDir,
     /// Heal steps streamed by the running rounds job (the heal screen's live chart).
     pub heal_training: Option<iterate::HealTraining>,
+    /// Events shown on screen but not yet confirmed on disk, by the job appending them. When one fails the
+    /// screen is re-read from the log, so it never shows a decision that was not saved.
+    pub saving: BTreeMap<JobId, SessionEvent>,
 }
 
 impl State {
@@ -457,6 +460,7 @@ impl State {
             now: String::new(),
             quit: false,
             heal_training: None,
+            saving: BTreeMap::new(),
         };
         s.refresh_view(None);
         s
@@ -548,8 +552,18 @@ impl State {
 
     /// Apply an event to the in-memory fold and return the job that appends it.
     fn record(&mut self, e: SessionEvent) -> Job {
-        apply_event(&mut self.session, &e);
-        self.job(JobKind::Record(e))
+        let kind = JobKind::Record(e);
+        self.save(kind)
+    }
+
+    /// Show an append (`Record` or `WriteArtifact`) on screen now and remember it until the disk confirms it.
+    fn save(&mut self, kind: JobKind) -> Job {
+        let job = self.job(kind);
+        if let JobKind::Record(e) | JobKind::WriteArtifact { event: e, .. } = &job.kind {
+            apply_event(&mut self.session, e);
+            self.saving.insert(job.id, e.clone());
+        }
+        job
     }
 
     fn sort_value(&self, r: &ScoredCompletion) -> f64 {
@@ -974,14 +988,13 @@ fn write_gate(s: &mut State, passed: bool) -> Vec<Job> {
     let md = stats::gate_markdown(s, passed);
     let rel = s.layout.round(s.round).gate_q0().rel;
     let event = SessionEvent::GateWritten { round: s.round, gate: Gate::Q0, file: rel.clone(), passed };
-    apply_event(&mut s.session, &event);
     s.status = if passed {
         format!("gate Q0 passed; wrote {rel}; healing round {} on the accepted completions", s.round)
     } else {
         format!("wrote {rel}")
     };
     // Passing the gate resumes the loop (heal) once the gate is on disk: see `on_output`'s `Recorded`.
-    vec![s.job(JobKind::WriteArtifact { rel, contents: md.into_bytes(), event })]
+    vec![s.save(JobKind::WriteArtifact { rel, contents: md.into_bytes(), event })]
 }
 
 fn reshow_action(s: &mut State, a: Action) -> Vec<Job> {
@@ -1363,13 +1376,12 @@ fn adopt_replay(s: &mut State) -> Vec<Job> {
     };
     let event =
         SessionEvent::ReplayAdopted { round: s.round, completion: id.clone(), file: rel.clone(), at, dose };
-    apply_event(&mut s.session, &event);
     s.rows[i] = *row;
     s.replay = None;
     s.cursor = at;
     s.refresh_view(Some(id.clone()));
     s.status = format!("{id} replaced by its replay from token {at} at dose {dose:.2}");
-    vec![s.job(JobKind::WriteArtifact { rel, contents, event })]
+    vec![s.save(JobKind::WriteArtifact { rel, contents, event })]
 }
 
 /// Show an error popup; one already open stays on top (the first failure is usually the cause of the next).
@@ -1452,10 +1464,24 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
         WorkerEvent::HealStep { id, round, record } => iterate::on_heal_step(s, id, round, *record),
         WorkerEvent::Finished { id, output } => {
             s.jobs.remove(&id);
+            s.saving.remove(&id);
             return on_output(s, id, output);
         }
         WorkerEvent::Failed { id, error } => {
             let tag = s.jobs.remove(&id).map(|j| j.tag);
+            if let Some(event) = s.saving.remove(&id) {
+                // Nothing on screen may claim to be saved when it is not: re-read the log (behind any append
+                // still queued, so those stay shown) and say what was lost.
+                let what = describe_unsaved(&event);
+                s.status = format!("NOT SAVED: {what}");
+                error_popup(
+                    s,
+                    &format!("Failed while {}", JobTag::Record.label()),
+                    format!("{error}\nNot saved: {what}"),
+                );
+                let round = s.round;
+                return vec![s.job(JobKind::Refold { round })];
+            }
             if s.live.as_ref().is_some_and(|l| l.0 == id) {
                 s.live = None;
             }
@@ -1487,6 +1513,40 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
         }
     }
     vec![]
+}
+
+/// The session as saved: it replaces the fold on screen; appends queued after the re-read are shown again.
+fn on_refolded(s: &mut State, id: JobId, state: SessionState, round: u32, rows: Vec<ScoredCompletion>) {
+    s.session = state;
+    let later: Vec<SessionEvent> = s.saving.range(id + 1..).map(|(_, e)| e.clone()).collect();
+    for e in &later {
+        apply_event(&mut s.session, e);
+    }
+    if round == s.round && !rows.is_empty() {
+        s.rows = rows;
+    }
+    s.dose_recorded = s.session.rounds.get(&s.round).map(|r| r.dose).unwrap_or(s.dose_recorded);
+    s.refresh_view(None);
+}
+
+/// What an unsaved event meant, in the researcher's words.
+fn describe_unsaved(e: &SessionEvent) -> String {
+    match e {
+        SessionEvent::Decision { completion, decision, .. } => {
+            let d = match decision {
+                DecisionKind::Accept => "accept",
+                DecisionKind::Reject => "reject",
+                DecisionKind::Undo => "undo",
+            };
+            format!(
+                "{d} {completion} (the list now shows what is on disk; decide again once the disk has room)"
+            )
+        }
+        SessionEvent::GateWritten { gate, .. } => format!("gate {} (write it again)", gate.name()),
+        SessionEvent::ReplayAdopted { completion, .. } => format!("the adopted replay of {completion}"),
+        SessionEvent::DoseChanged { dose, .. } => format!("dose {dose:.2}"),
+        _ => "the last change".to_string(),
+    }
 }
 
 /// A gate is on disk: run the loop on, or, while a run is still going (it may already have stopped looking
@@ -1599,6 +1659,7 @@ fn on_output(s: &mut State, id: JobId, out: JobOutput) -> Vec<Job> {
             jobs.extend(iterate::on_rounds(s, id, points, chain, branch, stopped));
             return jobs;
         }
+        JobOutput::Refolded { state, round, rows } => on_refolded(s, id, *state, round, rows),
         JobOutput::GateQ1 { round, report, steps } => iterate::on_gate_q1(s, id, round, *report, steps),
         JobOutput::EvalSamples { samples } => iterate::on_samples(s, id, samples),
     }

@@ -1096,3 +1096,62 @@ fn eval_samples_are_read_once_per_round_and_the_sample_keys_step_through_them() 
     press(&mut s, "N");
     assert_eq!(shown(&s), Some((Some(0), 0, "b0".into())));
 }
+
+#[test]
+fn a_decision_the_disk_refused_is_shown_as_not_saved() {
+    let mut s = state_with(3);
+    let first = press(&mut s, "a");
+    let second = press(&mut s, "a");
+    let third = press(&mut s, "r");
+    assert_eq!(s.decision("p001-a100-s1"), Some(true), "shown at once");
+    let recorded = |j: &Job, seq: u64| {
+        let event = records(std::slice::from_ref(j))[0].clone();
+        Msg::Worker(WorkerEvent::Finished { id: j.id, output: JobOutput::Recorded { seq, event } })
+    };
+    // The first is saved, the second fails (disk full), the third lands once there is room again.
+    update(&mut s, recorded(&first[0], 2));
+    let jobs = update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Failed {
+            id: second[0].id,
+            error: "sessions/t/events.jsonl: No space left on device; the event was not saved".into(),
+        }),
+    );
+    assert!(s.status.starts_with("NOT SAVED: accept p001-a100-s1"), "{}", s.status);
+    match &s.popup {
+        Some(Popup::Message { title, text }) => {
+            assert_eq!(title, "Failed while recording");
+            assert!(
+                text.contains("No space left") && text.contains("Not saved: accept p001-a100-s1"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let refold = match jobs.as_slice() {
+        [Job { id, kind: JobKind::Refold { round: 0 } }] => *id,
+        other => panic!("{other:?}"),
+    };
+    update(&mut s, recorded(&third[0], 3));
+    // A decision made after the re-read was asked for stays on screen until its own append answers.
+    s.popup = None;
+    let late = press(&mut s, "home r");
+    assert_eq!(records(&late).len(), 1);
+    let (late_id, _) = decision_of(&records(&late)[0]);
+    assert_eq!(late_id, "p000-a100-s0");
+    // What the disk holds: round 0 started, the first accept and the third's reject.
+    let mut on_disk = fold(&[SessionEvent::RoundStarted { round: 0, dose: 1.0, vector: None }]);
+    apply_event(&mut on_disk, &records(&first)[0]);
+    apply_event(&mut on_disk, &records(&third)[0]);
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Finished {
+            id: refold,
+            output: JobOutput::Refolded { state: Box::new(on_disk), round: 0, rows: vec![] },
+        }),
+    );
+    assert_eq!(s.decision("p001-a100-s1"), None, "the refused accept is not shown as saved");
+    assert_eq!(s.decision("p002-a100-s2"), Some(false));
+    assert!(s.saving.contains_key(&late[0].id), "still waiting for its append");
+    assert_eq!(s.saving.len(), 1);
+}

@@ -280,7 +280,7 @@ fn bar(p: f64, width: usize) -> String {
     const PART: [char; 8] = [' ', '▏', '▎', '▍', '▌', '▋', '▊', '▉'];
     let eighths = (p.clamp(0.0, 1.0) * width as f64 * 8.0).round() as usize;
     let mut out = "█".repeat(eighths / 8);
-    if eighths % 8 > 0 && out.chars().count() < width {
+    if !eighths.is_multiple_of(8) && out.chars().count() < width {
         out.push(PART[eighths % 8]);
     }
     format!("{out:<width$}")
