@@ -9,6 +9,11 @@ fn main() -> ExitCode {
     steer_heal::model::cpu::configure();
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<cli::Exit>().is_some() => {
+            let code = e.downcast_ref::<cli::Exit>().map(|x| x.code).unwrap_or(1);
+            eprintln!("steer-heal: {e}");
+            ExitCode::from(code)
+        }
         Err(e) => {
             // One line a researcher can act on: the outermost context plus its causes.
             let mut msg = e.to_string();

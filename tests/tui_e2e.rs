@@ -4,7 +4,8 @@
 //! adopt it, accept it; pass gate Q0; the heal runs and its gate-Q1 report shows; keep; the iterate screen shows
 //! round 1; continue; round 2's completions appear under "round 2". The session's files say round 1 healed on
 //! exactly the accepted and adopted completions, each generated at a dose > 0. Reopen: the session resumes on
-//! round 2; SIGTERM quits cleanly and leaves the alternate screen.
+//! round 2; a second opener is refused while it is open; SIGTERM quits cleanly (exit 143) and leaves the
+//! alternate screen.
 //!
 //! Needs `tmux` (CI installs it). Set `STEER_HEAL_SKIP_TMUX=1` to skip on a machine without it.
 
@@ -251,9 +252,27 @@ fn a_steered_round_is_curated_healed_kept_and_the_next_round_comes_back_to_gate_
     });
     let pid = t.program_pid();
     assert!(!pid.is_empty(), "no TUI process under the pane's shell");
+    // One process per session: a second TUI and a headless run are refused, naming the one that has it, and
+    // nothing is written.
+    let log_before = std::fs::read(SessionDir::new(&session).events()).expect("log");
+    for args in [
+        vec!["tui".to_string()],
+        vec!["run".into(), "--model".into(), model.display().to_string(), "--session".into()],
+    ] {
+        let mut c = Command::new(BIN);
+        c.args(&args).arg(&session);
+        let out = c.output().expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("the session is open in steer-heal pid {pid}")) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read(SessionDir::new(&session).events()).expect("log"), log_before);
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(killed.success());
-    assert_eq!(t.wait_dead(30), "0", "SIGTERM is a clean quit");
+    assert_eq!(t.wait_dead(30), "143", "SIGTERM quits cleanly, with 128 + 15");
     assert_eq!(t.pane("#{alternate_on}"), "0", "the alternate screen was left");
 }
 

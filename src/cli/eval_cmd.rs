@@ -18,7 +18,7 @@ pub enum EvalCmd {
         #[arg(long)]
         model: PathBuf,
         /// Only the first N vignettes (default: all 132). Reports always state n.
-        #[arg(long)]
+        #[arg(value_parser = super::args::count, long)]
         n: Option<usize>,
         /// Forced think length per frame, in tokens.
         #[arg(long, default_value_t = 128)]
@@ -30,7 +30,7 @@ pub enum EvalCmd {
         #[arg(long, default_value = "other_violate")]
         conditions: String,
         /// Sequences (item × frame) per batch.
-        #[arg(long, default_value_t = 32)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 32)]
         batch_size: usize,
         /// Token budget of each json_is_valid probe generation.
         #[arg(long, default_value_t = 128)]
@@ -54,7 +54,7 @@ pub enum EvalCmd {
         #[arg(long)]
         out: PathBuf,
         /// Coherence floor on p_ans_any.
-        #[arg(long, default_value_t = 0.95)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
         floor: f64,
         /// Trait axis the gate judges: authority or care.
         #[arg(long, default_value = "authority")]

@@ -34,16 +34,16 @@ pub struct LoraArgs {
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     /// Adapted layers start at this fraction of depth.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.2)]
     layers_from: f64,
     /// Adapted layers end at this fraction of depth.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.8)]
     layers_to: f64,
     /// LoRA rank.
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 32)]
     r: usize,
     /// LoRA α (scale α/r).
-    #[arg(long, default_value_t = 64.0)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 64.0)]
     alpha: f64,
     /// Regulariser: kl_rev, kl_fwd or nll.
     #[arg(long, default_value = "kl_rev")]
@@ -55,22 +55,22 @@ pub struct LoraArgs {
     #[arg(long, default_value = "prev")]
     reference: Reference,
     /// Barrier strength λ.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.3)]
     lambda: f64,
     /// Barrier threshold τ, nats.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.5)]
     tau: f64,
     /// λ_eff = λ·(1+round)^p.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.0, allow_negative_numbers = true)]
     lambda_round_pow: f64,
     /// Spectral penalty weight on σ_max(B·A) (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.0)]
     spectral_lambda: f64,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.0)]
     weight_decay: f64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 1e-4)]
     lr: f64,
     /// Round index (names the adapter, scales λ).
     #[arg(long, default_value_t = 0)]
@@ -148,7 +148,7 @@ pub enum HealCmd {
         #[arg(long)]
         model: Option<PathBuf>,
         /// Gate of this round's adapter.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 1.0)]
         gate: f64,
     },
     /// Benchmark heal training tokens/s (reference pass + forward + backward + AdamW) and write JSON.
@@ -173,16 +173,16 @@ pub struct HealArgs {
     #[command(flatten)]
     lora: LoraArgs,
     /// Passes over the data.
-    #[arg(long, default_value_t = 2)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 2)]
     epochs: usize,
     /// Examples per optimiser step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 4)]
     grad_accum: usize,
     /// Examples per padded forward/backward pass (speed only; the step's gradient is unchanged).
-    #[arg(long, default_value_t = 4)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 4)]
     micro_batch: usize,
     /// Longest training sequence in tokens.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 1024)]
     max_len: usize,
     /// Checkpoint every N optimiser steps (0 = only at the end).
     #[arg(long, default_value_t = 10)]
@@ -202,7 +202,7 @@ pub struct HealArgs {
     #[arg(long, value_delimiter = ',', default_value = "nll,kl_rev,kl_fwd")]
     sweep_regs: Vec<sweep::SweepReg>,
     /// Sweep strengths (λ, spectral weight or weight decay), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.3,1.0")]
+    #[arg(value_parser = super::args::finite_f64, long, value_delimiter = ',', default_value = "0.1,0.3,1.0")]
     sweep_strengths: Vec<f64>,
 }
 
@@ -216,16 +216,16 @@ pub struct BenchArgs {
     #[arg(long)]
     out: PathBuf,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 256)]
     seq_len: usize,
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 32)]
     prompt_len: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 5)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 5)]
     steps: usize,
     /// Sequences per step, through the model together (the peer script uses 4; on a 2-core CPU 1 is as fast).
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 1)]
     batch: usize,
     #[command(flatten)]
     lora: LoraArgs,
@@ -245,10 +245,10 @@ pub struct GateArgs {
     #[arg(long)]
     eval_prompts: Option<PathBuf>,
     /// How many prompts to measure on.
-    #[arg(long, default_value_t = 4)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 4)]
     eval_n: usize,
     /// New tokens per measured generation.
-    #[arg(long, default_value_t = 48)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 48)]
     eval_tokens: usize,
     /// Persona system prompt, for persona strength (the trait); without it the trait is left unmeasured.
     #[arg(long)]

@@ -25,6 +25,24 @@ impl ComputeArgs {
     }
 }
 
+mod args;
+
+/// An exit with a particular status (128 + signal for a TUI stopped by a signal) and a message.
+#[derive(Debug)]
+pub struct Exit {
+    /// Process exit status.
+    pub code: u8,
+    /// What to print.
+    pub message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
 mod eval_cmd;
 mod heal_cmd;
 mod model_cmd;

@@ -54,10 +54,10 @@ pub enum ModelCmd {
         #[arg(long)]
         system: Option<String>,
         /// Most new tokens.
-        #[arg(long, default_value_t = 64)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 64)]
         max_new_tokens: usize,
         /// Temperature (0 = greedy).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.0)]
         temperature: f64,
         /// Seed for sampling.
         #[arg(long, default_value_t = 0)]
@@ -102,6 +102,9 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
             println!("wrote {}", out_dir.display());
         }
         ModelCmd::Chat { model: path, system, max_new_tokens, temperature, seed, prompt } => {
+            if prompt.trim().is_empty() {
+                anyhow::bail!("the prompt is empty: say something to the model");
+            }
             let dev = super::device()?;
             let lm = model::load_model(&path, super::compute().dtype, &dev)?;
             let text = lm.chat.prompt(system.as_deref(), &prompt)?;

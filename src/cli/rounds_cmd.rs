@@ -31,43 +31,43 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     rounds: u32,
     /// Stop when p_ans_any falls under this.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
     floor: f64,
     /// Steering prompts used for generation (new sessions only; a session keeps its session.toml).
-    #[arg(long, default_value_t = 4)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 4)]
     n_prompts: usize,
     /// New tokens per steered completion (new sessions only).
-    #[arg(long, default_value_t = 48)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 48)]
     max_new_tokens: usize,
     /// Extraction contexts used.
-    #[arg(long, default_value_t = 16)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 16)]
     extract_pairs: usize,
     /// Iso-KL target (p95 per-token KL), nats.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 1.0)]
     dose_target: f64,
     /// Walk-down: generations per probe and per top-up batch.
-    #[arg(long, default_value_t = 4)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 4)]
     probe_n: usize,
     /// Walk-down: stop topping up at this many passing completions.
     #[arg(long, default_value_t = 4)]
     min_keep: usize,
     /// Gate Q0 and walk-down: highest tail perplexity kept (gate Q0's only for new sessions).
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 50.0)]
     max_ppl: f64,
     /// Gate Q0: highest repetition fraction kept (new sessions only; the random tiny model needs 1.01).
-    #[arg(long, default_value_t = FilterThresholds::default().max_repetition)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = FilterThresholds::default().max_repetition)]
     max_repetition: f64,
     /// Heal epochs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 1)]
     epochs: usize,
     /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 8)]
     r: usize,
     /// Heal learning rate.
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 5e-4)]
     lr: f64,
     /// tinymfv vignettes per eval.
-    #[arg(long, default_value_t = 8)]
+    #[arg(value_parser = super::args::count, long, default_value_t = 8)]
     eval_n: usize,
     /// Forced think tokens per eval frame.
     #[arg(long, default_value_t = 16)]

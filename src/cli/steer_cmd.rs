@@ -31,37 +31,37 @@ pub enum MethodArg {
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
     /// Most new tokens per completion [default: 512].
-    #[arg(long)]
+    #[arg(value_parser = super::args::count, long)]
     max_new_tokens: Option<usize>,
     /// Softmax temperature, 0 = greedy [default: 1.0].
-    #[arg(long)]
+    #[arg(value_parser = super::args::finite_f64, long)]
     temperature: Option<f64>,
     /// Nucleus mass [default: 0.95].
-    #[arg(long)]
+    #[arg(value_parser = super::args::finite_f64, long)]
     top_p: Option<f64>,
     /// Keep the k most likely tokens, 0 = off [default: 64].
     #[arg(long)]
     top_k: Option<usize>,
     /// Window of the KL rmse trace, tokens [default: 8].
-    #[arg(long)]
+    #[arg(value_parser = super::args::count, long)]
     window: Option<usize>,
     /// Completions decoded together [default: 8].
-    #[arg(long)]
+    #[arg(value_parser = super::args::count, long)]
     batch_size: Option<usize>,
     /// Watch the windowed KL and rewind + replay at a lower dose when it crosses --tau.
     #[arg(long)]
     auto_rewind: bool,
     /// Watchdog threshold on the windowed KL rmse, nats.
-    #[arg(long, default_value_t = 1.5)]
+    #[arg(value_parser = super::args::finite_f32, long, default_value_t = 1.5)]
     tau: f32,
     /// Tokens to rewind when the watchdog fires.
     #[arg(long, default_value_t = 8)]
     rewind: usize,
     /// Dose multiplier per automatic rewind.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.7)]
     rewind_factor: f64,
     /// Lowest automatic dose, as a fraction of c*.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.2)]
     rewind_floor: f64,
 }
 
@@ -113,10 +113,10 @@ pub enum SteerCmd {
         #[arg(long, value_delimiter = ',')]
         layers: Vec<usize>,
         /// Use only the first N contexts [default: all].
-        #[arg(long)]
+        #[arg(value_parser = super::args::count, long)]
         n_pairs: Option<usize>,
         /// Prompts per forward pass.
-        #[arg(long, default_value_t = 8)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 8)]
         batch_size: usize,
         /// L2-normalise each layer's direction.
         #[arg(long)]
@@ -149,25 +149,25 @@ pub enum SteerCmd {
         #[arg(long)]
         persona: Option<PathBuf>,
         /// Target value of the statistic, nats.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 1.0)]
         target: f64,
         /// Statistic of per-token KL: mean, p90, p95 or max.
         #[arg(long, default_value = "p95")]
         stat: String,
         /// Tolerance on the statistic.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.05)]
         tol: f64,
         /// Greedy rollout length per prompt.
-        #[arg(long, default_value_t = 20)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 20)]
         tokens: usize,
         /// Use only the first N calibration prompts.
-        #[arg(long)]
+        #[arg(value_parser = super::args::count, long)]
         n_prompts: Option<usize>,
         /// Smallest coefficient tried.
-        #[arg(long, default_value_t = 0.01)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.01)]
         lo: f64,
         /// Largest coefficient tried.
-        #[arg(long, default_value_t = 16.0)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 16.0)]
         hi: f64,
         /// Most refinement steps.
         #[arg(long, default_value_t = 12)]
@@ -191,13 +191,13 @@ pub enum SteerCmd {
         #[arg(long)]
         persona: Option<PathBuf>,
         /// Multiples of c*, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,1.0")]
+        #[arg(value_parser = super::args::finite_f64, long, value_delimiter = ',', default_value = "0.5,0.75,1.0")]
         alphas: Vec<f64>,
         /// Use the first N prompts.
-        #[arg(long, default_value_t = 16)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 16)]
         n_prompts: usize,
         /// Coefficient to use instead of the calibrated c*.
-        #[arg(long)]
+        #[arg(value_parser = super::args::finite_f64, long)]
         coeff: Option<f64>,
         /// Base seed; completion i gets seed + i.
         #[arg(long, default_value_t = 42)]
@@ -208,10 +208,10 @@ pub enum SteerCmd {
         #[arg(long)]
         walk_down: bool,
         /// Walk-down: generations per probe.
-        #[arg(long, default_value_t = 8)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 8)]
         probe_n: usize,
         /// Walk-down: pass fraction to stop lowering the dose.
-        #[arg(long, default_value_t = 0.75)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.75)]
         pass_target: f64,
         /// Walk-down: generations per top-up batch.
         #[arg(long, default_value_t = 16)]
@@ -226,7 +226,7 @@ pub enum SteerCmd {
         #[arg(long, default_value_t = 6)]
         max_batches: usize,
         /// Coherence filter: highest base-model perplexity of the last 25% of tokens.
-        #[arg(long, default_value_t = 50.0)]
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 50.0)]
         max_ppl: f64,
         /// Output directory.
         #[arg(long)]
@@ -250,10 +250,10 @@ pub enum SteerCmd {
         #[arg(long)]
         from: usize,
         /// New coefficient.
-        #[arg(long, conflicts_with = "alpha")]
+        #[arg(value_parser = super::args::finite_f64, long, conflicts_with = "alpha")]
         dose: Option<f64>,
         /// New dose as a multiple of c*.
-        #[arg(long)]
+        #[arg(value_parser = super::args::finite_f64, long)]
         alpha: Option<f64>,
         #[command(flatten)]
         sampling: SamplingArgs,
@@ -291,7 +291,7 @@ pub enum SteerCmd {
         #[arg(long)]
         vector: Option<PathBuf>,
         /// Prompts decoded together.
-        #[arg(long, default_value_t = 4)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 4)]
         batch: usize,
         /// Tokens per row.
         #[arg(long, default_value_t = 32)]
@@ -300,7 +300,7 @@ pub enum SteerCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
         /// Coefficient of the steered arm [default: the vector's c*, else 1].
-        #[arg(long)]
+        #[arg(value_parser = super::args::finite_f64, long)]
         coeff: Option<f64>,
         /// Skip timing the iso-KL calibration.
         #[arg(long)]

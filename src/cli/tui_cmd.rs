@@ -33,7 +33,7 @@ pub enum TuiCmd {
         #[arg(long, default_value = "sessions")]
         sessions_dir: PathBuf,
         /// Most new tokens per completion (new sessions only).
-        #[arg(long)]
+        #[arg(value_parser = super::args::count, long)]
         max_new_tokens: Option<usize>,
     },
     /// Print the keymap reference as markdown, or write it between the keymap markers of a file.
@@ -61,7 +61,7 @@ pub enum TuiCmd {
         #[arg(long, default_value_t = 15)]
         interval_ms: u64,
         /// Most new tokens per completion.
-        #[arg(long, default_value_t = 96)]
+        #[arg(value_parser = super::args::count, long, default_value_t = 96)]
         max_new_tokens: usize,
         /// Write the JSON here as well as printing it.
         #[arg(long)]
@@ -114,11 +114,30 @@ fn tui(
     let keymap = Keymap::load(keymap.as_deref()).context("loading the keymap")?;
     let (state, session) = open_state(&dir, keymap, model, persona, vector, max_new_tokens)?;
     let rt = runtime()?;
-    rt.block_on(async move {
+    let (_, outcome) = rt.block_on(async move {
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = steer_heal::worker::spawn(session, super::compute(), tx)?;
         steer_heal::tui::terminal::run(state, worker, rx).await
     })?;
+    // The terminal is restored and the worker has finished writing: say how it ended.
+    if let Some(n) = outcome.signal {
+        let name = if n == 1 { "SIGHUP" } else { "SIGTERM" };
+        return Err(super::Exit {
+            code: 128 + n as u8,
+            message: format!("stopped by {name}; what was saved is kept"),
+        }
+        .into());
+    }
+    if outcome.not_saved > 0 {
+        bail!(
+            "{}: {} change(s) could not be written to the session log (the screen took them back); check the disk",
+            dir.display(),
+            outcome.not_saved
+        );
+    }
+    if let Some(why) = outcome.model_failed {
+        bail!("the model did not load: {why}");
+    }
     Ok(())
 }
 

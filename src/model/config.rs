@@ -128,6 +128,30 @@ impl ModelConfig {
         if self.sliding_layers.len() != self.num_hidden_layers {
             return bad("layer_types length differs from num_hidden_layers".into());
         }
+        if self.num_attention_heads == 0 || self.head_dim == 0 || self.intermediate_size == 0 {
+            return bad("num_attention_heads, head_dim and intermediate_size must be positive".into());
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be positive".into());
+        }
+        // Values that must be finite and > 0: an epsilon of −1 or a RoPE base of 0 runs, but not as a model.
+        let positive = [
+            ("rms_norm_eps", Some(self.rms_norm_eps)),
+            ("rope_theta", Some(self.rope_theta)),
+            ("rope_local_base_freq", Some(self.rope_local_base_freq)),
+            ("rope_scaling factor", Some(self.rope_scaling_factor)),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ];
+        for (name, v) in positive {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return bad(format!("{name} is {v}; it must be a positive number"));
+            }
+        }
         Ok(())
     }
 

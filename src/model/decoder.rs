@@ -213,6 +213,56 @@ pub trait WeightSource {
     fn get(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor>;
     /// Whether a tensor exists.
     fn contains(&self, name: &str) -> bool;
+    /// Every tensor name it holds (to refuse weights the config does not use).
+    fn names(&self) -> Vec<String>;
+    /// The file or folder the weights came from, for messages.
+    fn origin(&self) -> &std::path::Path;
+}
+
+/// A weight source that remembers which tensors the decoder took.
+struct Tracked<'a> {
+    ws: &'a dyn WeightSource,
+    used: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl Tracked<'_> {
+    fn get(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.used.borrow_mut().insert(name.to_string());
+        self.ws.get(name, shape, dtype, dev)
+    }
+
+    /// A tensor the config does not use means the config and the weights disagree (a wrong block count, a
+    /// relabelled architecture): refuse it rather than run a different model than the file holds.
+    fn all_used(&self, cfg: &ModelConfig) -> Result<()> {
+        let used = self.used.borrow();
+        let mut unused: Vec<String> = self.ws.names().into_iter().filter(|n| !used.contains(n)).collect();
+        unused.sort();
+        let Some(first) = unused.first() else { return Ok(()) };
+        let block =
+            |n: &str| -> Option<usize> { n.strip_prefix("model.layers.")?.split('.').next()?.parse().ok() };
+        let n = cfg.num_hidden_layers;
+        let arch = cfg.arch.model_type();
+        let reason = if let Some(top) = unused.iter().filter_map(|u| block(u)).filter(|b| *b >= n).max() {
+            format!(
+                "the config says {n} blocks (num_hidden_layers / block_count) but the weights hold {} (tensor `{}` \
+                 is unused)",
+                top + 1,
+                unused.iter().find(|u| block(u).is_some_and(|b| b >= n)).unwrap_or(first)
+            )
+        } else if unused.iter().any(|u| u.contains("q_norm") || u.contains("k_norm")) {
+            format!(
+                "tensor `{}` (a per-head q/k norm, as Qwen3 and Gemma-3 have) is not used by `{arch}`: is the \
+                 architecture (`model_type` / `general.architecture`) right?",
+                unused.iter().find(|u| u.contains("q_norm") || u.contains("k_norm")).unwrap_or(first)
+            )
+        } else {
+            format!(
+                "{} tensor(s) the `{arch}` config does not use, first `{first}`: the config and the weights disagree",
+                unused.len()
+            )
+        };
+        Err(Error::bad_file(self.ws.origin(), reason))
+    }
 }
 
 /// Longest RoPE table built up front; longer contexts are rejected with a clear error.
@@ -221,6 +271,13 @@ const MAX_ROPE: usize = 8192;
 impl Model {
     /// Build a model from a weight source using Hugging Face tensor names.
     pub fn load(cfg: &ModelConfig, ws: &dyn WeightSource, dtype: DType, dev: &Device) -> Result<Self> {
+        let tracked = Tracked { ws, used: Default::default() };
+        let model = Self::load_tracked(cfg, &tracked, dtype, dev)?;
+        tracked.all_used(cfg)?;
+        Ok(model)
+    }
+
+    fn load_tracked(cfg: &ModelConfig, ws: &Tracked, dtype: DType, dev: &Device) -> Result<Self> {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let norm = |name: &str, dim: usize| -> Result<RmsNorm> {
@@ -282,7 +339,7 @@ impl Model {
             });
         }
         let norm_f = norm("model.norm.weight", h)?;
-        let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
+        let lm_head = if cfg.tie_word_embeddings && !ws.ws.contains("lm_head.weight") {
             None
         } else {
             Some(lin("lm_head", cfg.vocab_size, h, false)?)

@@ -25,6 +25,23 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    /// Refuse settings that would sample nonsense: a NaN or negative temperature, a nucleus mass outside
+    /// (0, 1], no tokens to generate.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::invalid(format!(
+                "temperature {} must be a finite number ≥ 0 (0 = greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::invalid(format!("top-p {} must be in (0, 1] (1 = off)", self.top_p)));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(Error::invalid("max new tokens must be at least 1"));
+        }
+        Ok(())
+    }
     /// Greedy decoding of at most `n` tokens.
     pub fn greedy(n: usize) -> Self {
         Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, max_new_tokens: n }
@@ -212,6 +229,7 @@ pub fn generate(
     pad_id: u32,
     on_token: &mut dyn FnMut(TokenEvent) -> bool,
 ) -> Result<Generation> {
+    s.validate()?;
     let mut dec = Decoder::prefill(model, prompts, pad_id, hooks)?;
     continue_generation(&mut dec, s, hooks, stop_ids, pad_id, on_token)
 }

@@ -558,6 +558,70 @@ fn check_types(path: &Path, infos: &HashMap<String, TensorInfo>) -> Result<()> {
     Ok(())
 }
 
+/// Every tensor must start on the file's alignment and end before the next one starts and before the end of
+/// the file: a shifted offset would otherwise read the neighbour's bytes as this tensor's (plausible-looking
+/// garbage, not an error).
+fn check_layout(path: &Path, content: &Content, file_len: u64) -> Result<()> {
+    let align = match content.metadata.get("general.alignment") {
+        None => 32,
+        Some(v) => match md_u64(v) {
+            Some(a) if a > 0 && a.is_power_of_two() => a,
+            _ => {
+                return Err(Error::bad_file(
+                    path,
+                    format!("metadata `general.alignment` is {v:?}, not a power of two"),
+                ))
+            }
+        },
+    };
+    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        if !info.offset.is_multiple_of(align) {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "tensor `{name}` starts at data offset {}, not a multiple of the file's alignment {align}: the \
+                     file is corrupt",
+                    info.offset
+                ),
+            ));
+        }
+        let t = info.ggml_dtype;
+        let elems = info.shape.elem_count() as u64;
+        let block = t.block_size() as u64;
+        if block == 0 || !elems.is_multiple_of(block) {
+            return Err(Error::bad_file(
+                path,
+                format!("tensor `{name}` has {elems} values, not a whole number of {t:?} blocks"),
+            ));
+        }
+        let bytes = elems / block * t.type_size() as u64;
+        spans.push((info.offset, info.offset + bytes, name));
+    }
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[0].1 > w[1].0 {
+            return Err(Error::bad_file(
+                path,
+                format!("tensors `{}` and `{}` overlap in the file: it is corrupt", w[0].2, w[1].2),
+            ));
+        }
+    }
+    if let Some(last) = spans.last() {
+        let end = content.tensor_data_offset + last.1;
+        if end > file_len {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "truncated: tensor `{}` data runs past the end of the file ({end} > {file_len} bytes)",
+                    last.2
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl GgufCheckpoint {
     /// Read and dequantise a GGUF file. Errors are one line naming the file.
     pub fn read(path: &Path) -> Result<Self> {
@@ -584,11 +648,17 @@ impl GgufCheckpoint {
                 "per-frequency RoPE scaling (`rope_freqs.weight`, Llama-3.1 style) is not supported",
             ));
         }
+        check_layout(path, &content, file_len)?;
         let mut tensors = HashMap::new();
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
         names.sort();
         for name in names {
-            let Some(hf) = hf_name(name, arch) else { continue };
+            let hf = hf_name(name, arch).ok_or_else(|| {
+                Error::bad_file(
+                    path,
+                    format!("tensor `{name}` is not one a `{}` model has", arch.model_type()),
+                )
+            })?;
             let info = &content.tensor_infos[name];
             let q = info.read(&mut reader, content.tensor_data_offset, &Device::Cpu).map_err(|e| {
                 let msg = e.to_string();

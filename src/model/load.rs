@@ -107,6 +107,12 @@ impl WeightSource for SafetensorsWeights {
     fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+    fn origin(&self) -> &Path {
+        &self.dir
+    }
 }
 
 /// Tensors held in memory by name (GGUF dequantisation, random init).
@@ -135,6 +141,12 @@ impl WeightSource for MapWeights {
     }
     fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+    fn origin(&self) -> &Path {
+        &self.origin
     }
 }
 

@@ -195,14 +195,20 @@ impl SessionManifest {
         if g.prompts.is_empty() {
             return bad("generation.prompts is empty".into());
         }
+        if let Some(i) = g.prompts.iter().position(|p| p.trim().is_empty()) {
+            return bad(format!("generation.prompts[{i}] is empty (remove it or write the prompt)"));
+        }
         if g.alphas.is_empty() || g.alphas.iter().any(|a| !a.is_finite() || *a < 0.0) {
             return bad("generation.alphas must be a non-empty list of non-negative numbers".into());
         }
         if g.samples_per_alpha == 0 || g.max_new_tokens == 0 {
             return bad("generation.samples_per_alpha and max_new_tokens must be at least 1".into());
         }
-        if !(0.0..=1.0).contains(&g.top_p) || g.temperature < 0.0 {
-            return bad("generation.top_p must be in 0..=1 and temperature ≥ 0".into());
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) || !g.temperature.is_finite() || g.temperature < 0.0 {
+            return bad(format!(
+                "generation.top_p ({}) must be in (0, 1] and generation.temperature ({}) a finite number ≥ 0",
+                g.top_p, g.temperature
+            ));
         }
         let t = &self.filter.thresholds;
         if t.tail_fraction.is_nan() || t.tail_fraction <= 0.0 || t.tail_fraction > 1.0 {

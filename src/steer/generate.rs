@@ -338,6 +338,7 @@ struct CompletionHead {
 }
 
 fn check_cfg(cfg: &GenConfig, c_star: f64) -> Result<()> {
+    cfg.sampling.validate()?;
     if !c_star.is_finite() || c_star < 0.0 {
         return Err(Error::invalid(format!("calibrated coefficient must be finite and ≥ 0, got {c_star}")));
     }
@@ -368,6 +369,12 @@ pub fn generate_completions(
     for r in requests {
         if !r.alpha.is_finite() || r.alpha < 0.0 {
             return Err(Error::invalid(format!("alpha must be finite and ≥ 0, got {}", r.alpha)));
+        }
+        if r.prompt.trim().is_empty() {
+            return Err(Error::invalid(format!(
+                "prompt {} is empty (write a prompt or leave it out)",
+                r.prompt_index
+            )));
         }
         let (steered_prompt, base_prompt) = prompt_ids(lm, steering, system, &r.prompt)?;
         let dose = if steering.is_prompt_only() { 1.0 } else { r.alpha * c_star };

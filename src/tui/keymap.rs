@@ -325,6 +325,13 @@ impl Keymap {
         if let Some(p) = user {
             let text = std::fs::read_to_string(&p).map_err(|e| Error::bad_file(&p, e))?;
             k.merge(Layer::parse(&text, &p)?)?;
+            if k.keys_for(Mode::GateQ0, Action::Quit).is_empty() {
+                return Err(Error::bad_file(
+                    &p,
+                    "no key is bound to `quit` any more (on the gate-Q0 screen): bind it to a key, or there is \
+                     no way out",
+                ));
+            }
         }
         Ok(k)
     }

@@ -22,8 +22,10 @@ pub enum Input {
     Paste(String),
     /// The terminal changed size.
     Resize,
-    /// SIGTERM / SIGHUP: quit as if the user pressed quit.
+    /// The terminal went away (read error): quit as if the user pressed quit.
     Terminate,
+    /// SIGTERM / SIGHUP (its number): quit as if the user pressed quit, and exit with 128 + the signal.
+    Signal(i32),
 }
 
 /// A crossterm key event as a keymap chord (`None` for releases and keys we do not bind).
@@ -156,6 +158,10 @@ where
                 Some(Input::Terminate) => {
                     send_all(jobs, on_action(state, super::action::Action::Quit)).await?;
                 }
+                Some(Input::Signal(n)) => {
+                    state.signal = Some(n);
+                    send_all(jobs, on_action(state, super::action::Action::Quit)).await?;
+                }
                 None => break,
             },
             ev = worker.recv(), if worker_open => match ev {
@@ -198,11 +204,12 @@ impl Drop for RestoreGuard {
 }
 
 /// Take over the terminal and run the TUI until quit; the worker is then given time to finish writing.
+/// Returns how the session ended (the caller turns it into the exit status).
 pub async fn run(
     mut state: State,
     worker: crate::worker::WorkerHandle,
     mut worker_rx: mpsc::UnboundedReceiver<WorkerEvent>,
-) -> Result<FrameStats> {
+) -> Result<(FrameStats, super::app::Outcome)> {
     // Our hook runs after ratatui's (which restores the screen first) and also turns bracketed paste off.
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -238,11 +245,11 @@ pub async fn run(
         else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = hup.recv() => {}
-        }
-        let _ = in_tx.send(Input::Terminate);
+        let n = tokio::select! {
+            _ = term.recv() => 15,
+            _ = hup.recv() => 1,
+        };
+        let _ = in_tx.send(Input::Signal(n));
     });
     let mut stats = FrameStats::default();
     let result =
@@ -257,5 +264,5 @@ pub async fn run(
         eprintln!("steer-heal: waiting for the worker to finish writing the session…");
         let _ = join.await;
     }
-    result.map(|_| stats)
+    result.map(|_| (stats, state.outcome()))
 }

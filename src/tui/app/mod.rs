@@ -330,6 +330,17 @@ impl Screens {
     }
 }
 
+/// How a TUI session ended: anything but a clean quit with everything saved is a failure exit.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome {
+    /// Ended by this signal (exit 128 + signal).
+    pub signal: Option<i32>,
+    /// The model never loaded: why.
+    pub model_failed: Option<String>,
+    /// Changes the disk refused (taken back off the screen when they failed).
+    pub not_saved: usize,
+}
+
 /// Everything the UI knows. Views only read it.
 pub struct State {
     /// The merged keymap.
@@ -406,6 +417,10 @@ pub struct State {
     pub layout: SessionDir,
     /// Heal steps streamed by the running rounds job (the heal screen's live chart).
     pub heal_training: Option<iterate::HealTraining>,
+    /// The signal (SIGTERM, SIGHUP) that ended the session, for the exit status.
+    pub signal: Option<i32>,
+    /// Appends that failed (each was taken back off the screen), for the exit status.
+    pub not_saved: usize,
     /// Events shown on screen but not yet confirmed on disk, by the job appending them. When one fails the
     /// screen is re-read from the log, so it never shows a decision that was not saved.
     pub saving: BTreeMap<JobId, SessionEvent>,
@@ -461,9 +476,23 @@ impl State {
             quit: false,
             heal_training: None,
             saving: BTreeMap::new(),
+            signal: None,
+            not_saved: 0,
         };
         s.refresh_view(None);
         s
+    }
+
+    /// How the session ended, for the process's exit status.
+    pub fn outcome(&self) -> Outcome {
+        Outcome {
+            signal: self.signal,
+            model_failed: match &self.model {
+                ModelStatus::Failed(e) => Some(e.clone()),
+                _ => None,
+            },
+            not_saved: self.not_saved,
+        }
     }
 
     /// The mode that decides what keys mean.
@@ -1387,7 +1416,8 @@ fn adopt_replay(s: &mut State) -> Vec<Job> {
 /// Show an error popup; one already open stays on top (the first failure is usually the cause of the next).
 fn error_popup(s: &mut State, title: &str, text: String) {
     match &mut s.popup {
-        Some(Popup::Message { title: t, text: body }) if t.starts_with("Failed") => {
+        // A failure or a warning already on screen stays: the new one goes below it.
+        Some(Popup::Message { title: t, text: body }) if t.starts_with("Failed") || t.contains("warning") => {
             body.push_str(&format!("\n\nthen, {}: {text}", title.to_lowercase()));
         }
         _ => s.message(title, text),
@@ -1470,6 +1500,7 @@ fn on_worker(s: &mut State, e: WorkerEvent) -> Vec<Job> {
         WorkerEvent::Failed { id, error } => {
             let tag = s.jobs.remove(&id).map(|j| j.tag);
             if let Some(event) = s.saving.remove(&id) {
+                s.not_saved += 1;
                 // Nothing on screen may claim to be saved when it is not: re-read the log (behind any append
                 // still queued, so those stay shown) and say what was lost.
                 let what = describe_unsaved(&event);

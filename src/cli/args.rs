@@ -1,0 +1,47 @@
+//! Value parsers for numeric flags: Rust's float parser accepts `NaN` and `inf`, which no flag means; ranges a
+//! flag needs beyond finiteness are checked where the value is used (the library's config validation), so the
+//! TUI and session files get the same checks.
+
+/// A finite f64 (`NaN`, `inf` and `-inf` are refused).
+pub fn finite_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("`{s}` is not a number ({e})"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` is not a finite number"))
+    }
+}
+
+/// A finite f32.
+pub fn finite_f32(s: &str) -> Result<f32, String> {
+    let v = finite_f64(s)?;
+    if v.abs() > f32::MAX as f64 {
+        return Err(format!("`{s}` is too large"));
+    }
+    Ok(v as f32)
+}
+
+/// A count of at least 1.
+pub fn count(s: &str) -> Result<usize, String> {
+    let v: usize = s.trim().parse().map_err(|e| format!("`{s}` is not a whole number ({e})"))?;
+    if v == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_what_no_flag_means() {
+        assert_eq!(finite_f64("0.5"), Ok(0.5));
+        for bad in ["NaN", "inf", "-inf", "x"] {
+            assert!(finite_f64(bad).is_err(), "{bad}");
+        }
+        assert!(finite_f32("1e300").is_err());
+        assert_eq!(count("3"), Ok(3));
+        assert!(count("0").is_err() && count("-1").is_err());
+    }
+}
