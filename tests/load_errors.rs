@@ -128,6 +128,74 @@ fn unsupported_gguf_quantisation_type() {
 }
 
 #[test]
+fn misaligned_gguf_tensor_offset() {
+    let (_tmp, gguf) = tiny_gguf();
+    let mut bytes = std::fs::read(&gguf).expect("read");
+    common::shift_tensor_offset(&mut bytes, "blk.0.attn_norm.weight", 3);
+    std::fs::write(&gguf, bytes).expect("write");
+    expect_error(
+        &gguf,
+        &gguf,
+        &["tensor `blk.0.attn_norm.weight`", "not a multiple of the file's alignment 32"],
+    );
+}
+
+/// Edit one field of a tiny model's config.json.
+fn set_config(dir: &Path, key: &str, value: serde_json::Value) -> PathBuf {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("read")).expect("json");
+    v[key] = value;
+    std::fs::write(&p, v.to_string()).expect("write");
+    p
+}
+
+#[test]
+fn fewer_layers_in_the_config_than_in_the_weights() {
+    let (_tmp, dir) = tiny_dir();
+    let n = {
+        let p = dir.join("config.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).expect("read")).expect("json");
+        v["num_hidden_layers"].as_u64().expect("layers")
+    };
+    assert!(n >= 2);
+    set_config(&dir, "num_hidden_layers", (n - 1).into());
+    let _ = set_config(&dir, "layer_types", serde_json::Value::Null);
+    expect_error(
+        &dir,
+        &dir,
+        &[&format!("the config says {} blocks", n - 1), &format!("the weights hold {n}")],
+    );
+}
+
+#[test]
+fn qwen3_weights_relabelled_llama() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("qwen");
+    make_tiny_model(Arch::Qwen3, &dir, 3).expect("tiny model");
+    set_config(&dir, "model_type", "llama".into());
+    expect_error(
+        &dir,
+        &dir,
+        &["_norm.weight` (a per-head q/k norm", "is not used by `llama`", "is the architecture"],
+    );
+}
+
+#[test]
+fn impossible_config_values() {
+    for (key, value, says) in [
+        ("rms_norm_eps", serde_json::json!(-1.0), "rms_norm_eps is -1"),
+        ("rms_norm_eps", serde_json::json!(0.0), "rms_norm_eps is 0"),
+        ("rope_theta", serde_json::json!(0.0), "rope_theta is 0"),
+    ] {
+        let (_tmp, dir) = tiny_dir();
+        let p = set_config(&dir, key, value);
+        expect_error(&dir, &p, &[says, "must be a positive number"]);
+    }
+}
+
+#[test]
 fn binary_prints_one_line_and_fails() {
     let (_tmp, dir) = tiny_dir();
     std::fs::write(dir.join("config.json"), "not json").expect("write");

@@ -12,6 +12,24 @@ pub fn finite_f64(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A finite f64 ≥ 0 (a temperature).
+pub fn non_negative_f64(s: &str) -> Result<f64, String> {
+    let v = finite_f64(s)?;
+    if v < 0.0 {
+        return Err("must be ≥ 0".into());
+    }
+    Ok(v)
+}
+
+/// A probability mass in (0, 1] (top-p).
+pub fn mass(s: &str) -> Result<f64, String> {
+    let v = finite_f64(s)?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err("must be in (0, 1]".into());
+    }
+    Ok(v)
+}
+
 /// A finite f32.
 pub fn finite_f32(s: &str) -> Result<f32, String> {
     let v = finite_f64(s)?;
@@ -41,6 +59,8 @@ mod tests {
             assert!(finite_f64(bad).is_err(), "{bad}");
         }
         assert!(finite_f32("1e300").is_err());
+        assert!(non_negative_f64("-1").is_err() && non_negative_f64("0").is_ok());
+        assert!(mass("5").is_err() && mass("0").is_err() && mass("1").is_ok());
         assert_eq!(count("3"), Ok(3));
         assert!(count("0").is_err() && count("-1").is_err());
     }

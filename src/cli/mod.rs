@@ -90,7 +90,16 @@ enum Command {
 
 /// Parse arguments and run.
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // Help and version print as clap prints them; a bad flag is one line naming it (clap's first line), exit 2.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("bad arguments").trim_start_matches("error: ");
+            return Err(Exit { code: 2, message: format!("error: {first} (see --help)") }.into());
+        }
+    };
     let _ = COMPUTE.set(cli.compute.compute());
     match cli.cmd {
         Command::Model(c) => model_cmd::run(c),

@@ -57,7 +57,7 @@ pub enum ModelCmd {
         #[arg(value_parser = super::args::count, long, default_value_t = 64)]
         max_new_tokens: usize,
         /// Temperature (0 = greedy).
-        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.0)]
+        #[arg(value_parser = super::args::non_negative_f64, allow_negative_numbers = true, long, default_value_t = 0.0)]
         temperature: f64,
         /// Seed for sampling.
         #[arg(long, default_value_t = 0)]

@@ -34,10 +34,10 @@ pub struct SamplingArgs {
     #[arg(value_parser = super::args::count, long)]
     max_new_tokens: Option<usize>,
     /// Softmax temperature, 0 = greedy [default: 1.0].
-    #[arg(value_parser = super::args::finite_f64, long)]
+    #[arg(value_parser = super::args::non_negative_f64, allow_negative_numbers = true, long)]
     temperature: Option<f64>,
     /// Nucleus mass [default: 0.95].
-    #[arg(value_parser = super::args::finite_f64, long)]
+    #[arg(value_parser = super::args::mass, allow_negative_numbers = true, long)]
     top_p: Option<f64>,
     /// Keep the k most likely tokens, 0 = off [default: 64].
     #[arg(long)]

@@ -204,7 +204,7 @@ impl SessionManifest {
         if g.samples_per_alpha == 0 || g.max_new_tokens == 0 {
             return bad("generation.samples_per_alpha and max_new_tokens must be at least 1".into());
         }
-        if !(g.top_p > 0.0 && g.top_p <= 1.0) || !g.temperature.is_finite() || g.temperature < 0.0 {
+        if !(g.top_p > 0.0 && g.top_p <= 1.0 && g.temperature.is_finite()) || g.temperature < 0.0 {
             return bad(format!(
                 "generation.top_p ({}) must be in (0, 1] and generation.temperature ({}) a finite number ≥ 0",
                 g.top_p, g.temperature

@@ -180,6 +180,18 @@ pub fn patch_tensor_type(bytes: &mut [u8], name: &str, type_id: u32) {
     bytes[p..p + 4].copy_from_slice(&type_id.to_le_bytes());
 }
 
+/// Add `delta` to the data offset of tensor `name` in a GGUF file's header.
+pub fn shift_tensor_offset(bytes: &mut [u8], name: &str, delta: u64) {
+    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(name.as_bytes());
+    let at = bytes.windows(needle.len()).position(|w| w == needle.as_slice()).expect("tensor info present");
+    let mut p = at + needle.len();
+    let n_dims = u32::from_le_bytes(bytes[p..p + 4].try_into().expect("4 bytes")) as usize;
+    p += 4 + 8 * n_dims + 4;
+    let off = u64::from_le_bytes(bytes[p..p + 8].try_into().expect("8 bytes")) + delta;
+    bytes[p..p + 8].copy_from_slice(&off.to_le_bytes());
+}
+
 /// Every HF tensor of a directory, by name (for comparing converted weights).
 pub fn dir_tensors(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).expect("weights")
