@@ -226,11 +226,7 @@ fn keymaps_and_personas_that_cannot_work_are_refused() {
     let dir = w.root.join("inputs");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let km = dir.join("keymap.toml");
-    std::fs::write(
-        &km,
-        "[global]\nq = \"none\"\n\"ctrl-c\" = \"none\"\n",
-    )
-    .expect("write");
+    std::fs::write(&km, "[global]\nq = \"none\"\n\"ctrl-c\" = \"none\"\n").expect("write");
     let k = km.display().to_string();
     let session = w.root.join("s").display().to_string();
     refused(

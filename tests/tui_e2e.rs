@@ -297,3 +297,104 @@ fn a_bad_user_keymap_is_a_clear_error_before_the_terminal_is_touched() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("keys.toml: [gate-q0] key \"a\": unknown action `launch`"), "{err}");
 }
+
+/// Disk full during curation (a 2 MiB tmpfs in a private mount namespace, filled while the TUI runs): the
+/// append that fails leaves the log as it was, the screen says the decision was not saved and shows what the
+/// disk holds, and once there is room again the session goes on and reopens without a torn line.
+#[test]
+fn a_full_disk_during_curation_loses_no_decision_and_never_corrupts_the_log() {
+    if !tmux_available() {
+        eprintln!("skipped: STEER_HEAL_SKIP_TMUX is set");
+        return;
+    }
+    let probe = Command::new("unshare").args(["-m", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "skipped: this machine cannot make a private mount namespace (unshare -m), so no small disk"
+        );
+        return;
+    }
+    let d = tempfile::tempdir().expect("tempdir");
+    let model = d.path().join("tiny");
+    let vdir = d.path().join("vector");
+    run_ok(&["make-tiny-model".as_ref(), model.as_os_str()]);
+    run_ok(&[
+        "extract".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--n-pairs".as_ref(),
+        "4".as_ref(),
+        "--out".as_ref(),
+        vdir.as_os_str(),
+    ]);
+    let vector = StageOut::new(&vdir).vector();
+    let config = d.path().join("config");
+    // Round 1's completions, on an ordinary disk first.
+    let session = d.path().join("s");
+    let t = Tmux::new("disk-a");
+    t.start(&tui_command(&config, &session, &model, &vector));
+    t.wait_for("round 1's completions", 120, |s| s.contains("round 1 │") && s.contains("completions 4/4"));
+    t.keys("q");
+    assert_eq!(t.wait_dead(30), "0");
+    drop(t);
+    // The same session on a small disk of its own.
+    let mnt = d.path().join("small");
+    let saved = d.path().join("saved");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let script = d.path().join("disk.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\nmount -t tmpfs -o size=2m tmpfs {m}\ncp -a {s} {m}/s\nset +e\nenv XDG_CONFIG_HOME={c} {BIN} tui {m}/s\nrc=$?\ncp -a {m}/s {o}\nexit $rc\n",
+            m = mnt.display(),
+            s = session.display(),
+            c = config.display(),
+            o = saved.display()
+        ),
+    )
+    .expect("script");
+    let t = Tmux::new("disk-b");
+    t.start(&format!("unshare -m sh {}", script.display()));
+    t.wait_for("the session on the small disk", 60, |s| s.contains("round 1 │") && decided(s, 0, 4));
+    // Fill the disk from inside the TUI's mount namespace.
+    let ns = t.program_pid();
+    assert!(!ns.is_empty(), "no process in the namespace");
+    let fill = format!("dd if=/dev/zero of={}/filler bs=4096 2>/dev/null; true", mnt.display());
+    let st = Command::new("nsenter").args(["-t", &ns, "-m", "sh", "-c", &fill]).status().expect("nsenter");
+    assert!(st.success());
+    // Decide back and forth until an append crosses into a page the disk no longer has.
+    let mut failed = None;
+    for _ in 0..80 {
+        t.keys("a");
+        t.keys("k");
+        t.keys("r");
+        t.keys("k");
+        std::thread::sleep(Duration::from_millis(60));
+        let screen = t.capture();
+        if screen.contains("Failed while recording") {
+            failed = Some(screen);
+            break;
+        }
+    }
+    let screen = failed.unwrap_or_else(|| panic!("no append failed on a full disk:\n{}", t.capture()));
+    assert!(screen.contains("No space left on device") && screen.contains("Not saved:"), "{screen}");
+    eprintln!("{screen}");
+    // Room again: the log was cut back, so the next decisions land as whole lines.
+    let st = Command::new("nsenter")
+        .args(["-t", &ns, "-m", "rm", "-f", &format!("{}/filler", mnt.display())])
+        .status()
+        .expect("nsenter");
+    assert!(st.success());
+    t.keys("Escape");
+    t.wait_for("the popup closed", 10, |s| !s.contains("Failed while recording"));
+    t.keys("n");
+    t.keys("a");
+    let screen = t.wait_for("the decision after the disk has room", 30, |s| s.contains(" accepted p0"));
+    let shown: usize = (0..=4).find(|n| decided(&screen, *n, 4)).expect("decided count on screen");
+    t.keys("q");
+    assert_eq!(t.wait_dead(60), "1", "a session with an unsaved change exits non-zero");
+    drop(t);
+    let o = Session::open(&saved).expect("the session reopens");
+    assert!(o.warnings.is_empty(), "no torn or glued line: {:?}", o.warnings);
+    assert_eq!(o.state.rounds[&1].decisions().len(), shown, "the screen showed what the disk holds");
+}
