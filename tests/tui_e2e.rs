@@ -163,8 +163,9 @@ fn a_steered_round_is_curated_healed_kept_and_the_next_round_comes_back_to_gate_
     t.start(&tui_command(&config, &session, &model, &vector));
     t.wait_for("the first frame", 30, |s| s.contains("steer-heal") && s.contains("session e2e"));
     // Round 1's steered completions stream in (the walk-down's probe: 4), steered at c* from the file.
-    let screen =
-        t.wait_for("round 1's completions", 180, |s| s.contains("completions 4/4") && decided(s, 0, 4));
+    let screen = t.wait_for("round 1's completions", 180, |s| {
+        s.contains("completions 4/4") && decided(s, 0, 4) && s.contains("(steering L")
+    });
     assert!(screen.contains("round 1 │") && screen.contains("(steering L"), "{screen}");
     assert!(screen.contains(&format!("× c* {c_star:.2}")), "{screen}");
     t.keys("a");

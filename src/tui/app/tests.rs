@@ -1155,3 +1155,42 @@ fn a_decision_the_disk_refused_is_shown_as_not_saved() {
     assert!(s.saving.contains_key(&late[0].id), "still waiting for its append");
     assert_eq!(s.saving.len(), 1);
 }
+
+#[test]
+fn warnings_stay_on_screen_and_the_outcome_says_how_it_ended() {
+    let mut s = state_with(2);
+    s.warnings = vec!["events.jsonl: line 9: last line is truncated".into()];
+    s.model = ModelStatus::NotLoaded;
+    update(&mut s, Msg::Init);
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::ModelReady {
+            id: 1,
+            model: "tiny".into(),
+            vector_layers: vec![],
+            round: None,
+        }),
+    );
+    // Ticks (the status line's clock) do not clear it either.
+    for _ in 0..40 {
+        update(&mut s, Msg::Tick { now: "t".into() });
+    }
+    update(
+        &mut s,
+        Msg::Worker(WorkerEvent::Failed { id: 99, error: "round-01/eval/eval.json: gone".into() }),
+    );
+    match &s.popup {
+        Some(Popup::Message { title, text }) => {
+            assert_eq!(title, "Session opened with warnings");
+            assert!(text.contains("last line is truncated") && text.contains("eval.json: gone"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.outcome(), Outcome::default(), "a clean quit");
+    s.model = ModelStatus::Failed("m.gguf: corrupt".into());
+    s.signal = Some(15);
+    assert_eq!(
+        s.outcome(),
+        Outcome { signal: Some(15), model_failed: Some("m.gguf: corrupt".into()), not_saved: 0 }
+    );
+}
