@@ -309,7 +309,8 @@ fn a_full_disk_during_curation_loses_no_decision_and_never_corrupts_the_log() {
         return;
     }
     let probe = Command::new("unshare").args(["-m", "true"]).status();
-    if !probe.is_ok_and(|s| s.success()) {
+    let nsenter = Command::new("nsenter").arg("--version").output();
+    if !probe.is_ok_and(|s| s.success()) || !nsenter.is_ok_and(|o| o.status.success()) {
         eprintln!(
             "skipped: this machine cannot make a private mount namespace (unshare -m), so no small disk"
         );
