@@ -568,6 +568,9 @@ pub fn heal(
     let started = Instant::now();
     let paths = RunPaths::at(out_dir);
     std::fs::create_dir_all(paths.train()).map_err(|e| Error::bad_file(out_dir, e))?;
+    // Temp files of a killed earlier attempt (a run directory has one writer: this run, or the session that
+    // holds its lock).
+    crate::fsutil::remove_stale_temps(out_dir)?;
     let name = cfg.adapter_name();
     if adapter::adapter_names(model).contains(&name) {
         return Err(Error::invalid(format!(

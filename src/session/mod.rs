@@ -63,7 +63,7 @@ impl SessionLock {
                 let holder =
                     if holder.is_empty() { "another process".to_string() } else { holder.to_string() };
                 return Err(Error::bad_file(
-                    dir,
+                    &path,
                     format!("the session is open in {holder}; close it there first (one process at a time)"),
                 ));
             }
