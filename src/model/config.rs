@@ -287,7 +287,14 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Write the config as a Hugging Face `config.json` value (the fields both we and transformers read).
+    /// Write the config as a Hugging Face `config.json` value (the fields both we and transformers read), each
+    /// field with the JSON type transformers declares for it: transformers 5 validates configs strictly and refuses
+    /// a float where it declares `int` ("Field 'query_pre_attn_scalar' expected int, got float"). Counts, sizes and
+    /// token ids are integers; `rms_norm_eps`, the RoPE bases (`rope_theta`, Gemma's `rope_local_base_freq`,
+    /// both `float` in transformers' `RopeParameters`) and the softcaps are floats. Gemma's
+    /// `query_pre_attn_scalar` is an `int` there: it is written as one whenever it is integral (every released
+    /// Gemma-3), else as the float it is, which transformers cannot express. The types are checked against
+    /// transformers' declarations in `tests/hf_config_types.rs`.
     pub fn to_hf_value(&self) -> Value {
         let mut m = serde_json::json!({
             "model_type": self.arch.model_type(),
@@ -335,10 +342,13 @@ impl ModelConfig {
             // Older readers (candle-transformers) use the pattern; exact when the layout is periodic.
             let pattern = self.sliding_layers.iter().position(|s| !s).map(|p| p + 1).unwrap_or(0);
             o.insert("sliding_window_pattern".into(), pattern.into());
-            o.insert(
-                "query_pre_attn_scalar".into(),
-                self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).into(),
-            );
+            let scalar = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+            let scalar = if scalar.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&scalar) {
+                Value::from(scalar as u64)
+            } else {
+                Value::from(scalar)
+            };
+            o.insert("query_pre_attn_scalar".into(), scalar);
             o.insert("attn_logit_softcapping".into(), self.attn_logit_softcapping.into());
             o.insert("final_logit_softcapping".into(), self.final_logit_softcapping.into());
             if self.rope_scaling_factor != 1.0 {
@@ -376,6 +386,31 @@ mod tests {
         let c = ModelConfig::from_hf_value(&v, Path::new("c.json")).expect("valid");
         let back = ModelConfig::from_hf_value(&c.to_hf_value(), Path::new("c.json")).expect("valid");
         assert_eq!(c, back);
+    }
+
+    #[test]
+    fn hf_fields_have_the_types_transformers_declares() -> Result<()> {
+        // Gemma-3-270M as the GGUF reader builds it: the scalar arrives as a float. transformers 5 declares
+        // `query_pre_attn_scalar: int` and refuses `256.0`; the RoPE bases are floats there.
+        let v = serde_json::json!({"model_type":"gemma3_text","hidden_size":640,"intermediate_size":2048,
+            "num_hidden_layers":18,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":256,
+            "vocab_size":262144,"sliding_window":512,"query_pre_attn_scalar":256.0,"rope_theta":1000000,
+            "rope_local_base_freq":10000,"max_position_embeddings":32768,"bos_token_id":2,"eos_token_id":[1,106]});
+        let c = ModelConfig::from_hf_value(&v, Path::new("config.json"))?;
+        let text = serde_json::to_string(&c.to_hf_value()).map_err(|e| Error::invalid(e.to_string()))?;
+        let w: Value = serde_json::from_str(&text).map_err(|e| Error::invalid(e.to_string()))?;
+        for k in
+            ["query_pre_attn_scalar", "sliding_window", "sliding_window_pattern", "head_dim", "vocab_size"]
+        {
+            assert!(w[k].is_u64(), "`{k}` = {} should be an int", w[k]);
+        }
+        for k in ["rope_theta", "rope_local_base_freq", "rms_norm_eps"] {
+            assert!(w[k].is_f64(), "`{k}` = {} should be a float", w[k]);
+        }
+        assert_eq!(w["query_pre_attn_scalar"], serde_json::json!(256));
+        assert_eq!(w["eos_token_id"], serde_json::json!([1, 106]));
+        assert_eq!(ModelConfig::from_hf_value(&w, Path::new("config.json"))?, c);
+        Ok(())
     }
 
     #[test]
