@@ -249,7 +249,7 @@ fn gguf_control_vector_round_trips() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("cv.gguf");
     export_gguf(&v, &path).expect("export");
-    // What llama.cpp reads: the architecture, hint, count and direction.N with N = block + 1.
+    // What llama.cpp reads: the architecture, hint, count and direction.N added after 0-based block N.
     let mut f = std::fs::File::open(&path).expect("open");
     let content = gguf_file::Content::read(&mut f).expect("gguf");
     let s = |k: &str| content.metadata.get(k).and_then(|v| v.to_string().ok().cloned());
@@ -258,13 +258,13 @@ fn gguf_control_vector_round_trips() {
     assert!(matches!(content.metadata.get("controlvector.layer_count"), Some(Value::U32(2))));
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
-    assert_eq!(names, vec!["direction.2", "direction.3"]);
+    assert_eq!(names, vec!["direction.1", "direction.2"]);
     let back = import_gguf(&path, None).expect("import");
     assert_eq!(back.meta, v.meta);
     for l in [1, 2] {
         assert_eq!(vec_of(&back.directions[&l]), vec_of(&v.directions[&l]));
     }
-    // A control vector written by another tool (no steer-heal metadata) still imports.
+    // A control vector written by another tool (no steer-heal metadata) still imports, direction.N as block N.
     let bare = dir.path().join("bare.gguf");
     {
         let q = candle_core::quantized::QTensor::quantize(
@@ -278,7 +278,7 @@ fn gguf_control_vector_round_trips() {
         gguf_file::write(
             &mut out,
             &[("general.architecture", &arch), ("controlvector.model_hint", &hint)],
-            &[("direction.2", &q)],
+            &[("direction.1", &q)],
         )
         .expect("write");
     }

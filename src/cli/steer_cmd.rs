@@ -261,7 +261,7 @@ pub enum SteerCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Write a vector as a llama.cpp control vector (GGUF `direction.N`, N = block + 1).
+    /// Write a vector as a llama.cpp control vector (GGUF `direction.N` for 0-based block N; block 0 cannot be).
     ExportGguf {
         /// Vector file.
         #[arg(long)]
@@ -603,7 +603,7 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
             export_gguf(&v, &out)?;
             let scale = v.meta.calibration.as_ref().map(|c| c.coefficient).unwrap_or(1.0);
             println!(
-                "wrote {} (layers {:?} as direction.{{block+1}}); llama.cpp: --control-vector-scaled {} {scale:.4}",
+                "wrote {} (blocks {:?} as direction.{{block}}); llama.cpp: --control-vector-scaled {} {scale:.4}",
                 out.display(),
                 v.meta.layers,
                 out.display()
