@@ -182,8 +182,10 @@ pub fn make_tiny_model(arch: Arch, out: &Path, seed: u64) -> Result<()> {
     let bos_value = if arch == Arch::Gemma3 { serde_json::Value::from(bos) } else { serde_json::Value::Null };
     write_json(
         &out.join("tokenizer_config.json"),
+        // The tokenizer class as `convert` writes it: transformers would otherwise pick Gemma's own class for
+        // gemma3_text, which wants an `<unk>` token the tiny vocabulary does not have.
         &serde_json::json!({"chat_template": template, "bos_token": bos_value, "eos_token": eos,
-            "model_max_length": cfg.max_position_embeddings}),
+            "model_max_length": cfg.max_position_embeddings, "tokenizer_class": "PreTrainedTokenizerFast"}),
     )?;
     write_json(
         &out.join("generation_config.json"),
