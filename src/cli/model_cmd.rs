@@ -62,6 +62,16 @@ pub enum ModelCmd {
         /// Seed for sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Steer with this vector (a vector .safetensors, or a llama.cpp control-vector .gguf), at every position.
+        #[arg(long)]
+        vector: Option<PathBuf>,
+        /// Steering coefficient [default: the vector's calibrated c*].
+        #[arg(value_parser = super::args::finite_f64, allow_negative_numbers = true, long, requires = "vector")]
+        coeff: Option<f64>,
+        /// Print one JSON object (`prompt_ids`, `tokens`, their `logprobs`, `text`) instead of the reply, to compare
+        /// with other runtimes.
+        #[arg(long)]
+        json: bool,
         /// The user message.
         prompt: String,
     },
@@ -101,25 +111,60 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
                 .with_context(|| format!("making tiny model in {}", out_dir.display()))?;
             println!("wrote {}", out_dir.display());
         }
-        ModelCmd::Chat { model: path, system, max_new_tokens, temperature, seed, prompt } => {
+        ModelCmd::Chat {
+            model: path,
+            system,
+            max_new_tokens,
+            temperature,
+            seed,
+            vector,
+            coeff,
+            json,
+            prompt,
+        } => {
             if prompt.trim().is_empty() {
                 anyhow::bail!("the prompt is empty: say something to the model");
             }
             let dev = super::device()?;
             let lm = model::load_model(&path, super::compute().dtype, &dev)?;
+            let hooks = match vector {
+                None => Hooks::none(),
+                Some(vp) => {
+                    let v = if vp.extension().is_some_and(|e| e == "gguf") {
+                        let info = (&lm.info, lm.model.cfg.num_hidden_layers);
+                        steer_heal::steer::gguf::import_gguf(&vp, Some(info))?
+                    } else {
+                        steer_heal::steer::vector::SteerVector::load(&vp)?
+                    };
+                    let c = match coeff {
+                        Some(c) => c,
+                        None => {
+                            v.calibrated().with_context(|| format!("{} (or pass --coeff)", vp.display()))?
+                        }
+                    };
+                    Hooks::steer(&v.directions, c as f32)
+                }
+            };
             let text = lm.chat.prompt(system.as_deref(), &prompt)?;
             let ids = lm.tokenizer.encode(&text)?;
             let s = Sampling { temperature, top_p: 0.95, top_k: 64, seed, max_new_tokens };
             let gen = model::generate::generate(
                 &lm.model,
-                &[ids],
+                std::slice::from_ref(&ids),
                 &s,
-                &Hooks::none(),
+                &hooks,
                 &lm.tokenizer.stop_ids,
                 lm.tokenizer.pad_id,
                 &mut |_| true,
             )?;
-            println!("{}", lm.tokenizer.decode(&gen.tokens[0], false)?);
+            let reply = lm.tokenizer.decode(&gen.tokens[0], false)?;
+            if json {
+                let out = serde_json::json!({"prompt_ids": ids, "tokens": gen.tokens[0],
+                    "logprobs": gen.logprobs[0], "text": reply});
+                println!("{out}");
+            } else {
+                println!("{reply}");
+            }
         }
         ModelCmd::FetchModel { name, dir, hf, file, python } => {
             if let Some(repo) = hf {
