@@ -69,7 +69,13 @@ fn decode_ours(
     let ids: Vec<u32> = prompt.iter().copied().cycle().take(prompt.len() * batch).collect();
     let x = Tensor::from_vec(ids, (batch, prompt.len()), dev)?;
     let hooks = Hooks::none();
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::Last, path: Path::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::Last,
+        path: Path::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     let mut cache = model.new_cache();
     let run = |x: &Tensor, cache: &mut steer_heal::model::KvCache| -> candle_core::Result<Tensor> {
         let out = model.forward(x, Some(cache), &f).map_err(|e| candle_core::Error::Msg(e.to_string()))?;

@@ -140,7 +140,13 @@ fn flat_reference(
     ids: &[u32; 7],
 ) -> [f64; 7] {
     let hooks = Hooks::none();
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::All, path: FwdPath::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::All,
+        path: FwdPath::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     let run = |seq: &[u32]| -> Vec<Vec<f32>> {
         let x = Tensor::new(seq, &Device::Cpu).expect("ids").unsqueeze(0).expect("b");
         let l = lm.model.forward(&x, None, &f).expect("fwd").logits.expect("logits");

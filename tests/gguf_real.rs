@@ -67,7 +67,13 @@ fn logits_match_candle_quantized_llama() {
     let ids = m.tokenizer.encode(&prompt).expect("encode");
     let x = Tensor::new(ids.as_slice(), &Device::Cpu).expect("ids").unsqueeze(0).expect("batch");
     let hooks = Hooks::none();
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::Last, path: Path::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::Last,
+        path: Path::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     let ours =
         m.model.forward(&x, None, &f).expect("forward").logits.expect("logits").flatten_all().expect("flat");
 
@@ -147,7 +153,13 @@ fn converted_directory_loads_back_identically() {
     assert_eq!(back.tokenizer.stop_ids, m.tokenizer.stop_ids);
     let x = Tensor::new(ids.as_slice(), &Device::Cpu).expect("ids").unsqueeze(0).expect("batch");
     let hooks = Hooks::none();
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::All, path: Path::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::All,
+        path: Path::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     let a = m.model.forward(&x, None, &f).expect("forward").logits.expect("logits");
     let b = back.model.forward(&x, None, &f).expect("forward").logits.expect("logits");
     assert_eq!(max_abs(&a, &b), 0.0, "converted SmolLM2 logits differ");

@@ -14,7 +14,13 @@ use steer_heal::model::{
 fn logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
     let x = Tensor::new(ids, &Device::Cpu).expect("ids").unsqueeze(0).expect("batch");
     let hooks = Hooks::none();
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::All, path: Path::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::All,
+        path: Path::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     m.model.forward(&x, None, &f).expect("forward").logits.expect("logits")
 }
 

@@ -657,6 +657,45 @@ fn history_reapplies_rounds_gated_so_any_round_can_be_unbaked() {
     assert_eq!(max_abs(&logits(&lm, &ids), &base_logits), 0.0);
 }
 
+/// The adapter selection passed with a forward pass equals switching gates, and leaves the gates alone.
+#[test]
+fn adapter_selection_is_a_value_not_a_mutation() {
+    use steer_heal::model::{Adapters, LogitsAt, Path as FwdPath};
+    let (_d, mut lm) = tiny_model(Arch::Llama, 7);
+    let targets = HealConfig::default().targets;
+    for (name, seed) in [("round-1", 5), ("round-2", 6)] {
+        let t = TrainableLora::init(&lm.model, name, &[0, 1, 2], &targets, 4, 8.0, seed).expect("init");
+        let mut ad = t.to_adapter().expect("frozen");
+        for (_, b) in ad.pairs.values_mut() {
+            *b = Tensor::randn(0f32, 0.05, b.dims(), &Device::Cpu).expect("randn");
+        }
+        ad.attach(&mut lm.model, 0.8).expect("attach");
+    }
+    let ids = Tensor::new(&[[3u32, 9, 4, 17, 2]], &Device::Cpu).expect("ids");
+    let none = Hooks::none();
+    let run = |lm: &steer_heal::model::LoadedModel, sel: Adapters| {
+        let f = Forward {
+            hooks: &none,
+            pad: &[],
+            logits: LogitsAt::All,
+            path: FwdPath::Inference,
+            adapters: sel,
+        };
+        lm.model.forward(&ids, None, &f).expect("forward").logits.expect("logits")
+    };
+    let gates = adapter::gates(&lm.model);
+    let all = run(&lm, Adapters::AsGated);
+    let base = run(&lm, Adapters::Base);
+    let without2 = run(&lm, Adapters::Without("round-2"));
+    assert_eq!(adapter::gates(&lm.model), gates, "no pass touches a gate");
+    // The same by switching gates, as the code did before.
+    adapter::set_gate(&mut lm.model, "round-2", 0.0);
+    assert_eq!(max_abs(&without2, &run(&lm, Adapters::AsGated)), 0.0);
+    adapter::set_gate(&mut lm.model, "round-1", 0.0);
+    assert_eq!(max_abs(&base, &run(&lm, Adapters::AsGated)), 0.0);
+    assert!(max_abs(&all, &base) > 1e-4 && max_abs(&all, &without2) > 1e-4);
+}
+
 #[test]
 fn measure_scores_generations_under_the_base_and_restores_gates() {
     let (_d, mut lm) = tiny_model(Arch::Llama, 7);
@@ -673,24 +712,24 @@ fn measure_scores_generations_under_the_base_and_restores_gates() {
         persona_system: Some("You are a pirate.".into()),
         sampling: steer_heal::model::generate::Sampling::greedy(12),
     };
-    let m = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    let m = heal::gate::measure(&lm, &spec, &mut Silent::default()).expect("measure");
     assert_eq!(adapter::gates(&lm.model).get("round-0"), Some(&0.7), "gates restored");
     assert_eq!(m.samples.len(), 2);
     assert!(m.tokens > 0 && m.coherence.is_finite() && m.persona_strength.is_some_and(f64::is_finite));
     assert!((m.ppl - (-m.coherence).exp()).abs() < 1e-9);
     // The heat-map KL: positive with the adapter on, exactly zero with it off.
     let toks = lm.tokenizer.encode("zq vex plugh").expect("enc");
-    let kl = heal::gate::token_kl_to_base(&mut lm, "You are a helpful assistant.", "Hi", &toks).expect("kl");
+    let kl = heal::gate::token_kl_to_base(&lm, "You are a helpful assistant.", "Hi", &toks).expect("kl");
     assert_eq!(kl.len(), toks.len());
     assert!(kl.iter().all(|k| k.is_finite() && *k >= -1e-6) && kl.iter().any(|k| *k > 1e-4), "{kl:?}");
     adapter::set_gate(&mut lm.model, "round-0", 0.0);
-    let off = heal::gate::token_kl_to_base(&mut lm, "You are a helpful assistant.", "Hi", &toks).expect("kl");
+    let off = heal::gate::token_kl_to_base(&lm, "You are a helpful assistant.", "Hi", &toks).expect("kl");
     assert!(off.iter().all(|k| *k == 0.0), "{off:?}");
     adapter::set_gate(&mut lm.model, "round-0", 0.7);
     // With the adapter off the student is the base: greedy generation's own log-probs (KV-cache decoding) must
     // equal the teacher-forced base scores.
     adapter::set_gate(&mut lm.model, "round-0", 0.0);
-    let m0 = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    let m0 = heal::gate::measure(&lm, &spec, &mut Silent::default()).expect("measure");
     let mut lp_sum = 0.0f64;
     let mut n = 0usize;
     for p in &spec.prompts {
@@ -732,7 +771,7 @@ fn measure_records_each_samples_tokens_kl_and_scores() {
         persona_system: Some("You are a pirate.".into()),
         sampling: steer_heal::model::generate::Sampling::greedy(10),
     };
-    let m = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    let m = heal::gate::measure(&lm, &spec, &mut Silent::default()).expect("measure");
     let (mut lp_sum, mut gain_sum) = (0.0f64, 0.0f64);
     let mut any_kl = false;
     for s in &m.samples {
@@ -743,7 +782,7 @@ fn measure_records_each_samples_tokens_kl_and_scores() {
         assert_eq!(h.tokens, pieces);
         // The KL recorded during measuring equals a separate KL(student ‖ base) pass over the same tokens.
         let reference =
-            heal::gate::token_kl_to_base(&mut lm, &spec.neutral_system, &s.prompt, &s.token_ids).expect("kl");
+            heal::gate::token_kl_to_base(&lm, &spec.neutral_system, &s.prompt, &s.token_ids).expect("kl");
         assert_eq!(h.kl.len(), n);
         for (a, b) in h.kl.iter().zip(&reference) {
             assert!((a - b).abs() <= 1e-8 + 1e-4 * b.abs(), "{:?} vs {reference:?}", h.kl);
@@ -761,12 +800,12 @@ fn measure_records_each_samples_tokens_kl_and_scores() {
     assert!((gain_sum / m.tokens as f64 - m.persona_strength.expect("persona")).abs() < 1e-9);
     // With every gate at 0 the student is the base: its KL to the base is zero.
     adapter::set_gate(&mut lm.model, "round-0", 0.0);
-    let m0 = heal::gate::measure(&mut lm, &spec, &mut Silent::default()).expect("measure");
+    let m0 = heal::gate::measure(&lm, &spec, &mut Silent::default()).expect("measure");
     for s in &m0.samples {
         let h = s.heat.as_ref().expect("heat");
         assert!(h.kl.len() == s.token_ids.len() && h.kl.iter().all(|k| *k == 0.0), "{:?}", h.kl);
         let reference =
-            heal::gate::token_kl_to_base(&mut lm, &spec.neutral_system, &s.prompt, &s.token_ids).expect("kl");
+            heal::gate::token_kl_to_base(&lm, &spec.neutral_system, &s.prompt, &s.token_ids).expect("kl");
         assert!(reference.iter().all(|k| k.abs() < 1e-6), "{reference:?}");
     }
 }
@@ -790,17 +829,17 @@ fn teacher_persona_gain_is_measured_under_the_base_with_the_gates_restored() {
     };
     let gates = adapter::gates(&lm.model);
     // The persona prompt equal to the neutral one gains nothing; a different one moves the log-probs.
-    let same = heal::gate::teacher_heat(&mut lm, &spec(&c.system), &c).expect("heat").expect("texts");
+    let same = heal::gate::teacher_heat(&lm, &spec(&c.system), &c).expect("heat").expect("texts");
     assert_eq!(same.persona_gain, Some(0.0));
     let pirate =
-        heal::gate::teacher_heat(&mut lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
+        heal::gate::teacher_heat(&lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
     let gain = pirate.persona_gain.expect("gain");
     assert!(gain.is_finite() && gain != 0.0, "{gain}");
     assert_eq!(adapter::gates(&lm.model), gates, "gates restored");
     // Under the base: with the adapter's gate at 0 the gain is the same number.
     adapter::set_gate(&mut lm.model, "round-0", 0.0);
     let at_base =
-        heal::gate::teacher_heat(&mut lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
+        heal::gate::teacher_heat(&lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
     assert!((at_base.persona_gain.expect("gain") - gain).abs() < 1e-9);
 }
 

@@ -121,7 +121,13 @@ fn every_lora_a_and_b_gets_a_gradient_on_the_training_path() {
         let vars = attach_adapters(&mut lm);
         let x = input(&lm);
         let none = Hooks::none();
-        let f = Forward { hooks: &none, pad: &[], logits: LogitsAt::All, path: Path::Training };
+        let f = Forward {
+            hooks: &none,
+            pad: &[],
+            logits: LogitsAt::All,
+            path: Path::Training,
+            adapters: steer_heal::model::Adapters::AsGated,
+        };
         let logits = lm.model.forward(&x, None, &f).expect("fwd").logits.expect("l");
         let loss = candle_nn::loss::cross_entropy(
             &logits.squeeze(0).expect("s").narrow(0, 0, x.dim(1).expect("t") - 1).expect("n"),

@@ -18,7 +18,13 @@ fn ids() -> Vec<u32> {
 fn ours_last(m: &steer_heal::model::LoadedModel, ids: &[u32]) -> Tensor {
     let x = Tensor::new(ids, &Device::Cpu).expect("ids").unsqueeze(0).expect("batch");
     let hooks = Hooks::none();
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::Last, path: Path::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::Last,
+        path: Path::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     m.model.forward(&x, None, &f).expect("forward").logits.expect("logits").flatten_all().expect("flat")
 }
 
@@ -77,7 +83,13 @@ fn gemma3_matches_candle_transformers() {
 /// Logits at every position, computed with the given path, optionally token by token through the KV cache.
 fn all_logits(m: &steer_heal::model::LoadedModel, ids: &[u32], path: Path, incremental: bool) -> Tensor {
     let hooks = Hooks::none();
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::All, path };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::All,
+        path,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     if !incremental {
         let x = Tensor::new(ids, &Device::Cpu).expect("ids").unsqueeze(0).expect("b");
         return m.model.forward(&x, None, &f).expect("fwd").logits.expect("logits").squeeze(0).expect("sq");

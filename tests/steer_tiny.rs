@@ -42,7 +42,13 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 
 fn logits(lm: &LoadedModel, ids: &[u32], hooks: &Hooks) -> Vec<f32> {
     let x = Tensor::new(ids, &Device::Cpu).expect("ids").unsqueeze(0).expect("batch");
-    let f = Forward { hooks, pad: &[], logits: LogitsAt::All, path: FwdPath::Inference };
+    let f = Forward {
+        hooks,
+        pad: &[],
+        logits: LogitsAt::All,
+        path: FwdPath::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
     vec_of(&lm.model.forward(&x, None, &f).expect("forward").logits.expect("logits"))
 }
 
@@ -90,7 +96,13 @@ fn extraction_is_the_mean_difference_at_the_last_prompt_token() {
         for ctx in &p.spec.contexts[..3] {
             let ids = lm.tokenizer.encode(&lm.chat.prompt(Some(sys), ctx).expect("chat")).expect("ids");
             let x = Tensor::new(ids.as_slice(), &Device::Cpu).expect("ids").unsqueeze(0).expect("b");
-            let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::None, path: FwdPath::Inference };
+            let f = Forward {
+                hooks: &hooks,
+                pad: &[],
+                logits: LogitsAt::None,
+                path: FwdPath::Inference,
+                adapters: steer_heal::model::Adapters::AsGated,
+            };
             let h = lm.model.forward(&x, None, &f).expect("forward").hidden.remove(&2).expect("captured");
             let last = vec_of(&h.narrow(1, ids.len() - 1, 1).expect("last"));
             for (a, x) in acc.iter_mut().zip(last) {
@@ -124,7 +136,13 @@ fn steering_at_layer_l_changes_only_layers_from_l_on() {
     let run = |coeff: f32| {
         let mut hooks = Hooks::steer(&dirs, coeff);
         hooks.capture = Some(capture.clone());
-        let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::None, path: FwdPath::Inference };
+        let f = Forward {
+            hooks: &hooks,
+            pad: &[],
+            logits: LogitsAt::None,
+            path: FwdPath::Inference,
+            adapters: steer_heal::model::Adapters::AsGated,
+        };
         lm.model.forward(&x, None, &f).expect("forward").hidden
     };
     let (base, steered) = (run(0.0), run(4.0));

@@ -324,7 +324,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
             cancel_on_ctrl_c(bar.cancel.clone());
             let spec = (!gate.no_gate).then(|| measure_spec(&gate, &comps)).transpose()?;
             let before = match &spec {
-                Some(s) => Some(gate::measure(&mut lm, s, &mut bar)?),
+                Some(s) => Some(gate::measure(&lm, s, &mut bar)?),
                 None => None,
             };
             let opts = RunOptions { fresh, stop_after_steps: max_steps, final_gate: None, history };
@@ -347,7 +347,7 @@ pub fn run(cmd: HealCmd) -> Result<()> {
                 HealStatus::Cancelled | HealStatus::Stopped => return Ok(()),
             }
             if let (Some(spec), Some(before)) = (spec, before) {
-                let after = gate::measure(&mut lm, &spec, &mut bar)?;
+                let after = gate::measure(&lm, &spec, &mut bar)?;
                 write_gate(&out, &mut lm, &spec, &cfg, &comps, &gate, &before, Some((&after, &log)), &[])?;
                 println!("wrote {}", RunPaths::at(&out).gate_q1_md().display());
             }

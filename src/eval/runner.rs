@@ -171,7 +171,13 @@ fn run_batch(
         }
         let x = Tensor::from_vec(flat, (b, s_max), m.model.device())?;
         let pad = dec.pad().to_vec();
-        let f = Forward { hooks: m.hooks, pad: &pad, logits: LogitsAt::All, path: Path::Inference };
+        let f = Forward {
+            hooks: m.hooks,
+            pad: &pad,
+            logits: LogitsAt::All,
+            path: Path::Inference,
+            adapters: crate::model::Adapters::AsGated,
+        };
         let out = m.model.forward(&x, Some(&mut dec.cache), &f)?;
         Some(
             out.logits

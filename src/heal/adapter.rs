@@ -195,28 +195,6 @@ pub fn gates(model: &Model) -> BTreeMap<String, f64> {
     out
 }
 
-/// Set every adapter's gate from a map (names absent from the map are left alone).
-pub fn restore_gates(model: &mut Model, saved: &BTreeMap<String, f64>) {
-    for lin in all_linears_mut(model) {
-        for ad in lin.adapters.iter_mut() {
-            if let Some(g) = saved.get(&ad.name) {
-                ad.gate = *g;
-            }
-        }
-    }
-}
-
-/// Switch every adapter off (the pristine base); returns the previous gates for `restore_gates`.
-pub fn zero_all_gates(model: &mut Model) -> BTreeMap<String, f64> {
-    let saved = gates(model);
-    for lin in all_linears_mut(model) {
-        for ad in lin.adapters.iter_mut() {
-            ad.gate = 0.0;
-        }
-    }
-    saved
-}
-
 /// Remove every adapter named `name` from the model (un-attach a round); returns how many were removed.
 pub fn detach(model: &mut Model, name: &str) -> usize {
     let mut n = 0;

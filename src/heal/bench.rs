@@ -201,7 +201,7 @@ fn run_path(
         let t0 = Instant::now();
         let refs = batch_reference_log_probs(model, &exs, cfg, &name)?;
         let t1 = Instant::now();
-        let student = batch_completion_logits(model, &exs, path)?;
+        let student = batch_completion_logits(model, &exs, path, crate::model::Adapters::AsGated)?;
         // As the heal loop does: each sequence its own NLL + barrier, averaged over the step.
         let parts = losses_from_logits(&exs, &student, &refs, None, cfg, path)?;
         let mut total: Option<Tensor> = None;

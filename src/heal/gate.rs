@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::atomic_write;
 use crate::model::decoder::Path as FwdPath;
 use crate::model::generate::{generate, Sampling};
-use crate::model::{Hooks, LoadedModel};
+use crate::model::{Adapters, Hooks, LoadedModel};
 use crate::progress::Progress;
 use crate::steer::Completion;
 use candle_core::Tensor;
@@ -91,37 +91,44 @@ impl TokenHeat {
 /// The teacher column: `TokenHeat::from_completion` plus the completion's persona gain per token, measured as the
 /// students' is (base model with every gate at 0, restored afterwards; persona vs neutral system prompt of
 /// `spec`, on the completion's own tokens). `None` when the completion carries no per-token texts.
-pub fn teacher_heat(lm: &mut LoadedModel, spec: &MeasureSpec, c: &Completion) -> Result<Option<TokenHeat>> {
+pub fn teacher_heat(lm: &LoadedModel, spec: &MeasureSpec, c: &Completion) -> Result<Option<TokenHeat>> {
     let Some(mut heat) = TokenHeat::from_completion(c) else { return Ok(None) };
     if let Some(persona) = &spec.persona_system {
-        let saved = adapter::zero_all_gates(&mut lm.model);
-        let gain = persona_gain(lm, &spec.neutral_system, persona, &c.prompt, &c.tokens);
-        adapter::restore_gates(&mut lm.model, &saved);
-        heat.persona_gain = gain?;
+        heat.persona_gain =
+            persona_gain(lm, &spec.neutral_system, persona, &c.prompt, &c.tokens, Adapters::Base)?;
     }
     Ok(Some(heat))
 }
 
 /// Mean log-probability gain per token of `tokens` after `prompt` under the persona system prompt vs the neutral
-/// one, with the model as it is.
+/// one, with the adapters `sel` picks.
 fn persona_gain(
     lm: &LoadedModel,
     neutral: &str,
     persona: &str,
     prompt: &str,
     tokens: &[u32],
+    sel: Adapters,
 ) -> Result<Option<f64>> {
     if tokens.is_empty() {
         return Ok(None);
     }
-    let gain = log_prob_after(lm, persona, prompt, tokens)? - log_prob_after(lm, neutral, prompt, tokens)?;
+    let gain =
+        log_prob_after(lm, persona, prompt, tokens, sel)? - log_prob_after(lm, neutral, prompt, tokens, sel)?;
     Ok(finite(gain / tokens.len() as f64))
 }
 
-/// Summed log-probability of `tokens` after `prompt` under the system prompt `system`, with the model as it is.
-fn log_prob_after(lm: &LoadedModel, system: &str, prompt: &str, tokens: &[u32]) -> Result<f64> {
+/// Summed log-probability of `tokens` after `prompt` under the system prompt `system`, with the adapters `sel`
+/// picks.
+fn log_prob_after(
+    lm: &LoadedModel,
+    system: &str,
+    prompt: &str,
+    tokens: &[u32],
+    sel: Adapters,
+) -> Result<f64> {
     let ids = lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?;
-    Ok(token_log_probs(lm, &ids, tokens)?.iter().map(|x| *x as f64).sum())
+    Ok(token_log_probs(lm, &ids, tokens, sel)?.iter().map(|x| *x as f64).sum())
 }
 
 /// One fresh generation.
@@ -157,19 +164,19 @@ pub struct Measurement {
     pub samples: Vec<Sample>,
 }
 
-/// Log-probabilities of `gen` after `prompt` under the model as it is.
-fn token_log_probs(lm: &LoadedModel, prompt: &[u32], gen: &[u32]) -> Result<Vec<f32>> {
+/// Log-probabilities of `gen` after `prompt`, with the adapters `sel` picks.
+fn token_log_probs(lm: &LoadedModel, prompt: &[u32], gen: &[u32], sel: Adapters) -> Result<Vec<f32>> {
     let mut ids = prompt.to_vec();
     ids.extend_from_slice(gen);
     let ex = Example { id: String::new(), ids, prompt_len: prompt.len() };
-    let lp = completion_log_probs(&lm.model, &ex, FwdPath::Inference)?;
+    let lp = completion_log_probs(&lm.model, &ex, FwdPath::Inference, sel)?;
     let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
     Ok(lp.gather(&targets, 1)?.squeeze(1)?.to_vec1()?)
 }
 
 /// Generate from the model as it is (adapters at their gates), then score the generations under the pristine base
 /// (every gate 0; restored afterwards).
-pub fn measure(lm: &mut LoadedModel, spec: &MeasureSpec, progress: &mut dyn Progress) -> Result<Measurement> {
+pub fn measure(lm: &LoadedModel, spec: &MeasureSpec, progress: &mut dyn Progress) -> Result<Measurement> {
     if spec.prompts.is_empty() {
         return Err(Error::invalid("no prompts to measure on"));
     }
@@ -222,7 +229,7 @@ pub fn measure(lm: &mut LoadedModel, spec: &MeasureSpec, progress: &mut dyn Prog
 /// the tokens after the neutral prompt and, when a persona prompt is given, after the persona prompt. Returns the
 /// sample, its summed base log-likelihood and its summed persona gain.
 fn score_sample(
-    lm: &mut LoadedModel,
+    lm: &LoadedModel,
     spec: &MeasureSpec,
     prompt: &str,
     ids: &[u32],
@@ -243,12 +250,12 @@ fn score_sample(
     let mut full = ids.to_vec();
     full.extend_from_slice(gen);
     let ex = Example { id: String::new(), ids: full, prompt_len: ids.len() };
-    let student =
-        if student_is_base { None } else { Some(completion_log_probs(&lm.model, &ex, FwdPath::Inference)?) };
-    let saved = adapter::zero_all_gates(&mut lm.model);
-    let scored = score_under_base(lm, spec, prompt, &ex, gen, student.as_ref());
-    adapter::restore_gates(&mut lm.model, &saved);
-    let (lp, gain, kl) = scored?;
+    let student = if student_is_base {
+        None
+    } else {
+        Some(completion_log_probs(&lm.model, &ex, FwdPath::Inference, Adapters::AsGated)?)
+    };
+    let (lp, gain, kl) = score_under_base(lm, spec, prompt, &ex, gen, student.as_ref())?;
     let n = gen.len() as f64;
     let s: f64 = lp.iter().map(|x| *x as f64).sum();
     let kl = kl.unwrap_or_else(|| vec![0.0; gen.len()]);
@@ -271,7 +278,7 @@ fn score_sample(
 /// A sample's per-token base log-probs, summed persona gain and per-token KL(student ‖ base).
 type BaseScores = (Vec<f32>, Option<f64>, Option<Vec<f32>>);
 
-/// Under the base (the caller has zeroed the gates): log-probs of `gen` after the neutral prompt, the summed
+/// Under the pristine base (every adapter left out of the passes): log-probs of `gen` after the neutral prompt, the summed
 /// persona gain when a persona prompt is given, and the per-token KL(student ‖ base) when a student is given.
 fn score_under_base(
     lm: &LoadedModel,
@@ -281,7 +288,7 @@ fn score_under_base(
     gen: &[u32],
     student: Option<&Tensor>,
 ) -> Result<BaseScores> {
-    let base = completion_log_probs(&lm.model, ex, FwdPath::Inference)?;
+    let base = completion_log_probs(&lm.model, ex, FwdPath::Inference, Adapters::Base)?;
     let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
     let lp: Vec<f32> = base.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
     let kl = match student {
@@ -292,9 +299,10 @@ fn score_under_base(
         None => None,
     };
     let gain = match &spec.persona_system {
-        Some(persona) => {
-            Some(log_prob_after(lm, persona, prompt, gen)? - lp.iter().map(|x| *x as f64).sum::<f64>())
-        }
+        Some(persona) => Some(
+            log_prob_after(lm, persona, prompt, gen, Adapters::Base)?
+                - lp.iter().map(|x| *x as f64).sum::<f64>(),
+        ),
         None => None,
     };
     Ok((lp, gain, kl))
@@ -304,7 +312,7 @@ fn score_under_base(
 /// (adapters at their gates), the base has every gate at 0 (restored afterwards). One value per completion token,
 /// for the heal screen's heat map.
 pub fn token_kl_to_base(
-    lm: &mut LoadedModel,
+    lm: &LoadedModel,
     system: &str,
     prompt: &str,
     tokens: &[u32],
@@ -316,11 +324,9 @@ pub fn token_kl_to_base(
     let prompt_len = ids.len();
     ids.extend_from_slice(tokens);
     let ex = Example { id: String::new(), ids, prompt_len };
-    let student = completion_log_probs(&lm.model, &ex, FwdPath::Inference)?;
-    let saved = adapter::zero_all_gates(&mut lm.model);
-    let base = completion_log_probs(&lm.model, &ex, FwdPath::Inference);
-    adapter::restore_gates(&mut lm.model, &saved);
-    let kl = super::loss::per_position_kl(&student, &base?, super::config::Reg::KlRev, FwdPath::Inference)?;
+    let student = completion_log_probs(&lm.model, &ex, FwdPath::Inference, Adapters::AsGated)?;
+    let base = completion_log_probs(&lm.model, &ex, FwdPath::Inference, Adapters::Base)?;
+    let kl = super::loss::per_position_kl(&student, &base, super::config::Reg::KlRev, FwdPath::Inference)?;
     Ok(kl.to_vec1()?)
 }
 
@@ -362,7 +368,7 @@ pub struct SweepRow {
 /// KL heat), the student before, and the healed student (`after`, when measured). The one pairing the `heal`
 /// command and the rounds loop both report.
 pub fn sample_pairs(
-    lm: &mut LoadedModel,
+    lm: &LoadedModel,
     spec: &MeasureSpec,
     training: &[Completion],
     before: &Measurement,

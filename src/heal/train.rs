@@ -19,7 +19,9 @@ use super::st_io;
 use crate::error::{Error, Result};
 use crate::fsutil::atomic_write_json;
 use crate::model::decoder::Path as FwdPath;
-use crate::model::{Adapter, CapturePositions, Forward, Hooks, LogitsAt, LoraLinear, Model, ModelInfo};
+use crate::model::{
+    Adapter, Adapters, CapturePositions, Forward, Hooks, LogitsAt, LoraLinear, Model, ModelInfo,
+};
 use crate::progress::Progress;
 use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
@@ -164,8 +166,13 @@ pub fn read_step_log(path: &Path) -> Result<Vec<StepRecord>> {
 
 /// Log-probabilities of `ex`'s completion positions `[C, vocab]` (f32), via the last block's hidden states so the
 /// prompt positions never go through the vocabulary projection (the one-example case of the padded batch).
-pub(crate) fn completion_log_probs(model: &Model, ex: &Example, path: FwdPath) -> Result<Tensor> {
-    Ok(batch_completion_log_probs(model, &[ex], path)?.lp)
+pub(crate) fn completion_log_probs(
+    model: &Model,
+    ex: &Example,
+    path: FwdPath,
+    sel: Adapters,
+) -> Result<Tensor> {
+    Ok(batch_completion_log_probs(model, &[ex], path, sel)?.lp)
 }
 
 /// Completion logits of several examples, stacked like `BatchLogProbs`.
@@ -195,13 +202,19 @@ pub(crate) fn batch_completion_log_probs(
     model: &Model,
     exs: &[&Example],
     path: FwdPath,
+    sel: Adapters,
 ) -> Result<BatchLogProbs> {
-    let BatchLogits { logits, spans } = batch_completion_logits(model, exs, path)?;
+    let BatchLogits { logits, spans } = batch_completion_logits(model, exs, path, sel)?;
     Ok(BatchLogProbs { lp: loss::log_softmax(&logits, path)?, spans })
 }
 
 /// The stacked completion logits behind `batch_completion_log_probs`.
-pub(crate) fn batch_completion_logits(model: &Model, exs: &[&Example], path: FwdPath) -> Result<BatchLogits> {
+pub(crate) fn batch_completion_logits(
+    model: &Model,
+    exs: &[&Example],
+    path: FwdPath,
+    sel: Adapters,
+) -> Result<BatchLogits> {
     if exs.is_empty() {
         return Err(Error::invalid("no examples to score"));
     }
@@ -217,7 +230,7 @@ pub(crate) fn batch_completion_logits(model: &Model, exs: &[&Example], path: Fwd
     let ids = Tensor::from_vec(flat, (exs.len(), t), model.device())?;
     let last = model.layers.len() - 1;
     let hooks = Hooks::capture(vec![last], CapturePositions::All);
-    let f = Forward { hooks: &hooks, pad: &pad, logits: LogitsAt::None, path };
+    let f = Forward { hooks: &hooks, pad: &pad, logits: LogitsAt::None, path, adapters: sel };
     let out = model.forward(&ids, None, &f)?;
     let h = out
         .hidden
@@ -263,7 +276,7 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 /// Reference log-probs: the same weights with this round's adapter (or every adapter) gated off, no grad.
 pub(crate) fn reference_log_probs(
-    model: &mut Model,
+    model: &Model,
     ex: &Example,
     cfg: &HealConfig,
     name: &str,
@@ -273,22 +286,17 @@ pub(crate) fn reference_log_probs(
 
 /// `reference_log_probs` of several examples from one padded forward pass.
 pub(crate) fn batch_reference_log_probs(
-    model: &mut Model,
+    model: &Model,
     exs: &[&Example],
     cfg: &HealConfig,
     name: &str,
 ) -> Result<BatchLogProbs> {
-    let saved = match cfg.reference {
-        Reference::Prev => {
-            let g = adapter::gates(model);
-            adapter::set_gate(model, name, 0.0);
-            g
-        }
-        Reference::Base => adapter::zero_all_gates(model),
+    // The reference is a selection passed with the pass; the model's gates are never touched.
+    let sel = match cfg.reference {
+        Reference::Prev => Adapters::Without(name),
+        Reference::Base => Adapters::Base,
     };
-    let lp = batch_completion_log_probs(model, exs, FwdPath::Inference);
-    adapter::restore_gates(model, &saved);
-    let lp = lp?;
+    let lp = batch_completion_log_probs(model, exs, FwdPath::Inference, sel)?;
     Ok(BatchLogProbs { lp: lp.lp.detach(), spans: lp.spans })
 }
 
@@ -329,7 +337,7 @@ pub fn batch_losses_on(
         return Err(Error::invalid("the inference path has no gradients: train on Training or Composite"));
     }
     let refs = batch_reference_log_probs(model, exs, cfg, &lora.name)?;
-    let student = batch_completion_logits(model, exs, path)?;
+    let student = batch_completion_logits(model, exs, path, Adapters::AsGated)?;
     let pen = spectral_penalty(lora, cfg)?;
     losses_from_logits(exs, &student, &refs, pen.as_ref(), cfg, path)
 }
@@ -424,7 +432,7 @@ pub fn evaluate(model: &mut Model, name: &str, data: &Dataset, cfg: &HealConfig)
     let n = data.examples.len() as f64;
     for ex in &data.examples {
         let ref_lp = reference_log_probs(model, ex, cfg, name)?;
-        let lp = completion_log_probs(model, ex, FwdPath::Inference)?;
+        let lp = completion_log_probs(model, ex, FwdPath::Inference, Adapters::AsGated)?;
         let targets = Tensor::new(&ex.ids[ex.prompt_len..], model.device())?;
         let kl = loss::per_position_kl(&lp, &ref_lp, cfg.reg, FwdPath::Inference)?;
         let d = scalar(&loss::aggregate(&kl, cfg.agg)?)?;

@@ -15,7 +15,7 @@ use super::cache::KvCache;
 use super::config::{Activation, ModelConfig};
 use super::fused;
 use super::hook::{CapturePositions, Hooks};
-use super::lora::LoraLinear;
+use super::lora::{Adapters, LoraLinear};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::BTreeMap;
@@ -53,12 +53,14 @@ pub struct Forward<'a> {
     pub logits: LogitsAt,
     /// Numerical path.
     pub path: Path,
+    /// Which adapters take part (all at their gates, none, or all but one).
+    pub adapters: Adapters<'a>,
 }
 
 impl<'a> Forward<'a> {
     /// Plain inference with the given hooks, logits at every position.
     pub fn infer(hooks: &'a Hooks) -> Self {
-        Forward { hooks, pad: &[], logits: LogitsAt::All, path: Path::Inference }
+        Forward { hooks, pad: &[], logits: LogitsAt::All, path: Path::Inference, adapters: Adapters::AsGated }
     }
 }
 
@@ -428,7 +430,7 @@ impl Model {
             let (cos, sin, mask) =
                 if layer.sliding { (&cos_l, &sin_l, &mask_l) } else { (&cos_g, &sin_g, &mask_g) };
             let kv = cache.as_mut().map(|c| (&mut **c, li));
-            xs = self.block_forward(layer, &xs, cos, sin, mask.as_ref(), kv, f.path)?;
+            xs = self.block_forward(layer, &xs, cos, sin, mask.as_ref(), kv, f.path, f.adapters)?;
             if hooked {
                 xs = apply_hooks(li, xs, f.hooks, offset, &mut hidden)?;
             }
@@ -481,40 +483,41 @@ impl Model {
         mask: Option<&Tensor>,
         kv: Option<(&mut KvCache, usize)>,
         path: Path,
+        sel: Adapters,
     ) -> Result<Tensor> {
         let residual = xs;
         let h = layer.input_layernorm.forward(xs, path)?;
-        let h = self.attention(&layer.attn, &h, cos, sin, mask, kv, path)?;
+        let h = self.attention(&layer.attn, &h, cos, sin, mask, kv, path, sel)?;
         let xs = if let Some(post_ff) = &layer.post_feedforward_layernorm {
             let h = layer.post_attention_layernorm.forward(&h, path)?;
             let xs = (residual + h)?;
             let pre = layer.pre_feedforward_layernorm.as_ref().ok_or_else(|| Error::invalid("gemma norm"))?;
-            let m = self.mlp(&layer.mlp, &pre.forward(&xs, path)?, path)?;
+            let m = self.mlp(&layer.mlp, &pre.forward(&xs, path)?, path, sel)?;
             (xs + post_ff.forward(&m, path)?)?
         } else {
             let xs = (residual + h)?;
-            let m = self.mlp(&layer.mlp, &layer.post_attention_layernorm.forward(&xs, path)?, path)?;
+            let m = self.mlp(&layer.mlp, &layer.post_attention_layernorm.forward(&xs, path)?, path, sel)?;
             (xs + m)?
         };
         Ok(xs)
     }
 
-    fn mlp(&self, mlp: &Mlp, xs: &Tensor, path: Path) -> Result<Tensor> {
-        let g = mlp.gate_proj.forward(xs)?;
+    fn mlp(&self, mlp: &Mlp, xs: &Tensor, path: Path, sel: Adapters) -> Result<Tensor> {
+        let g = mlp.gate_proj.forward_with(xs, sel)?;
         if path == Path::Training && fused::applies(&g) {
             let act = match self.cfg.activation {
                 Activation::Silu => fused::GluActivation::Silu,
                 Activation::GeluTanh => fused::GluActivation::GeluTanh,
             };
-            let u = mlp.up_proj.forward(xs)?;
-            return Ok(mlp.down_proj.forward(&fused::glu(&g, &u, act)?)?);
+            let u = mlp.up_proj.forward_with(xs, sel)?;
+            return Ok(mlp.down_proj.forward_with(&fused::glu(&g, &u, act)?, sel)?);
         }
         let g = match self.cfg.activation {
             Activation::Silu => g.silu()?,
             Activation::GeluTanh => g.gelu()?,
         };
-        let u = mlp.up_proj.forward(xs)?;
-        Ok(mlp.down_proj.forward(&(g * u)?)?)
+        let u = mlp.up_proj.forward_with(xs, sel)?;
+        Ok(mlp.down_proj.forward_with(&(g * u)?, sel)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -527,14 +530,15 @@ impl Model {
         mask: Option<&Tensor>,
         kv: Option<(&mut KvCache, usize)>,
         path: Path,
+        sel: Adapters,
     ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let nh = self.cfg.num_attention_heads;
         let nkv = self.cfg.num_key_value_heads;
         let hd = self.cfg.head_dim;
-        let q = at.q_proj.forward(xs)?.reshape((b, t, nh, hd))?;
-        let k = at.k_proj.forward(xs)?.reshape((b, t, nkv, hd))?;
-        let v = at.v_proj.forward(xs)?.reshape((b, t, nkv, hd))?;
+        let q = at.q_proj.forward_with(xs, sel)?.reshape((b, t, nh, hd))?;
+        let k = at.k_proj.forward_with(xs, sel)?.reshape((b, t, nkv, hd))?;
+        let v = at.v_proj.forward_with(xs, sel)?.reshape((b, t, nkv, hd))?;
         let q = match &at.q_norm {
             Some(n) => n.forward(&q, path)?,
             None => q,
@@ -560,7 +564,7 @@ impl Model {
         let probs = self.attention_probs(&raw, mask, path)?;
         let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(at.o_proj.forward(&out)?)
+        Ok(at.o_proj.forward_with(&out, sel)?)
     }
 
     /// Attention probabilities from raw scores `q·kᵀ` `[b, nh, t, s]`: scale, soft-capping, mask, softmax.

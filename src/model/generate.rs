@@ -190,7 +190,13 @@ impl<'m> Decoder<'m> {
         let ids = Tensor::from_vec(ids, (b, t), model.device())?;
         let mut cache = model.new_cache();
         let pad_arg: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad.clone() } else { vec![] };
-        let f = Forward { hooks, pad: &pad_arg, logits: LogitsAt::Last, path: Path::Inference };
+        let f = Forward {
+            hooks,
+            pad: &pad_arg,
+            logits: LogitsAt::Last,
+            path: Path::Inference,
+            adapters: crate::model::Adapters::AsGated,
+        };
         let out = model.forward(&ids, Some(&mut cache), &f)?;
         let last_logits = rows_f32(out.logits.as_ref())?;
         Ok(Decoder { model, cache, pad: pad_arg, last_logits })
@@ -200,7 +206,13 @@ impl<'m> Decoder<'m> {
     pub fn step(&mut self, next: &[u32], hooks: &Hooks) -> Result<()> {
         let b = next.len();
         let ids = Tensor::from_vec(next.to_vec(), (b, 1), self.model.device())?;
-        let f = Forward { hooks, pad: &self.pad, logits: LogitsAt::Last, path: Path::Inference };
+        let f = Forward {
+            hooks,
+            pad: &self.pad,
+            logits: LogitsAt::Last,
+            path: Path::Inference,
+            adapters: crate::model::Adapters::AsGated,
+        };
         let out = self.model.forward(&ids, Some(&mut self.cache), &f)?;
         self.last_logits = rows_f32(out.logits.as_ref())?;
         Ok(())

@@ -27,6 +27,30 @@ impl Adapter {
     }
 }
 
+/// Which LoRA adapters a forward pass applies. A value passed with the pass, like the hooks, never a change to the
+/// model's gates: a reference pass and a training pass can then share one model (and one GPU) safely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Adapters<'a> {
+    /// Every adapter at its gate: the model as it is.
+    #[default]
+    AsGated,
+    /// None: the pristine base.
+    Base,
+    /// Every adapter at its gate but the one with this name: the KL reference of a round being healed.
+    Without(&'a str),
+}
+
+impl Adapters<'_> {
+    /// Whether `ad` takes part in the pass.
+    pub fn applies(&self, ad: &Adapter) -> bool {
+        match self {
+            Adapters::AsGated => true,
+            Adapters::Base => false,
+            Adapters::Without(name) => ad.name != *name,
+        }
+    }
+}
+
 /// A linear projection `y = x Wᵀ (+ bias) + Σ adapters`.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
@@ -54,8 +78,13 @@ impl LoraLinear {
         self.weight.dims()[1]
     }
 
-    /// Apply to `x` of shape `[..., d_in]`.
+    /// Apply to `x` of shape `[..., d_in]`, every adapter at its gate.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Adapters::AsGated)
+    }
+
+    /// Apply to `x` of shape `[..., d_in]` with the adapters `sel` picks (each at its gate).
+    pub fn forward_with(&self, x: &Tensor, sel: Adapters) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -65,7 +94,7 @@ impl LoraLinear {
             y = y.broadcast_add(b)?;
         }
         for ad in &self.adapters {
-            if ad.gate == 0.0 {
+            if ad.gate == 0.0 || !sel.applies(ad) {
                 continue;
             }
             // Scale the rank-r product, not the d_out-wide one: one small pass instead of a wide one each way.

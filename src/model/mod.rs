@@ -24,7 +24,7 @@ pub use decoder::{Forward, LogitsAt, Model, Output, Path};
 pub use device::{Compute, DeviceChoice};
 pub use hook::{Capture, CapturePositions, Hooks, Steer};
 pub use load::{load_model, LoadedModel, ModelInfo};
-pub use lora::{Adapter, LoraLinear};
+pub use lora::{Adapter, Adapters, LoraLinear};
 /// Training kernels with their own backward pass (the `steer-heal-kernels` crate).
 pub use steer_heal_kernels as fused;
 pub use tokenizer::TextTokenizer;

@@ -18,7 +18,7 @@ use crate::eval::{
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::heal::{self, gate as hgate, HealConfig, HealStatus, HistoryEntry, RunOptions};
 use crate::model::generate::Sampling;
-use crate::model::{Compute, Hooks, LoadedModel};
+use crate::model::{Adapters, Compute, Hooks, LoadedModel};
 use crate::progress::Progress;
 use crate::score::{self, Detectors, FilterThresholds, ScoredCompletion, Verdict};
 use crate::session::manifest::GenerationSettings;
@@ -327,7 +327,7 @@ pub fn vector_cosine(a: &BTreeMap<usize, Tensor>, b: &BTreeMap<usize, Tensor>) -
 /// Student shift: mean hidden state of the student (adapters at their gates) minus the pristine base (every
 /// gate 0) on the extraction contexts under the neutral system prompt, at the vector's layers.
 pub fn student_shift(
-    lm: &mut LoadedModel,
+    lm: &LoadedModel,
     persona: &Persona,
     layers: &[usize],
     n: Option<usize>,
@@ -337,11 +337,8 @@ pub fn student_shift(
         .iter()
         .map(|c| lm.chat.prompt(Some(&persona.spec.neutral_system), c))
         .collect::<Result<_>>()?;
-    let student = steer::extract::mean_last_token_residuals(lm, &texts, layers, 8)?;
-    let saved = heal::adapter::zero_all_gates(&mut lm.model);
-    let base = steer::extract::mean_last_token_residuals(lm, &texts, layers, 8);
-    heal::adapter::restore_gates(&mut lm.model, &saved);
-    let base = base?;
+    let student = steer::extract::mean_last_token_residuals(lm, &texts, layers, 8, Adapters::AsGated)?;
+    let base = steer::extract::mean_last_token_residuals(lm, &texts, layers, 8, Adapters::Base)?;
     student
         .into_iter()
         .map(|(l, s)| Ok((l, (s - base.get(&l).ok_or_else(|| Error::invalid("capture bookkeeping"))?)?)))

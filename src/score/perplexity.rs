@@ -72,7 +72,13 @@ pub fn teacher_force(
         None => Hooks::none(),
     };
     let x = Tensor::new(ids.as_slice(), lm.model.device())?.unsqueeze(0)?;
-    let f = Forward { hooks: &hooks, pad: &[], logits: LogitsAt::All, path: Path::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::All,
+        path: Path::Inference,
+        adapters: crate::model::Adapters::AsGated,
+    };
     let out = lm.model.forward(&x, None, &f)?;
     let logits = out.logits.ok_or_else(|| Error::invalid("forward returned no logits"))?;
     // Logits at position i predict token i + 1: completion token j is predicted at np - 1 + j.

@@ -317,7 +317,13 @@ pub fn teacher_forced_kl(
     let pad_arg: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad.clone() } else { vec![] };
     let ids = Tensor::from_vec(flat, (2, t), lm.model.device())?;
     let hooks = steering.hooks(&[coeff as f32, 0.0]);
-    let f = Forward { hooks: &hooks, pad: &pad_arg, logits: LogitsAt::All, path: Path::Inference };
+    let f = Forward {
+        hooks: &hooks,
+        pad: &pad_arg,
+        logits: LogitsAt::All,
+        path: Path::Inference,
+        adapters: crate::model::Adapters::AsGated,
+    };
     let logits = lm
         .model
         .forward(&ids, None, &f)?

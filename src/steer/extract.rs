@@ -9,7 +9,7 @@ use super::vector::{
 };
 use crate::error::{Error, Result};
 use crate::model::generate::left_pad;
-use crate::model::{CapturePositions, Forward, Hooks, LoadedModel, LogitsAt, Path};
+use crate::model::{Adapters, CapturePositions, Forward, Hooks, LoadedModel, LogitsAt, Path};
 use crate::progress::Progress;
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
@@ -56,6 +56,7 @@ fn sum_last_token_residuals(
     batch_size: usize,
     tally: &mut Tally,
     label: &str,
+    sel: Adapters,
 ) -> Result<BTreeMap<usize, Tensor>> {
     let h = lm.model.cfg.hidden_size;
     let mut sums: BTreeMap<usize, Tensor> = BTreeMap::new();
@@ -74,7 +75,13 @@ fn sum_last_token_residuals(
         let (flat, t, pad) = left_pad(&ids, lm.tokenizer.pad_id);
         let x = Tensor::from_vec(flat, (chunk.len(), t), lm.model.device())?;
         let pad_arg: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad } else { vec![] };
-        let f = Forward { hooks: &hooks, pad: &pad_arg, logits: LogitsAt::None, path: Path::Inference };
+        let f = Forward {
+            hooks: &hooks,
+            pad: &pad_arg,
+            logits: LogitsAt::None,
+            path: Path::Inference,
+            adapters: sel,
+        };
         let out = lm.model.forward(&x, None, &f)?;
         for l in layers {
             let got = out
@@ -93,18 +100,19 @@ fn sum_last_token_residuals(
     Ok(sums)
 }
 
-/// Mean residual after each layer at the last token of each text (batched with left padding; f32, CPU) — the
-/// read extraction uses, shared with the rounds loop's student-shift measurement.
+/// Mean residual after each layer at the last token of each text (batched with left padding; f32, CPU), with the
+/// adapters `sel` picks — the read extraction uses, shared with the rounds loop's student-shift measurement.
 pub fn mean_last_token_residuals(
     lm: &LoadedModel,
     texts: &[String],
     layers: &[usize],
     batch_size: usize,
+    sel: Adapters,
 ) -> Result<BTreeMap<usize, Tensor>> {
     let mut silent = crate::progress::Silent::default();
     let total = texts.len().div_ceil(batch_size.max(1)) as u64;
     let mut tally = Tally { progress: &mut silent, done: 0, total };
-    let sums = sum_last_token_residuals(lm, texts, layers, batch_size, &mut tally, "residuals")?;
+    let sums = sum_last_token_residuals(lm, texts, layers, batch_size, &mut tally, "residuals", sel)?;
     let n = texts.len().max(1) as f64;
     sums.into_iter().map(|(l, s)| Ok((l, (s / n)?))).collect()
 }
@@ -144,8 +152,11 @@ pub fn extract_mean_diff(
     let mut layers = cfg.layers.clone();
     layers.sort();
     layers.dedup();
-    let sp = sum_last_token_residuals(lm, &pos, &layers, bs, &mut tally, "positive persona")?;
-    let sn = sum_last_token_residuals(lm, &neg, &layers, bs, &mut tally, "negative persona")?;
+    // The model as it is: a later round's vector is read from the student that carries the kept rounds.
+    let sp =
+        sum_last_token_residuals(lm, &pos, &layers, bs, &mut tally, "positive persona", Adapters::AsGated)?;
+    let sn =
+        sum_last_token_residuals(lm, &neg, &layers, bs, &mut tally, "negative persona", Adapters::AsGated)?;
     let mut directions = BTreeMap::new();
     for l in &layers {
         let (p, q) = match (sp.get(l), sn.get(l)) {

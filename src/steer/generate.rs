@@ -201,7 +201,13 @@ impl Run<'_> {
         let pad: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad } else { vec![] };
         let mut cache = KvCache::new(lm.model.cfg.num_hidden_layers);
         let ids = Tensor::from_vec(flat, (2 * n, t), lm.model.device())?;
-        let f = Forward { hooks: &hooks, pad: &pad, logits: LogitsAt::Last, path: Path::Inference };
+        let f = Forward {
+            hooks: &hooks,
+            pad: &pad,
+            logits: LogitsAt::Last,
+            path: Path::Inference,
+            adapters: crate::model::Adapters::AsGated,
+        };
         let (mut logits, mut kl) = split_step(lm.model.forward(&ids, Some(&mut cache), &f)?, n)?;
         let mut active = vec![true; n];
         let total = lanes.len() as u64;
