@@ -96,3 +96,13 @@ interop: fetch-model
     $bin export-gguf --vector $w/vector/vector.safetensors --out $w/vector/control.gguf
     $py scripts/interop.py --bin $bin --hf $dirs --gguf {{model}} --vector $w/vector/vector.safetensors \
       --cv $w/vector/control.gguf
+
+# The binary with CUDA (`--features cuda`), built without a GPU: a CUDA 13.0 toolkit from NVIDIA's PyPI wheels
+# (scripts/cuda-toolkit.sh says what each piece is for) into .cuda/, then target/cuda/release/steer-heal.
+build-cuda:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo fetch --locked
+    eval "$(bash scripts/cuda-toolkit.sh .cuda)"
+    cargo build --release --locked --features cuda --target-dir target/cuda
+    ls -la target/cuda/release/steer-heal

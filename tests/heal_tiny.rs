@@ -831,8 +831,7 @@ fn teacher_persona_gain_is_measured_under_the_base_with_the_gates_restored() {
     // The persona prompt equal to the neutral one gains nothing; a different one moves the log-probs.
     let same = heal::gate::teacher_heat(&lm, &spec(&c.system), &c).expect("heat").expect("texts");
     assert_eq!(same.persona_gain, Some(0.0));
-    let pirate =
-        heal::gate::teacher_heat(&lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
+    let pirate = heal::gate::teacher_heat(&lm, &spec("You are a pirate."), &c).expect("heat").expect("texts");
     let gain = pirate.persona_gain.expect("gain");
     assert!(gain.is_finite() && gain != 0.0, "{gain}");
     assert_eq!(adapter::gates(&lm.model), gates, "gates restored");

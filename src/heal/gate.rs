@@ -311,12 +311,7 @@ fn score_under_base(
 /// Per-token KL(student ‖ base) of a completion after the neutral prompt, nats: the student is the model as it is
 /// (adapters at their gates), the base has every gate at 0 (restored afterwards). One value per completion token,
 /// for the heal screen's heat map.
-pub fn token_kl_to_base(
-    lm: &LoadedModel,
-    system: &str,
-    prompt: &str,
-    tokens: &[u32],
-) -> Result<Vec<f32>> {
+pub fn token_kl_to_base(lm: &LoadedModel, system: &str, prompt: &str, tokens: &[u32]) -> Result<Vec<f32>> {
     if tokens.is_empty() {
         return Ok(Vec::new());
     }

@@ -86,7 +86,15 @@ impl Compute {
                         "--device cuda:{n}: this steer-heal was built without CUDA (build with `--features cuda`)"
                     )));
                 }
-                Device::new_cuda(n).map_err(|e| Error::invalid(format!("--device cuda:{n}: {e}")))
+                // candle's error may carry a backtrace (RUST_BACKTRACE): the message is its first line.
+                Device::new_cuda(n).map_err(|e| {
+                    let e = e.to_string();
+                    Error::invalid(format!(
+                        "--device cuda:{n}: no usable CUDA device ({}); is the NVIDIA driver installed and the GPU \
+                         visible?",
+                        e.lines().next().unwrap_or("unknown error")
+                    ))
+                })
             }
         }
     }
