@@ -339,6 +339,40 @@ fn checkpoint_crash_resume_equals_an_uninterrupted_run() {
     assert_eq!((log_e.status, log_e.resumed_from), (HealStatus::Completed, Some(8)));
 }
 
+/// A bf16 base (the GPU default) trains an f32 adapter: its A updates of lr 1e-4 (far below bf16's resolution at
+/// A's size) survive, and follow the f32 run's.
+#[test]
+fn a_bf16_base_trains_an_f32_adapter_whose_small_updates_survive() {
+    let (dir, _lm) = tiny_model(Arch::Llama, 7);
+    let cfg = HealConfig { lr: 1e-4, epochs: 1, warmup_ratio: 0.0, ..quick_cfg() };
+    let trained = |dtype: DType, steps: Option<usize>| {
+        let mut lm = load_model(dir.path(), Some(dtype), &Device::Cpu).expect("load");
+        let data = dataset(&lm, 3, 96);
+        let out = tempfile::tempdir().expect("out");
+        let opts = RunOptions { stop_after_steps: steps, fresh: true, ..RunOptions::default() };
+        run(&mut lm, &data, &cfg, out.path(), &opts);
+        adapter_tensors(&lm, &cfg.adapter_name())
+    };
+    let init = trained(DType::F32, Some(0));
+    let f32_run = trained(DType::F32, None);
+    let bf16_run = trained(DType::BF16, None);
+    // Adam's first steps are about ±lr per element, so compare the updates' direction, not element by element.
+    let (mut moved, mut n, mut dot, mut nf, mut nb) = (0usize, 0usize, 0f64, 0f64, 0f64);
+    for (k, a0) in init.iter().filter(|(k, _)| k.ends_with(".A")) {
+        for ((x0, xf), xb) in a0.iter().zip(&f32_run[k]).zip(&bf16_run[k]) {
+            let (df, db) = ((xf - x0) as f64, (xb - x0) as f64);
+            moved += usize::from(db != 0.0);
+            n += 1;
+            dot += df * db;
+            nf += df * df;
+            nb += db * db;
+        }
+    }
+    let cos = dot / (nf.sqrt() * nb.sqrt()).max(1e-30);
+    assert!(moved as f64 > 0.9 * n as f64, "only {moved} of {n} A entries moved on the bf16 base");
+    assert!(cos > 0.5, "the bf16 run's A update points elsewhere than the f32 run's (cosine {cos:.3})");
+}
+
 /// Killed before its first checkpoint: the rerun starts over, and its log holds each step once.
 #[test]
 fn a_crash_before_the_first_checkpoint_leaves_no_duplicate_steps() {

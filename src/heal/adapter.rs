@@ -272,7 +272,8 @@ impl TrainableLora {
     ) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
         let dev = model.device().clone();
-        let dtype = model.dtype();
+        // f32 whatever the base's dtype: a bf16 A/B would lose most AdamW updates of lr 1e-4 to rounding.
+        let dtype = DType::F32;
         let mut vars = BTreeMap::new();
         for &layer in layers {
             for proj in PROJECTIONS.iter().filter(|p| targets.iter().any(|t| t == *p)) {

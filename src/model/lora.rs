@@ -97,9 +97,13 @@ impl LoraLinear {
             if ad.gate == 0.0 || !sel.applies(ad) {
                 continue;
             }
-            // Scale the rank-r product, not the d_out-wide one: one small pass instead of a wide one each way.
-            let low = (x2.matmul(&ad.a.t()?)? * (ad.gate * ad.scale))?;
-            y = (y + low.matmul(&ad.b.t()?)?)?;
+            // Scale the rank-r product, not the d_out-wide one: one small pass instead of a wide one each way. The
+            // adapter may be f32 over a bf16 base (its trained copy): it runs in its own dtype, then joins y's.
+            let xa = if x2.dtype() == ad.a.dtype() { x2.clone() } else { x2.to_dtype(ad.a.dtype())? };
+            let low = (xa.matmul(&ad.a.t()?)? * (ad.gate * ad.scale))?;
+            let up = low.matmul(&ad.b.t()?)?;
+            let up = if up.dtype() == y.dtype() { up } else { up.to_dtype(y.dtype())? };
+            y = (y + up)?;
         }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
@@ -112,7 +116,7 @@ impl LoraLinear {
         let mut w = self.weight.clone();
         for ad in &self.adapters {
             if ad.gate != 0.0 {
-                w = (w + ad.delta_weight()?.detach())?;
+                w = (w + ad.delta_weight()?.detach().to_dtype(self.weight.dtype())?)?;
             }
         }
         self.weight = w;
