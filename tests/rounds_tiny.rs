@@ -733,3 +733,38 @@ fn the_researchers_gate_q0_decisions_are_what_heal_trains_on_and_gate_q1_keeps_o
         .iter()
         .any(|e| matches!(e, SessionEvent::GateWritten { round: 1, gate: Gate::Q0, passed: true, .. })));
 }
+
+/// The GPU's default dtype on the CPU: a whole headless round with bf16 weights (extract, dose, generate, heal
+/// with its f32 adapter, bake, eval) through the non-fused paths a GPU takes.
+#[test]
+fn a_whole_round_runs_with_bf16_weights() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let model = d.path().join("tiny");
+    make_tiny_model(Arch::Llama, &model, 3).expect("tiny");
+    let session = d.path().join("s");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steer-heal"))
+        .args(["--dtype", "bf16", "run", "--session"])
+        .arg(&session)
+        .arg("--model")
+        .arg(&model)
+        .args([
+            "--rounds",
+            "1",
+            "--floor",
+            "0",
+            "--n-prompts",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--extract-pairs",
+            "4",
+        ])
+        .args(["--eval-n", "2", "--think", "4", "--json-probe-tokens", "8", "--max-ppl", "1e30"])
+        .args(["--max-repetition", "1.01"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (points, lineage) = read_status(&session).expect("status");
+    assert_eq!(lineage.chain, vec![1], "round 1 healed and kept");
+    assert!(points.iter().all(|p| p.authority.is_finite()), "{points:?}");
+}
