@@ -97,8 +97,8 @@ interop: fetch-model
     $py scripts/interop.py --bin $bin --hf $dirs --gguf {{model}} --vector $w/vector/vector.safetensors \
       --cv $w/vector/control.gguf
 
-# The binary with CUDA (`--features cuda`), built without a GPU: a CUDA 13.0 toolkit from NVIDIA's PyPI wheels
-# (scripts/cuda-toolkit.sh says what each piece is for) into .cuda/, then target/cuda/release/steer-heal.
+# A CUDA 13.0 toolkit from NVIDIA's PyPI wheels into .cuda/ (scripts/cuda-toolkit.sh says what each piece is for).
+# The binary with CUDA (`--features cuda`), built without a GPU: target/cuda/release/steer-heal.
 build-cuda:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -107,8 +107,8 @@ build-cuda:
     cargo build --release --locked --features cuda --target-dir target/cuda
     ls -la target/cuda/release/steer-heal
 
-# Type-check the `cuda` build (all targets) with the same wheel toolkit, without linking a binary. `.ci/run` runs it
-# when STEER_HEAL_CI_CUDA=1 (off by default: a cold check here had not finished after 18 minutes, in candle's kernels).
+# `.ci/run` runs it when STEER_HEAL_CI_CUDA=1 (off by default: a cold check here had not finished after 18 minutes).
+# Type-check the `cuda` build (all targets) with the same wheel toolkit, without linking a binary.
 check-cuda:
     #!/usr/bin/env bash
     set -euo pipefail
