@@ -9,12 +9,11 @@ fn main() -> ExitCode {
     steer_heal::model::cpu::configure();
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<cli::Exit>().is_some() => {
-            let code = e.downcast_ref::<cli::Exit>().map(|x| x.code).unwrap_or(1);
-            eprintln!("steer-heal: {e}");
-            ExitCode::from(code)
-        }
         Err(e) => {
+            if let Some(exit) = e.downcast_ref::<cli::Exit>() {
+                eprintln!("steer-heal: {exit}");
+                return ExitCode::from(exit.code);
+            }
             // One line a researcher can act on: the outermost context plus its causes.
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {

@@ -1,6 +1,8 @@
 //! Value parsers for numeric flags: Rust's float parser accepts `NaN` and `inf`, which no flag means; ranges a
 //! flag needs beyond finiteness are checked where the value is used (the library's config validation), so the
-//! TUI and session files get the same checks.
+//! TUI and session files get the same checks. The sampling bounds are `Sampling`'s own.
+
+use steer_heal::model::generate::Sampling;
 
 /// A finite f64 (`NaN`, `inf` and `-inf` are refused).
 pub fn finite_f64(s: &str) -> Result<f64, String> {
@@ -15,7 +17,7 @@ pub fn finite_f64(s: &str) -> Result<f64, String> {
 /// A finite f64 ≥ 0 (a temperature).
 pub fn non_negative_f64(s: &str) -> Result<f64, String> {
     let v = finite_f64(s)?;
-    if v < 0.0 {
+    if !Sampling::valid_temperature(v) {
         return Err("must be ≥ 0".into());
     }
     Ok(v)
@@ -24,7 +26,7 @@ pub fn non_negative_f64(s: &str) -> Result<f64, String> {
 /// A probability mass in (0, 1] (top-p).
 pub fn mass(s: &str) -> Result<f64, String> {
     let v = finite_f64(s)?;
-    if !(v > 0.0 && v <= 1.0) {
+    if !Sampling::valid_top_p(v) {
         return Err("must be in (0, 1]".into());
     }
     Ok(v)

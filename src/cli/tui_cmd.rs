@@ -120,11 +120,10 @@ fn tui(
         steer_heal::tui::terminal::run(state, worker, rx).await
     })?;
     // The terminal is restored and the worker has finished writing: say how it ended.
-    if let Some(n) = outcome.signal {
-        let name = if n == 1 { "SIGHUP" } else { "SIGTERM" };
+    if let Some(sig) = outcome.signal {
         return Err(super::Exit {
-            code: 128 + n as u8,
-            message: format!("stopped by {name}; what was saved is kept"),
+            code: 128 + sig.number(),
+            message: format!("stopped by {}; what was saved is kept", sig.name()),
         }
         .into());
     }

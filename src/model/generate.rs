@@ -28,19 +28,27 @@ impl Sampling {
     /// Refuse settings that would sample nonsense: a NaN or negative temperature, a nucleus mass outside
     /// (0, 1], no tokens to generate.
     pub fn validate(&self) -> Result<()> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
+        if !Self::valid_temperature(self.temperature) {
             return Err(Error::invalid(format!(
                 "temperature {} must be a finite number ≥ 0 (0 = greedy)",
                 self.temperature
             )));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if !Self::valid_top_p(self.top_p) {
             return Err(Error::invalid(format!("top-p {} must be in (0, 1] (1 = off)", self.top_p)));
         }
         if self.max_new_tokens == 0 {
             return Err(Error::invalid("max new tokens must be at least 1"));
         }
         Ok(())
+    }
+    /// A temperature sampling can use: finite and ≥ 0 (0 = greedy).
+    pub fn valid_temperature(t: f64) -> bool {
+        t.is_finite() && t >= 0.0
+    }
+    /// A nucleus mass sampling can use: in (0, 1] (1 = off).
+    pub fn valid_top_p(p: f64) -> bool {
+        p > 0.0 && p <= 1.0
     }
     /// Greedy decoding of at most `n` tokens.
     pub fn greedy(n: usize) -> Self {

@@ -786,7 +786,7 @@ impl<'a> Runner<'a> {
         let steering = Steering::new(v, &lm.model)?;
         let g = self.manifest.generation.clone();
         let gen = steer::GenConfig {
-            sampling: sampling(&g),
+            sampling: g.sampling(),
             window: g.kl_window.max(1),
             ..steer::GenConfig::new(g.max_new_tokens)
         };
@@ -1201,17 +1201,6 @@ pub fn fork(o: &mut session::Opened, from_round: u32, branch: &str) -> Result<()
     let l = o.session.append(SessionEvent::Fork { from_round, branch: branch.into() })?;
     session::state::apply(&mut o.state, &l.event);
     Ok(())
-}
-
-/// The sampling of a session's generation settings.
-pub fn sampling(g: &GenerationSettings) -> Sampling {
-    Sampling {
-        temperature: g.temperature,
-        top_p: g.top_p,
-        top_k: g.top_k,
-        seed: g.seed,
-        max_new_tokens: g.max_new_tokens,
-    }
 }
 
 fn points(layout: &SessionDir, lin: &Lineage) -> Result<Vec<RoundPoint>> {

@@ -24,6 +24,17 @@ pub enum DecisionKind {
     Undo,
 }
 
+impl DecisionKind {
+    /// Its name, as logged.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecisionKind::Accept => "accept",
+            DecisionKind::Reject => "reject",
+            DecisionKind::Undo => "undo",
+        }
+    }
+}
+
 /// A stage of a round, in the order a round runs them (`Controls` only when the session asks for control arms).
 /// On disk (`stage_done` events) each is its snake_case name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -584,6 +595,14 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, ["a", "c"]);
+        Ok(())
+    }
+
+    #[test]
+    fn decision_names_are_the_logged_ones() -> Result<()> {
+        for d in [DecisionKind::Accept, DecisionKind::Reject, DecisionKind::Undo] {
+            assert_eq!(serde_json::to_value(d).map_err(Error::invalid)?, d.name());
+        }
         Ok(())
     }
 

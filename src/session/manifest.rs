@@ -45,6 +45,19 @@ pub struct GenerationSettings {
     pub kl_window: usize,
 }
 
+impl GenerationSettings {
+    /// The sampling these settings ask for.
+    pub fn sampling(&self) -> crate::model::generate::Sampling {
+        crate::model::generate::Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
+}
+
 impl Default for GenerationSettings {
     fn default() -> Self {
         GenerationSettings {
@@ -204,11 +217,9 @@ impl SessionManifest {
         if g.samples_per_alpha == 0 || g.max_new_tokens == 0 {
             return bad("generation.samples_per_alpha and max_new_tokens must be at least 1".into());
         }
-        if !(g.top_p > 0.0 && g.top_p <= 1.0 && g.temperature.is_finite()) || g.temperature < 0.0 {
-            return bad(format!(
-                "generation.top_p ({}) must be in (0, 1] and generation.temperature ({}) a finite number ≥ 0",
-                g.top_p, g.temperature
-            ));
+        // The one set of sampling rules, the same the CLI and the generators check.
+        if let Err(e) = g.sampling().validate() {
+            return bad(format!("generation: {e}"));
         }
         let t = &self.filter.thresholds;
         if t.tail_fraction.is_nan() || t.tail_fraction <= 0.0 || t.tail_fraction > 1.0 {

@@ -24,8 +24,8 @@ pub enum Input {
     Resize,
     /// The terminal went away (read error): quit as if the user pressed quit.
     Terminate,
-    /// SIGTERM / SIGHUP (its number): quit as if the user pressed quit, and exit with 128 + the signal.
-    Signal(i32),
+    /// SIGTERM / SIGHUP: quit as if the user pressed quit, and exit with 128 + the signal.
+    Signal(super::app::StopSignal),
 }
 
 /// A crossterm key event as a keymap chord (`None` for releases and keys we do not bind).
@@ -246,8 +246,8 @@ pub async fn run(
             return;
         };
         let n = tokio::select! {
-            _ = term.recv() => 15,
-            _ = hup.recv() => 1,
+            _ = term.recv() => super::app::StopSignal::Term,
+            _ = hup.recv() => super::app::StopSignal::Hup,
         };
         let _ = in_tx.send(Input::Signal(n));
     });

@@ -330,11 +330,37 @@ impl Screens {
     }
 }
 
+/// A signal that ends the TUI as a quit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGTERM.
+    Term,
+    /// SIGHUP (the terminal went away).
+    Hup,
+}
+
+impl StopSignal {
+    /// Its number (the exit status is 128 + it).
+    pub fn number(self) -> u8 {
+        match self {
+            StopSignal::Term => 15,
+            StopSignal::Hup => 1,
+        }
+    }
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Term => "SIGTERM",
+            StopSignal::Hup => "SIGHUP",
+        }
+    }
+}
+
 /// How a TUI session ended: anything but a clean quit with everything saved is a failure exit.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Outcome {
-    /// Ended by this signal (exit 128 + signal).
-    pub signal: Option<i32>,
+    /// Ended by this signal (exit 128 + its number).
+    pub signal: Option<StopSignal>,
     /// The model never loaded: why.
     pub model_failed: Option<String>,
     /// Changes the disk refused (taken back off the screen when they failed).
@@ -417,8 +443,8 @@ pub struct State {
     pub layout: SessionDir,
     /// Heal steps streamed by the running rounds job (the heal screen's live chart).
     pub heal_training: Option<iterate::HealTraining>,
-    /// The signal (SIGTERM, SIGHUP) that ended the session, for the exit status.
-    pub signal: Option<i32>,
+    /// The signal that ended the session, for the exit status.
+    pub signal: Option<StopSignal>,
     /// Appends that failed (each was taken back off the screen), for the exit status.
     pub not_saved: usize,
     /// Events shown on screen but not yet confirmed on disk, by the job appending them. When one fails the
@@ -667,7 +693,7 @@ impl State {
     }
 
     fn sampling(&self) -> Sampling {
-        crate::rounds::sampling(&self.manifest.generation)
+        self.manifest.generation.sampling()
     }
 
     fn generate_request(&self, prompt_index: usize, custom_index: usize, prompt: String) -> GenerateRequest {
@@ -1563,16 +1589,10 @@ fn on_refolded(s: &mut State, id: JobId, state: SessionState, round: u32, rows: 
 /// What an unsaved event meant, in the researcher's words.
 fn describe_unsaved(e: &SessionEvent) -> String {
     match e {
-        SessionEvent::Decision { completion, decision, .. } => {
-            let d = match decision {
-                DecisionKind::Accept => "accept",
-                DecisionKind::Reject => "reject",
-                DecisionKind::Undo => "undo",
-            };
-            format!(
-                "{d} {completion} (the list now shows what is on disk; decide again once the disk has room)"
-            )
-        }
+        SessionEvent::Decision { completion, decision, .. } => format!(
+            "{} {completion} (the list now shows what is on disk; decide again once the disk has room)",
+            decision.name()
+        ),
         SessionEvent::GateWritten { gate, .. } => format!("gate {} (write it again)", gate.name()),
         SessionEvent::ReplayAdopted { completion, .. } => format!("the adopted replay of {completion}"),
         SessionEvent::DoseChanged { dose, .. } => format!("dose {dose:.2}"),

@@ -1188,9 +1188,13 @@ fn warnings_stay_on_screen_and_the_outcome_says_how_it_ended() {
     }
     assert_eq!(s.outcome(), Outcome::default(), "a clean quit");
     s.model = ModelStatus::Failed("m.gguf: corrupt".into());
-    s.signal = Some(15);
+    s.signal = Some(StopSignal::Term);
     assert_eq!(
         s.outcome(),
-        Outcome { signal: Some(15), model_failed: Some("m.gguf: corrupt".into()), not_saved: 0 }
+        Outcome {
+            signal: Some(StopSignal::Term),
+            model_failed: Some("m.gguf: corrupt".into()),
+            not_saved: 0
+        }
     );
 }
