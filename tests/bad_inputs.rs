@@ -8,7 +8,7 @@ use candle_core::quantized::GgmlDType;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use steer_heal::session::layout::{StageOut, LOCK};
+use steer_heal::session::layout::LOCK;
 use steer_heal::session::SessionDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_steer-heal");
@@ -65,24 +65,8 @@ struct World {
 fn world() -> World {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().to_path_buf();
-    let model = root.join("tiny").display().to_string();
-    let vdir = root.join("vector").display().to_string();
-    ok(&["make-tiny-model", &model]);
-    ok(&["extract", "--model", &model, "--n-pairs", "4", "--out", &vdir]);
-    let vector = StageOut::new(Path::new(&vdir)).vector().display().to_string();
-    ok(&[
-        "dose",
-        "--model",
-        &model,
-        "--vector",
-        &vector,
-        "--n-prompts",
-        "2",
-        "--tokens",
-        "4",
-        "--out",
-        &vdir,
-    ]);
+    let (model, vector) = common::cli_tiny_model_and_vector(&root, true);
+    let (model, vector) = (model.display().to_string(), vector.display().to_string());
     World { _tmp: tmp, root, model, vector }
 }
 
@@ -254,33 +238,8 @@ fn damaged_session_files_are_refused_naming_the_file() {
     let w = world();
     let s = w.root.join("sessions").join("one");
     let sd = s.display().to_string();
-    ok(&[
-        "run",
-        "--session",
-        &sd,
-        "--model",
-        &w.model,
-        "--vector",
-        &w.vector,
-        "--rounds",
-        "1",
-        "--floor",
-        "0",
-        "--n-prompts",
-        "2",
-        "--max-new-tokens",
-        "8",
-        "--eval-n",
-        "2",
-        "--think",
-        "4",
-        "--json-probe-tokens",
-        "8",
-        "--max-ppl",
-        "1e30",
-        "--max-repetition",
-        "1.01",
-    ]);
+    ok(&[&["run", "--session", &sd, "--model", &w.model, "--vector", &w.vector], common::FAST_TINY_ROUND]
+        .concat());
     let layout = SessionDir::new(&s);
     let copy = |name: &str| -> PathBuf {
         let to = w.root.join("sessions").join(name);

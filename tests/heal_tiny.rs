@@ -77,6 +77,27 @@ fn logits(lm: &LoadedModel, ids: &[u32]) -> Tensor {
     lm.model.forward(&x, None, &Forward::infer(&hooks)).expect("forward").logits.expect("logits")
 }
 
+/// Run `heal` and crash right after optimiser step `step`: the step callback unwinds, so no clean-up runs.
+fn crash_after_step(lm: &mut LoadedModel, data: &heal::Dataset, cfg: &HealConfig, out: &Path, step: usize) {
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = heal::heal(
+            &mut lm.model,
+            &lm.info,
+            data,
+            cfg,
+            out,
+            &RunOptions::default(),
+            &mut Silent::default(),
+            &mut |r| {
+                if r.step == step {
+                    std::panic::resume_unwind(Box::new("simulated crash"));
+                }
+            },
+        );
+    }));
+    assert!(crashed.is_err());
+}
+
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).expect("same shape").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("f32")
 }
@@ -275,23 +296,7 @@ fn checkpoint_crash_resume_equals_an_uninterrupted_run() {
     // Crashed at step 5.
     let out_b = tempfile::tempdir().expect("out");
     let mut b = reload(dir.path());
-    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = heal::heal(
-            &mut b.model,
-            &b.info,
-            &data,
-            &cfg,
-            out_b.path(),
-            &RunOptions::default(),
-            &mut Silent::default(),
-            &mut |r| {
-                if r.step == 5 {
-                    std::panic::resume_unwind(Box::new("simulated crash"));
-                }
-            },
-        );
-    }));
-    assert!(crashed.is_err());
+    crash_after_step(&mut b, &data, &cfg, out_b.path(), 5);
     assert_eq!(train::read_step_log(&out_b.path().join("train/log.jsonl")).expect("log").len(), 5);
     // Resume in a fresh process image (fresh model).
     let mut c = reload(dir.path());
@@ -381,23 +386,7 @@ fn a_crash_before_the_first_checkpoint_leaves_no_duplicate_steps() {
     let mut b = reload(dir.path());
     let data = dataset(&b, 3, 96);
     let out = tempfile::tempdir().expect("out");
-    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = heal::heal(
-            &mut b.model,
-            &b.info,
-            &data,
-            &cfg,
-            out.path(),
-            &RunOptions::default(),
-            &mut Silent::default(),
-            &mut |r| {
-                if r.step == 2 {
-                    std::panic::resume_unwind(Box::new("simulated crash"));
-                }
-            },
-        );
-    }));
-    assert!(crashed.is_err());
+    crash_after_step(&mut b, &data, &cfg, out.path(), 2);
     let log_path = out.path().join("train/log.jsonl");
     assert_eq!(train::read_step_log(&log_path).expect("log").len(), 2);
     assert!(!out.path().join("train/checkpoint.safetensors").exists());

@@ -4,6 +4,8 @@
 //! researcher's gates, the run waits for gate Q0, heal trains on exactly the researcher's accepted completions
 //! (adopted replays in place of their originals), and the run waits again for the keep or drop at gate Q1.
 
+mod common;
+
 use candle_core::{DType, Device};
 use std::path::Path;
 use steer_heal::eval::{pick_samples, ControlArm, EvalReport, SAMPLES_PER_ROUND};
@@ -747,20 +749,8 @@ fn a_whole_round_runs_with_bf16_weights() {
         .arg(&session)
         .arg("--model")
         .arg(&model)
-        .args([
-            "--rounds",
-            "1",
-            "--floor",
-            "0",
-            "--n-prompts",
-            "2",
-            "--max-new-tokens",
-            "8",
-            "--extract-pairs",
-            "4",
-        ])
-        .args(["--eval-n", "2", "--think", "4", "--json-probe-tokens", "8", "--max-ppl", "1e30"])
-        .args(["--max-repetition", "1.01"])
+        .args(common::FAST_TINY_ROUND)
+        .args(["--extract-pairs", "4"])
         .output()
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -9,10 +9,11 @@
 //!
 //! Needs `tmux` (CI installs it). Set `STEER_HEAL_SKIP_TMUX=1` to skip on a machine without it.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use steer_heal::session::layout::StageOut;
 use steer_heal::session::{Session, SessionDir};
 use steer_heal::steer::{Completion, SteerVector};
 
@@ -117,11 +118,6 @@ fn decided(screen: &str, n: usize, of: usize) -> bool {
     screen.contains(&format!("decided {n}/{of}"))
 }
 
-fn run_ok(args: &[&std::ffi::OsStr]) {
-    let out = Command::new(BIN).args(args).output().expect("run steer-heal");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[test]
 fn a_steered_round_is_curated_healed_kept_and_the_next_round_comes_back_to_gate_q0() {
     if !tmux_available() {
@@ -129,32 +125,7 @@ fn a_steered_round_is_curated_healed_kept_and_the_next_round_comes_back_to_gate_
         return;
     }
     let d = tempfile::tempdir().expect("tempdir");
-    let model = d.path().join("tiny");
-    let vdir = d.path().join("vector");
-    run_ok(&["make-tiny-model".as_ref(), model.as_os_str()]);
-    run_ok(&[
-        "extract".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--n-pairs".as_ref(),
-        "4".as_ref(),
-        "--out".as_ref(),
-        vdir.as_os_str(),
-    ]);
-    let vector = StageOut::new(&vdir).vector();
-    run_ok(&[
-        "dose".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--vector".as_ref(),
-        vector.as_os_str(),
-        "--n-prompts".as_ref(),
-        "2".as_ref(),
-        "--tokens".as_ref(),
-        "4".as_ref(),
-        "--out".as_ref(),
-        vdir.as_os_str(),
-    ]);
+    let (model, vector) = common::cli_tiny_model_and_vector(d.path(), true);
     let c_star = SteerVector::load(&vector).expect("vector").calibrated().expect("dosed");
     let session = d.path().join("sessions").join("e2e");
     let config = d.path().join("config"); // no user keymap: the defaults apply
@@ -311,25 +282,11 @@ fn a_full_disk_during_curation_loses_no_decision_and_never_corrupts_the_log() {
     let probe = Command::new("unshare").args(["-m", "true"]).status();
     let nsenter = Command::new("nsenter").arg("--version").output();
     if !probe.is_ok_and(|s| s.success()) || !nsenter.is_ok_and(|o| o.status.success()) {
-        eprintln!(
-            "skipped: this machine cannot make a private mount namespace (unshare -m), so no small disk"
-        );
+        eprintln!("skipped: no private mount namespace here (unshare -m, nsenter), so no small disk to fill");
         return;
     }
     let d = tempfile::tempdir().expect("tempdir");
-    let model = d.path().join("tiny");
-    let vdir = d.path().join("vector");
-    run_ok(&["make-tiny-model".as_ref(), model.as_os_str()]);
-    run_ok(&[
-        "extract".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--n-pairs".as_ref(),
-        "4".as_ref(),
-        "--out".as_ref(),
-        vdir.as_os_str(),
-    ]);
-    let vector = StageOut::new(&vdir).vector();
+    let (model, vector) = common::cli_tiny_model_and_vector(d.path(), false);
     let config = d.path().join("config");
     // Round 1's completions, on an ordinary disk first.
     let session = d.path().join("s");

@@ -12,6 +12,54 @@ use std::path::Path;
 use steer_heal::model::gguf::permute_qk;
 use steer_heal::model::{load_model, tiny::make_tiny_model, Arch, LoadedModel, ModelConfig};
 
+/// Under `dir`, with the real binary: `make-tiny-model`, then a vector from `extract --n-pairs 4`, calibrated by
+/// `dose --n-prompts 2 --tokens 4` when `dose`. Returns the model folder and the vector file.
+pub fn cli_tiny_model_and_vector(dir: &Path, dose: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+    let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_steer-heal"));
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("run steer-heal");
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let model = dir.join("tiny");
+    let vdir = dir.join("vector");
+    run(bin().arg("make-tiny-model").arg(&model));
+    run(bin().args(["extract", "--model"]).arg(&model).args(["--n-pairs", "4", "--out"]).arg(&vdir));
+    let vector = steer_heal::session::layout::StageOut::new(&vdir).vector();
+    if dose {
+        run(bin()
+            .args(["dose", "--model"])
+            .arg(&model)
+            .arg("--vector")
+            .arg(&vector)
+            .args(["--n-prompts", "2", "--tokens", "4", "--out"])
+            .arg(&vdir));
+    }
+    (model, vector)
+}
+
+/// `run` flags for one fast headless round on a tiny random model (as `just tiny-run`): short completions, a
+/// short eval, and filters opened for random text.
+pub const FAST_TINY_ROUND: &[&str] = &[
+    "--rounds",
+    "1",
+    "--floor",
+    "0",
+    "--n-prompts",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--eval-n",
+    "2",
+    "--think",
+    "4",
+    "--json-probe-tokens",
+    "8",
+    "--max-ppl",
+    "1e30",
+    "--max-repetition",
+    "1.01",
+];
+
 /// A deterministic tiny random model of `arch` (f32, CPU), loaded from its own temporary folder (kept alive by
 /// the returned guard).
 pub fn tiny_model(arch: Arch, seed: u64) -> (tempfile::TempDir, LoadedModel) {
