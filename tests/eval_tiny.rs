@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 use steer_heal::eval::data::{select_items, Condition, Variant, FOUNDATIONS};
 use steer_heal::eval::protocol::{
-    answer_token_ids, frame_tokens, read_think, AnswerCase, FrameOrder, PREFILL, THINK_CLOSE,
+    answer_token_ids, frame_tokens, read_think, AnswerCase, FrameOrder, SuffixRendering, PREFILL, THINK_CLOSE,
 };
 use steer_heal::eval::{
     gate_q2, load_rounds, run_eval, write_gate_q2, write_progress_map, EvalConfig, EvalModel, EvalReport,
@@ -23,6 +23,8 @@ use steer_heal::model::{
 };
 use steer_heal::progress::Silent;
 use tokenizers::{AddedToken, Tokenizer};
+
+const ONE: SuffixRendering = SuffixRendering::OneConversation;
 
 /// A tiny model whose tokenizer has the seven answer words as tokens, with room for the long json probes.
 fn tiny_with_answer_words(arch: Arch, dir: &Path) -> LoadedModel {
@@ -83,9 +85,15 @@ fn suffix_closes_the_think_and_prefills_the_answer_in_each_family_template() {
     ] {
         let d = tempfile::tempdir().expect("tmp");
         let lm = tiny_with_answer_words(arch, d.path());
-        let ft =
-            frame_tokens(&lm.chat, &lm.tokenizer, None, "You see a man kick a dog.", FrameOrder::Reversed)
-                .expect("frame");
+        let ft = frame_tokens(
+            &lm.chat,
+            &lm.tokenizer,
+            None,
+            "You see a man kick a dog.",
+            FrameOrder::Reversed,
+            ONE,
+        )
+        .expect("frame");
         let suffix = lm.tokenizer.decode(&ft.suffix, true).expect("decode");
         assert_eq!(suffix, format!("{want}{PREFILL}"), "{arch:?}");
         let prefill = lm.tokenizer.decode(&ft.suffix[ft.prefill_start..], true).expect("decode");
@@ -102,10 +110,45 @@ fn suffix_closes_the_think_and_prefills_the_answer_in_each_family_template() {
             Some(sys),
             "You see a man kick a dog.",
             FrameOrder::Reversed,
+            ONE,
         )
         .expect("frame");
         assert!(lm.tokenizer.decode(&with_sys.prompt, true).expect("decode").contains(sys));
         assert_eq!(with_sys.suffix, ft.suffix);
+    }
+}
+
+/// Upstream tinymfv closes the think with the assistant-close marker and renders "Just answer" as a fresh
+/// conversation: whatever a template puts at the start of a chat (a BOS, a default system prompt) comes again.
+#[test]
+fn upstream_suffix_renders_the_nudge_as_a_separate_conversation() {
+    for (arch, close, fresh_start, nudge) in [
+        (
+            Arch::Llama,
+            "<|im_end|>\n",
+            // The tiny template has no default system prompt (SmolLM2's has: see the SmolLM2 eval test).
+            "",
+            "<|im_start|>user\nJust answer<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (
+            Arch::Gemma3,
+            "<end_of_turn>\n",
+            "<bos>",
+            "<start_of_turn>user\nJust answer<end_of_turn>\n<start_of_turn>model\n",
+        ),
+    ] {
+        let d = tempfile::tempdir().expect("tmp");
+        let lm = tiny_with_answer_words(arch, d.path());
+        let text = "You see a man kick a dog.";
+        let up =
+            frame_tokens(&lm.chat, &lm.tokenizer, None, text, FrameOrder::Forward, SuffixRendering::Upstream)
+                .expect("frame");
+        let one = frame_tokens(&lm.chat, &lm.tokenizer, None, text, FrameOrder::Forward, ONE).expect("frame");
+        let suffix = lm.tokenizer.decode(&up.suffix, true).expect("decode");
+        assert!(suffix.starts_with(&format!("</think>{close}{fresh_start}")), "{arch:?}: {suffix}");
+        assert!(suffix.ends_with(&format!("{nudge}{PREFILL}")), "{arch:?}: {suffix}");
+        assert_eq!(lm.tokenizer.decode(&up.suffix[up.prefill_start..], true).expect("decode"), PREFILL);
+        assert_eq!(up.prompt, one.prompt, "only the suffix differs");
     }
 }
 
@@ -202,7 +245,8 @@ fn batched_cached_eval_matches_flat_scoring_and_eval_json_round_trips() {
     for (row, item) in report.rows.iter().zip(&items) {
         assert_eq!(row.id, item.id);
         for frame in &row.frames {
-            let ft = frame_tokens(&lm.chat, &lm.tokenizer, None, &item.text, frame.order).expect("frame");
+            let ft =
+                frame_tokens(&lm.chat, &lm.tokenizer, None, &item.text, frame.order, ONE).expect("frame");
             if frame.case != AnswerCase::Interrupted {
                 continue;
             }
@@ -389,6 +433,20 @@ fn smollm2_short_eval_matches_the_dequantised_reference() {
         r.rows[0].frames[0].think_text.starts_with("\nThe sentence is"),
         "{:?}",
         r.rows[0].frames[0].think_text
+    );
+    // Upstream's rendering repeats SmolLM2's default system prompt before "Just answer", and the model puts
+    // less mass on the answer words after it.
+    let up_cfg = EvalConfig { suffix: SuffixRendering::Upstream, json_probe: false, ..cfg };
+    let ft = frame_tokens(&lm.chat, &lm.tokenizer, None, "x", FrameOrder::Forward, SuffixRendering::Upstream)
+        .expect("frame");
+    let suffix = lm.tokenizer.decode(&ft.suffix, true).expect("decode");
+    assert!(suffix.starts_with("</think><|im_end|>\n<|im_start|>system\nYou are a helpful"), "{suffix}");
+    let up = run_eval(&EvalModel::from_loaded(&lm, &hooks), &up_cfg, &mut Silent::default()).expect("eval");
+    assert!(
+        up.metrics.p_ans_any < m.p_ans_any - 0.02,
+        "upstream p_ans_any {} vs ours {}",
+        up.metrics.p_ans_any,
+        m.p_ans_any
     );
 }
 

@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use std::path::Path;
-use steer_heal::eval::{pick_samples, ControlArm, EvalReport, SAMPLES_PER_ROUND};
+use steer_heal::eval::{pick_samples, CoherenceFloor, ControlArm, EvalReport, SAMPLES_PER_ROUND};
 use steer_heal::heal::train::read_step_log;
 use steer_heal::heal::StepRecord;
 use steer_heal::model::tiny::make_tiny_model;
@@ -41,7 +41,7 @@ fn tiny_config(model: &Path, rounds: u32) -> RoundsConfig {
     c.compute = Compute::cpu();
     c.rounds = rounds;
     c.gates = GateMode::Automatic;
-    c.floor = 0.0; // a random model puts almost no mass on the answers
+    c.floor = CoherenceFloor::Absolute(0.0); // a random model puts almost no mass on the answers
     c.extract_pairs = Some(4);
     c.dose_tokens = 4;
     c.dose_prompts = 2;

@@ -2,6 +2,7 @@
 //! flag needs beyond finiteness are checked where the value is used (the library's config validation), so the
 //! TUI and session files get the same checks. The sampling bounds are `Sampling`'s own.
 
+use steer_heal::eval::CoherenceFloor;
 use steer_heal::model::generate::Sampling;
 
 /// A finite f64 (`NaN`, `inf` and `-inf` are refused).
@@ -48,6 +49,14 @@ pub fn count(s: &str) -> Result<usize, String> {
         return Err("must be at least 1".into());
     }
     Ok(v)
+}
+
+/// The coherence floor of `--floor` (absolute, when given) or `--floor-rel` (relative to the base).
+pub fn coherence_floor(absolute: Option<f64>, relative: f64) -> CoherenceFloor {
+    match absolute {
+        Some(x) => CoherenceFloor::Absolute(x),
+        None => CoherenceFloor::Relative(relative),
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
+use steer_heal::eval::protocol::SuffixRendering;
 use steer_heal::eval::{
     self, gate_q2, Condition, Direction, EvalConfig, EvalModel, GateQ2Spec, TraitAxis, Variant,
 };
@@ -41,6 +42,10 @@ pub enum EvalCmd {
         /// System prompt for every eval conversation (e.g. a persona for a prompt-only control).
         #[arg(long)]
         system: Option<String>,
+        /// How the forced-answer suffix is rendered: one-conversation (ours) or upstream (upstream tinymfv's:
+        /// "Just answer" as a separate conversation; lower p_ans_any on SmolLM2), to compare with upstream.
+        #[arg(long, default_value = "one-conversation")]
+        suffix: SuffixRendering,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
@@ -53,9 +58,12 @@ pub enum EvalCmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Coherence floor on p_ans_any.
+        /// Absolute coherence floor on p_ans_any (instead of the relative floor).
+        #[arg(value_parser = super::args::finite_f64, long, conflicts_with = "floor_rel")]
+        floor: Option<f64>,
+        /// Coherence floor as a fraction of the base point's p_ans_any (the default floor).
         #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
-        floor: f64,
+        floor_rel: f64,
         /// Trait axis the gate judges: authority or care.
         #[arg(long, default_value = "authority")]
         axis: String,
@@ -103,6 +111,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
             json_probe_tokens,
             no_json_probe,
             system,
+            suffix,
             out,
         } => {
             let variant = Variant::parse(&variant).with_context(|| {
@@ -117,6 +126,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 json_probe: !no_json_probe,
                 json_probe_max_tokens: json_probe_tokens,
                 system_prompt: system,
+                suffix,
             };
             cfg.validate()?;
             let dev = super::device()?;
@@ -158,7 +168,8 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 file.display()
             );
         }
-        EvalCmd::Plot { rounds, out, floor, axis, direction, min_rounds } => {
+        EvalCmd::Plot { rounds, out, floor, floor_rel, axis, direction, min_rounds } => {
+            let floor = super::args::coherence_floor(floor, floor_rel);
             let axis = match axis.as_str() {
                 "authority" => TraitAxis::Authority,
                 "care" => TraitAxis::Care,
@@ -170,7 +181,8 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 other => bail!("unknown direction `{other}` (expected decrease or increase)"),
             };
             let points = eval::load_rounds(&rounds)?;
-            let (png, svg) = eval::write_progress_map(&points, floor, &out)?;
+            let (png, svg) =
+                eval::write_progress_map(&points, floor.threshold(gate_q2::base_p_ans_any(&points)), &out)?;
             let spec = GateQ2Spec { axis, direction, floor, min_rounds };
             let md = eval::write_gate_q2(&out, &points, &spec)?;
             println!("{}", gate_q2::verdict(&points, &spec).line);

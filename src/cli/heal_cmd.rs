@@ -198,7 +198,7 @@ pub struct HealArgs {
     /// Sweep regularisers × strengths instead of one run (each arm in OUT/sweep/).
     #[arg(long)]
     sweep: bool,
-    /// Sweep regularisers, comma-separated: kl_rev, kl_fwd, nll, spectral, wd.
+    /// Sweep regularisers, comma-separated: kl_rev, kl_rev_mean, kl_rev_rmse, kl_fwd, nll, spectral, wd.
     #[arg(long, value_delimiter = ',', default_value = "nll,kl_rev,kl_fwd")]
     sweep_regs: Vec<sweep::SweepReg>,
     /// Sweep strengths (λ, spectral weight or weight decay), comma-separated.

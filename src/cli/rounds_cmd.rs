@@ -30,9 +30,12 @@ pub struct RunArgs {
     /// Rounds to run (judged rounds count, so a resumed run goes on to this total).
     #[arg(long, default_value_t = 1)]
     rounds: u32,
-    /// Stop when p_ans_any falls under this.
+    /// Stop when p_ans_any falls under this absolute value (instead of the relative floor).
+    #[arg(value_parser = super::args::finite_f64, long, conflicts_with = "floor_rel")]
+    floor: Option<f64>,
+    /// Stop when p_ans_any falls under this fraction of the base model's (the default floor).
     #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
-    floor: f64,
+    floor_rel: f64,
     /// Steering prompts used for generation (new sessions only; a session keeps its session.toml).
     #[arg(value_parser = super::args::count, long, default_value_t = 4)]
     n_prompts: usize,
@@ -51,6 +54,12 @@ pub struct RunArgs {
     /// Walk-down: stop topping up at this many passing completions.
     #[arg(long, default_value_t = 4)]
     min_keep: usize,
+    /// Walk-down: keep at most this many passing completions.
+    #[arg(value_parser = super::args::count, long, default_value_t = 8)]
+    max_keep: usize,
+    /// Walk-down: most top-up batches after the probes.
+    #[arg(long, default_value_t = 1)]
+    max_batches: usize,
     /// Gate Q0 and walk-down: highest tail perplexity kept (gate Q0's only for new sessions).
     #[arg(value_parser = super::args::finite_f64, long, default_value_t = 50.0)]
     max_ppl: f64,
@@ -133,13 +142,15 @@ fn config(a: &RunArgs) -> RoundsConfig {
     let mut c = RoundsConfig::small(&a.model);
     c.persona = a.persona.clone();
     c.rounds = a.rounds;
-    c.floor = a.floor;
+    c.floor = super::args::coherence_floor(a.floor, a.floor_rel);
     c.compute = super::compute();
     c.extract_pairs = Some(a.extract_pairs);
     c.dose_target = a.dose_target;
     c.walk.probe_n = a.probe_n;
     c.walk.batch_n = a.probe_n;
     c.walk.min_keep = a.min_keep;
+    c.walk.max_keep = a.max_keep.max(a.min_keep);
+    c.walk.max_batches = a.max_batches;
     c.walk_max_ppl = a.max_ppl;
     c.heal.epochs = a.epochs;
     c.heal.r = a.r;

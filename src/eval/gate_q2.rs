@@ -48,6 +48,48 @@ pub enum Direction {
     Increase,
 }
 
+/// The coherence floor on p_ans_any gate Q2 holds a round to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoherenceFloor {
+    /// p_ans_any must be at least this value (`--floor`).
+    Absolute(f64),
+    /// p_ans_any must be at least this fraction of the base model's (`--floor-rel`, the default at 0.95): an
+    /// absolute 0.95 would drop every round of a model like SmolLM2, whose base p_ans_any is about 0.27.
+    Relative(f64),
+}
+
+impl Default for CoherenceFloor {
+    fn default() -> Self {
+        CoherenceFloor::Relative(0.95)
+    }
+}
+
+impl CoherenceFloor {
+    /// The p_ans_any a round needs, given the base's (NaN for a relative floor without a base value).
+    pub fn threshold(self, base_p_ans_any: f64) -> f64 {
+        match self {
+            CoherenceFloor::Absolute(x) => x,
+            CoherenceFloor::Relative(f) => f * base_p_ans_any,
+        }
+    }
+
+    /// The floor in words, with its value resolved: `0.95 × base 0.268 = 0.255` or `0.5`.
+    pub fn describe(self, base_p_ans_any: f64) -> String {
+        match self {
+            CoherenceFloor::Absolute(x) => format!("{x}"),
+            CoherenceFloor::Relative(f) => {
+                format!("{f} × base {} = {}", num(base_p_ans_any), num(self.threshold(base_p_ans_any)))
+            }
+        }
+    }
+}
+
+/// The base point's p_ans_any (NaN when the points have no base).
+pub fn base_p_ans_any(points: &[RoundPoint]) -> f64 {
+    points.iter().find(|p| p.status == RoundStatus::Base).map(|p| p.p_ans_any).unwrap_or(f64::NAN)
+}
+
 /// What gate Q2 checks.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GateQ2Spec {
@@ -56,14 +98,19 @@ pub struct GateQ2Spec {
     /// Its intended direction.
     pub direction: Direction,
     /// Coherence floor on p_ans_any.
-    pub floor: f64,
+    pub floor: CoherenceFloor,
     /// Kept rounds in a row needed to pass.
     pub min_rounds: usize,
 }
 
 impl Default for GateQ2Spec {
     fn default() -> Self {
-        GateQ2Spec { axis: TraitAxis::Authority, direction: Direction::Decrease, floor: 0.95, min_rounds: 3 }
+        GateQ2Spec {
+            axis: TraitAxis::Authority,
+            direction: Direction::Decrease,
+            floor: CoherenceFloor::default(),
+            min_rounds: 3,
+        }
     }
 }
 
@@ -93,6 +140,7 @@ pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
             line: "**Verdict: FAIL** — no base (round 0) point to start from.".into(),
         };
     };
+    let floor = spec.floor.threshold(base.p_ans_any);
     let mut prev = spec.axis.value(base);
     let mut run = 0;
     let mut stop = None;
@@ -110,9 +158,13 @@ pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
             stop = Some(format!("{} {axis} did not follow ({prev:.3} → {v:.3})", p.label()));
             break;
         }
-        if p.p_ans_any.is_nan() || p.p_ans_any < spec.floor {
-            stop =
-                Some(format!("{} p_ans_any {:.3} is under the floor {}", p.label(), p.p_ans_any, spec.floor));
+        if p.p_ans_any.is_nan() || floor.is_nan() || p.p_ans_any < floor {
+            stop = Some(format!(
+                "{} p_ans_any {:.3} is under the floor {}",
+                p.label(),
+                p.p_ans_any,
+                spec.floor.describe(base.p_ans_any)
+            ));
             break;
         }
         run += 1;
@@ -127,7 +179,8 @@ pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
     let line = format!(
         "{head} — {axis} {word} monotonically with p_ans_any ≥ {} for {run} kept round(s) in a row from the base \
          (needs ≥ {}){tail}.",
-        spec.floor, spec.min_rounds
+        spec.floor.describe(base.p_ans_any),
+        spec.min_rounds
     );
     Verdict { passed, run, line }
 }
@@ -160,7 +213,7 @@ pub fn gate_q2_markdown(points: &[RoundPoint], spec: &GateQ2Spec) -> String {
             Direction::Decrease => "should decrease",
             Direction::Increase => "should increase",
         },
-        spec.floor
+        spec.floor.describe(base_p_ans_any(points))
     );
     let _ = writeln!(
         s,

@@ -23,7 +23,7 @@ pub mod runner;
 pub mod samples;
 
 pub use data::{Condition, Foundation, Variant, FOUNDATIONS};
-pub use gate_q2::{verdict, write_gate_q2, Direction, GateQ2Spec, TraitAxis, Verdict};
+pub use gate_q2::{verdict, write_gate_q2, CoherenceFloor, Direction, GateQ2Spec, TraitAxis, Verdict};
 pub use metrics::{compute_metrics, Metrics};
 pub use plot::{load_rounds, write_progress_map, ControlArm, ControlPoint, RoundPoint, RoundStatus};
 pub use report::{EvalConfig, EvalReport, FrameRecord, RowRecord};

@@ -138,6 +138,9 @@ pub struct EvalConfig {
     /// sets a persona here; the json_is_valid probe gets it too.
     #[serde(default)]
     pub system_prompt: Option<String>,
+    /// How the forced-answer suffix is rendered (`upstream` to compare with upstream tinymfv's numbers).
+    #[serde(default)]
+    pub suffix: super::protocol::SuffixRendering,
 }
 
 impl Default for EvalConfig {
@@ -151,6 +154,7 @@ impl Default for EvalConfig {
             json_probe: true,
             json_probe_max_tokens: 128,
             system_prompt: None,
+            suffix: super::protocol::SuffixRendering::OneConversation,
         }
     }
 }

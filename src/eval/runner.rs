@@ -54,10 +54,11 @@ struct Sequence {
     tokens: FrameTokens,
 }
 
-/// ln Σ exp over one row of logits.
-fn logsumexp(logits: &[f32]) -> f32 {
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + logits.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+/// ln Σ exp over one row of logits, in f64: an f32 sum over a 49k (SmolLM2) or 262k (Gemma) vocabulary drifts by
+/// about 1e-4 nats, as large as the differences the eval is meant to resolve.
+fn logsumexp(logits: &[f32]) -> f64 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    m + logits.iter().map(|x| (*x as f64 - m).exp()).sum::<f64>().ln()
 }
 
 /// Greedy pick that never returns a stop id: the think has a fixed length (tinymfv forces min = max new tokens,
@@ -77,15 +78,15 @@ fn argmax_excluding(logits: &[f32], banned: &[u32]) -> u32 {
 
 /// Log-probabilities of the answer ids in one row of logits. A row with a NaN or infinity has a non-finite
 /// log-sum-exp: that is an error, not an answer probability of NaN (or 0) in the report.
-fn answer_lp(logits: &[f32], lse: f32, ids: &[u32; 7]) -> Result<[f64; 7]> {
+fn answer_lp(logits: &[f32], lse: f64, ids: &[u32; 7]) -> Result<[f64; 7]> {
     if !lse.is_finite() {
-        let (i, v) = crate::numeric::first_non_finite(logits).unwrap_or((0, lse));
+        let (i, v) = crate::numeric::first_non_finite(logits).unwrap_or((0, lse as f32));
         return Err(Error::invalid(format!(
             "eval: the model's logits are not finite ({v} at vocabulary id {i}); check the model's weights and the \
              adapters it carries"
         )));
     }
-    Ok(ids.map(|id| (logits[id as usize] - lse) as f64))
+    Ok(ids.map(|id| logits[id as usize] as f64 - lse))
 }
 
 /// Progress units of one sequence: prefill, each think step, the answer forward.
@@ -146,7 +147,7 @@ fn run_batch(
             let lse = logsumexp(logits);
             slot_lp[r].push(answer_lp(logits, lse, ids)?);
             let t = argmax_excluding(logits, &tok.stop_ids);
-            gen_lp[r].push((logits[t as usize] - lse) as f64);
+            gen_lp[r].push(logits[t as usize] as f64 - lse);
             think_ids[r].push(t);
             next[r] = t;
         }
@@ -207,7 +208,7 @@ fn run_batch(
                 let mut nll = 0.0;
                 for (i, &target) in suffix.iter().enumerate().skip(st) {
                     let row = &rows[i - st];
-                    nll -= (row[target as usize] - logsumexp(row)) as f64;
+                    nll -= row[target as usize] as f64 - logsumexp(row);
                 }
                 let n = suffix.len() - st;
                 let last = &rows[rows.len() - 1];
@@ -244,7 +245,14 @@ pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) ->
             seqs.push(Sequence {
                 item: i,
                 order,
-                tokens: frame_tokens(m.chat, m.tokenizer, cfg.system_prompt.as_deref(), &it.text, order)?,
+                tokens: frame_tokens(
+                    m.chat,
+                    m.tokenizer,
+                    cfg.system_prompt.as_deref(),
+                    &it.text,
+                    order,
+                    cfg.suffix,
+                )?,
             });
         }
     }
@@ -315,6 +323,25 @@ mod tests {
     #[test]
     fn logsumexp_is_stable() {
         let v = logsumexp(&[1000.0, 1000.0]);
-        assert!((v - (1000.0 + 2f32.ln())).abs() < 1e-3);
+        assert!((v - (1000.0 + 2f64.ln())).abs() < 1e-12);
+    }
+
+    /// Over a Gemma-sized vocabulary the f64 sum is exact to ~1e-12 nats where an f32 sum drifts by more than
+    /// 1e-6 (so this test tells the two apart).
+    #[test]
+    fn logsumexp_is_f64_accurate_over_a_large_vocabulary() {
+        let n = 262_144usize;
+        let logits: Vec<f32> = (0..n).map(|i| -0.37 * (i % 7) as f32).collect();
+        // Exact: each residue class k has its count of exp(x_k) terms (x_k as the f32 it is stored as).
+        let mut exact = 0.0f64;
+        for k in 0..7 {
+            let count = (0..n).filter(|i| i % 7 == k).count() as f64;
+            exact += count * ((-0.37f32 * k as f32) as f64).exp();
+        }
+        let exact = exact.ln();
+        let ours = logsumexp(&logits);
+        assert!((ours - exact).abs() < 1e-9, "f64 lse {ours} vs {exact}");
+        let f32_sum: f32 = logits.iter().map(|x| x.exp()).sum();
+        assert!((f32_sum.ln() as f64 - exact).abs() > 1e-6, "the fixture must expose an f32 sum's drift");
     }
 }

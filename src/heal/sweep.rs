@@ -3,7 +3,7 @@
 //! trains in its own run directory (and so resumes on its own after a crash) and is detached after measuring.
 
 use super::adapter;
-use super::config::{HealConfig, Reg};
+use super::config::{Agg, HealConfig, Reg};
 use super::data::Dataset;
 use super::gate::{self, MeasureSpec, Metrics, SweepRow};
 use super::train::{self, HealStatus, RunOptions};
@@ -19,8 +19,12 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SweepReg {
-    /// KL(student ‖ reference) barrier; strength = λ.
+    /// KL(student ‖ reference) barrier with the run's aggregation; strength = λ.
     KlRev,
+    /// KL(student ‖ reference) barrier aggregated by the mean over positions (lets short loops through).
+    KlRevMean,
+    /// KL(student ‖ reference) barrier aggregated by the rmse over positions (the default aggregation).
+    KlRevRmse,
     /// KL(reference ‖ student) barrier; strength = λ.
     KlFwd,
     /// No barrier (one arm; strength unused).
@@ -36,13 +40,15 @@ impl FromStr for SweepReg {
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "kl_rev" => SweepReg::KlRev,
+            "kl_rev_mean" => SweepReg::KlRevMean,
+            "kl_rev_rmse" => SweepReg::KlRevRmse,
             "kl_fwd" => SweepReg::KlFwd,
             "nll" => SweepReg::Nll,
             "spectral" => SweepReg::Spectral,
             "wd" => SweepReg::Wd,
             other => {
                 return Err(Error::invalid(format!(
-                    "unknown sweep regulariser `{other}` (expected kl_rev, kl_fwd, nll, spectral or wd)"
+                    "unknown sweep regulariser `{other}` (expected kl_rev, kl_rev_mean, kl_rev_rmse, kl_fwd, nll, spectral or wd)"
                 )))
             }
         })
@@ -53,6 +59,8 @@ impl fmt::Display for SweepReg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SweepReg::KlRev => "kl_rev",
+            SweepReg::KlRevMean => "kl_rev_mean",
+            SweepReg::KlRevRmse => "kl_rev_rmse",
             SweepReg::KlFwd => "kl_fwd",
             SweepReg::Nll => "nll",
             SweepReg::Spectral => "spectral",
@@ -103,6 +111,14 @@ pub fn arms(base: &HealConfig, regs: &[SweepReg], strengths: &[f64]) -> Result<V
                 SweepReg::KlRev => {
                     (format!("kl_rev λ={s}"), HealConfig { reg: Reg::KlRev, lambda: s, ..base.clone() })
                 }
+                SweepReg::KlRevMean => (
+                    format!("kl_rev mean λ={s}"),
+                    HealConfig { reg: Reg::KlRev, agg: Agg::Mean, lambda: s, ..base.clone() },
+                ),
+                SweepReg::KlRevRmse => (
+                    format!("kl_rev rmse λ={s}"),
+                    HealConfig { reg: Reg::KlRev, agg: Agg::Rmse, lambda: s, ..base.clone() },
+                ),
                 SweepReg::KlFwd => {
                     (format!("kl_fwd λ={s}"), HealConfig { reg: Reg::KlFwd, lambda: s, ..base.clone() })
                 }
@@ -213,6 +229,19 @@ mod tests {
         assert_eq!(a[2].cfg.lambda, 1.0);
         assert_eq!((a[4].cfg.reg, a[4].cfg.spectral_lambda), (Reg::Nll, 1.0));
         assert!(arms(&HealConfig::default(), &regs, &[-1.0]).is_err());
+        // The study's sweep: NLL only vs the mean- and rmse-aggregated KL barrier.
+        let regs: Vec<SweepReg> =
+            ["nll", "kl_rev_mean", "kl_rev_rmse"].iter().map(|s| s.parse()).collect::<Result<_>>()?;
+        let a = arms(&HealConfig { agg: Agg::P95, ..HealConfig::default() }, &regs, &[0.3])?;
+        let got: Vec<(&str, Reg, Agg)> = a.iter().map(|x| (x.label.as_str(), x.cfg.reg, x.cfg.agg)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("nll", Reg::Nll, Agg::P95),
+                ("kl_rev mean λ=0.3", Reg::KlRev, Agg::Mean),
+                ("kl_rev rmse λ=0.3", Reg::KlRev, Agg::Rmse)
+            ]
+        );
         assert!("l2".parse::<SweepReg>().is_err());
         Ok(())
     }

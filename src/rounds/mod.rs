@@ -56,8 +56,8 @@ pub struct RoundsConfig {
     pub persona: Option<PathBuf>,
     /// Rounds to run (judged rounds count, so a resumed run goes on to this total).
     pub rounds: u32,
-    /// Gate Q2 keeps a round only when p_ans_any is at least this.
-    pub floor: f64,
+    /// Gate Q2 keeps a round only when p_ans_any is at least this (absolute, or relative to the base's).
+    pub floor: eval::CoherenceFloor,
     /// Who decides the gates.
     pub gates: GateMode,
     /// Extraction contexts used (None: all).
@@ -98,7 +98,7 @@ impl RoundsConfig {
             compute: Compute::default(),
             persona: None,
             rounds: 1,
-            floor: 0.95,
+            floor: eval::CoherenceFloor::default(),
             gates: GateMode::Automatic,
             extract_pairs: Some(16),
             dose_target: 1.0,
@@ -1111,12 +1111,14 @@ impl<'a> Runner<'a> {
         }
         // gate Q2: keep unless coherence fell under the floor.
         let report = EvalReport::load(&rd.eval().abs)?;
+        let base_p = EvalReport::load(&self.layout.round(0).eval().abs)?.metrics.p_ans_any;
         let p = report.metrics.p_ans_any;
-        let keep = p >= self.cfg.floor;
+        let floor = self.cfg.floor.threshold(base_p);
+        let keep = p >= floor;
         let note = if keep {
-            format!("p_ans_any {p:.4} ≥ floor {}", self.cfg.floor)
+            format!("p_ans_any {p:.4} ≥ floor {}", self.cfg.floor.describe(base_p))
         } else {
-            format!("p_ans_any {p:.4} under the floor {}", self.cfg.floor)
+            format!("p_ans_any {p:.4} under the floor {}", self.cfg.floor.describe(base_p))
         };
         self.append(SessionEvent::RoundGate { round, gate: Gate::Q2, keep, note: Some(note.clone()) })?;
         let points = self.points()?;
@@ -1171,7 +1173,11 @@ impl<'a> Runner<'a> {
         }
         let dir = self.layout.root().to_path_buf();
         atomic_write_json(&self.layout.rounds_table(), &points)?;
-        eval::write_progress_map(points, self.cfg.floor, &dir)?;
+        eval::write_progress_map(
+            points,
+            self.cfg.floor.threshold(eval::gate_q2::base_p_ans_any(points)),
+            &dir,
+        )?;
         let spec = GateQ2Spec { floor: self.cfg.floor, ..GateQ2Spec::default() };
         eval::write_gate_q2(&dir, points, &spec)?;
         atomic_write_json(&self.layout.lineage(), &LineageFile::from(self.lineage()))?;

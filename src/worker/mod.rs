@@ -405,7 +405,7 @@ struct Ctx {
 pub fn tui_rounds_config(manifest: &session::SessionManifest, rounds: u32, compute: Compute) -> RoundsConfig {
     let mut cfg = RoundsConfig::small(&manifest.model);
     cfg.rounds = rounds;
-    cfg.floor = 0.0;
+    cfg.floor = crate::eval::CoherenceFloor::Absolute(0.0);
     cfg.gates = GateMode::Researcher;
     cfg.persona = manifest.persona_file.clone();
     cfg.controls = manifest.rounds.controls;

@@ -588,7 +588,10 @@ fn rounds_from_the_tui_take_the_sessions_persona_and_control_choice() {
     let plain = SessionManifest::parse(base, path).expect("a session.toml without [rounds] still reads");
     let cfg = tui_rounds_config(&plain, 3, Compute::cpu());
     assert!(!cfg.controls);
-    assert_eq!((cfg.rounds, cfg.floor, cfg.gates), (3, 0.0, GateMode::Researcher));
+    assert_eq!(
+        (cfg.rounds, cfg.floor, cfg.gates),
+        (3, crate::eval::CoherenceFloor::Absolute(0.0), GateMode::Researcher)
+    );
     assert_eq!(cfg.persona.as_deref(), Some(Path::new("p.toml")));
     assert_eq!(cfg.model, Path::new("m"));
     let with = SessionManifest::parse(&format!("{base}[rounds]\ncontrols = true\n"), path).expect("parse");
