@@ -10,6 +10,7 @@
 //! - `session`: on-disk session state (manifest, event log, artifacts).
 //! - `heal`: LoRA healing with a KL barrier, bake, export.
 //! - `eval`: tinymfv evaluation.
+//! - `stats`: seeded bootstrap and Wilson intervals the gates share.
 //! - `worker`: background jobs for the TUI.
 //! - `tui`: the terminal UI (no candle).
 
@@ -23,6 +24,7 @@ pub mod progress;
 pub mod rounds;
 pub mod score;
 pub mod session;
+pub mod stats;
 pub mod steer;
 pub mod tui;
 pub mod worker;

@@ -13,8 +13,8 @@ use steer_heal::eval::protocol::{
     answer_token_ids, frame_tokens, read_think, AnswerCase, FrameOrder, SuffixRendering, PREFILL, THINK_CLOSE,
 };
 use steer_heal::eval::{
-    gate_q2, load_rounds, run_eval, write_gate_q2, write_progress_map, EvalConfig, EvalModel, EvalReport,
-    GateQ2Spec, RoundPoint, RoundStatus,
+    compute_metrics, gate_q2, load_rounds, run_eval, write_gate_q2, write_progress_map, EvalConfig,
+    EvalModel, EvalReport, GateQ2Spec, Interval, RoundPoint, RoundStatus, Stat,
 };
 use steer_heal::model::generate::log_softmax;
 use steer_heal::model::tiny::{make_tiny_model, random_weights};
@@ -278,27 +278,37 @@ fn batched_cached_eval_matches_flat_scoring_and_eval_json_round_trips() {
 }
 
 fn sample_rounds() -> Vec<RoundPoint> {
-    let p = |round, status, authority, care, p_ans_any, json: f64, ppx| RoundPoint {
-        round,
-        status,
-        authority,
-        care,
-        p_ans_any,
-        json_is_valid: Some(json),
-        ppx_json: ppx,
-        n: 132,
-        kl_spent: Some(0.3 * round as f64),
-        cos_teacher_r0: Some(1.0 - 0.05 * round as f64),
-        cos_student_teacher: Some(0.4),
-        controls: vec![],
+    let iv = |value: f64, half: f64| Interval { value, lo: value - half, hi: value + half, resamples: 2000 };
+    let p = |round, status, authority: f64, care: f64, p_ans_any: f64, json: f64, ppx| {
+        let mut p = RoundPoint::from_metrics(round, status, &compute_metrics(&[], None));
+        (p.authority, p.care, p.p_ans_any, p.json_is_valid, p.ppx_json, p.n) =
+            (authority, care, p_ans_any, Some(json), ppx, 132);
+        p.kl_spent = Some(0.3 * round as f64);
+        p.cos_teacher_r0 = Some(1.0 - 0.05 * round as f64);
+        p.cos_student_teacher = Some(0.4);
+        p.ci = [
+            (Stat::Authority, iv(authority, 0.04)),
+            (Stat::Care, iv(care, 0.05)),
+            (Stat::PAnsAny, iv(p_ans_any, 0.01)),
+        ]
+        .into_iter()
+        .collect();
+        p
     };
-    vec![
+    let mut pts = vec![
         p(0, RoundStatus::Base, -2.30, -1.30, 0.99, 1.0, 2.1),
         p(1, RoundStatus::Kept, -2.45, -1.10, 0.98, 1.0, 2.2),
         p(2, RoundStatus::Dropped, -2.60, -0.90, 0.80, 0.33, 4.5),
         p(2, RoundStatus::Kept, -2.55, -1.00, 0.97, 1.0, 2.3),
         p(3, RoundStatus::Kept, -2.70, -0.85, 0.96, 0.67, 2.4),
-    ]
+    ];
+    // Paired differences from the previous kept point, each interval below 0.
+    for (i, prev, label) in [(1, 0, "base"), (2, 1, "r1"), (3, 1, "r1"), (4, 3, "r2")] {
+        let d = pts[i].authority - pts[prev].authority;
+        pts[i].vs_prev.insert(Stat::Authority, iv(d, 0.03));
+        pts[i].prev = Some(label.into());
+    }
+    pts
 }
 
 #[test]
@@ -326,8 +336,29 @@ fn progress_map_png_decodes_and_svg_holds_every_round() {
     let md = write_gate_q2(d.path(), &pts, &GateQ2Spec::default()).expect("gate");
     let text = std::fs::read_to_string(md).expect("md");
     assert!(text.contains("**Verdict: PASS**"), "{text}");
-    assert!(text.contains("| 2 | dropped | -2.600 | -0.900 | 0.800 | 0.330 | 4.500 | 0.600 |"), "{text}");
+    assert!(
+        text.contains("| 2 | dropped | -2.600 [-2.640, -2.560] | -0.150 [-0.180, -0.120] (vs r1) | — | -0.900 [-0.950, -0.850] |"),
+        "{text}"
+    );
     assert_eq!(gate_q2::verdict(&pts, &GateQ2Spec::default()).run, 3);
+}
+
+/// Each point's 95 % intervals are drawn: authority and care bars on the map, p_ans_any bars in the coherence
+/// panel, one legend entry.
+#[test]
+fn progress_map_draws_the_interval_bars() {
+    use steer_heal::eval::plot::progress_svg;
+    let with = sample_rounds();
+    let mut without = with.clone();
+    for p in &mut without {
+        p.ci.clear();
+    }
+    let (a, b) = (progress_svg(&with, 0.9).expect("svg"), progress_svg(&without, 0.9).expect("svg"));
+    assert!(a.contains("95 % intervals (bootstrap over vignettes)") && !b.contains("95 % intervals"));
+    // The bars are the translucent lines.
+    let bars = |svg: &str| svg.matches("<polyline fill=\"none\" opacity=\"0.6\"").count();
+    // 5 points × (authority + care) on the map + the legend's sample line + 5 p_ans_any bars.
+    assert_eq!((bars(&a), bars(&b)), (5 * 2 + 1 + 5, 0));
 }
 
 #[test]

@@ -291,7 +291,8 @@ fn heat_map_colours_tokens_by_kl_and_marks_the_cursor() {
 
 #[test]
 fn iterate_screen() {
-    use steer_heal::eval::{RoundPoint, RoundStatus};
+    use steer_heal::eval::{Interval, RoundPoint, RoundStatus, Stat};
+    let iv = |value: f64, half: f64| Interval { value, lo: value - half, hi: value + half, resamples: 2000 };
     use steer_heal::worker::JobOutput;
     let p = |round: usize, status: RoundStatus, auth: f64, care: f64| RoundPoint {
         round,
@@ -306,6 +307,21 @@ fn iterate_screen() {
         cos_teacher_r0: (round > 0).then_some(1.0 - 0.05 * round as f64),
         cos_student_teacher: (round > 0).then_some(0.276),
         controls: vec![],
+        ci: [
+            (Stat::Authority, iv(auth, 0.04)),
+            (Stat::Care, iv(care, 0.03)),
+            (Stat::PAnsAny, iv(0.25, 0.02)),
+        ]
+        .into_iter()
+        .collect(),
+        vs_base: Default::default(),
+        // Round 1 moved beyond its interval; round 3's interval spans 0.
+        vs_prev: match round {
+            1 => [(Stat::Authority, iv(-0.118, 0.05))].into_iter().collect(),
+            2 | 3 => [(Stat::Authority, iv(-0.03, 0.06))].into_iter().collect(),
+            _ => Default::default(),
+        },
+        prev: (round > 0).then(|| if round == 1 { "base".to_string() } else { "r1".to_string() }),
     };
     let mut s = state(2);
     press(&mut s, "I");
@@ -513,7 +529,7 @@ fn iterate_with_samples() -> State {
     use steer_heal::eval::metrics::human_dist;
     use steer_heal::eval::protocol::AnswerCase;
     use steer_heal::eval::{
-        Condition, ControlArm, ControlPoint, EvalSample, RoundPoint, RoundStatus, Variant,
+        Condition, ControlArm, ControlPoint, EvalSample, Interval, RoundPoint, RoundStatus, Stat, Variant,
     };
     let arm = |arm: ControlArm, a: f64, c: f64, p: f64| ControlPoint {
         arm,
@@ -524,6 +540,15 @@ fn iterate_with_samples() -> State {
         p_ans_any: p,
         ppx_json: 15.2,
         json_is_valid: Some(0.0),
+        ci: Default::default(),
+        vs_round: Default::default(),
+        steered_minus: if arm == ControlArm::Steered {
+            Default::default()
+        } else {
+            [(Stat::Authority, Interval { value: -0.29, lo: -0.4, hi: -0.18, resamples: 2000 })]
+                .into_iter()
+                .collect()
+        },
     };
     let p = |round: usize, status: RoundStatus, auth: f64, care: f64| RoundPoint {
         round,
@@ -546,6 +571,10 @@ fn iterate_with_samples() -> State {
         } else {
             vec![]
         },
+        ci: Default::default(),
+        vs_base: Default::default(),
+        vs_prev: Default::default(),
+        prev: None,
     };
     let mut s = state(2);
     press(&mut s, "I");

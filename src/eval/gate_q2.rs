@@ -2,7 +2,8 @@
 //! dropped) and the verdict — did the trait move monotonically, in the intended direction, with coherence
 //! (p_ans_any) at or above the floor, for at least `min_rounds` kept rounds in a row from the base.
 
-use super::plot::{trajectory, RoundPoint, RoundStatus};
+use super::bootstrap::{Interval, Intervals, Stat};
+use super::plot::{trajectory, ControlArm, RoundPoint, RoundStatus};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -125,14 +126,52 @@ pub struct Verdict {
     pub line: String,
 }
 
-/// Judge the rounds.
+impl TraitAxis {
+    /// The bootstrap stat of the axis.
+    pub fn stat(self) -> Stat {
+        match self {
+            TraitAxis::Authority => Stat::Authority,
+            TraitAxis::Care => Stat::Care,
+        }
+    }
+}
+
+impl Direction {
+    /// Whether a paired difference moved this way: its whole 95 % interval on the intended side of 0.
+    pub fn moved(self, d: &Interval) -> bool {
+        match self {
+            Direction::Decrease => d.hi < 0.0,
+            Direction::Increase => d.lo > 0.0,
+        }
+    }
+    fn word(self) -> &'static str {
+        match self {
+            Direction::Decrease => "fell",
+            Direction::Increase => "rose",
+        }
+    }
+}
+
+/// What a paired difference says, in words: `moved down`, `moved up` or `no detectable move (the interval spans 0)`.
+pub fn moved_words(d: &Interval) -> &'static str {
+    if !(d.lo.is_finite() && d.hi.is_finite()) {
+        "not comparable"
+    } else if d.hi < 0.0 {
+        "moved down (95 % interval below 0)"
+    } else if d.lo > 0.0 {
+        "moved up (95 % interval above 0)"
+    } else {
+        "no detectable move (the 95 % interval spans 0)"
+    }
+}
+
+/// Judge the rounds. A kept round counts only when the paired 95 % interval of its trait difference from the
+/// previous point of the trajectory lies wholly on the intended side of 0 and its p_ans_any is at or above the
+/// floor; point estimates alone never count as a move.
 pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
     let traj = trajectory(points);
     let axis = spec.axis.name();
-    let word = match spec.direction {
-        Direction::Decrease => "fell",
-        Direction::Increase => "rose",
-    };
+    let word = spec.direction.word();
     let Some(base) = traj.first().filter(|p| p.status == RoundStatus::Base) else {
         return Verdict {
             passed: false,
@@ -141,21 +180,21 @@ pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
         };
     };
     let floor = spec.floor.threshold(base.p_ans_any);
-    let mut prev = spec.axis.value(base);
     let mut run = 0;
     let mut stop = None;
     for p in traj.iter().skip(1) {
-        let v = spec.axis.value(p);
-        let moved = match spec.direction {
-            Direction::Decrease => v < prev,
-            Direction::Increase => v > prev,
-        };
-        if !(v.is_finite() && prev.is_finite()) {
-            stop = Some(format!("{} has no finite {axis}", p.label()));
+        let prev = p.prev.clone().unwrap_or_else(|| "the previous point".into());
+        let Some(d) = p.vs_prev.get(&spec.axis.stat()).filter(|d| d.lo.is_finite() && d.hi.is_finite())
+        else {
+            stop = Some(format!(
+                "{} has no paired interval against {prev} (evals of different items, or a rounds file without \
+                 intervals), so no move can be claimed",
+                p.label()
+            ));
             break;
-        }
-        if !moved {
-            stop = Some(format!("{} {axis} did not follow ({prev:.3} → {v:.3})", p.label()));
+        };
+        if !spec.direction.moved(d) {
+            stop = Some(format!("{}: Δ {axis} vs {prev} = {} — {}", p.label(), d.show(), moved_words(d)));
             break;
         }
         if p.p_ans_any.is_nan() || floor.is_nan() || p.p_ans_any < floor {
@@ -168,7 +207,6 @@ pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
             break;
         }
         run += 1;
-        prev = v;
     }
     let passed = run >= spec.min_rounds;
     let head = if passed { "**Verdict: PASS**" } else { "**Verdict: FAIL**" };
@@ -177,8 +215,9 @@ pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
         None => String::new(),
     };
     let line = format!(
-        "{head} — {axis} {word} monotonically with p_ans_any ≥ {} for {run} kept round(s) in a row from the base \
-         (needs ≥ {}){tail}.",
+        "{head} — {axis} {word} from each point of the trajectory to the next, with the paired 95 % interval of \
+         the difference excluding 0, and p_ans_any ≥ {}, for {run} kept round(s) in a row from the base (needs ≥ \
+         {}){tail}.",
         spec.floor.describe(base.p_ans_any),
         spec.min_rounds
     );
@@ -197,6 +236,19 @@ fn opt(x: Option<f64>) -> String {
     x.map(num).unwrap_or_else(|| "—".into())
 }
 
+/// A value with its interval when there is one.
+fn with_ci(value: f64, ci: &Intervals, k: Stat) -> String {
+    match ci.get(&k) {
+        Some(iv) => iv.show(),
+        None => num(value),
+    }
+}
+
+/// A paired difference, or `—`.
+fn diff(d: &Intervals, k: Stat) -> String {
+    d.get(&k).map(Interval::show).unwrap_or_else(|| "—".into())
+}
+
 /// The markdown text of gate-q2.md.
 pub fn gate_q2_markdown(points: &[RoundPoint], spec: &GateQ2Spec) -> String {
     let v = verdict(points, spec);
@@ -204,6 +256,9 @@ pub fn gate_q2_markdown(points: &[RoundPoint], spec: &GateQ2Spec) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Gate Q2: does the trait move over rounds while coherence holds?\n");
     let _ = writeln!(s, "{}\n", v.line);
+    for line in control_verdicts(points, spec) {
+        let _ = writeln!(s, "{line}\n");
+    }
     let _ = writeln!(
         s,
         "Trait axis: {} ({}), coherence floor p_ans_any ≥ {}, tinymfv items per eval: n = {n}. Authority and care \
@@ -217,9 +272,17 @@ pub fn gate_q2_markdown(points: &[RoundPoint], spec: &GateQ2Spec) -> String {
     );
     let _ = writeln!(
         s,
-        "| round | status | authority | care | p_ans_any | json_is_valid | ppx_json | KL spent | cos(v_r, v_0) | cos(student, teacher) | n |"
+        "Every value is shown as `value [95 % interval]`: a seeded bootstrap over vignettes ({} resamples). A Δ \
+         is a paired difference on the same items (this eval − the other, each resample drawing the same \
+         vignettes for both); a move is claimed only when its interval excludes 0. `prev` is the model the \
+         round started from (the last kept round before it, or the base).\n",
+        super::bootstrap::RESAMPLES
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| round | status | authority | Δ authority vs prev | Δ authority vs base | care | Δ care vs base | p_ans_any | Δ p_ans_any vs base | ppx_json | top-1 | informedness | json_is_valid | KL spent | cos(v_r, v_0) | cos(student, teacher) | n |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows: Vec<&RoundPoint> = points.iter().collect();
     rows.sort_by_key(|p| (p.round, p.status != RoundStatus::Base));
     for p in rows {
@@ -228,15 +291,24 @@ pub fn gate_q2_markdown(points: &[RoundPoint], spec: &GateQ2Spec) -> String {
             RoundStatus::Kept => "kept",
             RoundStatus::Dropped => "dropped",
         };
+        let prev = match &p.prev {
+            Some(l) if !p.vs_prev.is_empty() => format!("{} (vs {l})", diff(&p.vs_prev, Stat::Authority)),
+            _ => "—".into(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {status} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {status} | {} | {prev} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             p.round,
-            num(p.authority),
-            num(p.care),
-            num(p.p_ans_any),
+            with_ci(p.authority, &p.ci, Stat::Authority),
+            diff(&p.vs_base, Stat::Authority),
+            with_ci(p.care, &p.ci, Stat::Care),
+            diff(&p.vs_base, Stat::Care),
+            with_ci(p.p_ans_any, &p.ci, Stat::PAnsAny),
+            diff(&p.vs_base, Stat::PAnsAny),
+            with_ci(p.ppx_json, &p.ci, Stat::PpxJson),
+            p.ci.get(&Stat::Top1).map(Interval::show).unwrap_or_else(|| "—".into()),
+            p.ci.get(&Stat::Informedness).map(Interval::show).unwrap_or_else(|| "—".into()),
             opt(p.json_is_valid),
-            num(p.ppx_json),
             opt(p.kl_spent),
             opt(p.cos_teacher_r0),
             opt(p.cos_student_teacher),
@@ -248,8 +320,35 @@ pub fn gate_q2_markdown(points: &[RoundPoint], spec: &GateQ2Spec) -> String {
     s
 }
 
+/// One sentence per round with controls: did steering with the round's vector move the trait more than the
+/// random vector and more than the persona prompt, judged by the paired interval of steered − control?
+fn control_verdicts(points: &[RoundPoint], spec: &GateQ2Spec) -> Vec<String> {
+    let mut rows: Vec<&RoundPoint> = points.iter().filter(|p| !p.controls.is_empty()).collect();
+    rows.sort_by_key(|p| p.round);
+    let axis = spec.axis.name();
+    let mut out = Vec::new();
+    for p in rows {
+        let mut parts = Vec::new();
+        for c in p.controls.iter().filter(|c| c.arm != ControlArm::Steered) {
+            let Some(d) = c.steered_minus.get(&spec.axis.stat()) else { continue };
+            let judged = if spec.direction.moved(d) {
+                format!("the vector moved {axis} more than the {} control", c.arm.name())
+            } else if !(d.lo.is_finite() && d.hi.is_finite()) {
+                format!("not comparable with the {} control", c.arm.name())
+            } else {
+                format!("indistinguishable from (or weaker than) the {} control", c.arm.name())
+            };
+            parts.push(format!("steered − {} = {} → {judged}", c.arm.name(), d.show()));
+        }
+        if !parts.is_empty() {
+            out.push(format!("**Controls, {}** ({axis}): {}.", p.label(), parts.join("; ")));
+        }
+    }
+    out
+}
+
 /// The control arms' table, when any round has them: each arm beside its round's real (healed) point, with the
-/// arm's authority and care relative to that point.
+/// arm's numbers, their paired differences from that point, and steered − arm.
 fn controls_markdown(s: &mut String, points: &[RoundPoint]) {
     let mut rows: Vec<&RoundPoint> = points.iter().filter(|p| !p.controls.is_empty()).collect();
     if rows.is_empty() {
@@ -261,26 +360,34 @@ fn controls_markdown(s: &mut String, points: &[RoundPoint]) {
         "\n## Control arms\n\nThe same eval items under comparison treatments: `steered` = the round's student steered \
          by the round's vector at c*, `random` = steered by a random direction with the same per-layer norms at the \
          same c*, `prompt_only` = unsteered with the positive persona as the system prompt. Δ = arm − the round's \
-         own (real) point.\n"
+         own (real) point; `steered −` = the steered arm − this arm; both paired on the same items, with 95 % \
+         intervals.\n"
     );
     let _ = writeln!(
         s,
-        "| round | arm | coefficient | authority | Δ authority | care | Δ care | p_ans_any | json_is_valid | ppx_json | n |"
+        "| round | arm | coefficient | authority | Δ authority | steered − arm (authority) | care | Δ care | steered − arm (care) | p_ans_any | Δ p_ans_any | json_is_valid | ppx_json | n |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for p in rows {
         for c in &p.controls {
+            let delta = |k: Stat, v: f64, own: f64| match c.vs_round.get(&k) {
+                Some(iv) => iv.show(),
+                None => num(v - own),
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 p.round,
                 c.arm.name(),
                 num(c.coefficient),
-                num(c.authority),
-                num(c.authority - p.authority),
-                num(c.care),
-                num(c.care - p.care),
-                num(c.p_ans_any),
+                with_ci(c.authority, &c.ci, Stat::Authority),
+                delta(Stat::Authority, c.authority, p.authority),
+                diff(&c.steered_minus, Stat::Authority),
+                with_ci(c.care, &c.ci, Stat::Care),
+                delta(Stat::Care, c.care, p.care),
+                diff(&c.steered_minus, Stat::Care),
+                with_ci(c.p_ans_any, &c.ci, Stat::PAnsAny),
+                delta(Stat::PAnsAny, c.p_ans_any, p.p_ans_any),
                 opt(c.json_is_valid),
                 num(c.ppx_json),
                 c.n
@@ -302,9 +409,21 @@ pub fn write_gate_q2(dir: &Path, points: &[RoundPoint], spec: &GateQ2Spec) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::plot::ControlPoint;
 
-    fn pt(round: usize, status: RoundStatus, authority: f64, p_ans_any: f64) -> RoundPoint {
-        RoundPoint {
+    fn iv(value: f64, half: f64) -> Interval {
+        Interval { value, lo: value - half, hi: value + half, resamples: 2000 }
+    }
+
+    /// A point whose paired authority difference from `prev` is `d ± half`.
+    fn pt(
+        round: usize,
+        status: RoundStatus,
+        authority: f64,
+        p_ans_any: f64,
+        d: Option<(f64, f64)>,
+    ) -> RoundPoint {
+        let mut p = RoundPoint {
             round,
             status,
             authority,
@@ -317,76 +436,134 @@ mod tests {
             cos_teacher_r0: None,
             cos_student_teacher: None,
             controls: vec![],
+            ci: Intervals::new(),
+            vs_base: Intervals::new(),
+            vs_prev: Intervals::new(),
+            prev: None,
+        };
+        p.ci.insert(Stat::Authority, iv(authority, 0.05));
+        if let Some((d, half)) = d {
+            p.vs_prev.insert(Stat::Authority, iv(d, half));
+            p.prev = Some(if round == 1 { "base".into() } else { format!("r{}", round - 1) });
         }
+        p
     }
 
     #[test]
-    fn three_falling_coherent_rounds_pass_and_dropped_rounds_are_ignored() {
+    fn three_rounds_that_fell_beyond_their_intervals_pass_and_dropped_rounds_are_ignored() {
         let pts = vec![
-            pt(0, RoundStatus::Base, -2.0, 0.99),
-            pt(1, RoundStatus::Kept, -2.2, 0.98),
-            pt(2, RoundStatus::Dropped, -1.0, 0.50),
-            pt(2, RoundStatus::Kept, -2.3, 0.97),
-            pt(3, RoundStatus::Kept, -2.5, 0.96),
+            pt(0, RoundStatus::Base, -2.0, 0.99, None),
+            pt(1, RoundStatus::Kept, -2.2, 0.98, Some((-0.2, 0.05))),
+            pt(2, RoundStatus::Dropped, -1.0, 0.50, Some((1.0, 0.1))),
+            pt(2, RoundStatus::Kept, -2.3, 0.97, Some((-0.1, 0.05))),
+            pt(3, RoundStatus::Kept, -2.5, 0.96, Some((-0.2, 0.05))),
         ];
         let v = verdict(&pts, &GateQ2Spec::default());
         assert!(v.passed, "{}", v.line);
         assert_eq!(v.run, 3);
         let md = gate_q2_markdown(&pts, &GateQ2Spec::default());
-        assert!(md.contains("| 2 | dropped | -1.000 |"), "{md}");
+        assert!(
+            md.contains("| 2 | dropped | -1.000 [-1.050, -0.950] | 1.000 [0.900, 1.100] (vs r1) |"),
+            "{md}"
+        );
         assert!(md.contains("**Verdict: PASS**"));
+        assert!(
+            md.contains("interval of the difference excluding 0"),
+            "the verdict says what a move means: {md}"
+        );
         assert!(!md.contains("Control arms"), "no controls, no controls table");
     }
 
     #[test]
-    fn control_arms_are_listed_beside_their_round() {
-        use crate::eval::plot::{ControlArm, ControlPoint};
-        let mut r1 = pt(1, RoundStatus::Kept, -2.2, 0.98);
-        let arm = |arm, authority, care| ControlPoint {
-            arm,
-            coefficient: if arm == ControlArm::PromptOnly { 0.0 } else { 4.5 },
-            n: 132,
-            authority,
-            care,
-            p_ans_any: 0.9,
-            ppx_json: 3.5,
-            json_is_valid: None,
-        };
-        r1.controls = vec![
-            arm(ControlArm::Steered, -2.5, -0.8),
-            arm(ControlArm::Random, -2.1, -1.0),
-            arm(ControlArm::PromptOnly, -2.0, -1.25),
+    fn a_fall_inside_its_interval_is_no_move() {
+        // r2's point estimate fell (-2.2 → -2.25), but its paired interval spans 0: the run ends there.
+        let pts = vec![
+            pt(0, RoundStatus::Base, -2.0, 0.99, None),
+            pt(1, RoundStatus::Kept, -2.2, 0.98, Some((-0.2, 0.05))),
+            pt(2, RoundStatus::Kept, -2.25, 0.98, Some((-0.05, 0.08))),
         ];
-        let md = gate_q2_markdown(&[pt(0, RoundStatus::Base, -2.0, 0.99), r1], &GateQ2Spec::default());
-        assert!(md.contains("## Control arms"), "{md}");
-        // Δ authority = -2.5 − (-2.2); Δ care = -0.8 − (-1.0).
+        let v = verdict(&pts, &GateQ2Spec { min_rounds: 1, ..GateQ2Spec::default() });
+        assert_eq!(v.run, 1);
         assert!(
-            md.contains(
-                "| 1 | steered | 4.500 | -2.500 | -0.300 | -0.800 | 0.200 | 0.900 | — | 3.500 | 132 |"
-            ),
-            "{md}"
+            v.line.contains("r2: Δ authority vs r1 = -0.050 [-0.130, 0.030] — no detectable move"),
+            "{}",
+            v.line
         );
-        assert!(md.contains("| 1 | random | 4.500 | -2.100 | 0.100 |"), "{md}");
-        assert!(md.contains("| 1 | prompt_only | 0.000 | -2.000 | 0.200 | -1.250 | -0.250 |"), "{md}");
+        // Without intervals (an old rounds file) nothing can be claimed.
+        let mut old = pts.clone();
+        old[1].vs_prev.clear();
+        let v = verdict(&old, &GateQ2Spec { min_rounds: 1, ..GateQ2Spec::default() });
+        assert!(!v.passed && v.run == 0 && v.line.contains("no paired interval"), "{}", v.line);
     }
 
     #[test]
-    fn coherence_under_the_floor_or_a_reversal_ends_the_run() {
-        let pts = vec![
-            pt(0, RoundStatus::Base, -2.0, 0.99),
-            pt(1, RoundStatus::Kept, -2.2, 0.98),
-            pt(2, RoundStatus::Kept, -2.4, 0.90),
-            pt(3, RoundStatus::Kept, -2.6, 0.97),
+    fn control_arms_are_listed_beside_their_round_with_the_steered_contrast() {
+        let mut r1 = pt(1, RoundStatus::Kept, -2.2, 0.98, Some((-0.2, 0.05)));
+        let arm = |arm, authority, care, steered_minus: Option<(f64, f64)>| {
+            let mut c = ControlPoint {
+                arm,
+                coefficient: if arm == ControlArm::PromptOnly { 0.0 } else { 4.5 },
+                n: 132,
+                authority,
+                care,
+                p_ans_any: 0.9,
+                ppx_json: 3.5,
+                json_is_valid: None,
+                ci: Intervals::new(),
+                vs_round: Intervals::new(),
+                steered_minus: Intervals::new(),
+            };
+            c.vs_round.insert(Stat::Authority, iv(authority - -2.2, 0.04));
+            if let Some((d, h)) = steered_minus {
+                c.steered_minus.insert(Stat::Authority, iv(d, h));
+            }
+            c
+        };
+        r1.controls = vec![
+            arm(ControlArm::Steered, -2.5, -0.8, None),
+            arm(ControlArm::Random, -2.1, -1.0, Some((-0.4, 0.1))),
+            arm(ControlArm::PromptOnly, -2.0, -1.25, Some((-0.5, 0.6))),
         ];
+        let md = gate_q2_markdown(&[pt(0, RoundStatus::Base, -2.0, 0.99, None), r1], &GateQ2Spec::default());
+        assert!(md.contains("## Control arms"), "{md}");
+        // Δ authority = -2.5 − (-2.2) with its interval; Δ care falls back to the point difference.
+        assert!(
+            md.contains("| 1 | steered | 4.500 | -2.500 | -0.300 [-0.340, -0.260] | — | -0.800 | 0.200 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | random | 4.500 | -2.100 | 0.100 [0.060, 0.140] | -0.400 [-0.500, -0.300] |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("steered − random = -0.400 [-0.500, -0.300] → the vector moved authority more than the random control"),
+            "{md}"
+        );
+        assert!(
+            md.contains("steered − prompt_only = -0.500 [-1.100, 0.100] → indistinguishable from (or weaker than) the prompt_only control"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn coherence_under_the_relative_floor_ends_the_run() {
+        let pts = vec![
+            pt(0, RoundStatus::Base, -2.0, 0.30, None),
+            pt(1, RoundStatus::Kept, -2.2, 0.29, Some((-0.2, 0.05))),
+            pt(2, RoundStatus::Kept, -2.4, 0.27, Some((-0.2, 0.05))),
+        ];
+        // 0.95 × 0.30 = 0.285: r1 holds, r2 does not.
         let v = verdict(&pts, &GateQ2Spec::default());
-        assert!(!v.passed);
         assert_eq!(v.run, 1);
-        assert!(v.line.contains("r2 p_ans_any 0.900 is under the floor"), "{}", v.line);
-        let rising = vec![pt(0, RoundStatus::Base, -2.0, 0.99), pt(1, RoundStatus::Kept, -1.9, 0.99)];
-        let v = verdict(&rising, &GateQ2Spec::default());
-        assert_eq!(v.run, 0);
-        assert!(v.line.contains("did not follow"));
-        let up = GateQ2Spec { direction: Direction::Increase, min_rounds: 1, ..GateQ2Spec::default() };
-        assert!(verdict(&rising, &up).passed);
+        assert!(
+            v.line.contains("r2 p_ans_any 0.270 is under the floor 0.95 × base 0.300 = 0.285"),
+            "{}",
+            v.line
+        );
+        let abs = GateQ2Spec { floor: CoherenceFloor::Absolute(0.2), min_rounds: 2, ..GateQ2Spec::default() };
+        assert!(verdict(&pts, &abs).passed);
+        let up = GateQ2Spec { direction: Direction::Increase, min_rounds: 1, ..abs };
+        let v = verdict(&pts, &up);
+        assert!(!v.passed && v.line.contains("moved down"), "{}", v.line);
     }
 }

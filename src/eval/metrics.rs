@@ -156,6 +156,120 @@ fn informedness(truth: &[usize], pred: &[usize]) -> f64 {
     mean(js.into_iter())
 }
 
+/// What one row contributes to the headline numbers, computed once so a bootstrap can re-aggregate resampled
+/// rows without redoing the per-row work.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSummary {
+    /// The row's seven-way distribution (None: not scored).
+    pub p: Option<[f64; 7]>,
+    /// Its answer mass (NaN when no frame has one).
+    pub pmass: f64,
+    /// Mean prefill NLL over its frames (NaN when none).
+    pub nll: f64,
+    /// Row-normalised human distribution (None: unlabelled).
+    pub human: Option<[f64; 7]>,
+}
+
+impl RowSummary {
+    /// The summary of one row.
+    pub fn of(row: &RowRecord) -> Self {
+        RowSummary {
+            p: row_p(row),
+            pmass: row_pmass(row),
+            nll: finite_mean(row.frames.iter().map(|f| f.nll_json)),
+            human: human_dist(&row.human),
+        }
+    }
+}
+
+/// The numbers aggregated over a set of rows (every headline metric but the case counts and json_is_valid).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregate {
+    /// Rows.
+    pub n_rows: usize,
+    /// Scored rows.
+    pub n_scored: usize,
+    /// Scored and labelled rows.
+    pub n_labeled: usize,
+    /// Mean seven-way probability over scored rows.
+    pub profile: [f64; 7],
+    /// Mean human distribution over labelled rows.
+    pub human_profile: [f64; 7],
+    /// Mean answer mass.
+    pub p_ans_any: f64,
+    /// exp of the mean prefill NLL.
+    pub ppx_json: f64,
+    /// Top-1 agreement with the human argmax.
+    pub top1_acc: f64,
+    /// Macro informedness.
+    pub informedness: f64,
+    /// Mean soft cross-entropy.
+    pub mean_soft_nll: f64,
+}
+
+impl Aggregate {
+    /// ln p(Authority).
+    pub fn authority(&self) -> f64 {
+        self.profile[Foundation::Authority.index()].ln()
+    }
+    /// ln p(Care).
+    pub fn care(&self) -> f64 {
+        self.profile[Foundation::Care.index()].ln()
+    }
+}
+
+/// Aggregate row summaries (a row may appear more than once: bootstrap resamples repeat rows).
+pub fn aggregate<'a>(rows: impl Iterator<Item = &'a RowSummary> + Clone) -> Aggregate {
+    let mut n_rows = 0usize;
+    let (mut prof, mut n_scored) = ([0.0f64; 7], 0usize);
+    let (mut hprof, mut n_human) = ([0.0f64; 7], 0usize);
+    let (mut pm, mut n_pm, mut nll, mut n_nll) = (0.0f64, 0usize, 0.0f64, 0usize);
+    let (mut truth, mut pred, mut soft) = (Vec::new(), Vec::new(), 0.0f64);
+    for r in rows {
+        n_rows += 1;
+        if let Some(p) = &r.p {
+            n_scored += 1;
+            for k in 0..7 {
+                prof[k] += p[k];
+            }
+        }
+        if let Some(h) = &r.human {
+            n_human += 1;
+            for k in 0..7 {
+                hprof[k] += h[k];
+            }
+        }
+        if r.pmass.is_finite() {
+            pm += r.pmass;
+            n_pm += 1;
+        }
+        if r.nll.is_finite() {
+            nll += r.nll;
+            n_nll += 1;
+        }
+        if let (Some(p), Some(h)) = (&r.p, &r.human) {
+            truth.push(argmax7(h));
+            pred.push(argmax7(p));
+            soft += -(0..7).map(|k| h[k] * p[k].clamp(1e-12, 1.0).ln()).sum::<f64>();
+        }
+    }
+    let div = |x: f64, n: usize| if n == 0 { f64::NAN } else { x / n as f64 };
+    let n_labeled = truth.len();
+    let hits = truth.iter().zip(&pred).filter(|(t, p)| t == p).count();
+    Aggregate {
+        n_rows,
+        n_scored,
+        n_labeled,
+        profile: prof.map(|x| div(x, n_scored)),
+        human_profile: hprof.map(|x| div(x, n_human)),
+        p_ans_any: div(pm, n_pm),
+        ppx_json: div(nll, n_nll).exp(),
+        top1_acc: div(hits as f64, n_labeled),
+        informedness: if truth.is_empty() { f64::NAN } else { informedness(&truth, &pred) },
+        mean_soft_nll: div(soft, n_labeled),
+    }
+}
+
 /// All metrics from the raw rows; `json_is_valid` comes from the separate free-generation probe.
 pub fn compute_metrics(rows: &[RowRecord], json_is_valid: Option<f64>) -> Metrics {
     let mut cases = CaseCounts::default();
@@ -166,41 +280,21 @@ pub fn compute_metrics(rows: &[RowRecord], json_is_valid: Option<f64>) -> Metric
             AnswerCase::AnsweredElsewhere => cases.answered_elsewhere += 1,
         }
     }
-    let ps: Vec<Option<[f64; 7]>> = rows.iter().map(row_p).collect();
-    let scored: Vec<&[f64; 7]> = ps.iter().flatten().collect();
-    let mut profile = [f64::NAN; 7];
-    for (k, slot) in profile.iter_mut().enumerate() {
-        *slot = mean(scored.iter().map(|p| p[k]));
-    }
-    let humans: Vec<[f64; 7]> = rows.iter().filter_map(|r| human_dist(&r.human)).collect();
-    let mut human_profile = [f64::NAN; 7];
-    for (k, slot) in human_profile.iter_mut().enumerate() {
-        *slot = mean(humans.iter().map(|h| h[k]));
-    }
-    let p_ans_any = finite_mean(rows.iter().map(row_pmass));
-    let mean_nll = finite_mean(rows.iter().map(|r| finite_mean(r.frames.iter().map(|f| f.nll_json))));
-    let (mut truth, mut pred, mut soft) = (Vec::new(), Vec::new(), Vec::new());
-    for (row, p) in rows.iter().zip(&ps) {
-        if let (Some(p), Some(h)) = (p, human_dist(&row.human)) {
-            truth.push(argmax7(&h));
-            pred.push(argmax7(p));
-            soft.push(-(0..7).map(|k| h[k] * p[k].clamp(1e-12, 1.0).ln()).sum::<f64>());
-        }
-    }
-    let top1_acc = mean(truth.iter().zip(&pred).map(|(t, p)| if t == p { 1.0 } else { 0.0 }));
+    let summaries: Vec<RowSummary> = rows.iter().map(RowSummary::of).collect();
+    let a = aggregate(summaries.iter());
     Metrics {
-        n_rows: rows.len(),
-        n_scored: scored.len(),
-        n_labeled: truth.len(),
-        profile,
-        human_profile,
-        authority: profile[Foundation::Authority.index()].ln(),
-        care: profile[Foundation::Care.index()].ln(),
-        p_ans_any,
-        ppx_json: mean_nll.exp(),
-        top1_acc,
-        informedness: if truth.is_empty() { f64::NAN } else { informedness(&truth, &pred) },
-        mean_soft_nll: mean(soft.into_iter()),
+        n_rows: a.n_rows,
+        n_scored: a.n_scored,
+        n_labeled: a.n_labeled,
+        profile: a.profile,
+        human_profile: a.human_profile,
+        authority: a.authority(),
+        care: a.care(),
+        p_ans_any: a.p_ans_any,
+        ppx_json: a.ppx_json,
+        top1_acc: a.top1_acc,
+        informedness: a.informedness,
+        mean_soft_nll: a.mean_soft_nll,
         json_is_valid,
         cases,
     }

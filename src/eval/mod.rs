@@ -6,12 +6,14 @@
 //! - `protocol`: prompts, suffix, answer-token ids, think classification.
 //! - `runner`: batched, cached scoring of a model → `EvalReport`.
 //! - `metrics`: every headline number from the raw rows.
+//! - `bootstrap`: 95 % intervals over vignettes, and paired differences of two evals of the same items.
 //! - `json_probe`: the json_is_valid free-generation probe.
 //! - `report`: `eval.json` (save, load, recompute).
 //! - `plot`: `RoundPoint` (with its control arms) and the progress map.
 //! - `gate_q2`: `gate-q2.md` and the monotonic-with-coherence verdict.
 //! - `samples`: a few items of a report (think text, answer probabilities) for the iterate screen.
 
+pub mod bootstrap;
 pub mod data;
 pub mod gate_q2;
 pub mod json_probe;
@@ -22,6 +24,7 @@ pub mod report;
 pub mod runner;
 pub mod samples;
 
+pub use bootstrap::{Interval, Intervals, Stat};
 pub use data::{Condition, Foundation, Variant, FOUNDATIONS};
 pub use gate_q2::{verdict, write_gate_q2, CoherenceFloor, Direction, GateQ2Spec, TraitAxis, Verdict};
 pub use metrics::{compute_metrics, Metrics};

@@ -6,12 +6,14 @@
 //! Text in the PNG is drawn with DejaVu Sans embedded in the binary (plotters' `ab_glyph` feature needs a
 //! registered font; see `font/LICENSE`); the SVG names the font family and leaves rendering to the viewer.
 
+use super::bootstrap::{Intervals, Stat};
 use super::metrics::Metrics;
 use super::report::{nan_f64, opt_f64};
 use crate::error::{Error, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -71,6 +73,18 @@ pub struct RoundPoint {
     /// without controls, and in rounds files written before controls existed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controls: Vec<ControlPoint>,
+    /// 95 % intervals over vignettes of this eval's numbers (empty in rounds files written before them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ci: Intervals,
+    /// Paired difference this − the base, on the same items (empty for the base, or when not comparable).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vs_base: Intervals,
+    /// Paired difference this − the previous point of the trajectory (the model this round started from).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vs_prev: Intervals,
+    /// Label of that previous point (`base`, `r2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
 }
 
 /// A control arm of a round: what the same eval items say under a comparison treatment.
@@ -135,6 +149,16 @@ pub struct ControlPoint {
     /// Fraction of json probes that parsed (None: not run).
     #[serde(with = "opt_f64", default)]
     pub json_is_valid: Option<f64>,
+    /// 95 % intervals over vignettes of the arm's numbers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ci: Intervals,
+    /// Paired difference arm − the round's own (healed) point.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vs_round: Intervals,
+    /// Paired difference steered arm − this arm (random and prompt-only arms): did steering with the round's
+    /// vector move the numbers more than this control did?
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub steered_minus: Intervals,
 }
 
 impl ControlPoint {
@@ -149,6 +173,9 @@ impl ControlPoint {
             p_ans_any: m.p_ans_any,
             ppx_json: m.ppx_json,
             json_is_valid: m.json_is_valid,
+            ci: Intervals::new(),
+            vs_round: Intervals::new(),
+            steered_minus: Intervals::new(),
         }
     }
 
@@ -181,6 +208,10 @@ impl RoundPoint {
             cos_teacher_r0: None,
             cos_student_teacher: None,
             controls: Vec::new(),
+            ci: Intervals::new(),
+            vs_base: Intervals::new(),
+            vs_prev: Intervals::new(),
+            prev: None,
         }
     }
 
@@ -279,6 +310,28 @@ fn arm_shape(arm: ControlArm, (x, y): (i32, i32)) -> Vec<(i32, i32)> {
     }
 }
 
+/// The 95 % interval bars of a point on the map: authority's horizontal, care's vertical (only those whose ends
+/// are finite).
+fn map_bars(ci: &Intervals, x: f64, y: f64) -> Vec<Vec<(f64, f64)>> {
+    let mut out = Vec::new();
+    if let Some(iv) = ci.get(&Stat::Authority).filter(|iv| iv.lo.is_finite() && iv.hi.is_finite()) {
+        out.push(vec![(iv.lo, y), (iv.hi, y)]);
+    }
+    if let Some(iv) = ci.get(&Stat::Care).filter(|iv| iv.lo.is_finite() && iv.hi.is_finite()) {
+        out.push(vec![(x, iv.lo), (x, iv.hi)]);
+    }
+    out
+}
+
+/// The interval ends of one stat over points and their arms (for the axis ranges).
+fn ci_ends(points: &[RoundPoint], k: Stat) -> Vec<f64> {
+    let ends = |ci: &Intervals| ci.get(&k).map(|iv| vec![iv.lo, iv.hi]).unwrap_or_default();
+    points
+        .iter()
+        .flat_map(|p| ends(&p.ci).into_iter().chain(p.controls.iter().flat_map(|c| ends(&c.ci))))
+        .collect()
+}
+
 /// Every round's control points of one arm, with their round.
 fn arm_points(points: &[RoundPoint], arm: ControlArm) -> Vec<(&RoundPoint, &ControlPoint)> {
     points.iter().flat_map(|p| p.controls.iter().filter(move |c| c.arm == arm).map(move |c| (p, c))).collect()
@@ -298,9 +351,18 @@ type DrawResult<DB> = std::result::Result<(), DrawingAreaErrorKind<<DB as Drawin
 fn draw_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, points: &[RoundPoint]) -> DrawResult<DB> {
     let n = points.iter().map(|p| p.n).max().unwrap_or(0);
     let controls = || points.iter().flat_map(|p| p.controls.iter());
-    let (x0, x1) =
-        padded_range(points.iter().map(|p| p.authority).chain(controls().map(|c| c.authority)), 0.2);
-    let (y0, y1) = padded_range(points.iter().map(|p| p.care).chain(controls().map(|c| c.care)), 0.2);
+    let (x0, x1) = padded_range(
+        points
+            .iter()
+            .map(|p| p.authority)
+            .chain(controls().map(|c| c.authority))
+            .chain(ci_ends(points, Stat::Authority)),
+        0.2,
+    );
+    let (y0, y1) = padded_range(
+        points.iter().map(|p| p.care).chain(controls().map(|c| c.care)).chain(ci_ends(points, Stat::Care)),
+        0.2,
+    );
     let mut chart = ChartBuilder::on(area)
         .caption(format!("Progress map (tinymfv, n = {n} items)"), ("sans-serif", 22))
         .margin(12)
@@ -322,6 +384,25 @@ fn draw_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, points: &[RoundPo
         .draw_series(LineSeries::new(traj.clone(), KEPT.stroke_width(2)))?
         .label("base → kept rounds")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], KEPT.stroke_width(2)));
+    // 95 % intervals (bootstrap over vignettes) as error bars in each point's colour, drawn beneath the markers.
+    let mut bars: Vec<(Vec<(f64, f64)>, RGBColor)> = Vec::new();
+    for p in points.iter().filter(|p| p.authority.is_finite() && p.care.is_finite()) {
+        let c = match p.status {
+            RoundStatus::Base => BLACK,
+            RoundStatus::Kept => KEPT,
+            RoundStatus::Dropped => DROPPED,
+        };
+        bars.extend(map_bars(&p.ci, p.authority, p.care).into_iter().map(|b| (b, c)));
+        for a in p.controls.iter().filter(|a| a.on_map()) {
+            bars.extend(map_bars(&a.ci, a.authority, a.care).into_iter().map(|b| (b, arm_color(a.arm))));
+        }
+    }
+    if !bars.is_empty() {
+        chart
+            .draw_series(bars.into_iter().map(|(b, c)| PathElement::new(b, c.mix(0.6).stroke_width(1))))?
+            .label("95 % intervals (bootstrap over vignettes)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6).stroke_width(1)));
+    }
     chart.draw_series(
         trajectory(points).into_iter().filter(|p| p.authority.is_finite() && p.care.is_finite()).map(|p| {
             let c = if p.status == RoundStatus::Base { BLACK } else { KEPT };
@@ -434,6 +515,13 @@ fn draw_coherence<DB: DrawingBackend>(
         .label(format!("floor {floor}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FLOOR_C.stroke_width(2)));
     draw_over_rounds(&mut rates, points, |p| Some(p.p_ans_any), KEPT, "p_ans_any")?;
+    // p_ans_any's 95 % intervals as vertical bars at each round.
+    rates.draw_series(points.iter().filter_map(|p| {
+        let iv = p.ci.get(&Stat::PAnsAny).filter(|iv| iv.lo.is_finite() && iv.hi.is_finite())?;
+        let c = if p.status == RoundStatus::Dropped { DROPPED } else { KEPT };
+        let x = p.round as f64;
+        Some(PathElement::new(vec![(x, iv.lo), (x, iv.hi)], c.mix(0.6).stroke_width(1)))
+    }))?;
     draw_over_rounds(&mut rates, points, |p| p.json_is_valid, JSON_C, "json_is_valid")?;
     // The control arms' answer mass at their round, with the map's markers (the map's legend names them).
     for arm in ControlArm::ALL {

@@ -220,6 +220,10 @@ pub struct EvalReport {
     pub answer_token_ids: [u32; 7],
     /// Headline metrics (recomputable from `rows` and `json_probe`).
     pub metrics: Metrics,
+    /// 95 % bootstrap intervals over vignettes of the headline numbers (`bootstrap::intervals` of `rows`;
+    /// empty in reports written before intervals existed).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub intervals: super::bootstrap::Intervals,
     /// Raw per-item results.
     pub rows: Vec<RowRecord>,
     /// The json_is_valid probe outputs, when run.
@@ -232,6 +236,15 @@ impl EvalReport {
     /// Metrics recomputed from the raw rows (what an offline re-analysis gets).
     pub fn recompute_metrics(&self) -> Metrics {
         compute_metrics(&self.rows, self.json_probe.as_ref().map(JsonProbeReport::fraction_valid))
+    }
+
+    /// The report's intervals: as stored, or computed from the rows for a report written without them.
+    pub fn intervals(&self) -> super::bootstrap::Intervals {
+        if self.intervals.is_empty() {
+            super::bootstrap::intervals(&self.rows)
+        } else {
+            self.intervals.clone()
+        }
     }
 
     /// Write `dir/eval.json` atomically; returns its path.

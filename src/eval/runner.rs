@@ -303,6 +303,7 @@ pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) ->
         weights_hash: m.weights_hash.to_string(),
         config: cfg.clone(),
         answer_token_ids: ids,
+        intervals: super::bootstrap::intervals(&rows),
         metrics,
         rows,
         json_probe,

@@ -141,6 +141,7 @@ mod tests {
             config: EvalConfig { n_vignettes: Some(4), ..EvalConfig::default() },
             answer_token_ids: [0; 7],
             metrics: crate::eval::compute_metrics(&rows, None),
+            intervals: Default::default(),
             rows,
             json_probe: None,
             timings: Timings::default(),

@@ -1210,13 +1210,22 @@ pub fn fork(o: &mut session::Opened, from_round: u32, branch: &str) -> Result<()
 }
 
 fn points(layout: &SessionDir, lin: &Lineage) -> Result<Vec<RoundPoint>> {
+    use eval::bootstrap::paired_difference;
+    // A pair of evals of different items (a changed --eval-n) has no paired difference: the tables show "—".
+    let paired = |a: &EvalReport, b: &EvalReport| paired_difference(&a.rows, &b.rows).unwrap_or_default();
     let mut points = Vec::new();
-    if lin.is_done(0, Stage::Eval) {
+    let base = if lin.is_done(0, Stage::Eval) {
         let r = EvalReport::load(&layout.round(0).eval().abs)?;
         let mut p = RoundPoint::from_metrics(0, RoundStatus::Base, &r.metrics);
         p.kl_spent = Some(0.0);
+        p.ci = r.intervals();
         points.push(p);
-    }
+        Some(r)
+    } else {
+        None
+    };
+    // The model each round started from: the last kept round before it, else the base.
+    let mut prev: Option<(String, EvalReport)> = base.as_ref().map(|b| ("base".to_string(), b.clone()));
     let mut spent = 0.0;
     for (round, (keep, _)) in &lin.verdicts {
         if !lin.is_done(*round, Stage::Eval) {
@@ -1237,10 +1246,35 @@ fn points(layout: &SessionDir, lin: &Lineage) -> Result<Vec<RoundPoint>> {
         p.kl_spent = Some(spent + if kept { 0.0 } else { rec.kl });
         p.cos_teacher_r0 = rec.cos_teacher_r0;
         p.cos_student_teacher = rec.cos_student_teacher;
+        p.ci = r.intervals();
+        if let Some(b) = &base {
+            p.vs_base = paired(&r, b);
+        }
+        if let Some((label, pr)) = &prev {
+            p.vs_prev = paired(&r, pr);
+            p.prev = Some(label.clone());
+        }
         if lin.is_done(*round, Stage::Controls) {
             p.controls = eval::plot::load_controls(&rd.controls().abs)?;
+            let arms: Vec<EvalReport> = p
+                .controls
+                .iter()
+                .map(|c| EvalReport::load(&rd.control_dir(c.arm.name())))
+                .collect::<Result<_>>()?;
+            let steered = p.controls.iter().zip(&arms).find(|(c, _)| c.arm == ControlArm::Steered);
+            let steered = steered.map(|(_, r)| r.clone());
+            for (c, arm) in p.controls.iter_mut().zip(&arms) {
+                c.ci = arm.intervals();
+                c.vs_round = paired(arm, &r);
+                if let (Some(st), true) = (&steered, c.arm != ControlArm::Steered) {
+                    c.steered_minus = paired(st, arm);
+                }
+            }
         }
         points.push(p);
+        if kept {
+            prev = Some((format!("r{round}"), r));
+        }
     }
     Ok(points)
 }

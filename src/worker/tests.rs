@@ -544,6 +544,7 @@ fn eval_samples_are_read_from_each_rounds_eval_json() {
             config: EvalConfig { n_vignettes: Some(9), ..EvalConfig::default() },
             answer_token_ids: [0; 7],
             metrics: crate::eval::compute_metrics(&rows, None),
+            intervals: Default::default(),
             rows,
             json_probe: None,
             timings: Timings::default(),

@@ -779,6 +779,10 @@ fn point(round: usize, status: crate::eval::RoundStatus, auth: f64) -> crate::ev
         cos_teacher_r0: None,
         cos_student_teacher: None,
         controls: vec![],
+        ci: Default::default(),
+        vs_base: Default::default(),
+        vs_prev: Default::default(),
+        prev: None,
     }
 }
 

@@ -8,7 +8,7 @@ use super::super::app::iterate::IterateView;
 use super::super::app::State;
 use super::clip;
 use crate::eval::protocol::AnswerCase;
-use crate::eval::{ControlArm, EvalSample, RoundPoint, RoundStatus, FOUNDATIONS};
+use crate::eval::{ControlArm, EvalSample, Interval, RoundPoint, RoundStatus, Stat, FOUNDATIONS};
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -76,15 +76,63 @@ fn arm_xy(v: &IterateView, arm: ControlArm) -> Xy {
         .collect()
 }
 
+/// The 95 % interval bars of every round with intervals: authority horizontal, care vertical, each a two-point
+/// line.
+fn interval_bars(v: &IterateView) -> Vec<Xy> {
+    let mut out = Vec::new();
+    for p in v.points.iter().filter(|p| p.authority.is_finite() && p.care.is_finite()) {
+        if let Some(iv) = p.ci.get(&Stat::Authority).filter(|iv| iv.lo.is_finite() && iv.hi.is_finite()) {
+            out.push(vec![(iv.lo, p.care), (iv.hi, p.care)]);
+        }
+        if let Some(iv) = p.ci.get(&Stat::Care).filter(|iv| iv.lo.is_finite() && iv.hi.is_finite()) {
+            out.push(vec![(p.authority, iv.lo), (p.authority, iv.hi)]);
+        }
+    }
+    out
+}
+
+/// A paired difference as `-0.12[-0.18,-0.06]↓`: ↓/↑ when its 95 % interval excludes 0, `·` when it spans 0.
+fn delta(d: Option<&Interval>) -> String {
+    match d {
+        Some(d) if d.value.is_finite() && d.lo.is_finite() && d.hi.is_finite() => {
+            let mark = if d.hi < 0.0 {
+                "↓"
+            } else if d.lo > 0.0 {
+                "↑"
+            } else {
+                "·"
+            };
+            format!("{:+.2}[{:+.2},{:+.2}]{mark}", d.value, d.lo, d.hi)
+        }
+        _ => "–".into(),
+    }
+}
+
 fn chart(v: &IterateView, area: Rect, buf: &mut Buffer) {
     let (path, other) = split(v);
+    let bars = interval_bars(v);
     let selected: Vec<(f64, f64)> = v.current().map(|p| vec![(p.authority, p.care)]).unwrap_or_default();
     let arms: Vec<(ControlArm, Xy)> =
         ControlArm::ALL.into_iter().map(|a| (a, arm_xy(v, a))).filter(|(_, xy)| !xy.is_empty()).collect();
     let controls = || arms.iter().flat_map(|(_, xy)| xy.iter().copied());
-    let xb = bounds(v.points.iter().map(|p| p.authority).chain(controls().map(|c| c.0)));
-    let yb = bounds(v.points.iter().map(|p| p.care).chain(controls().map(|c| c.1)));
-    let mut datasets = vec![
+    let bar_ends = || bars.iter().flat_map(|b| b.iter().copied());
+    let xb = bounds(
+        v.points.iter().map(|p| p.authority).chain(controls().map(|c| c.0)).chain(bar_ends().map(|b| b.0)),
+    );
+    let yb =
+        bounds(v.points.iter().map(|p| p.care).chain(controls().map(|c| c.1)).chain(bar_ends().map(|b| b.1)));
+    // The interval bars first, so every marker draws over them.
+    let mut datasets: Vec<Dataset> = bars
+        .iter()
+        .map(|b| {
+            Dataset::default()
+                .marker(Marker::Braille)
+                .graph_type(GraphType::Line)
+                .style(Style::default().fg(Color::DarkGray))
+                .data(b)
+        })
+        .collect();
+    datasets.extend([
         Dataset::default()
             .name("kept")
             .marker(Marker::Braille)
@@ -97,7 +145,7 @@ fn chart(v: &IterateView, area: Rect, buf: &mut Buffer) {
             .graph_type(GraphType::Scatter)
             .style(Style::default().fg(Color::Red))
             .data(&other),
-    ];
+    ]);
     // Control arms under the selected marker, so the selection stays visible where they coincide.
     for (arm, xy) in &arms {
         let (mark, color, name) = arm_style(*arm);
@@ -130,6 +178,10 @@ fn chart(v: &IterateView, area: Rect, buf: &mut Buffer) {
         legend.push(Span::raw(" "));
         legend.push(Span::styled(format!("{mark}{name}"), Style::default().fg(color)));
     }
+    if !bars.is_empty() {
+        legend.push(Span::raw(" "));
+        legend.push(Span::styled("⣀95%", Style::default().fg(Color::DarkGray)));
+    }
     legend.push(Span::raw(" "));
     legend.push(Span::styled("█selected ", Style::default().fg(Color::Yellow)));
     let label = |b: [f64; 2]| vec![Line::from(format!("{:.2}", b[0])), Line::from(format!("{:.2}", b[1]))];
@@ -156,15 +208,28 @@ fn status(v: &IterateView, p: &RoundPoint) -> String {
 }
 
 fn table(v: &IterateView, area: Rect, buf: &mut Buffer) {
-    let header =
-        Row::new(["", "round", "status", "auth", "care", "p_ans", "json", "ppx", "KL", "cos v0", "cos sh"])
-            .style(Style::default().add_modifier(Modifier::BOLD));
+    let header = Row::new([
+        "",
+        "round",
+        "status",
+        "auth",
+        "Δauth vs prev 95%",
+        "care",
+        "p_ans",
+        "json",
+        "ppx",
+        "KL",
+        "cos v0",
+        "cos sh",
+    ])
+    .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = v.points.iter().enumerate().map(|(i, p)| {
         let row = Row::new(vec![
             if i == v.selected { "›".to_string() } else { " ".to_string() },
             p.round.to_string(),
             status(v, p),
             fmt(p.authority),
+            delta(p.vs_prev.get(&Stat::Authority)),
             fmt(p.care),
             fmt(p.p_ans_any),
             fmt_opt(p.json_is_valid),
@@ -184,6 +249,7 @@ fn table(v: &IterateView, area: Rect, buf: &mut Buffer) {
         Constraint::Length(5),
         Constraint::Length(11),
         Constraint::Length(7),
+        Constraint::Length(19),
         Constraint::Length(7),
         Constraint::Length(6),
         Constraint::Length(6),
@@ -331,6 +397,26 @@ fn samples(s: &State, v: &IterateView, area: Rect, buf: &mut Buffer) {
         p.ppx_json,
         Style::default().fg(Color::Cyan),
     ));
+    let span = |ci: &crate::eval::Intervals, k: Stat| {
+        ci.get(&k)
+            .filter(|iv| iv.lo.is_finite() && iv.hi.is_finite())
+            .map(|iv| format!("[{:.2},{:.2}]", iv.lo, iv.hi))
+            .unwrap_or_else(|| "–".into())
+    };
+    if !p.ci.is_empty() {
+        lines.push(Line::styled(
+            clip(
+                &format!(
+                    "  95%: auth {} care {} p_ans {}",
+                    span(&p.ci, Stat::Authority),
+                    span(&p.ci, Stat::Care),
+                    span(&p.ci, Stat::PAnsAny)
+                ),
+                w,
+            ),
+            dim,
+        ));
+    }
     for c in &p.controls {
         let (mark, color, name) = arm_style(c.arm);
         lines.push(metrics_row(
@@ -339,6 +425,14 @@ fn samples(s: &State, v: &IterateView, area: Rect, buf: &mut Buffer) {
             c.care,
             c.p_ans_any,
             c.ppx_json,
+            Style::default().fg(color),
+        ));
+    }
+    // Did steering with the vector move authority more than each control? (paired, 95 %)
+    for c in p.controls.iter().filter(|c| !c.steered_minus.is_empty()) {
+        let (_, color, name) = arm_style(c.arm);
+        lines.push(Line::styled(
+            clip(&format!("  steered−{name} Δauth {}", delta(c.steered_minus.get(&Stat::Authority))), w),
             Style::default().fg(color),
         ));
     }
