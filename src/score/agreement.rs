@@ -7,6 +7,7 @@
 //! - Cohen's kappa of blind re-decisions: `κ = (p_o − p_e) / (1 − p_e)`, `p_e = Σ_label p_first · p_second`.
 
 use super::{ScoreCard, Verdict};
+use crate::stats::{bootstrap, wilson, Interval};
 use serde::{Deserialize, Serialize};
 
 /// One human-labelled item: its automatic scores and whether the researcher accepted it.
@@ -73,6 +74,14 @@ impl Confusion {
     /// (TP + TN) / n; `None` when empty.
     pub fn agreement(&self) -> Option<f64> {
         ratio(self.tp + self.tn, self.total())
+    }
+    /// Precision with its 95 % Wilson interval (NaN when the filter kept nothing).
+    pub fn precision_ci(&self) -> Interval {
+        wilson(self.tp, self.tp + self.fp)
+    }
+    /// Recall with its 95 % Wilson interval (NaN when the researcher accepted nothing).
+    pub fn recall_ci(&self) -> Interval {
+        wilson(self.tp, self.tp + self.fn_)
     }
     /// Mean of the true-positive and true-negative rates; `None` unless both classes occur.
     pub fn balanced_accuracy(&self) -> Option<f64> {
@@ -224,6 +233,24 @@ pub fn cohen_kappa(pairs: &[(bool, bool)]) -> Option<f64> {
     Some((agree - pe) / (1.0 - pe))
 }
 
+/// Cohen's kappa with a 95 % bootstrap interval over the re-shown items (resamples where κ is undefined are left
+/// out); `None` when κ itself is undefined.
+pub fn cohen_kappa_ci(pairs: &[(bool, bool)]) -> Option<Interval> {
+    cohen_kappa(pairs)?;
+    Some(bootstrap(pairs.len(), |idx| {
+        let sample: Vec<(bool, bool)> = idx.iter().map(|i| pairs[*i]).collect();
+        cohen_kappa(&sample).unwrap_or(f64::NAN)
+    }))
+}
+
+/// A proportion as `80 % [49–94 %]` (`–` when undefined).
+pub fn pct_ci(iv: &Interval) -> String {
+    if !iv.value.is_finite() {
+        return "–".into();
+    }
+    format!("{:.0} % [{:.0}–{:.0} %]", iv.value * 100.0, iv.lo * 100.0, iv.hi * 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +322,22 @@ mod tests {
         assert_eq!(cohen_kappa(&[(true, true), (true, true)]), None);
         assert_eq!(cohen_kappa(&[(true, false), (false, true)]), Some(-1.0));
         assert_eq!(cohen_kappa(&[]), None);
+        // Its interval holds the value and stays within [-1, 1]; ten agreeing pairs more make it narrower.
+        let iv = cohen_kappa_ci(&pairs).expect("defined");
+        assert!((iv.value - 0.6).abs() < 1e-12 && iv.lo < 0.6 && iv.hi <= 1.0 && iv.lo >= -1.0, "{iv:?}");
+        let mut more = pairs.clone();
+        for _ in 0..4 {
+            more.extend_from_slice(&pairs);
+        }
+        assert!(cohen_kappa_ci(&more).expect("defined").width() < iv.width());
+        assert!(cohen_kappa_ci(&[(true, true)]).is_none());
+    }
+
+    #[test]
+    fn precision_and_recall_carry_wilson_intervals() {
+        let c = Confusion { tp: 8, fp: 2, fn_: 0, tn: 5 };
+        assert_eq!(pct_ci(&c.precision_ci()), "80 % [49–94 %]");
+        assert_eq!(pct_ci(&c.recall_ci()), "100 % [68–100 %]");
+        assert_eq!(pct_ci(&Confusion::default().precision_ci()), "–");
     }
 }

@@ -2,7 +2,7 @@
 //! against the researcher, the confusion table, the best-separating threshold per score, self-consistency
 //! (Cohen's kappa) and example kept and dropped rows. A pure function of its inputs; the session writes it.
 
-use super::agreement::{best_threshold, cohen_kappa, fmt_threshold, Confusion, Feature, Labeled};
+use super::agreement::{best_threshold, cohen_kappa_ci, fmt_threshold, pct_ci, Confusion, Feature, Labeled};
 use super::{FilterThresholds, ReasonKind, ScoreCard, Verdict};
 use std::fmt::Write as _;
 
@@ -112,9 +112,9 @@ pub fn render_gate_q0(g: &GateInputs) -> String {
     let _ = writeln!(s, "## Automatic filter vs researcher\n");
     let _ = writeln!(
         s,
-        "Precision {} · recall {} · agreement {} (positive = keep; n = {})\n",
-        pct(conf.precision()),
-        pct(conf.recall()),
+        "Precision {} · recall {} · agreement {} (positive = keep; n = {}; 95 % Wilson intervals)\n",
+        pct_ci(&conf.precision_ci()),
+        pct_ci(&conf.recall_ci()),
         pct(conf.agreement()),
         conf.total()
     );
@@ -158,8 +158,10 @@ pub fn render_gate_q0(g: &GateInputs) -> String {
         let _ = writeln!(s, "No items re-shown yet.");
     } else {
         let same = g.reshow.iter().filter(|(a, b)| a == b).count();
-        let kappa = cohen_kappa(&g.reshow)
-            .map(|k| format!("{k:.2}"))
+        let kappa = cohen_kappa_ci(&g.reshow)
+            .map(|k| {
+                format!("{:.2} [{:.2}, {:.2}] (95 % bootstrap over the re-shown items)", k.value, k.lo, k.hi)
+            })
             .unwrap_or_else(|| "undefined (a single label in both passes)".into());
         let _ = writeln!(
             s,
@@ -264,7 +266,10 @@ mod tests {
         let md = render_gate_q0(&g);
         assert!(md.contains("Status: **PASSED**"));
         assert!(md.contains("4 completions · 3 decided · 2 accepted · 1 rejected · filter keeps 3"));
-        assert!(md.contains("Precision 100 % · recall 100 % · agreement 100 % (positive = keep; n = 3)"));
+        assert!(
+            md.contains("Precision 100 % [34–100 %] · recall 100 % [34–100 %] · agreement 100 % (positive = keep; n = 3; 95 % Wilson intervals)"),
+            "{md}"
+        );
         assert!(md.contains("| filter keep | 2 | 0 |"));
         assert!(md.contains("| filter drop | 0 | 1 |"));
         assert!(md.contains("| perplexity | keep if perplexity < 50.0 | 100 % | yes | 3 |"), "{md}");

@@ -4,7 +4,7 @@
 
 use super::State;
 use crate::score::agreement::{
-    best_threshold, cohen_kappa, Confusion, Feature, Labeled, ThresholdSuggestion,
+    best_threshold, cohen_kappa, cohen_kappa_ci, Confusion, Feature, Labeled, ThresholdSuggestion,
 };
 use crate::score::gate::{render_gate_q0, GateInputs, GateItem};
 
@@ -64,6 +64,8 @@ pub struct Kappa {
     pub same: usize,
     /// Cohen's kappa, when defined.
     pub kappa: Option<f64>,
+    /// Its 95 % bootstrap interval over the re-shown items, when defined.
+    pub ci: Option<crate::stats::Interval>,
 }
 
 /// Pairs `(current decision, blind re-decision)` of re-shown items.
@@ -75,7 +77,12 @@ pub fn reshow_pairs(s: &State) -> Vec<(bool, bool)> {
 /// Cohen's kappa of the blind re-shows.
 pub fn kappa(s: &State) -> Kappa {
     let pairs = reshow_pairs(s);
-    Kappa { n: pairs.len(), same: pairs.iter().filter(|(a, b)| a == b).count(), kappa: cohen_kappa(&pairs) }
+    Kappa {
+        n: pairs.len(),
+        same: pairs.iter().filter(|(a, b)| a == b).count(),
+        kappa: cohen_kappa(&pairs),
+        ci: cohen_kappa_ci(&pairs),
+    }
 }
 
 /// The `gate-q0.md` text for the round as it stands.

@@ -2,7 +2,7 @@
 //! confirmation, suggested thresholds and agreement, and messages.
 
 use super::centered;
-use crate::score::agreement::fmt_threshold;
+use crate::score::agreement::{fmt_threshold, pct_ci};
 use crate::tui::action::{Action, Mode};
 use crate::tui::app::{stats, EditTarget, State};
 use ratatui::buffer::Buffer;
@@ -123,9 +123,9 @@ pub fn stats(s: &State, area: Rect, buf: &mut Buffer) {
             )),
         ]),
         Line::from(format!(
-            "precision {} · recall {} · agreement {}  (n = {}, positive = keep)",
-            pct(c.precision()),
-            pct(c.recall()),
+            "precision {} · recall {} · agreement {}  (n = {}, keep = +)",
+            pct_ci(&c.precision_ci()),
+            pct_ci(&c.recall_ci()),
             pct(c.agreement()),
             c.total()
         )),
@@ -150,10 +150,11 @@ pub fn stats(s: &State, area: Rect, buf: &mut Buffer) {
     lines.push(Line::default());
     lines.push(Line::from(match k.kappa {
         Some(v) => format!(
-            "self-consistency: {} re-shown blind, {} same · Cohen's κ {}",
+            "self-consistency: {} re-shown blind, {} same · Cohen's κ {}{}",
             k.n,
             k.same,
-            fmt_threshold(v)
+            fmt_threshold(v),
+            k.ci.map(|iv| format!(" [{:.2}, {:.2}]", iv.lo, iv.hi)).unwrap_or_default()
         ),
         None if k.n > 0 => {
             format!("self-consistency: {} re-shown blind, {} same · κ undefined (one label)", k.n, k.same)
