@@ -123,12 +123,11 @@ pub fn stats(s: &State, area: Rect, buf: &mut Buffer) {
             )),
         ]),
         Line::from(format!(
-            "precision {} · recall {} · agreement {}  (n = {}, keep = +)",
+            "precision {} · recall {}  (95 % Wilson)",
             pct_ci(&c.precision_ci()),
-            pct_ci(&c.recall_ci()),
-            pct(c.agreement()),
-            c.total()
+            pct_ci(&c.recall_ci())
         )),
+        Line::from(format!("agreement {}  (n = {}, positive = keep)", pct(c.agreement()), c.total())),
         Line::from(Span::styled("               you accepted  you rejected", BOLD)),
         Line::from(format!("  filter keep  {:>12}  {:>12}", c.tp, c.fp)),
         Line::from(format!("  filter drop  {:>12}  {:>12}", c.fn_, c.tn)),
