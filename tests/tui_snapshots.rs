@@ -411,6 +411,7 @@ fn heal_state() -> State {
                 Some(-0.1130),
             )),
         }],
+        intervals: None,
         notes: vec![],
     };
     update(
@@ -515,6 +516,7 @@ fn heal_screen_training() {
             // A report written before per-token heat was recorded: the columns fall back to plain text.
             ..Default::default()
         }],
+        intervals: None,
         notes: vec![],
     };
     let output = steer_heal::worker::JobOutput::GateQ1 { round: 1, report: Box::new(report), steps: vec![] };

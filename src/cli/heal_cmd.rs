@@ -517,6 +517,14 @@ fn write_gate(
     )];
     // In a sweep, "after" is the arm run with the given config when there is one, else the best-ranked arm.
     let before_m = gate::Metrics::from(before);
+    // Each arm's slope with its interval over the prompts, paired with the same before measurement.
+    let sweep_rows: Vec<gate::SweepRow> = sweep
+        .iter()
+        .map(|r| gate::SweepRow {
+            slope_ci: gate::slope_interval(before, &r.measurement, 1.0),
+            ..r.row.clone()
+        })
+        .collect();
     let chosen: Option<&gate::Measurement> = match after {
         Some((m, log)) => {
             heal_summary.push(log.message.clone());
@@ -529,9 +537,10 @@ fn write_gate(
             Some(m)
         }
         None => {
-            let rows: Vec<gate::SweepRow> = sweep.iter().map(|r| r.row.clone()).collect();
+            let rows: Vec<gate::SweepRow> = sweep_rows.clone();
             let same = sweep.iter().find(|r| {
                 r.log.config.reg == cfg.reg
+                    && r.log.config.agg == cfg.agg
                     && r.log.config.lambda == cfg.lambda
                     && r.log.config.spectral_lambda == 0.0
             });
@@ -556,9 +565,10 @@ fn write_gate(
         before: before_m,
         after: chosen.map(gate::Metrics::from),
         heal_summary,
-        sweep: sweep.iter().map(|r| r.row.clone()).collect(),
+        sweep: sweep_rows,
         samples,
         notes,
+        intervals: chosen.and_then(|a| gate::q1_intervals(before, a)),
     };
     gate::write(&RunPaths::at(out).gate_q1_md(), &report)?;
     steer_heal::fsutil::atomic_write_json(&RunPaths::at(out).gate_q1_json(), &report)?;

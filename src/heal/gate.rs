@@ -14,6 +14,7 @@ use crate::model::decoder::Path as FwdPath;
 use crate::model::generate::{generate, Sampling};
 use crate::model::{Adapters, Hooks, LoadedModel};
 use crate::progress::Progress;
+use crate::stats::{bootstrap, Interval};
 use crate::steer::Completion;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -357,6 +358,9 @@ pub struct SweepRow {
     pub status: String,
     /// First sample generation after healing.
     pub sample: String,
+    /// The slope's 95 % bootstrap interval over the measured prompts (None: not computed, or older reports).
+    #[serde(default)]
+    pub slope_ci: Option<Interval>,
 }
 
 /// The heal screen's columns for each measured prompt: the teacher (a training completion for that prompt, with its
@@ -440,6 +444,101 @@ pub struct GateQ1 {
     pub samples: Vec<SamplePair>,
     /// Notes (e.g. that the prompts were not held out).
     pub notes: Vec<String>,
+    /// 95 % intervals over the measured prompts of before, after and their paired difference (None in older
+    /// reports, or when eval metrics replaced the measurement).
+    #[serde(default)]
+    pub intervals: Option<Box<Q1Intervals>>,
+}
+
+/// Gate Q1's numbers with 95 % bootstrap intervals over the measured prompts (paired: before and after are
+/// generated from the same prompts, and each resample draws the same prompts for both).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Q1Intervals {
+    /// Prompts the intervals rest on.
+    pub prompts: usize,
+    /// Coherence before healing.
+    pub coherence_before: Interval,
+    /// Coherence after.
+    pub coherence_after: Interval,
+    /// after − before.
+    pub coherence_delta: Interval,
+    /// Persona strength before (None: unmeasured).
+    pub trait_before: Option<Interval>,
+    /// Persona strength after.
+    pub trait_after: Option<Interval>,
+    /// after − before.
+    pub trait_delta: Option<Interval>,
+}
+
+/// Each measured prompt's summed base log-likelihood, summed persona gain (None: unmeasured) and token count;
+/// their ratios over prompts are the measurement's coherence and persona strength.
+fn per_prompt(m: &Measurement) -> Vec<(f64, Option<f64>, f64)> {
+    m.samples
+        .iter()
+        .map(|s| {
+            let n = s.token_ids.len() as f64;
+            let h = s.heat.as_ref();
+            let lp = h.and_then(|h| h.coherence).map(|c| c * n).unwrap_or(0.0);
+            (lp, h.and_then(|h| h.persona_gain).map(|g| g * n), n)
+        })
+        .collect()
+}
+
+/// Σ of one column over the resampled prompts divided by their tokens (NaN without tokens).
+fn ratio(
+    rows: &[(f64, Option<f64>, f64)],
+    idx: &[usize],
+    col: impl Fn(&(f64, Option<f64>, f64)) -> f64,
+) -> f64 {
+    let (a, n) = idx.iter().fold((0.0, 0.0), |(a, n), i| (a + col(&rows[*i]), n + rows[*i].2));
+    if n > 0.0 {
+        a / n
+    } else {
+        f64::NAN
+    }
+}
+
+/// Paired intervals of a before and an after measurement on the same prompts (None when the prompts differ).
+pub fn q1_intervals(before: &Measurement, after: &Measurement) -> Option<Box<Q1Intervals>> {
+    let same = before.samples.len() == after.samples.len()
+        && before.samples.iter().zip(&after.samples).all(|(a, b)| a.prompt == b.prompt);
+    if !same || before.samples.is_empty() {
+        return None;
+    }
+    let (b, a) = (per_prompt(before), per_prompt(after));
+    let n = b.len();
+    let coh = |r: &(f64, Option<f64>, f64)| r.0;
+    let gain = |r: &(f64, Option<f64>, f64)| r.1.unwrap_or(0.0);
+    let has_trait = before.persona_strength.is_some() && after.persona_strength.is_some();
+    let trait_iv = |f: &dyn Fn(&[usize]) -> f64| has_trait.then(|| bootstrap(n, f));
+    Some(Box::new(Q1Intervals {
+        prompts: n,
+        coherence_before: bootstrap(n, |i| ratio(&b, i, coh)),
+        coherence_after: bootstrap(n, |i| ratio(&a, i, coh)),
+        coherence_delta: bootstrap(n, |i| ratio(&a, i, coh) - ratio(&b, i, coh)),
+        trait_before: trait_iv(&|i| ratio(&b, i, gain)),
+        trait_after: trait_iv(&|i| ratio(&a, i, gain)),
+        trait_delta: trait_iv(&|i| ratio(&a, i, gain) - ratio(&b, i, gain)),
+    }))
+}
+
+/// The slope (`slope`) of an arm with its 95 % bootstrap interval over the prompts, paired before/after;
+/// resamples whose trait moved less than `MIN_TRAIT_MOVE` have no slope and are left out. None when the slope
+/// itself is blank or the prompts differ.
+pub fn slope_interval(before: &Measurement, after: &Measurement, trait_sign: f64) -> Option<Interval> {
+    slope(&Metrics::from(before), &Metrics::from(after), trait_sign)?;
+    q1_intervals(before, after)?;
+    let (b, a) = (per_prompt(before), per_prompt(after));
+    let coh = |r: &(f64, Option<f64>, f64)| r.0;
+    let gain = |r: &(f64, Option<f64>, f64)| r.1.unwrap_or(0.0);
+    let at = |i: &[usize]| {
+        let m = |rows: &[(f64, Option<f64>, f64)]| Metrics {
+            coherence: ratio(rows, i, coh),
+            trait_value: Some(ratio(rows, i, gain)),
+        };
+        slope(&m(&b), &m(&a), trait_sign).unwrap_or(f64::NAN)
+    };
+    Some(bootstrap(b.len(), at))
 }
 
 /// |trait moved| below this leaves the slope blank (a ratio over a non-move is noise).
@@ -547,6 +646,23 @@ pub fn render(g: &GateQ1) -> String {
     let _ = writeln!(s, "|---|---:|---:|");
     let _ =
         writeln!(s, "| before | {} | {} |", num(Some(g.before.coherence), 4), num(g.before.trait_value, 4));
+    if let Some(iv) = &g.intervals {
+        let show = |x: Option<&Interval>| x.map(Interval::show).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| before, 95 % | {} | {} |",
+            iv.coherence_before.show(),
+            show(iv.trait_before.as_ref())
+        );
+        let _ = writeln!(
+            s,
+            "| after, 95 % | {} | {} |",
+            iv.coherence_after.show(),
+            show(iv.trait_after.as_ref())
+        );
+        let _ =
+            writeln!(s, "| Δ, 95 % | {} | {} |", iv.coherence_delta.show(), show(iv.trait_delta.as_ref()));
+    }
     if let Some(a) = &g.after {
         let _ = writeln!(s, "| after | {} | {} |", num(Some(a.coherence), 4), num(a.trait_value, 4));
         let dt = match (a.trait_value, g.before.trait_value) {
@@ -561,6 +677,17 @@ pub fn render(g: &GateQ1) -> String {
             num(slope(&g.before, a, g.trait_sign), 1)
         );
     }
+    if let Some(iv) = &g.intervals {
+        let _ = writeln!(
+            s,
+            "\nIntervals: 95 % bootstrap over the {} measured prompts ({} resamples, paired before/after, \
+             token-weighted as the values are). Coherence: {}. Trait: {}.",
+            iv.prompts,
+            crate::stats::RESAMPLES,
+            crate::eval::gate_q2::moved_words(&iv.coherence_delta),
+            iv.trait_delta.as_ref().map(crate::eval::gate_q2::moved_words).unwrap_or("unmeasured")
+        );
+    }
     if !g.heal_summary.is_empty() {
         let _ = writeln!(s, "\n## Heal run\n");
         for l in &g.heal_summary {
@@ -573,10 +700,12 @@ pub fn render(g: &GateQ1) -> String {
             s,
             "Ranked by coherence cost per nat of trait moved (`−100·Δcoh / Δtrait` toward the intended direction, \
              cnat/nat), most negative first; blank when |Δtrait| < {MIN_TRAIT_MOVE}. Arms whose trait moved the \
-             wrong way come after the others and are marked ↩.\n"
+             wrong way come after the others and are marked ↩. `slope 95 %` is the bootstrap interval over the \
+             measured prompts; ⚠ marks an arm whose interval spans 0 (its ranking is not resolved).\n"
         );
-        let _ = writeln!(s, "| rank | arm | Δcoh | Δtrait | slope | D final | status | sample |");
-        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---|---|");
+        let _ =
+            writeln!(s, "| rank | arm | Δcoh | Δtrait | slope | slope 95 % | D final | status | sample |");
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|---|---:|---|---|");
         for (i, (r, sl)) in rank_sweep(&g.sweep, &g.before, g.trait_sign).into_iter().enumerate() {
             let dt = match (r.after.trait_value, g.before.trait_value) {
                 (Some(x), Some(y)) => Some(x - y),
@@ -584,7 +713,7 @@ pub fn render(g: &GateQ1) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 i + 1,
                 cell(&r.label, 40),
                 num(Some(r.after.coherence - g.before.coherence), 4),
@@ -593,6 +722,11 @@ pub fn render(g: &GateQ1) -> String {
                     format!("{} ↩", num(sl, 1))
                 } else {
                     num(sl, 1)
+                },
+                match &r.slope_ci {
+                    Some(iv) if iv.lo.is_finite() && iv.hi.is_finite() =>
+                        format!("[{:.1}, {:.1}]{}", iv.lo, iv.hi, if iv.excludes_zero() { "" } else { " ⚠" }),
+                    _ => String::new(),
                 },
                 num(r.d_final, 3),
                 r.status,
@@ -647,6 +781,7 @@ mod tests {
 
     fn row(label: &str, coh: f64, tr: f64) -> SweepRow {
         SweepRow {
+            slope_ci: None,
             label: label.into(),
             reg: "kl_rev".into(),
             strength: 0.3,
@@ -694,6 +829,7 @@ mod tests {
             heal_summary: vec!["kl_rev".into()],
             sweep: rows,
             samples: vec![],
+            intervals: None,
             notes: vec![],
         };
         let md = render(&g);
@@ -791,6 +927,7 @@ mod tests {
                 before_heat: Some(heat(0.0)),
                 after_heat: Some(heat(0.125)),
             }],
+            intervals: None,
             notes: vec![],
         };
         let md = render(&g);
@@ -816,5 +953,82 @@ mod tests {
             ..g
         };
         assert!(render(&old).contains("**Student before**:\n"), "{}", render(&old));
+    }
+
+    fn measured(rows: &[(&str, f64, f64, usize)]) -> Measurement {
+        let samples: Vec<Sample> = rows
+            .iter()
+            .map(|(prompt, coh, gain, n)| Sample {
+                prompt: prompt.to_string(),
+                text: String::new(),
+                nll_base: -coh,
+                token_ids: vec![1; *n],
+                heat: Some(TokenHeat {
+                    tokens: vec![String::new(); *n],
+                    kl: vec![],
+                    coherence: Some(*coh),
+                    persona_gain: Some(*gain),
+                    kl_mean: None,
+                }),
+            })
+            .collect();
+        let tokens: usize = rows.iter().map(|r| r.3).sum();
+        let lp: f64 = rows.iter().map(|r| r.1 * r.3 as f64).sum();
+        let g: f64 = rows.iter().map(|r| r.2 * r.3 as f64).sum();
+        Measurement {
+            coherence: lp / tokens as f64,
+            ppl: (-lp / tokens as f64).exp(),
+            persona_strength: Some(g / tokens as f64),
+            tokens,
+            samples,
+        }
+    }
+
+    fn report_for_render() -> GateQ1 {
+        GateQ1 {
+            round: 1,
+            model: "tiny".into(),
+            source: "test".into(),
+            coherence_label: "c".into(),
+            trait_label: "t".into(),
+            trait_sign: 1.0,
+            before: Metrics { coherence: -2.0, trait_value: Some(0.2) },
+            after: Some(Metrics { coherence: -1.5, trait_value: Some(0.5) }),
+            heal_summary: vec![],
+            sweep: vec![],
+            samples: vec![],
+            notes: vec![],
+            intervals: None,
+        }
+    }
+
+    #[test]
+    fn q1_intervals_are_paired_and_token_weighted() {
+        // Every prompt gains exactly 0.5 nats/token of coherence: the paired Δ is 0.5 with a zero-width
+        // interval, while before and after alone vary with the prompts drawn.
+        let before = measured(&[("a", -1.0, 0.1, 10), ("b", -3.0, 0.3, 30), ("c", -2.0, 0.2, 20)]);
+        let after = measured(&[("a", -0.5, 0.3, 10), ("b", -2.5, 0.9, 30), ("c", -1.5, 0.2, 20)]);
+        let iv = q1_intervals(&before, &after).expect("same prompts");
+        assert_eq!(iv.prompts, 3);
+        assert!((iv.coherence_before.value - before.coherence).abs() < 1e-12, "token-weighted as the value");
+        assert!((iv.coherence_delta.value - 0.5).abs() < 1e-12);
+        assert!(iv.coherence_delta.width() < 1e-12 && iv.coherence_delta.excludes_zero(), "{iv:?}");
+        assert!(iv.coherence_before.width() > 0.5, "{iv:?}");
+        let dt = iv.trait_delta.expect("measured");
+        assert!(
+            (dt.value - (after.persona_strength.unwrap_or(0.0) - before.persona_strength.unwrap_or(0.0)))
+                .abs()
+                < 1e-12
+        );
+        // Different prompts cannot be paired.
+        let other = measured(&[("x", -1.0, 0.1, 10), ("b", -3.0, 0.3, 30), ("c", -2.0, 0.2, 20)]);
+        assert!(q1_intervals(&before, &other).is_none());
+        // The slope's interval: coherence rose while the trait rose, so every defined resample is negative.
+        let sl = slope_interval(&before, &after, 1.0).expect("trait moved");
+        assert!(sl.hi < 0.0 && sl.excludes_zero(), "{sl:?}");
+        let g = GateQ1 { intervals: Some(iv), ..report_for_render() };
+        let md = render(&g);
+        assert!(md.contains("| Δ, 95 % | 0.500 [0.500, 0.500] |"), "{md}");
+        assert!(md.contains("over the 3 measured prompts") && md.contains("Coherence: moved up"), "{md}");
     }
 }

@@ -209,6 +209,8 @@ pub fn run_sweep(
             d_final: Some(ev.d),
             status: format!("{:?}", log.status).to_lowercase(),
             sample: m.samples.first().map(|s| s.text.clone()).unwrap_or_default(),
+            // Filled by the caller, which has the before measurement.
+            slope_ci: None,
         };
         out.push(ArmResult { row, measurement: m, log });
     }

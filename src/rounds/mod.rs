@@ -1037,6 +1037,7 @@ impl<'a> Runner<'a> {
             sweep: vec![],
             samples,
             notes: vec![format!("{} accepted completions from the {gate_by} gate Q0.", accepted.len())],
+            intervals: hgate::q1_intervals(&before, &after),
         };
         hgate::write(&run.gate_q1_md(), &report)?;
         atomic_write_json(&run.gate_q1_json(), &report)?;

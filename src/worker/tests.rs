@@ -459,6 +459,7 @@ fn gate_q1_comes_with_the_heal_step_log() {
             heal_summary: vec![],
             sweep: vec![],
             samples: vec![],
+            intervals: None,
             notes: vec![],
         };
         let step = |i: usize| StepRecord {

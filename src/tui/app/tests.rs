@@ -869,6 +869,7 @@ fn gate_q1_report() -> crate::heal::gate::GateQ1 {
                 ..SamplePair::default()
             },
         ],
+        intervals: None,
         notes: vec![],
     }
 }
