@@ -810,7 +810,9 @@ mod tests {
                     }
                 },
             )?;
-            assert!(dy < 1e-4 && dg < 1e-5, "{dir:?}: value {dy}, gradient {dg}");
+            // The KL of two random 9000-way distributions is ~10 nats, summed in f32 in a different order by
+            // each side: 1e-4 absolute (1e-5 relative) was occasionally exceeded on unseeded inputs.
+            assert!(dy < 1e-3 && dg < 1e-5, "{dir:?}: value {dy}, gradient {dg}");
         }
         Ok(())
     }
