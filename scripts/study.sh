@@ -36,5 +36,5 @@ PY
   --eval-prompts "$sweep/held-out.txt" --eval-n 12 --eval-tokens 32 --persona "$(cat "$sweep/persona.txt")"
 
 stage "3/3 report"
-"$bin" report --session "$session" --sweep "$sweep"
+"$bin" report --session "$session"
 stage "done"

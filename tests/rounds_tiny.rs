@@ -265,6 +265,55 @@ fn two_rounds_write_every_artifact_then_resume_after_a_crash() {
         }
     }
     assert!(summary.points[0].controls.is_empty(), "the base has no control arms");
+    // Every point carries its 95 % intervals; every round its paired differences from the base and from the
+    // model it started from; every control arm its own, arm − round, and (random, prompt-only) steered − arm.
+    use steer_heal::eval::Stat;
+    for p in &summary.points {
+        let iv = p.ci[&Stat::PAnsAny];
+        assert!(iv.lo <= iv.value && iv.value <= iv.hi && iv.resamples > 0, "round {}: {iv:?}", p.round);
+        if p.round > 0 {
+            assert!(p.vs_base.contains_key(&Stat::Authority) && p.vs_prev.contains_key(&Stat::Authority));
+            assert_eq!(p.prev.as_deref(), Some(if p.round == 1 { "base" } else { "r1" }));
+            for c in &p.controls {
+                assert!(c.ci.contains_key(&Stat::Care) && c.vs_round.contains_key(&Stat::Care));
+                assert_eq!(c.steered_minus.is_empty(), c.arm == ControlArm::Steered);
+            }
+        }
+    }
+    // The round's eval.json holds its own intervals, the same ones the table shows.
+    let r1 = EvalReport::load(&layout.round(1).eval_dir()).expect("eval");
+    assert_eq!(r1.intervals, summary.points[1].ci);
+    assert!(gate.contains("Every value is shown as `value [95 % interval]`"), "{gate}");
+    for p in &summary.points {
+        let g: steer_heal::heal::gate::GateQ1 = match p.round {
+            0 => continue,
+            r => serde_json::from_slice(&bytes(&layout.round(r as u32).heal().gate_q1_json()))
+                .expect("gate-q1"),
+        };
+        assert!(g.intervals.is_some_and(|iv| iv.prompts == g.samples.len()), "round {}", p.round);
+    }
+    // `report` rewrites the summaries from the artifacts alone: the same table, byte for byte, and a gate-Q1
+    // report written without intervals gets them back from its sample pairs.
+    let table = bytes(&layout.rounds_table());
+    let q1 = layout.round(1).heal().gate_q1_json();
+    let mut g: serde_json::Value = serde_json::from_slice(&bytes(&q1)).expect("json");
+    let want = g["intervals"].clone();
+    g.as_object_mut().expect("object").remove("intervals");
+    std::fs::write(&q1, serde_json::to_vec(&g).expect("json")).expect("write");
+    std::fs::remove_file(s.join(layout::GATE_Q2)).expect("rm");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_steer-heal"))
+        .args(["report", "--session"])
+        .arg(&s)
+        .args(["--floor", "0"])
+        .output()
+        .expect("run report");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("gate Q1 intervals added") && out.contains("Verdict"), "{out}");
+    assert_eq!(bytes(&layout.rounds_table()), table, "report recomputes the same rounds table");
+    assert!(s.join(layout::GATE_Q2).exists());
+    let back: serde_json::Value = serde_json::from_slice(&bytes(&q1)).expect("json");
+    assert_eq!(back["intervals"], want, "gate-Q1 intervals recomputed from the sample pairs");
     // The iterate screen's eval samples read from a round's real eval.json: both items, with their vignette
     // text, a forced think of at most 4 tokens and, where both frames answered, a seven-way distribution.
     let report = EvalReport::load(&layout.round(1).eval_dir()).expect("eval");

@@ -106,6 +106,19 @@ pub enum RoundsCmd {
         #[arg(long)]
         to: u32,
     },
+    /// Rewrite a session's summaries from its artifacts: rounds.json with 95 % intervals and paired differences,
+    /// gate-q2.md, the progress map, and the intervals of gate-Q1 reports written without them.
+    Report {
+        /// Session folder.
+        #[arg(long)]
+        session: PathBuf,
+        /// Absolute coherence floor on p_ans_any (instead of the relative floor).
+        #[arg(value_parser = super::args::finite_f64, long, conflicts_with = "floor_rel")]
+        floor: Option<f64>,
+        /// Coherence floor as a fraction of the base's p_ans_any (the default floor).
+        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
+        floor_rel: f64,
+    },
     /// Fork a new lineage branch from a kept round (0 = the base).
     Fork {
         /// Session folder.
@@ -223,6 +236,17 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
                 "wrote the progress map, the gate-Q2 report, the rounds table and the lineage in {}",
                 a.session.display()
             );
+        }
+        RoundsCmd::Report { session, floor, floor_rel } => {
+            let floor = super::args::coherence_floor(floor, floor_rel);
+            let r = steer_heal::rounds::write_report(&session, floor)
+                .with_context(|| format!("reporting session {}", session.display()))?;
+            for p in &r.gate_q1_updated {
+                println!("gate Q1 intervals added: {}", p.display());
+            }
+            let spec = steer_heal::eval::GateQ2Spec { floor, ..Default::default() };
+            println!("{}", steer_heal::eval::verdict(&r.points, &spec).line);
+            println!("wrote the rounds table, gate-q2.md and the progress map in {}", session.display());
         }
         RoundsCmd::Rollback { session, to } => {
             let mut runner = existing(&session)?;

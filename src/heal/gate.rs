@@ -470,18 +470,17 @@ pub struct Q1Intervals {
     pub trait_delta: Option<Interval>,
 }
 
-/// Each measured prompt's summed base log-likelihood, summed persona gain (None: unmeasured) and token count;
-/// their ratios over prompts are the measurement's coherence and persona strength.
+/// One prompt's summed base log-likelihood, summed persona gain (None: unmeasured) and token count, from its
+/// scores; ratios of their sums over prompts are a measurement's coherence and persona strength.
+fn prompt_sums(h: Option<&TokenHeat>) -> (f64, Option<f64>, f64) {
+    let Some(h) = h else { return (0.0, None, 0.0) };
+    let n = h.tokens.len() as f64;
+    (h.coherence.map(|c| c * n).unwrap_or(0.0), h.persona_gain.map(|g| g * n), n)
+}
+
+/// `prompt_sums` of each measured prompt.
 fn per_prompt(m: &Measurement) -> Vec<(f64, Option<f64>, f64)> {
-    m.samples
-        .iter()
-        .map(|s| {
-            let n = s.token_ids.len() as f64;
-            let h = s.heat.as_ref();
-            let lp = h.and_then(|h| h.coherence).map(|c| c * n).unwrap_or(0.0);
-            (lp, h.and_then(|h| h.persona_gain).map(|g| g * n), n)
-        })
-        .collect()
+    m.samples.iter().map(|s| prompt_sums(s.heat.as_ref())).collect()
 }
 
 /// Σ of one column over the resampled prompts divided by their tokens (NaN without tokens).
@@ -505,20 +504,39 @@ pub fn q1_intervals(before: &Measurement, after: &Measurement) -> Option<Box<Q1I
     if !same || before.samples.is_empty() {
         return None;
     }
-    let (b, a) = (per_prompt(before), per_prompt(after));
+    let has_trait = before.persona_strength.is_some() && after.persona_strength.is_some();
+    paired_prompt_intervals(&per_prompt(before), &per_prompt(after), has_trait)
+}
+
+/// Gate Q1's intervals from its saved sample pairs (each pair's before and after scores), for a report written
+/// without them; None when a pair lacks its scores.
+pub fn q1_intervals_from_samples(g: &GateQ1) -> Option<Box<Q1Intervals>> {
+    if g.samples.is_empty() || g.samples.iter().any(|p| p.before_heat.is_none() || p.after_heat.is_none()) {
+        return None;
+    }
+    let b: Vec<_> = g.samples.iter().map(|p| prompt_sums(p.before_heat.as_ref())).collect();
+    let a: Vec<_> = g.samples.iter().map(|p| prompt_sums(p.after_heat.as_ref())).collect();
+    let has_trait = b.iter().chain(&a).any(|r| r.1.is_some());
+    paired_prompt_intervals(&b, &a, has_trait)
+}
+
+fn paired_prompt_intervals(
+    b: &[(f64, Option<f64>, f64)],
+    a: &[(f64, Option<f64>, f64)],
+    has_trait: bool,
+) -> Option<Box<Q1Intervals>> {
     let n = b.len();
     let coh = |r: &(f64, Option<f64>, f64)| r.0;
     let gain = |r: &(f64, Option<f64>, f64)| r.1.unwrap_or(0.0);
-    let has_trait = before.persona_strength.is_some() && after.persona_strength.is_some();
     let trait_iv = |f: &dyn Fn(&[usize]) -> f64| has_trait.then(|| bootstrap(n, f));
     Some(Box::new(Q1Intervals {
         prompts: n,
-        coherence_before: bootstrap(n, |i| ratio(&b, i, coh)),
-        coherence_after: bootstrap(n, |i| ratio(&a, i, coh)),
-        coherence_delta: bootstrap(n, |i| ratio(&a, i, coh) - ratio(&b, i, coh)),
-        trait_before: trait_iv(&|i| ratio(&b, i, gain)),
-        trait_after: trait_iv(&|i| ratio(&a, i, gain)),
-        trait_delta: trait_iv(&|i| ratio(&a, i, gain) - ratio(&b, i, gain)),
+        coherence_before: bootstrap(n, |i| ratio(b, i, coh)),
+        coherence_after: bootstrap(n, |i| ratio(a, i, coh)),
+        coherence_delta: bootstrap(n, |i| ratio(a, i, coh) - ratio(b, i, coh)),
+        trait_before: trait_iv(&|i| ratio(b, i, gain)),
+        trait_after: trait_iv(&|i| ratio(a, i, gain)),
+        trait_delta: trait_iv(&|i| ratio(a, i, gain) - ratio(b, i, gain)),
     }))
 }
 
@@ -1030,5 +1048,19 @@ mod tests {
         let md = render(&g);
         assert!(md.contains("| Δ, 95 % | 0.500 [0.500, 0.500] |"), "{md}");
         assert!(md.contains("over the 3 measured prompts") && md.contains("Coherence: moved up"), "{md}");
+        // The same intervals from the report's saved sample pairs (what `report` recomputes for old files).
+        let pairs: Vec<SamplePair> = before
+            .samples
+            .iter()
+            .zip(&after.samples)
+            .map(|(b, a)| SamplePair {
+                prompt: b.prompt.clone(),
+                before_heat: b.heat.clone(),
+                after_heat: a.heat.clone(),
+                ..SamplePair::default()
+            })
+            .collect();
+        let from_pairs = q1_intervals_from_samples(&GateQ1 { samples: pairs, ..report_for_render() });
+        assert_eq!(from_pairs, g.intervals);
     }
 }

@@ -1169,21 +1169,63 @@ impl<'a> Runner<'a> {
     }
 
     fn write_q2(&mut self, points: &[RoundPoint]) -> Result<()> {
-        if points.is_empty() {
-            return Ok(());
-        }
-        let dir = self.layout.root().to_path_buf();
-        atomic_write_json(&self.layout.rounds_table(), &points)?;
-        eval::write_progress_map(
-            points,
-            self.cfg.floor.threshold(eval::gate_q2::base_p_ans_any(points)),
-            &dir,
-        )?;
-        let spec = GateQ2Spec { floor: self.cfg.floor, ..GateQ2Spec::default() };
-        eval::write_gate_q2(&dir, points, &spec)?;
-        atomic_write_json(&self.layout.lineage(), &LineageFile::from(self.lineage()))?;
-        Ok(())
+        write_summaries(&self.layout, points, self.cfg.floor, self.lineage())
     }
+}
+
+/// The session's summaries of its rounds: `rounds.json`, the progress map, `gate-q2.md` and `lineage.json`.
+fn write_summaries(
+    layout: &SessionDir,
+    points: &[RoundPoint],
+    floor: eval::CoherenceFloor,
+    lin: &Lineage,
+) -> Result<()> {
+    if points.is_empty() {
+        return Ok(());
+    }
+    let dir = layout.root().to_path_buf();
+    atomic_write_json(&layout.rounds_table(), &points)?;
+    eval::write_progress_map(points, floor.threshold(eval::gate_q2::base_p_ans_any(points)), &dir)?;
+    let spec = GateQ2Spec { floor, ..GateQ2Spec::default() };
+    eval::write_gate_q2(&dir, points, &spec)?;
+    atomic_write_json(&layout.lineage(), &LineageFile::from(lin))?;
+    Ok(())
+}
+
+/// What `report` rewrote.
+#[derive(Debug, Clone)]
+pub struct ReportSummary {
+    /// The rounds table, as written.
+    pub points: Vec<RoundPoint>,
+    /// Gate-Q1 reports that gained their intervals (written before intervals existed).
+    pub gate_q1_updated: Vec<PathBuf>,
+}
+
+/// Rewrite a session's summaries from its artifacts (the rounds table with intervals, the progress map,
+/// gate-q2.md, lineage.json), and give each healed round's gate-Q1 report its intervals when it was written
+/// without them (recomputed from its saved sample pairs). Takes the session's lock, so it never races a run.
+pub fn write_report(dir: &Path, floor: eval::CoherenceFloor) -> Result<ReportSummary> {
+    let o = session::Session::open(dir)?;
+    let layout = SessionDir::new(dir);
+    let lin = &o.state.lineage;
+    let mut gate_q1_updated = Vec::new();
+    let rounds: std::collections::BTreeSet<u32> = o.state.rounds.keys().copied().collect();
+    for round in rounds.into_iter().filter(|r| lin.is_done(*r, Stage::Heal)) {
+        let run = layout.round(round).heal();
+        let path = run.gate_q1_json();
+        let mut g: hgate::GateQ1 = read_json(&path)?;
+        if g.intervals.is_none() {
+            g.intervals = hgate::q1_intervals_from_samples(&g);
+            if g.intervals.is_some() {
+                hgate::write(&run.gate_q1_md(), &g)?;
+                atomic_write_json(&path, &g)?;
+                gate_q1_updated.push(path);
+            }
+        }
+    }
+    let points = points(&layout, lin)?;
+    write_summaries(&layout, &points, floor, lin)?;
+    Ok(ReportSummary { points, gate_q1_updated })
 }
 
 /// Roll a session's student back to a kept round (0 = the base); later rounds stay on disk and in the log.
