@@ -6,6 +6,9 @@
 # intervals. Every step resumes: rerun the same command after a crash or Ctrl-C.
 #
 #   scripts/study.sh MODEL SESSION [BIN]
+#
+# STUDY_FLOOR (default `--floor-rel 0.95`, the default floor) and STUDY_CONTROLS (default `--controls`; empty to
+# skip the control arms) change the rounds step; STUDY_SWEEP=0 skips the sweep.
 set -euo pipefail
 model=${1:?usage: scripts/study.sh MODEL SESSION [BIN]}
 session=${2:?usage: scripts/study.sh MODEL SESSION [BIN]}
@@ -15,11 +18,14 @@ started=$(date +%s)
 stage() { echo "[study] $1 (elapsed $(( $(date +%s) - started )) s)" >&2; }
 
 stage "1/3 rounds: base eval, 3 rounds with controls"
-"$bin" run --session "$session" --model "$model" --rounds 3 --floor-rel 0.95 \
+# shellcheck disable=SC2086 # the knobs are flag lists
+"$bin" run --session "$session" --model "$model" --rounds 3 ${STUDY_FLOOR:---floor-rel 0.95} \
   --n-prompts 24 --max-new-tokens 128 --extract-pairs 64 \
   --probe-n 8 --min-keep 32 --max-keep 40 --max-batches 4 \
-  --epochs 2 --r 32 --eval-n 132 --think 64 --json-probe-tokens 48 --measure-n 12 --controls
+  --epochs 2 --r 32 --eval-n 132 --think 64 --json-probe-tokens 48 --measure-n 12 ${STUDY_CONTROLS---controls} \
+  || echo "[study] the rounds stopped early (see above); the report covers what ran" >&2
 
+if [ "${STUDY_SWEEP:-1}" = 1 ]; then
 stage "2/3 heal sweep on round 1: nll, kl_rev mean, kl_rev rmse"
 sweep="$session/sweep-r1"
 mkdir -p "$sweep"
@@ -34,6 +40,7 @@ PY
   --sweep --sweep-regs nll,kl_rev_mean,kl_rev_rmse --sweep-strengths 0.3 \
   --epochs 2 --r 32 --alpha 64 --lr 5e-4 --grad-accum 2 --max-len 256 \
   --eval-prompts "$sweep/held-out.txt" --eval-n 12 --eval-tokens 32 --persona "$(cat "$sweep/persona.txt")"
+fi
 
 stage "3/3 report"
 "$bin" report --session "$session"

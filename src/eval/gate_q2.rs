@@ -208,6 +208,15 @@ pub fn verdict(points: &[RoundPoint], spec: &GateQ2Spec) -> Verdict {
         }
         run += 1;
     }
+    if stop.is_none() && traj.len() == 1 {
+        let dropped: Vec<String> =
+            points.iter().filter(|p| p.status == RoundStatus::Dropped).map(RoundPoint::label).collect();
+        stop = Some(if dropped.is_empty() {
+            "the base: no round has been judged yet".into()
+        } else {
+            format!("the base: no round was kept ({} dropped)", dropped.join(", "))
+        });
+    }
     let passed = run >= spec.min_rounds;
     let head = if passed { "**Verdict: PASS**" } else { "**Verdict: FAIL**" };
     let tail = match stop {
@@ -494,6 +503,11 @@ mod tests {
         old[1].vs_prev.clear();
         let v = verdict(&old, &GateQ2Spec { min_rounds: 1, ..GateQ2Spec::default() });
         assert!(!v.passed && v.run == 0 && v.line.contains("no paired interval"), "{}", v.line);
+        // Only a dropped round: the verdict says so.
+        let mut dropped = pts[..2].to_vec();
+        dropped[1].status = RoundStatus::Dropped;
+        let v = verdict(&dropped, &GateQ2Spec::default());
+        assert!(v.line.contains("the run ended at the base: no round was kept (r1 dropped)"), "{}", v.line);
     }
 
     #[test]
