@@ -660,34 +660,39 @@ pub fn render(g: &GateQ1) -> String {
         if g.trait_sign >= 0.0 { "up" } else { "down" }
     );
     let _ = writeln!(s, "## Before vs after\n");
-    let _ = writeln!(s, "| | coherence | trait |");
-    let _ = writeln!(s, "|---|---:|---:|");
-    let _ =
-        writeln!(s, "| before | {} | {} |", num(Some(g.before.coherence), 4), num(g.before.trait_value, 4));
-    if let Some(iv) = &g.intervals {
-        let show = |x: Option<&Interval>| x.map(Interval::show).unwrap_or_default();
-        let _ = writeln!(
-            s,
-            "| before, 95 % | {} | {} |",
-            iv.coherence_before.show(),
-            show(iv.trait_before.as_ref())
-        );
-        let _ = writeln!(
-            s,
-            "| after, 95 % | {} | {} |",
-            iv.coherence_after.show(),
-            show(iv.trait_after.as_ref())
-        );
-        let _ =
-            writeln!(s, "| Δ, 95 % | {} | {} |", iv.coherence_delta.show(), show(iv.trait_delta.as_ref()));
-    }
+    let _ = writeln!(s, "| | coherence | trait | coherence, 95 % | trait, 95 % |");
+    let _ = writeln!(s, "|---|---:|---:|---|---|");
+    let show = |x: Option<&Interval>| x.map(Interval::show).unwrap_or_default();
+    let iv = g.intervals.as_deref();
+    let _ = writeln!(
+        s,
+        "| before | {} | {} | {} | {} |",
+        num(Some(g.before.coherence), 4),
+        num(g.before.trait_value, 4),
+        show(iv.map(|i| &i.coherence_before)),
+        show(iv.and_then(|i| i.trait_before.as_ref()))
+    );
     if let Some(a) = &g.after {
-        let _ = writeln!(s, "| after | {} | {} |", num(Some(a.coherence), 4), num(a.trait_value, 4));
+        let _ = writeln!(
+            s,
+            "| after | {} | {} | {} | {} |",
+            num(Some(a.coherence), 4),
+            num(a.trait_value, 4),
+            show(iv.map(|i| &i.coherence_after)),
+            show(iv.and_then(|i| i.trait_after.as_ref()))
+        );
         let dt = match (a.trait_value, g.before.trait_value) {
             (Some(x), Some(y)) => Some(x - y),
             _ => None,
         };
-        let _ = writeln!(s, "| Δ | {} | {} |", num(Some(a.coherence - g.before.coherence), 4), num(dt, 4));
+        let _ = writeln!(
+            s,
+            "| Δ | {} | {} | {} | {} |",
+            num(Some(a.coherence - g.before.coherence), 4),
+            num(dt, 4),
+            show(iv.map(|i| &i.coherence_delta)),
+            show(iv.and_then(|i| i.trait_delta.as_ref()))
+        );
         let _ = writeln!(
             s,
             "\nCoherence cost per nat of trait moved: {} cnat/nat (negative = coherence rose while the trait moved; \
@@ -1046,7 +1051,7 @@ mod tests {
         assert!(sl.hi < 0.0 && sl.excludes_zero(), "{sl:?}");
         let g = GateQ1 { intervals: Some(iv), ..report_for_render() };
         let md = render(&g);
-        assert!(md.contains("| Δ, 95 % | 0.500 [0.500, 0.500] |"), "{md}");
+        assert!(md.contains("| Δ | 0.5000 | 0.3000 | 0.500 [0.500, 0.500] |"), "{md}");
         assert!(md.contains("over the 3 measured prompts") && md.contains("Coherence: moved up"), "{md}");
         // The same intervals from the report's saved sample pairs (what `report` recomputes for old files).
         let pairs: Vec<SamplePair> = before
