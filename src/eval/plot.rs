@@ -512,7 +512,7 @@ fn draw_coherence<DB: DrawingBackend>(
             4,
             FLOOR_C.stroke_width(2),
         ))?
-        .label(format!("floor {floor}"))
+        .label(format!("floor {floor:.3}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FLOOR_C.stroke_width(2)));
     draw_over_rounds(&mut rates, points, |p| Some(p.p_ans_any), KEPT, "p_ans_any")?;
     // p_ans_any's 95 % intervals as vertical bars at each round.
