@@ -54,6 +54,11 @@ bench: fetch-model
     if [ -n "${PEER_PY:-}" ]; then "$PEER_PY" bench/torch_peer.py {{model}} | tail -1 > bench/peer.json; else rm -f bench/peer.json; fi
     python3 bench/report.py bench
 
+# The real-size study on SmolLM2, resumable (eval on all 132 items, 3 rounds with controls, heal sweep, report; docs/results-smollm2.md).
+study session="sessions/study-smollm2": fetch-model
+    cargo build --release --locked
+    bash scripts/study.sh {{model}} {{session}} target/release/steer-heal
+
 # One short headless round on SmolLM2 (small settings; a few minutes on this CPU).
 demo-headless: fetch-model
     cargo run --locked -q -- run --session sessions/demo-headless --model {{model}} --rounds 1 --floor 0 --n-prompts 4 --max-new-tokens 48 --extract-pairs 16 --eval-n 8 --think 16
