@@ -180,6 +180,23 @@ pub fn set_gate(model: &mut Model, name: &str, gate: f64) -> usize {
     n
 }
 
+/// Make the attached adapter `name` a constant of the model: its tensors stop being training variables. A
+/// trained adapter left as variables makes every later forward (eval, generation, measuring) build and keep an
+/// autograd graph — through the KV cache, for the whole of a decode — which costs time and, with a few rounds'
+/// adapters, tens of GB. The storage is shared, so the values are unchanged. Returns how many projections it
+/// touched.
+pub fn freeze(model: &mut Model, name: &str) -> usize {
+    let mut n = 0;
+    for lin in all_linears_mut(model) {
+        for ad in lin.adapters.iter_mut().filter(|a| a.name == name) {
+            ad.a = ad.a.detach();
+            ad.b = ad.b.detach();
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Current gate of each attached adapter name (the first occurrence's).
 pub fn gates(model: &Model) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();

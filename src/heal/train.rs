@@ -781,6 +781,8 @@ pub fn heal(
             };
             peft::save_peft(&lora.to_adapter()?, &paths.adapter(), &meta)?;
             adapter_dir = Some(paths.adapter());
+            // Training is over: from here on the adapter is a constant, so no later forward tracks gradients.
+            adapter::freeze(model, &name);
             message = format!("completed {total} steps; adapter written to {}", paths.adapter().display());
         }
         HealStatus::Cancelled => {
