@@ -84,16 +84,20 @@ pub fn bootstrap(n: usize, mut stat: impl FnMut(&[usize]) -> f64) -> Interval {
     percentile_interval(value, &mut samples)
 }
 
-/// Σ num / Σ den over the units, with its bootstrap interval (a token-weighted mean over prompts, say).
+/// Σ num(i) / Σ den(i) over the unit indices `idx` (a token-weighted mean over prompts, say); NaN when the
+/// denominators sum to 0.
+pub fn ratio_at(idx: &[usize], num: impl Fn(usize) -> f64, den: impl Fn(usize) -> f64) -> f64 {
+    let (a, b) = idx.iter().fold((0.0, 0.0), |(a, b), i| (a + num(*i), b + den(*i)));
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+/// Σ num / Σ den over the units, with its bootstrap interval.
 pub fn ratio_of_sums(num: &[f64], den: &[f64]) -> Interval {
-    bootstrap(num.len().min(den.len()), |idx| {
-        let (a, b) = idx.iter().fold((0.0, 0.0), |(a, b), i| (a + num[*i], b + den[*i]));
-        if b > 0.0 {
-            a / b
-        } else {
-            f64::NAN
-        }
-    })
+    bootstrap(num.len().min(den.len()), |idx| ratio_at(idx, |i| num[i], |i| den[i]))
 }
 
 /// The Wilson score interval of a proportion k / n at `LEVEL` (NaN when n is 0).

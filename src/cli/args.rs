@@ -51,11 +51,24 @@ pub fn count(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
-/// The coherence floor of `--floor` (absolute, when given) or `--floor-rel` (relative to the base).
-pub fn coherence_floor(absolute: Option<f64>, relative: f64) -> CoherenceFloor {
-    match absolute {
-        Some(x) => CoherenceFloor::Absolute(x),
-        None => CoherenceFloor::Relative(relative),
+/// The coherence-floor flags every command that judges gate Q2 takes.
+#[derive(clap::Args, Clone, Copy)]
+pub struct FloorArgs {
+    /// Absolute coherence floor on p_ans_any (instead of the relative floor).
+    #[arg(value_parser = finite_f64, long, conflicts_with = "floor_rel")]
+    floor: Option<f64>,
+    /// Coherence floor as a fraction of the base's p_ans_any (the default floor).
+    #[arg(value_parser = finite_f64, long, default_value_t = 0.95)]
+    floor_rel: f64,
+}
+
+impl FloorArgs {
+    /// The floor of `--floor` (absolute, when given) or `--floor-rel` (relative to the base).
+    pub fn floor(&self) -> CoherenceFloor {
+        match self.floor {
+            Some(x) => CoherenceFloor::Absolute(x),
+            None => CoherenceFloor::Relative(self.floor_rel),
+        }
     }
 }
 

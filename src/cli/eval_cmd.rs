@@ -58,12 +58,8 @@ pub enum EvalCmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Absolute coherence floor on p_ans_any (instead of the relative floor).
-        #[arg(value_parser = super::args::finite_f64, long, conflicts_with = "floor_rel")]
-        floor: Option<f64>,
-        /// Coherence floor as a fraction of the base point's p_ans_any (the default floor).
-        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
-        floor_rel: f64,
+        #[command(flatten)]
+        floor: super::args::FloorArgs,
         /// Trait axis the gate judges: authority or care.
         #[arg(long, default_value = "authority")]
         axis: String,
@@ -168,8 +164,8 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 file.display()
             );
         }
-        EvalCmd::Plot { rounds, out, floor, floor_rel, axis, direction, min_rounds } => {
-            let floor = super::args::coherence_floor(floor, floor_rel);
+        EvalCmd::Plot { rounds, out, floor, axis, direction, min_rounds } => {
+            let floor = floor.floor();
             let axis = match axis.as_str() {
                 "authority" => TraitAxis::Authority,
                 "care" => TraitAxis::Care,

@@ -30,12 +30,9 @@ pub struct RunArgs {
     /// Rounds to run (judged rounds count, so a resumed run goes on to this total).
     #[arg(long, default_value_t = 1)]
     rounds: u32,
-    /// Stop when p_ans_any falls under this absolute value (instead of the relative floor).
-    #[arg(value_parser = super::args::finite_f64, long, conflicts_with = "floor_rel")]
-    floor: Option<f64>,
-    /// Stop when p_ans_any falls under this fraction of the base model's (the default floor).
-    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
-    floor_rel: f64,
+    /// Gate Q2's coherence floor: the loop stops at a round under it.
+    #[command(flatten)]
+    floor: super::args::FloorArgs,
     /// Steering prompts used for generation (new sessions only; a session keeps its session.toml).
     #[arg(value_parser = super::args::count, long, default_value_t = 4)]
     n_prompts: usize,
@@ -112,12 +109,8 @@ pub enum RoundsCmd {
         /// Session folder.
         #[arg(long)]
         session: PathBuf,
-        /// Absolute coherence floor on p_ans_any (instead of the relative floor).
-        #[arg(value_parser = super::args::finite_f64, long, conflicts_with = "floor_rel")]
-        floor: Option<f64>,
-        /// Coherence floor as a fraction of the base's p_ans_any (the default floor).
-        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 0.95)]
-        floor_rel: f64,
+        #[command(flatten)]
+        floor: super::args::FloorArgs,
     },
     /// Fork a new lineage branch from a kept round (0 = the base).
     Fork {
@@ -155,7 +148,7 @@ fn config(a: &RunArgs) -> RoundsConfig {
     let mut c = RoundsConfig::small(&a.model);
     c.persona = a.persona.clone();
     c.rounds = a.rounds;
-    c.floor = super::args::coherence_floor(a.floor, a.floor_rel);
+    c.floor = a.floor.floor();
     c.compute = super::compute();
     c.extract_pairs = Some(a.extract_pairs);
     c.dose_target = a.dose_target;
@@ -237,8 +230,8 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
                 a.session.display()
             );
         }
-        RoundsCmd::Report { session, floor, floor_rel } => {
-            let floor = super::args::coherence_floor(floor, floor_rel);
+        RoundsCmd::Report { session, floor } => {
+            let floor = floor.floor();
             let r = steer_heal::rounds::write_report(&session, floor)
                 .with_context(|| format!("reporting session {}", session.display()))?;
             for p in &r.gate_q1_updated {

@@ -489,12 +489,7 @@ fn ratio(
     idx: &[usize],
     col: impl Fn(&(f64, Option<f64>, f64)) -> f64,
 ) -> f64 {
-    let (a, n) = idx.iter().fold((0.0, 0.0), |(a, n), i| (a + col(&rows[*i]), n + rows[*i].2));
-    if n > 0.0 {
-        a / n
-    } else {
-        f64::NAN
-    }
+    crate::stats::ratio_at(idx, |i| col(&rows[i]), |i| rows[i].2)
 }
 
 /// Paired intervals of a before and an after measurement on the same prompts (None when the prompts differ).

@@ -1304,12 +1304,11 @@ fn points(layout: &SessionDir, lin: &Lineage) -> Result<Vec<RoundPoint>> {
                 .iter()
                 .map(|c| EvalReport::load(&rd.control_dir(c.arm.name())))
                 .collect::<Result<_>>()?;
-            let steered = p.controls.iter().zip(&arms).find(|(c, _)| c.arm == ControlArm::Steered);
-            let steered = steered.map(|(_, r)| r.clone());
+            let steered = p.controls.iter().position(|c| c.arm == ControlArm::Steered).map(|i| &arms[i]);
             for (c, arm) in p.controls.iter_mut().zip(&arms) {
                 c.ci = arm.intervals();
                 c.vs_round = paired(arm, &r);
-                if let (Some(st), true) = (&steered, c.arm != ControlArm::Steered) {
+                if let (Some(st), true) = (steered, c.arm != ControlArm::Steered) {
                     c.steered_minus = paired(st, arm);
                 }
             }
