@@ -5,9 +5,13 @@ model := "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 default:
     @just --list
 
-# Everything CI checks: format, lints, layering, all tests (fetches the real demo model first).
-test: fetch-model check
+# Everything CI checks: format, lints, layering, all tests (fetches the real demo model and OpenBLAS first), then
+# the numeric unit tests again on the AVX2 path with gemm for every product (STEER_HEAL_ISA=avx2, STEER_HEAL_BLAS=off)
+# and the kernels' on the portable path: every ISA path CI's CPU can run passes the same tests.
+test: fetch-model fetch-blas check
     cargo test --locked
+    STEER_HEAL_ISA=avx2 STEER_HEAL_BLAS=off cargo test --locked -q --lib -p steer-heal -p steer-heal-kernels
+    STEER_HEAL_ISA=baseline cargo test --locked -q -p steer-heal-kernels
 
 # Format, clippy with warnings as errors, layering rules, file names only in the session layout module.
 check:
@@ -23,7 +27,7 @@ fetch-model:
 # Open the TUI on SmolLM2 with a freshly extracted and iso-KL-dosed authority vector (short completions): round 1's
 # steered completions come to gate Q0; pass it to heal, keep, and continue to round 2. `just demo-headless` runs a
 # whole round without the TUI.
-demo: fetch-model
+demo: fetch-model fetch-blas
     @test -f sessions/demo-vector/vector.safetensors || cargo run --locked -q -- extract --model {{model}} --n-pairs 16 --out sessions/demo-vector
     @test -f sessions/demo-vector/dose.json || cargo run --locked -q -- dose --model {{model}} --vector sessions/demo-vector/vector.safetensors --n-prompts 4 --tokens 12 --out sessions/demo-vector
     cargo run --locked -q -- tui demo --model {{model}} --vector sessions/demo-vector/vector.safetensors --max-new-tokens 48
@@ -41,18 +45,33 @@ tiny-run: tiny
 fmt:
     cargo fmt
 
-# Release build, then every benchmark on the real model, the PyTorch peer when $PEER_PY names its python,
-# and bench/results.json plus the bench/README.md table (ratios, machine, date, commit, peak memory).
-bench: fetch-model
+# Release build, then every benchmark on the real model: our decode and training benchmarks and the PyTorch peer
+# interleaved A B A B ($BENCH_REPS repetitions each, default 2; the peer runs when $PEER_PY or .venv-interop has
+# torch), the few-row kernels against gemm and OpenBLAS, steering, TUI and eval; bench/results-<ISA>.json and the
+# bench/README.md tables (ratios, machine, ISA, date, commit, peak memory). `STEER_HEAL_ISA=avx2 just bench` measures
+# the AVX2 path on an AVX-512 machine.
+bench: fetch-model fetch-blas
     cargo build --release --locked
-    cargo bench --locked --bench decode -- --model {{model}} --out bench/decode.json
-    /usr/bin/time -f '%M' -o bench/heal.rss target/release/steer-heal bench-heal --model {{model}} --out bench/heal.json --seq-len 128 --prompt-len 1 --steps 3 --batch 4 --layers-from 0 --layers-to 1 --compare-composite
+    cargo bench --locked --bench decode --no-run
+    py="${PEER_PY:-}"; if [ -z "$py" ] && .venv-interop/bin/python -c 'import torch, transformers, peft' 2>/dev/null; then py=.venv-interop/bin/python; fi; python3 bench/abab.py {{model}} "cargo bench --locked --bench decode --" target/release/steer-heal "$py" "${BENCH_REPS:-2}"
+    target/release/steer-heal bench-kernels --model {{model}} --out bench/kernels.json
     /usr/bin/time -f '%M' -o bench/steer.rss target/release/steer-heal bench-steer --model {{model}} --out bench/steer.json
     /usr/bin/time -f '%M' -o bench/tui.rss target/release/steer-heal bench-tui --out bench/tui.json
     /usr/bin/time -f '%M' -o bench/eval.rss target/release/steer-heal eval --model {{model}} --think 64 --out bench/eval-run
     cp bench/eval-run/eval.json bench/eval.json
-    if [ -n "${PEER_PY:-}" ]; then "$PEER_PY" bench/torch_peer.py {{model}} | tail -1 > bench/peer.json; else rm -f bench/peer.json; fi
     python3 bench/report.py bench
+
+# Round turnaround on SmolLM2 (about 20 minutes here): a fresh session runs round 1 to gate Q0, then the time to
+# round 2's first completions is taken stage by stage from its event log (heal 32 completions x 128 tokens x 2
+# epochs, bake, eval of all 132 items at think 64, next extract + dose + generation); bench/turnaround.json.
+bench-round session="sessions/bench-round": fetch-model fetch-blas
+    cargo build --release --locked
+    rm -rf {{session}}
+    target/release/steer-heal bench-round --session {{session}} --model {{model}} --floor 0 --n-prompts 32 --max-new-tokens 128 --extract-pairs 64 --probe-n 8 --min-keep 32 --max-keep 32 --max-batches 4 --epochs 2 --r 32 --eval-n 132 --think 64 --json-probe-tokens 48 --measure-n 12 --out bench/turnaround.json
+
+# Get OpenBLAS 0.3.34 (SciPy's build, a PyPI wheel) into .blas/ if absent: the large products use it (gemm without).
+fetch-blas:
+    @test -f .blas/libscipy_openblas.so || cargo run --locked -q -- fetch-blas
 
 # The real-size study on SmolLM2, resumable (eval on all 132 items, 3 rounds with controls, heal sweep, report; docs/results-smollm2.md).
 study session="sessions/study-smollm2": fetch-model

@@ -1,5 +1,5 @@
-"""Collect the JSON of every steer-heal benchmark in bench/ into bench/results.json and a markdown table in
-bench/README.md, with ratios against the PyTorch peer (bench/peer.json when `just bench` ran the peer in the same
+"""Collect the JSON of every steer-heal benchmark in bench/ into bench/results.json (and bench/results-<ISA>.json,
+one per instruction set the kernels ran with) and a markdown table per ISA in bench/README.md, with ratios against the PyTorch peer (bench/peer.json when `just bench` ran the peer in the same
 run, else the peer's published figures, marked as coming from another run), the machine, date and commit.
 
 Usage: python3 bench/report.py BENCH_DIR   (called by `just bench`)."""
@@ -80,6 +80,12 @@ def main():
     def ratio(a, b):
         return round(a / b, 2) if a is not None and b else None
 
+    abab = load(d, "abab.json")
+    spread = (abab or {}).get("summary", {})
+
+    def med(side, key):
+        return spread.get(side, {}).get(key, {}).get("median")
+
     if decode:
         by = {(r["implementation"], r["batch"]): r["tokens_per_s"] for r in decode["results"]}
         for b, key in ((1, "decode_tok_s_b1"), (16, "decode_tok_s_b16")):
@@ -88,13 +94,17 @@ def main():
             rows.append({"benchmark": f"greedy decode, batch {b}", "ours": ours, "unit": "tokens/s",
                          "peer": peer.get(key), "ratio_vs_peer": ratio(ours, peer.get(key)),
                          "candle_transformers": cand, "ratio_vs_candle_transformers": ratio(ours, cand),
+                         "ours_median": med("ours", key), "peer_median": med("peer", key),
+                         "ratio_of_medians": ratio(med("ours", key), med("peer", key)),
                          "peak_rss_mib": decode.get("peak_rss_mib")})
     if heal:
         for key, ours, label in (("train_tok_s_with_ref", heal["tokens_per_s"], "LoRA + KL-barrier training"),
                                  ("train_tok_s", heal["tokens_per_s_without_reference"],
                                   "LoRA training without the reference pass")):
             rows.append({"benchmark": label, "ours": ours, "unit": "tokens/s", "peer": peer.get(key),
-                         "ratio_vs_peer": ratio(ours, peer.get(key)), "peak_rss_mib": heal.get("peak_rss_mib")})
+                         "ratio_vs_peer": ratio(ours, peer.get(key)), "ours_median": med("ours", key),
+                         "peer_median": med("peer", key), "ratio_of_medians": ratio(med("ours", key), med("peer", key)),
+                         "peak_rss_mib": heal.get("peak_rss_mib")})
         comp = heal.get("composite")
         if comp:
             ours = comp["tokens_per_s"]
@@ -125,7 +135,19 @@ def main():
     if tui:
         rows.append({"benchmark": "TUI latency while generating (bench-tui)", "ours": tui, "unit": "see JSON",
                      "peak_rss_mib": rss(d, "tui.rss")})
+    rnd = load(d, "turnaround.json")
+    if rnd and rnd.get("turnaround"):
+        t = rnd["turnaround"]
+        rows.append({"benchmark": "round turnaround (gate Q0 → next round's first completions; `just bench-round`)",
+                     "ours": t["total_s"], "unit": "s", "target": "< 300 s", "stages": t["stages"],
+                     "base_eval_s": t.get("base_eval_s"), "peak_rss_mib": None})
+    isa = (decode or {}).get("isa") or "unknown"
     results = {
+        "isa": isa,
+        "isa_detected": (decode or {}).get("isa_detected"),
+        "cpu_features": (decode or {}).get("cpu_features"),
+        "blas": (decode or {}).get("blas"),
+        "abab_reps": (abab or {}).get("reps"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(),
         "machine": machine(),
@@ -141,26 +163,53 @@ def main():
     }
     with open(os.path.join(d, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
+    with open(os.path.join(d, f"results-{isa}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    # One section per ISA measured: this run's first, then the others' latest files.
+    sections = [results]
+    for name in sorted(os.listdir(d)):
+        if name.startswith("results-") and name.endswith(".json") and name != f"results-{isa}.json":
+            with open(os.path.join(d, name)) as f:
+                sections.append(json.load(f))
+    lines = ["# Benchmarks", "", "One table per instruction set the kernels ran with (`STEER_HEAL_ISA` caps it; "
+             "bench/PROFILE.md). Ratios compare numbers measured side by side in one run only.", ""]
+    for i, r in enumerate(sections):
+        lines += render(r, detail=(i == 0))
+    lines += ["", "Timings on a shared machine are noisy; ratios within one run are what to compare."]
+    with open(os.path.join(d, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
-    def fmt(x):
-        return "–" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
 
-    m = results["machine"]
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Written by `just bench` on {results['date']} at commit `{results['commit']}`, "
-        f"on {m['cpu']} ({m['logical_cores']} logical cores). Peer (PyTorch + transformers + peft, "
-        f"`bench/torch_peer.py`): {peer_src}.",
-        "",
-        "| benchmark | ours | peer | ours / peer | candle-transformers | ours / candle-transformers | peak MiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def fmt(x):
+    return "–" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
+
+
+def render(results, detail):
+    rows, peer_src, m = results["rows"], results["peer_source"], results["machine"]
+    isa = results.get("isa", "unknown")
+    lines = [f"## {isa.upper()} — {results['date'][:10]}, commit `{results['commit']}`", "",
+             f"`just bench` on {m['cpu']} ({m['logical_cores']} logical cores), kernels at ISA `{isa}`"
+             + (f" (CPU: `{results.get('isa_detected')}`; features {', '.join(results.get('cpu_features') or [])})"
+                if results.get("isa_detected") else "")
+             + (f"; large products by {results['blas']}" if results.get("blas") else "")
+             + (f". {results['isa_note']}" if results.get("isa_note") else "")
+             + f". Peer (PyTorch + transformers + peft, `bench/torch_peer.py`): {peer_src}"
+             + (f", interleaved A B A B, {results['abab_reps']} repetitions each (best, and median in brackets)"
+                if results.get("abab_reps") else "") + ".", ""]
+    lines += ["| benchmark | ours | peer | ours / peer | candle-transformers | ours / candle-transformers | peak MiB |",
+              "|---|---|---|---|---|---|---|"]
+
+    def with_median(best, median):
+        return fmt(best) + (f" ({fmt(median)})" if median is not None else "")
+
     for r in rows:
         if r["unit"] != "tokens/s":
             continue
-        lines.append(f"| {r['benchmark']} | {fmt(r['ours'])} tok/s | {fmt(r.get('peer'))} | "
-                     f"{fmt(r.get('ratio_vs_peer'))} | {fmt(r.get('candle_transformers'))} | "
+        lines.append(f"| {r['benchmark']} | {with_median(r['ours'], r.get('ours_median'))} tok/s | "
+                     f"{with_median(r.get('peer'), r.get('peer_median'))} | "
+                     f"{with_median(r.get('ratio_vs_peer'), r.get('ratio_of_medians'))} | "
+                     f"{fmt(r.get('candle_transformers'))} | "
                      f"{fmt(r.get('ratio_vs_candle_transformers'))} | {fmt(r.get('peak_rss_mib'))} |")
     timed = [r for r in rows if r["unit"] in ("s", "ms")]
     if timed:
@@ -168,27 +217,25 @@ def main():
         for r in timed:
             lines.append(f"| {r['benchmark']} | {fmt(float(r['ours']))} {r['unit']} | {r['target']} | "
                          f"{fmt(r.get('peak_rss_mib'))} |")
-    bw = results["bandwidth"]
+    for r in timed:
+        if r.get("stages"):
+            lines += ["", "Round turnaround by stage:", "", "| stage | s |", "|---|---|"]
+            lines += [f"| {st['stage']} | {st['seconds']:.1f} |" for st in r["stages"]]
+            if r.get("base_eval_s") is not None:
+                lines.append(f"| (base eval, once per session, not counted) | {r['base_eval_s']:.1f} |")
+    bw = results.get("bandwidth")
     if bw and bw.get("read_bandwidth_gb_s"):
         frac = bw.get("ours_batch1_fraction_of_bound")
         lines += ["", f"Memory-bandwidth bound at batch 1: {bw['weight_bytes_per_token'] / 1e9:.3f} GB of weights "
                   f"per token at a measured {bw['read_bandwidth_gb_s']:.1f} GB/s read bandwidth ⇒ "
                   f"{bw['batch1_bound_tokens_per_s']:.1f} tokens/s; ours reaches "
                   f"{'–' if frac is None else f'{100 * frac:.0f} %'} of it."]
-    if heal and heal.get("composite_max_rel_loss_diff") is not None:
-        spec = heal.get("spec", {})
-        lines += ["", f"Training: {spec.get('steps')} timed steps of {spec.get('batch')} × {spec.get('seq_len')} tokens "
-                  f"(the peer's shape). Step losses of the training path (fused kernels) and the composite path from "
-                  f"the same start differ by at most {heal['composite_max_rel_loss_diff']:.1e} (relative): "
-                  f"{heal.get('losses')} vs {heal['composite'].get('losses')}."]
-    for r in rows:
-        if r["unit"] == "see JSON":
-            lines += ["", f"## {r['benchmark']} (peak {fmt(r.get('peak_rss_mib'))} MiB)", "", "```json",
-                      json.dumps(r["ours"], indent=2), "```"]
-    lines += ["", "Timings on a shared machine are noisy; ratios within one run are what to compare."]
-    with open(os.path.join(d, "README.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if detail:
+        for r in rows:
+            if r["unit"] == "see JSON":
+                lines += ["", f"### {r['benchmark']} (peak {fmt(r.get('peak_rss_mib'))} MiB)", "", "```json",
+                          json.dumps(r["ours"], indent=2), "```"]
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Other work on the machine moves these numbers a lot; record how busy it was.
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     // As the steer-heal binary does: pin candle's thread count and pool spin limit (src/model/cpu.rs).
-    let cpu = steer_heal::model::cpu::configure();
+    let cpu = steer_heal::model::cpu::configure()?;
     let dev = Device::Cpu;
     let tmp = std::env::temp_dir().join(format!("steer-heal-bench-{}", std::process::id()));
     eprintln!("converting {} to f32 safetensors in {}", args.model.display(), tmp.display());
@@ -240,6 +240,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "rayon_num_threads_set_by_user": cpu.threads_set_by_user,
         "barrier_pool_spin_limit": cpu.spin_limit,
         "barrier_pool_spin_limit_set_by_user": cpu.spin_limit_set_by_user,
+        "isa": cpu.isa.name(),
+        "isa_detected": cpu.isa_detected.name(),
+        "blas": cpu.blas,
+        "cpu_features": steer_heal_kernels::isa::cpu_features(),
         "profile": "bench (release, cargo bench)",
         "prompt_tokens": prompt.len(),
         "new_tokens": n,

@@ -6,7 +6,10 @@ mod cli;
 
 fn main() -> ExitCode {
     // Before any thread starts: candle reads these settings when it builds its thread pools.
-    steer_heal::model::cpu::configure();
+    if let Err(e) = steer_heal::model::cpu::configure() {
+        eprintln!("steer-heal: error: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

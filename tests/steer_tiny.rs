@@ -177,7 +177,10 @@ fn kl_grows_with_the_coefficient() {
     let s = Steering::new(&v, &lm.model).expect("steering");
     let prompts = steer_heal::steer::dose::calibration_ids(&lm, &s, &dose_cfg(12)).expect("prompts");
     let zero = measure_kl(&lm, &s, &prompts, 0.0, 12).expect("kl at 0");
-    assert!(zero.iter().all(|k| *k == 0.0), "KL at c = 0 must be exactly 0");
+    // The steered and the base row ride in one batch; a BLAS may give the two rows' products different
+    // micro-kernels (rounding), so c = 0 matches the base to rounding, not bit for bit.
+    let worst = zero.iter().fold(0f32, |a, k| a.max(k.abs()));
+    assert!(worst < 1e-6, "KL at c = 0 must be zero to rounding, got {worst}");
     let mut prev = 0.0;
     for c in [0.25, 0.5, 1.0, 2.0, 4.0] {
         let m = KlStats::from_values(&measure_kl(&lm, &s, &prompts, c, 12).expect("kl")).mean;

@@ -8,6 +8,15 @@
 //! pass forward and one backward, and give the same values as the composite ops (tested below and end to end in
 //! steer-heal's `tests/heal_tiny.rs`). CPU and f32 only: elsewhere the decoder keeps the composite ops (`applies`).
 //! A crate of its own so that dev builds optimise these loops (steer-heal itself builds unoptimised there).
+//!
+//! Also here: `isa`, the run-time choice of instruction set every SIMD kernel follows; `skinny`, the few-row
+//! product of a decode step; `attention`, inference attention in one pass; `blas`, OpenBLAS's sgemm for the large
+//! products when the system has it.
+
+pub mod attention;
+pub mod blas;
+pub mod isa;
+pub mod skinny;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;

@@ -34,6 +34,21 @@ pub enum KnownArg {
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
+    /// Time the decode step's few-row products, our kernel against gemm, on a model's shapes (JSON + a table).
+    BenchKernels {
+        /// Model directory or .gguf file (only its config is read).
+        #[arg(long)]
+        model: PathBuf,
+        /// Row counts to time.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,512")]
+        rows: Vec<usize>,
+        /// Repetitions (best of).
+        #[arg(value_parser = super::args::count, long, default_value_t = 7)]
+        reps: usize,
+        /// JSON output file.
+        #[arg(long, default_value = "bench/kernels.json")]
+        out: PathBuf,
+    },
     /// Write a deterministic tiny random model directory (config, safetensors, tokenizer, chat template).
     MakeTinyModel {
         /// Architecture family.
@@ -94,6 +109,17 @@ pub enum ModelCmd {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Get OpenBLAS 0.3.34 (SciPy's build, from the PyPI wheel `scipy-openblas32`, sha256-verified) into `.blas/`,
+    /// where steer-heal loads it for the large products (1.2–1.9× gemm on this CPU; unset: gemm, or a system
+    /// OpenBLAS). `STEER_HEAL_BLAS` names another library, or `off`.
+    FetchBlas {
+        /// Directory to place it in.
+        #[arg(long, default_value = ".blas")]
+        dir: PathBuf,
+        /// Python interpreter that runs pip.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
     /// Convert a GGUF file to a Hugging Face directory (config, f32 safetensors, tokenizer, chat template).
     Convert {
         /// The .gguf file.
@@ -106,6 +132,15 @@ pub enum ModelCmd {
 /// Run a model subcommand.
 pub fn run(cmd: ModelCmd) -> Result<()> {
     match cmd {
+        ModelCmd::BenchKernels { model: path, rows, reps, out } => {
+            let lm = model::load_model(&path, None, &candle_core::Device::Cpu)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let report = model::bench::bench_matmul(&lm.model.cfg, &rows, reps)?;
+            print!("{}", report.table());
+            steer_heal::fsutil::atomic_write_json(&out, &report)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
         ModelCmd::MakeTinyModel { arch, seed, out_dir } => {
             model::tiny::make_tiny_model(arch.into(), &out_dir, seed)
                 .with_context(|| format!("making tiny model in {}", out_dir.display()))?;
@@ -187,6 +222,15 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
                 }
                 model::fetch::Fetched::Downloaded(p) => eprintln!("downloaded and verified {}", p.display()),
             }
+            println!("{}", got.path().display());
+        }
+        ModelCmd::FetchBlas { dir, python } => {
+            let known = model::fetch::OPENBLAS;
+            let mut bar = steer_heal::progress::Bar::new(known.name);
+            let got = model::fetch::fetch(&known, &dir, &python, &mut bar)
+                .with_context(|| format!("fetching {}", known.name))?;
+            bar.finish();
+            eprintln!("{} ready; large products use it from the next start", got.path().display());
             println!("{}", got.path().display());
         }
         ModelCmd::Convert { model: path, out_dir } => {

@@ -10,6 +10,31 @@ use steer_heal::progress::Bar;
 use steer_heal::rounds::{generation_for, new_manifest, LogTo, RoundsConfig, Runner};
 use steer_heal::score::FilterThresholds;
 
+/// Logs like `run`, and cancels the run when `round`'s first completions are written.
+struct StopAtFirstCompletions {
+    round: u32,
+    cancel: Arc<AtomicBool>,
+    reached: bool,
+}
+
+impl steer_heal::rounds::RunObserver for StopAtFirstCompletions {
+    fn log(&mut self, msg: &str) {
+        eprintln!("steer-heal: {msg}");
+    }
+    fn completions(
+        &mut self,
+        round: u32,
+        _part: usize,
+        _file: &str,
+        _rows: &[steer_heal::score::ScoredCompletion],
+    ) {
+        if round == self.round {
+            self.reached = true;
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Settings of `run`; the defaults are the small CPU demo settings.
 #[derive(Args)]
 pub struct RunArgs {
@@ -94,6 +119,15 @@ pub struct RunArgs {
 pub enum RoundsCmd {
     /// Run the rounds loop headless: extract → dose → generate → score → gate Q0 → heal → bake → eval, per round.
     Run(Box<RunArgs>),
+    /// Round turnaround: run a fresh session (the `run` settings) until round 2's first completions, then report
+    /// the wall time from gate Q0 of round 1 to them, per stage, from the session's event log (JSON + a table).
+    BenchRound {
+        #[command(flatten)]
+        run: Box<RunArgs>,
+        /// JSON output file.
+        #[arg(long, default_value = "bench/turnaround.json")]
+        out: PathBuf,
+    },
     /// Roll a session's student back to a kept round (0 = the base); later rounds stay visible.
     Rollback {
         /// Session folder.
@@ -229,6 +263,63 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
                 "wrote the progress map, the gate-Q2 report, the rounds table and the lineage in {}",
                 a.session.display()
             );
+        }
+        RoundsCmd::BenchRound { run: a, out } => {
+            let mut a = a;
+            a.rounds = a.rounds.max(2);
+            let mut bar = Bar::new("bench-round");
+            stop_on_ctrl_c(bar.cancel.clone());
+            // Round 2's first completions end the measurement: the observer cancels the run there.
+            let mut obs = StopAtFirstCompletions { round: 2, cancel: bar.cancel.clone(), reached: false };
+            let new_session = |persona: &steer_heal::steer::Persona| {
+                let thresholds = FilterThresholds {
+                    max_perplexity: a.max_ppl,
+                    max_repetition: a.max_repetition,
+                    ..FilterThresholds::default()
+                };
+                new_manifest(
+                    &a.session,
+                    &a.model,
+                    a.persona.as_deref(),
+                    a.vector.as_deref(),
+                    generation_for(persona, Some(a.n_prompts), a.max_new_tokens),
+                    Some(thresholds),
+                )
+            };
+            let mut runner = Runner::open(&a.session, config(&a), new_session, &mut bar, &mut obs)
+                .with_context(|| format!("opening session {}", a.session.display()))?;
+            let summary = runner.run()?;
+            drop(runner);
+            bar.finish();
+            if !obs.reached {
+                anyhow::bail!("the run stopped before round 2's first completions: {}", summary.stopped);
+            }
+            let layout = steer_heal::session::SessionDir::new(&a.session);
+            let log = steer_heal::session::event::read_log(&layout.events())
+                .with_context(|| format!("reading the event log of {}", a.session.display()))?;
+            let t = steer_heal::rounds::turnaround::turnaround(&log.events, 1).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: the log does not hold gate Q0 of round 1 through round 2's first completions",
+                    a.session.display()
+                )
+            })?;
+            print!("{}", t.table());
+            let cpu = steer_heal::model::cpu::configure()?;
+            let report = serde_json::json!({
+                "session": a.session.display().to_string(),
+                "model": a.model.display().to_string(),
+                "settings": {
+                    "n_prompts": a.n_prompts, "max_new_tokens": a.max_new_tokens, "epochs": a.epochs,
+                    "eval_n": a.eval_n, "think": a.think,
+                },
+                "isa": cpu.isa.name(),
+                "blas": cpu.blas,
+                "threads": cpu.threads,
+                "turnaround": t,
+            });
+            steer_heal::fsutil::atomic_write_json(&out, &report)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
         }
         RoundsCmd::Report { session, floor } => {
             let floor = floor.floor();

@@ -18,7 +18,31 @@ pub struct CpuSettings {
     pub spin_limit: String,
     /// Whether the user had set the spin limit already.
     pub spin_limit_set_by_user: bool,
+    /// The instruction-set level the kernels and gemm run with (`STEER_HEAL_ISA` caps it).
+    pub isa: Isa,
+    /// The widest level the CPU has.
+    pub isa_detected: Isa,
+    /// Which library does the large f32 products: the OpenBLAS loaded (its path and core), or gemm and why.
+    pub blas: String,
 }
+
+/// What `blas` reports: the loaded OpenBLAS, or why gemm does the large products.
+pub fn blas_summary() -> String {
+    match steer_heal_kernels::blas::get() {
+        Some(b) => format!("OpenBLAS ({} kernels) from {}", b.core, b.path),
+        None => format!(
+            "gemm ({})",
+            steer_heal_kernels::blas::unavailable_reason().unwrap_or_else(|| "no BLAS".into())
+        ),
+    }
+}
+
+pub use steer_heal_kernels::isa::{self, Isa};
+
+/// `STEER_HEAL_ISA` is not one of the levels (or gemm reads it differently): refused at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct IsaError(pub String);
 
 /// Pin candle's thread count and thread-pool spin limit through the environment variables it reads, leaving any
 /// value the user set alone. Call it first thing in `main`, before any thread starts (the variables are read when
@@ -26,7 +50,11 @@ pub struct CpuSettings {
 ///
 /// The thread count: candle 0.11 asks for it on every CPU matmul and, unless `RAYON_NUM_THREADS` is set, re-reads
 /// `/proc/cpuinfo` each time, about a third of a SmolLM2 batch-1 decode step. Asking once gives the same answer.
-pub fn configure() -> CpuSettings {
+///
+/// The instruction set: `STEER_HEAL_ISA` (auto, avx512, avx2, baseline) caps what the kernels and gemm pick at run
+/// time; an unknown value is an error here, before any kernel runs.
+pub fn configure() -> Result<CpuSettings, IsaError> {
+    let isa = isa::check().map_err(IsaError)?;
     let threads_set_by_user = std::env::var_os("RAYON_NUM_THREADS").is_some();
     if !threads_set_by_user {
         std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
@@ -35,10 +63,15 @@ pub fn configure() -> CpuSettings {
     if !spin_limit_set_by_user {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT.to_string());
     }
-    CpuSettings {
+    steer_heal_kernels::blas::configure_env(isa, &std::env::var("RAYON_NUM_THREADS").unwrap_or_default());
+    Ok(CpuSettings {
         threads: std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         threads_set_by_user,
         spin_limit: std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").unwrap_or_default(),
         spin_limit_set_by_user,
-    }
+        isa,
+        isa_detected: isa::detected(),
+        // Loading the library now, while the process is single-threaded, starts its threads with the settings above.
+        blas: blas_summary(),
+    })
 }

@@ -75,6 +75,21 @@ pub const GEMMA3_270M: KnownModel = KnownModel {
 };
 
 /// Every checkpoint `fetch-model` knows.
+/// OpenBLAS 0.3.34 (BSD-3-Clause) as SciPy builds it: one self-contained shared library with every x86 kernel
+/// family chosen at run time and `scipy_`-prefixed symbols, from the `scipy-openblas32` wheel. Not a checkpoint, but
+/// fetched the same way, into `.blas/` (`fetch-blas`); `steer_heal_kernels::blas` loads it. Newer than most
+/// distributions' OpenBLAS, whose 0.3.21 sgemm is 1.4–1.8× slower on this project's shapes (bench/PROFILE.md).
+pub const OPENBLAS: KnownModel = KnownModel {
+    name: "openblas",
+    file_name: "libscipy_openblas.so",
+    sha256: "b396d74f12ab4319e6713b3287104d64245c76c60e5bd9eaeb4b447eda66a561",
+    parts: &[WheelPart {
+        package: "scipy-openblas32",
+        version: "0.3.34.481.3",
+        member: "scipy_openblas32/lib/libscipy_openblas.so",
+    }],
+};
+
 pub const KNOWN: [KnownModel; 2] = [SMOLLM2, GEMMA3_270M];
 
 /// Look a checkpoint up by its command-line name.

@@ -11,6 +11,8 @@
 //! The gates are the researcher's in the TUI (`GateMode::Researcher`: the runner stops and says what it waits
 //! for) and the automatic verdicts headless (`GateMode::Automatic`). Either way the same code runs.
 
+pub mod turnaround;
+
 use crate::error::{Error, Result};
 use crate::eval::{
     self, ControlArm, ControlPoint, EvalConfig, EvalModel, EvalReport, GateQ2Spec, RoundPoint, RoundStatus,

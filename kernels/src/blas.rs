@@ -1,0 +1,279 @@
+//! OpenBLAS's `sgemm` for the large f32 products, when the system has the library: loaded at run time, so nothing is
+//! needed to build and a machine without it runs gemm instead.
+//!
+//! Why: on the large products of a prefill and of a training step (thousands of rows against 576 × 1536 weights),
+//! gemm reaches about 70 GFLOP/s on this project's 2-core AVX2 machine where OpenBLAS's Haswell kernels reach
+//! 135–145, the same machine's PyTorch about 75–105 (bench/PROFILE.md). OpenBLAS is well kept, picks its kernels
+//! at run time per CPU (Debian and most distributions build it with `DYNAMIC_ARCH`), and is one `apt install
+//! libopenblas0` away.
+//!
+//! Which library: `STEER_HEAL_BLAS` names a file to load, or `off` to use gemm; unset, `SEARCH` is tried: the
+//! OpenBLAS 0.3.34 that `steer-heal fetch-blas` puts in `.blas/` (from SciPy's PyPI wheel), then the system's.
+//! The ISA cap holds for it too: under `STEER_HEAL_ISA=avx2` a library whose kernels are wider (it reports its
+//! core, e.g. `SkylakeX`) is not used, and `baseline` never uses it. `configure_env` (called by the binary at
+//! start-up, before any thread) asks OpenBLAS for the capped core (`OPENBLAS_CORETYPE=Haswell`), for the thread
+//! count candle uses, and for short spinning of its idle threads, which would otherwise hold both cores between
+//! products against candle's own pool.
+
+use crate::isa::{self, Isa};
+use std::ffi::{c_char, c_int, CStr};
+use std::sync::OnceLock;
+
+/// The environment variable that picks the library (a path, or `off`).
+pub const ENV: &str = "STEER_HEAL_BLAS";
+
+/// Libraries tried, in order, when `STEER_HEAL_BLAS` is unset: the one `steer-heal fetch-blas` puts in `.blas/`
+/// (OpenBLAS 0.3.34 from SciPy's wheel), then the system's.
+pub const SEARCH: [&str; 3] = [".blas/libscipy_openblas.so", "libopenblas.so.0", "libopenblas.so"];
+
+/// Symbol prefixes: none (a system OpenBLAS), `scipy_` (SciPy's build).
+const PREFIXES: [&str; 2] = ["", "scipy_"];
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+type CoreName = unsafe extern "C" fn() -> *const c_char;
+type SetThreads = unsafe extern "C" fn(c_int);
+
+/// A loaded BLAS.
+pub struct Blas {
+    sgemm: Sgemm,
+    /// What the library reports about itself (`openblas_get_config`), e.g. "OpenBLAS 0.3.21 DYNAMIC_ARCH ... Haswell".
+    pub description: String,
+    /// The kernel family it picked (`openblas_get_corename`).
+    pub core: String,
+    /// The file it was loaded from.
+    pub path: String,
+    _lib: libloading::Library,
+}
+
+/// Cores whose kernels use AVX-512 (OpenBLAS's names).
+const AVX512_CORES: [&str; 4] = ["skylakex", "cooperlake", "sapphirerapids", "zen4"];
+
+impl Blas {
+    fn open(path: &str) -> Result<Blas, String> {
+        // A relative path with a directory part is a file (`libloading` would otherwise search the library path).
+        let file = if path.contains('/') && !path.starts_with('/') {
+            match std::fs::canonicalize(path) {
+                Ok(p) => p.to_string_lossy().into_owned(),
+                Err(e) => return Err(format!("{path}: {e}")),
+            }
+        } else {
+            path.to_string()
+        };
+        // SAFETY: loading a shared library runs its initialisers; OpenBLAS's only start its thread pool.
+        let lib = unsafe { libloading::Library::new(&file) }.map_err(|e| format!("{path}: {e}"))?;
+        let prefix = PREFIXES
+            .iter()
+            // SAFETY: looking a symbol up does not call it.
+            .find(|p| unsafe { lib.get::<Sgemm>(format!("{p}cblas_sgemm\0").as_bytes()) }.is_ok())
+            .ok_or_else(|| format!("{path}: no cblas_sgemm"))?;
+        let sym = |name: &str| format!("{prefix}{name}\0");
+        // SAFETY: the symbols have these C signatures in every OpenBLAS (cblas.h, openblas_config.h).
+        unsafe {
+            let sgemm =
+                *lib.get::<Sgemm>(sym("cblas_sgemm").as_bytes()).map_err(|e| format!("{path}: {e}"))?;
+            let text = |name: &str| -> String {
+                match lib.get::<CoreName>(sym(name).as_bytes()) {
+                    Ok(f) => {
+                        let p = f();
+                        if p.is_null() {
+                            String::new()
+                        } else {
+                            CStr::from_ptr(p).to_string_lossy().trim().to_string()
+                        }
+                    }
+                    Err(_) => String::new(),
+                }
+            };
+            let core = text("openblas_get_corename");
+            let description = text("openblas_get_config");
+            if let Ok(set) = lib.get::<SetThreads>(sym("openblas_set_num_threads").as_bytes()) {
+                set(threads() as c_int);
+            }
+            Ok(Blas { sgemm, description, core, path: file, _lib: lib })
+        }
+    }
+
+    /// Whether its kernels stay within the instruction set the kernels may use.
+    fn within(&self, isa: Isa) -> bool {
+        match isa {
+            Isa::Baseline => false,
+            Isa::Avx2 => !AVX512_CORES.contains(&self.core.to_lowercase().as_str()),
+            Isa::Avx512 => true,
+        }
+    }
+
+    /// Row-major `c[m, n] = a[m, k] · op(b)`, `op(b) = bᵀ` for `b` `[n, k]` when `b_transposed`, else `b` `[k, n]`;
+    /// all contiguous. Products whose sizes do not fit a C `int` are refused (`false`), for gemm to do.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        b_transposed: bool,
+    ) -> bool {
+        let fits = |x: usize| x <= c_int::MAX as usize;
+        if !(fits(m) && fits(n) && fits(k) && fits(m * k) && fits(n * k) && fits(m * n))
+            || a.len() != m * k
+            || b.len() != k * n
+            || c.len() != m * n
+            || m == 0
+            || n == 0
+            || k == 0
+        {
+            return false;
+        }
+        let (tb, ldb) = if b_transposed { (TRANS, k) } else { (NO_TRANS, n) };
+        // SAFETY: the slices hold exactly the m·k, k·n and m·n elements the call reads and writes.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                NO_TRANS,
+                tb,
+                m as c_int,
+                n as c_int,
+                k as c_int,
+                1.0,
+                a.as_ptr(),
+                k as c_int,
+                b.as_ptr(),
+                ldb as c_int,
+                0.0,
+                c.as_mut_ptr(),
+                n as c_int,
+            )
+        };
+        true
+    }
+}
+
+/// Threads the BLAS runs with: candle's (`RAYON_NUM_THREADS`, which `configure` pins), else the machine's.
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// Why no BLAS is in use (for reports), or `None` when one is.
+pub fn unavailable_reason() -> Option<String> {
+    match state() {
+        Ok(_) => None,
+        Err(e) => Some(e.clone()),
+    }
+}
+
+fn state() -> &'static Result<Blas, String> {
+    static BLAS: OnceLock<Result<Blas, String>> = OnceLock::new();
+    BLAS.get_or_init(|| {
+        let isa = isa::active();
+        if isa == Isa::Baseline {
+            return Err(format!("not used at {}=baseline", isa::ENV));
+        }
+        let blas = match std::env::var(ENV).ok().as_deref().map(str::trim) {
+            Some("off") | Some("none") => return Err(format!("{ENV}=off")),
+            Some(path) if !path.is_empty() => Blas::open(path)?,
+            _ => {
+                let mut errs = Vec::new();
+                let mut found = None;
+                for name in SEARCH {
+                    match Blas::open(name) {
+                        Ok(b) => {
+                            found = Some(b);
+                            break;
+                        }
+                        Err(e) => errs.push(e),
+                    }
+                }
+                found.ok_or_else(|| format!("no OpenBLAS found ({})", errs.join("; ")))?
+            }
+        };
+        if !blas.within(isa) {
+            return Err(format!("{} uses {} kernels, above {}={isa}", blas.path, blas.core, isa::ENV));
+        }
+        Ok(blas)
+    })
+}
+
+/// The BLAS in use, if any.
+pub fn get() -> Option<&'static Blas> {
+    state().as_ref().ok()
+}
+
+/// Fewest rows for which a product goes to the BLAS: below, a call's fixed cost (waking its threads) is more than
+/// gemm loses; at 64 rows and more it wins on every SmolLM2 shape (bench/PROFILE.md, `steer-heal bench-kernels`).
+pub const MIN_ROWS: usize = 64;
+
+/// Environment for OpenBLAS, set by the binary while it is still single-threaded (`model::cpu::configure`): the
+/// capped core, candle's thread count, short idle spinning. Values the user set are kept.
+pub fn configure_env(isa: Isa, threads: &str) {
+    let set = |k: &str, v: &str| {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    };
+    if isa == Isa::Avx2 && isa::detected() > Isa::Avx2 {
+        set("OPENBLAS_CORETYPE", "Haswell");
+    }
+    set("OPENBLAS_NUM_THREADS", threads);
+    // 2^4 cycles of spinning before an idle OpenBLAS thread sleeps (its default is about 2^28: a tenth of a
+    // second on both cores after every product, starving candle's element-wise pool).
+    set("OPENBLAS_THREAD_TIMEOUT", "4");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sgemm_matches_a_plain_product_in_both_layouts() {
+        let Some(blas) = get() else {
+            eprintln!("no BLAS: {}", unavailable_reason().unwrap_or_default());
+            return;
+        };
+        assert!(blas.within(isa::active()), "{} above the cap", blas.core);
+        let (m, k, n) = (7, 13, 5);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
+        let mut b = vec![0f32; k * n];
+        for j in 0..n {
+            for p in 0..k {
+                b[p * n + j] = bt[j * k + p];
+            }
+        }
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum();
+            }
+        }
+        let mut c = vec![f32::NAN; m * n];
+        assert!(blas.sgemm(&a, &bt, &mut c, m, k, n, true));
+        assert_eq!(c, want, "a · btᵀ");
+        let mut c = vec![f32::NAN; m * n];
+        assert!(blas.sgemm(&a, &b, &mut c, m, k, n, false));
+        assert_eq!(c, want, "a · b");
+    }
+}

@@ -1,0 +1,303 @@
+//! `y = x · Wᵀ` for a few rows of `x` (a decode step: one row per sequence) against a row-major weight `[n, k]`.
+//!
+//! A decode step's products are a handful of rows against a weight read once: at batch 1 the time is the weight's
+//! streaming from memory, at batch 16–32 it is FMAs on a weight block that is already in L1. gemm, built for large
+//! products, packs the weight into panels on every call (another pass over 0.5 GB per SmolLM2 step) and splits the
+//! work by rows that are not there; bench/PROFILE.md has the measurements. Here each thread takes a contiguous
+//! range of weight rows, reads each row block once from memory and multiplies it with every row of `x` while it is
+//! in L1: dot products of contiguous rows, so the weight needs no transpose and no packing.
+//!
+//! The AVX2 + FMA kernel is chosen at run time (`isa::active`); the portable one is the same loop nest in plain
+//! Rust. Both sum each dot product over eight interleaved partial sums (the AVX2 one with fused multiply-adds), so
+//! they agree to rounding with each other and with gemm (tested below against an f64 product).
+
+use crate::isa::{self, Isa};
+use rayon::prelude::*;
+
+/// Weight rows a thread takes at a time: enough to amortise the fork, few enough to balance 2–16 threads.
+const ROWS_PER_TASK: usize = 64;
+
+/// Weight rows multiplied together in the kernel's register tile.
+const NR: usize = 4;
+/// Rows of `x` in the register tile (`NR × MR` accumulators of 8 lanes: 12 of the 16 AVX2 registers).
+const MR: usize = 3;
+
+/// The most rows of `x` for which this beats gemm at the active ISA (bench/PROFILE.md, `cargo bench --bench
+/// kernels`). On AVX-512 only the bandwidth-bound single row: its wider gemm kernels were not measured against
+/// this AVX2 kernel (no AVX-512 machine at hand), so it keeps them for batches.
+pub fn max_rows() -> usize {
+    match isa::active() {
+        Isa::Avx512 => 1,
+        Isa::Avx2 => MAX_ROWS_AVX2,
+        Isa::Baseline => MAX_ROWS_BASELINE,
+    }
+}
+
+/// Crossover with gemm's AVX2 kernels on SmolLM2's shapes.
+const MAX_ROWS_AVX2: usize = 8;
+/// Crossover with gemm's portable kernels.
+const MAX_ROWS_BASELINE: usize = 32;
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major and contiguous, written into `y` (length `m · n`).
+pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+    assert!(x.len() == m * k && w.len() == n * k && y.len() == m * n, "skinny matmul: shapes do not match");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = SyncPtr(y.as_mut_ptr());
+    let isa = isa::active();
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let j0 = t * ROWS_PER_TASK;
+        let j1 = (j0 + ROWS_PER_TASK).min(n);
+        let out = &out;
+        // SAFETY: tasks write disjoint column ranges [j0, j1) of y, which outlives the parallel loop.
+        unsafe { rows(isa, x, w, out.0, m, k, n, j0, j1) };
+    });
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+struct SyncPtr(*mut f32);
+// SAFETY: only used for writes to disjoint elements from the tasks of one `matmul_wt` call.
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+
+/// Columns `[j0, j1)` of `y` for every row of `x`.
+///
+/// # Safety
+/// `y` points to `m · n` floats and no other thread writes columns `[j0, j1)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows(
+    isa: Isa,
+    x: &[f32],
+    w: &[f32],
+    y: *mut f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `isa::active` only reports AVX2 when the CPU has AVX2 and FMA.
+        return unsafe { avx2::rows(x, w, y, m, k, n, j0, j1) };
+    }
+    let _ = isa;
+    unsafe { portable_rows(x, w, y, m, k, n, j0, j1) }
+}
+
+/// The portable loop nest (the compiler vectorises the eight partial sums with what the baseline has).
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_rows(
+    x: &[f32],
+    w: &[f32],
+    y: *mut f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+) {
+    for j in j0..j1 {
+        let wr = &w[j * k..(j + 1) * k];
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            let mut acc = [0f32; 8];
+            let mut wc = wr.chunks_exact(8);
+            let mut xc = xr.chunks_exact(8);
+            for (a, b) in (&mut wc).zip(&mut xc) {
+                for l in 0..8 {
+                    // A separate multiply and add: the baseline has no FMA (`mul_add` would be a libm call).
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let mut s = hsum8(&acc);
+            for (a, b) in wc.remainder().iter().zip(xc.remainder()) {
+                s += a * b;
+            }
+            // SAFETY: i < m, j < n; the caller owns column j.
+            unsafe { *y.add(i * n + j) = s };
+        }
+    }
+}
+
+/// The eight partial sums added in the order the AVX2 kernel adds its lanes.
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let d = [q[0] + q[2], q[1] + q[3]];
+    d[0] + d[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Columns `[j0, j1)` of `y`: blocks of `NR` weight rows, each multiplied with all of `x` in tiles of `MR`
+    /// rows while it sits in L1.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; as `super::rows`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows(
+        x: &[f32],
+        w: &[f32],
+        y: *mut f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let mut j = j0;
+        while j + NR <= j1 {
+            tile_rows::<NR>(x, w, y, m, k, n, j);
+            j += NR;
+        }
+        while j < j1 {
+            tile_rows::<1>(x, w, y, m, k, n, j);
+            j += 1;
+        }
+    }
+
+    /// Weight rows `[j, j + R)` against every row of `x`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_rows<const R: usize>(
+        x: &[f32],
+        w: &[f32],
+        y: *mut f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        j: usize,
+    ) {
+        let mut i = 0;
+        while i + MR <= m {
+            unsafe { tile::<MR, R>(x, w, y, k, n, i, j) };
+            i += MR;
+        }
+        match m - i {
+            2 => unsafe { tile::<2, R>(x, w, y, k, n, i, j) },
+            1 => unsafe { tile::<1, R>(x, w, y, k, n, i, j) },
+            _ => {}
+        }
+    }
+
+    /// The `M × R` register tile: rows `[i, i + M)` of `x` against weight rows `[j, j + R)`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const M: usize, const R: usize>(
+        x: &[f32],
+        w: &[f32],
+        y: *mut f32,
+        k: usize,
+        n: usize,
+        i: usize,
+        j: usize,
+    ) {
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); R]; M];
+        let k8 = k / 8 * 8;
+        let mut p = 0;
+        while p < k8 {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                // SAFETY: (j + r) < n and p + 8 <= k, inside w.
+                *v = unsafe { _mm256_loadu_ps(wp.add((j + r) * k + p)) };
+            }
+            for (ii, row) in acc.iter_mut().enumerate() {
+                // SAFETY: (i + ii) < m and p + 8 <= k, inside x.
+                let xv = unsafe { _mm256_loadu_ps(xp.add((i + ii) * k + p)) };
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(*v, xv, *a);
+                }
+            }
+            p += 8;
+        }
+        for (ii, row) in acc.iter().enumerate() {
+            for (r, a) in row.iter().enumerate() {
+                let mut s = hsum(*a);
+                for q in k8..k {
+                    // SAFETY: inside the rows of x and w.
+                    s = unsafe { (*wp.add((j + r) * k + q)).mul_add(*xp.add((i + ii) * k + q), s) };
+                }
+                // SAFETY: (i + ii) < m, (j + r) < n; the caller owns these columns.
+                unsafe { *y.add((i + ii) * n + j + r) = s };
+            }
+        }
+    }
+
+    /// Lanes 0..8 summed as `hsum8` does: (l, l + 4) pairs, then (0, 2) and (1, 3), then the last two.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let s = _mm_add_ss(d, _mm_shuffle_ps(d, d, 1));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        // A small deterministic generator (no rand dependency in this crate).
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_an_f64_product_on_every_isa_path_and_shape() {
+        // Shapes with every remainder: rows not a multiple of 3, weight rows not of 4 or 64, k not of 8.
+        for &(m, k, n) in
+            &[(1, 576, 1536), (16, 576, 192), (5, 37, 131), (32, 64, 7), (2, 8, 1), (3, 1536, 65)]
+        {
+            let x = data(m * k, 1 + m as u32);
+            let w = data(n * k, 7 + n as u32);
+            let want = reference(&x, &w, m, k, n);
+            let mut isas = vec![Isa::Baseline];
+            if isa::detected() >= Isa::Avx2 {
+                isas.push(Isa::Avx2);
+            }
+            let mut outs = Vec::new();
+            for &isa in &isas {
+                let mut y = vec![f32::NAN; m * n];
+                let ptr = SyncPtr(y.as_mut_ptr());
+                // The whole range in one call, as one task would see it.
+                unsafe { rows(isa, &x, &w, ptr.0, m, k, n, 0, n) };
+                let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+                assert!(worst < 1e-4 * (k as f64).sqrt(), "{isa} m {m} k {k} n {n}: off by {worst}");
+                outs.push(y);
+            }
+            // And the threaded entry point gives the active path's values.
+            let mut y = vec![0f32; m * n];
+            matmul_wt(&x, &w, &mut y, m, k, n);
+            let active = if isa::active() >= Isa::Avx2 && outs.len() == 2 { &outs[1] } else { &outs[0] };
+            assert_eq!(&y, active);
+        }
+    }
+}
