@@ -291,3 +291,28 @@ fn damaged_session_files_are_refused_naming_the_file() {
     assert!(!stale.exists(), "the stale temp file was removed");
     assert!(steer_heal::session::read_saved(&s).is_ok());
 }
+
+#[test]
+fn a_bad_isa_cap_or_a_missing_named_blas_is_one_line_and_a_failure() {
+    for (var, value, needle) in [
+        ("STEER_HEAL_ISA", "avx3", "STEER_HEAL_ISA=avx3"),
+        ("STEER_HEAL_BLAS", "/nonexistent/libopenblas.so", "STEER_HEAL_BLAS=/nonexistent/libopenblas.so"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["eval", "--help"])
+            .env(var, value)
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .output()
+            .expect("run steer-heal");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        assert_eq!(err.trim().lines().count(), 1, "{var}={value}: {err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{var}={value}: {err}");
+    }
+    // The valid caps start.
+    for cap in ["auto", "avx2", "baseline"] {
+        let out =
+            Command::new(BIN).args(["eval", "--help"]).env("STEER_HEAL_ISA", cap).output().expect("run");
+        assert!(out.status.success(), "STEER_HEAL_ISA={cap}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

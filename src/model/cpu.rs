@@ -39,7 +39,8 @@ pub fn blas_summary() -> String {
 
 pub use steer_heal_kernels::isa::{self, Isa};
 
-/// `STEER_HEAL_ISA` is not one of the levels (or gemm reads it differently): refused at start-up.
+/// A CPU setting refused at start-up: `STEER_HEAL_ISA` is not one of the levels (or gemm reads it differently), or
+/// `STEER_HEAL_BLAS` names a library that does not load.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct IsaError(pub String);
@@ -64,6 +65,17 @@ pub fn configure() -> Result<CpuSettings, IsaError> {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT.to_string());
     }
     steer_heal_kernels::blas::configure_env(isa, &std::env::var("RAYON_NUM_THREADS").unwrap_or_default());
+    // A library the user named must load: falling back to gemm would hide the mistake.
+    if let Ok(named) = std::env::var(steer_heal_kernels::blas::ENV) {
+        let named = named.trim();
+        if !named.is_empty() && named != "off" && named != "none" && isa != Isa::Baseline {
+            if let (None, Some(why)) =
+                (steer_heal_kernels::blas::get(), steer_heal_kernels::blas::unavailable_reason())
+            {
+                return Err(IsaError(format!("{}={named}: {why}", steer_heal_kernels::blas::ENV)));
+            }
+        }
+    }
     Ok(CpuSettings {
         threads: std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         threads_set_by_user,
