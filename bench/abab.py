@@ -79,8 +79,7 @@ if runs["peer"]:
     with open(f"{d}/peer.json", "w") as f:
         json.dump(peer_best, f)
 else:
-    for i in range(reps):
-        summary["peer"] = {}
+    summary["peer"] = {}
     if os.path.exists(f"{d}/peer.json"):
         os.remove(f"{d}/peer.json")
 with open(f"{d}/abab.json", "w") as f:

@@ -185,6 +185,24 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// What `STEER_HEAL_BLAS` asks for.
+enum Choice {
+    /// `off` or `none`: gemm does every product.
+    Off,
+    /// A library file.
+    Named(String),
+    /// Unset or empty: try `SEARCH`.
+    Search,
+}
+
+fn choice() -> Choice {
+    match std::env::var(ENV).ok().as_deref().map(str::trim) {
+        Some("off") | Some("none") => Choice::Off,
+        Some(path) if !path.is_empty() => Choice::Named(path.to_string()),
+        _ => Choice::Search,
+    }
+}
+
 fn state() -> &'static Result<Blas, String> {
     static BLAS: OnceLock<Result<Blas, String>> = OnceLock::new();
     BLAS.get_or_init(|| {
@@ -192,10 +210,10 @@ fn state() -> &'static Result<Blas, String> {
         if isa == Isa::Baseline {
             return Err(format!("not used at {}=baseline", isa::ENV));
         }
-        let blas = match std::env::var(ENV).ok().as_deref().map(str::trim) {
-            Some("off") | Some("none") => return Err(format!("{ENV}=off")),
-            Some(path) if !path.is_empty() => Blas::open(path)?,
-            _ => {
+        let blas = match choice() {
+            Choice::Off => return Err(format!("{ENV}=off")),
+            Choice::Named(path) => Blas::open(&path)?,
+            Choice::Search => {
                 let mut errs = Vec::new();
                 let mut found = None;
                 for name in SEARCH {
@@ -215,6 +233,17 @@ fn state() -> &'static Result<Blas, String> {
         }
         Ok(blas)
     })
+}
+
+/// Refuse a library the user named that is not in use (it did not load, or its kernels are above the cap):
+/// falling back to gemm would hide the mistake. Loads the library. At `baseline` no BLAS is used, named or not.
+pub fn check() -> Result<(), String> {
+    match (choice(), state()) {
+        (Choice::Named(path), Err(why)) if isa::active() != Isa::Baseline => {
+            Err(format!("{ENV}={path}: {why}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The BLAS in use, if any.

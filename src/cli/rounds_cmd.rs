@@ -209,6 +209,31 @@ fn existing(dir: &std::path::Path) -> Result<steer_heal::session::Opened> {
     steer_heal::session::Session::open(dir).with_context(|| format!("opening session {}", dir.display()))
 }
 
+/// Open (or create, with `run`'s settings) the session `a` names.
+fn open_runner<'a>(
+    a: &RunArgs,
+    progress: &'a mut dyn steer_heal::progress::Progress,
+    obs: &'a mut dyn steer_heal::rounds::RunObserver,
+) -> Result<Runner<'a>> {
+    let new_session = |persona: &steer_heal::steer::Persona| {
+        let thresholds = FilterThresholds {
+            max_perplexity: a.max_ppl,
+            max_repetition: a.max_repetition,
+            ..FilterThresholds::default()
+        };
+        new_manifest(
+            &a.session,
+            &a.model,
+            a.persona.as_deref(),
+            a.vector.as_deref(),
+            generation_for(persona, Some(a.n_prompts), a.max_new_tokens),
+            Some(thresholds),
+        )
+    };
+    Runner::open(&a.session, config(a), new_session, progress, obs)
+        .with_context(|| format!("opening session {}", a.session.display()))
+}
+
 /// Run a rounds subcommand.
 pub fn run(cmd: RoundsCmd) -> Result<()> {
     match cmd {
@@ -217,23 +242,7 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
             let mut bar = Bar::new("rounds");
             stop_on_ctrl_c(bar.cancel.clone());
             let mut log = LogTo(|s: &str| eprintln!("steer-heal: {s}"));
-            let new_session = |persona: &steer_heal::steer::Persona| {
-                let thresholds = FilterThresholds {
-                    max_perplexity: a.max_ppl,
-                    max_repetition: a.max_repetition,
-                    ..FilterThresholds::default()
-                };
-                new_manifest(
-                    &a.session,
-                    &a.model,
-                    a.persona.as_deref(),
-                    a.vector.as_deref(),
-                    generation_for(persona, Some(a.n_prompts), a.max_new_tokens),
-                    Some(thresholds),
-                )
-            };
-            let mut runner = Runner::open(&a.session, config(&a), new_session, &mut bar, &mut log)
-                .with_context(|| format!("opening session {}", a.session.display()))?;
+            let mut runner = open_runner(&a, &mut bar, &mut log)?;
             let summary = runner.run()?;
             bar.finish();
             println!(
@@ -271,23 +280,7 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
             stop_on_ctrl_c(bar.cancel.clone());
             // Round 2's first completions end the measurement: the observer cancels the run there.
             let mut obs = StopAtFirstCompletions { round: 2, cancel: bar.cancel.clone(), reached: false };
-            let new_session = |persona: &steer_heal::steer::Persona| {
-                let thresholds = FilterThresholds {
-                    max_perplexity: a.max_ppl,
-                    max_repetition: a.max_repetition,
-                    ..FilterThresholds::default()
-                };
-                new_manifest(
-                    &a.session,
-                    &a.model,
-                    a.persona.as_deref(),
-                    a.vector.as_deref(),
-                    generation_for(persona, Some(a.n_prompts), a.max_new_tokens),
-                    Some(thresholds),
-                )
-            };
-            let mut runner = Runner::open(&a.session, config(&a), new_session, &mut bar, &mut obs)
-                .with_context(|| format!("opening session {}", a.session.display()))?;
+            let mut runner = open_runner(&a, &mut bar, &mut obs)?;
             let summary = runner.run()?;
             drop(runner);
             bar.finish();
@@ -304,7 +297,8 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
                 )
             })?;
             print!("{}", t.table());
-            let cpu = steer_heal::model::cpu::configure()?;
+            // What the binary's start-up (`model::cpu::configure`) chose.
+            let cpu = steer_heal::model::cpu::isa::active();
             let report = serde_json::json!({
                 "session": a.session.display().to_string(),
                 "model": a.model.display().to_string(),
@@ -312,9 +306,9 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
                     "n_prompts": a.n_prompts, "max_new_tokens": a.max_new_tokens, "epochs": a.epochs,
                     "eval_n": a.eval_n, "think": a.think,
                 },
-                "isa": cpu.isa.name(),
-                "blas": cpu.blas,
-                "threads": cpu.threads,
+                "isa": cpu.name(),
+                "blas": steer_heal::model::cpu::blas_summary(),
+                "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
                 "turnaround": t,
             });
             steer_heal::fsutil::atomic_write_json(&out, &report)

@@ -3,7 +3,7 @@
 //! the same process, interleaved, best of `reps`, at the ISA `STEER_HEAL_ISA` leaves active: where
 //! `skinny::max_rows` comes from (bench/PROFILE.md).
 
-use super::lora::{blas_product, gemm_matmul_wt, matmul_wt};
+use super::lora::{gemm_matmul_wt, matmul_wt};
 use super::ModelConfig;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
@@ -175,12 +175,16 @@ pub fn bench_matmul(cfg: &ModelConfig, rows: &[usize], reps: usize) -> Result<Ma
                 std::hint::black_box(gemm_matmul_wt(&x, &w)?);
                 Ok(t.elapsed().as_secs_f64() * 1e3)
             };
-            let blas = || -> Result<Option<f64>> {
-                if steer_heal_kernels::blas::get().is_none() {
+            // OpenBLAS where `matmul_wt` would use it (from `blas::MIN_ROWS` rows).
+            let mut c = vec![0f32; m * n];
+            let mut blas = || -> Result<Option<f64>> {
+                let Some(lib) =
+                    steer_heal_kernels::blas::get().filter(|_| m >= steer_heal_kernels::blas::MIN_ROWS)
+                else {
                     return Ok(None);
-                }
+                };
                 let t = Instant::now();
-                let done = blas_product(&x, &w, true)?.is_some();
+                let done = lib.sgemm(&xv, &wv, &mut c, m, k, n, true);
                 Ok(done.then(|| t.elapsed().as_secs_f64() * 1e3))
             };
             let time_ours = m <= 64;
@@ -205,7 +209,7 @@ pub fn bench_matmul(cfg: &ModelConfig, rows: &[usize], reps: usize) -> Result<Ma
                 (matmul_wt(&x, &w)? - gemm_matmul_wt(&x, &w)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let used = if m <= skinny::max_rows() {
                 "ours"
-            } else if best_blas.is_some() && m >= steer_heal_kernels::blas::MIN_ROWS {
+            } else if best_blas.is_some() {
                 "blas"
             } else {
                 "gemm"

@@ -65,17 +65,9 @@ pub fn configure() -> Result<CpuSettings, IsaError> {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT.to_string());
     }
     steer_heal_kernels::blas::configure_env(isa, &std::env::var("RAYON_NUM_THREADS").unwrap_or_default());
-    // A library the user named must load: falling back to gemm would hide the mistake.
-    if let Ok(named) = std::env::var(steer_heal_kernels::blas::ENV) {
-        let named = named.trim();
-        if !named.is_empty() && named != "off" && named != "none" && isa != Isa::Baseline {
-            if let (None, Some(why)) =
-                (steer_heal_kernels::blas::get(), steer_heal_kernels::blas::unavailable_reason())
-            {
-                return Err(IsaError(format!("{}={named}: {why}", steer_heal_kernels::blas::ENV)));
-            }
-        }
-    }
+    // A library the user named must load (and loading it now, while the process is single-threaded, starts its
+    // threads with the settings above).
+    steer_heal_kernels::blas::check().map_err(IsaError)?;
     Ok(CpuSettings {
         threads: std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         threads_set_by_user,
@@ -83,7 +75,6 @@ pub fn configure() -> Result<CpuSettings, IsaError> {
         spin_limit_set_by_user,
         isa,
         isa_detected: isa::detected(),
-        // Loading the library now, while the process is single-threaded, starts its threads with the settings above.
         blas: blas_summary(),
     })
 }

@@ -3,7 +3,7 @@
 //! them merged into the weight.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D};
 use steer_heal_kernels::{blas, skinny};
 
 /// One low-rank adapter: `y += c · (α/r) · B(A x)`.
@@ -153,51 +153,15 @@ impl LoraLinear {
 /// little faster on the head), and prefill-sized inputs are faster in the plain order.
 const FEW_ROWS: usize = 32;
 
-/// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`, choosing the faster kernel for the row count: our few-row
-/// kernel for a decode step's rows (`steer_heal_kernels::skinny`), else gemm in the faster operand order.
+/// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`, choosing the faster kernel for the row count
+/// (`fast_product`), else gemm in the faster operand order.
 pub fn matmul_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if !x.track_op() && !w.track_op() {
-        if let Some(y) = skinny_matmul_wt(x, w)? {
-            return Ok(y);
-        }
-        if let Some(y) = blas_product(x, w, true)? {
+        if let Some(y) = tensor_product(x, w, true)? {
             return Ok(y);
         }
     }
     gemm_matmul_wt(x, w)
-}
-
-/// `a · bᵀ` (`b_transposed`) or `a · b` through the system's OpenBLAS (`steer_heal_kernels::blas`) when it is
-/// there and the product is large enough to gain: both 2-D, contiguous, CPU f32. `None`: gemm does it.
-pub fn blas_product(a: &Tensor, b: &Tensor, b_transposed: bool) -> candle_core::Result<Option<Tensor>> {
-    let Some(lib) = blas::get() else { return Ok(None) };
-    if !a.device().is_cpu()
-        || a.dtype() != DType::F32
-        || b.dtype() != DType::F32
-        || a.rank() != 2
-        || b.rank() != 2
-    {
-        return Ok(None);
-    }
-    let (m, k) = a.dims2()?;
-    let n = if b_transposed { b.dim(0)? } else { b.dim(1)? };
-    let kb = if b_transposed { b.dim(1)? } else { b.dim(0)? };
-    if k != kb || m < blas::MIN_ROWS {
-        return Ok(None);
-    }
-    let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) = (&*sa, &*sb) else {
-        return Ok(None);
-    };
-    let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let mut c = vec![0f32; m * n];
-    if !lib.sgemm(&av[a0..a1], &bv[b0..b1], &mut c, m, k, n, b_transposed) {
-        return Ok(None);
-    }
-    Ok(Some(Tensor::from_vec(c, (m, n), a.device())?))
 }
 
 /// `x·Wᵀ` through candle's matmul (gemm), in the operand order that is faster for the row count.
@@ -210,32 +174,50 @@ pub fn gemm_matmul_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// The few-row kernel when it applies: CPU, f32, both operands contiguous 2-D, at most `skinny::max_rows()` rows.
-fn skinny_matmul_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !x.device().is_cpu()
-        || x.dtype() != DType::F32
-        || w.dtype() != DType::F32
-        || x.rank() != 2
-        || w.rank() != 2
-    {
+/// `a · bᵀ` (`b_transposed`, `b` `[n, k]`) or `a · b` (`b` `[k, n]`) on contiguous f32 elements, by the kernel that
+/// is faster than gemm at this size, if one is: our few-row kernel for a decode step's rows
+/// (`steer_heal_kernels::skinny`, `a · bᵀ` only), the system's OpenBLAS for `blas::MIN_ROWS` rows and more when
+/// one is loaded (`steer_heal_kernels::blas`). `None`: gemm does it. The one dispatch of every frozen-weight
+/// product, with or without autograd.
+fn fast_product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, b_transposed: bool) -> Option<Vec<f32>> {
+    if m == 0 {
+        return None;
+    }
+    if b_transposed && m <= skinny::max_rows() {
+        let mut y = vec![0f32; m * n];
+        skinny::matmul_wt(a, b, &mut y, m, k, n);
+        return Some(y);
+    }
+    let lib = blas::get()?;
+    if m < blas::MIN_ROWS {
+        return None;
+    }
+    let mut c = vec![0f32; m * n];
+    lib.sgemm(a, b, &mut c, m, k, n, b_transposed).then_some(c)
+}
+
+/// `fast_product` on two tensors when both are contiguous 2-D CPU f32 with matching inner sizes.
+fn tensor_product(a: &Tensor, b: &Tensor, b_transposed: bool) -> candle_core::Result<Option<Tensor>> {
+    if !a.device().is_cpu() || a.rank() != 2 || b.rank() != 2 {
         return Ok(None);
     }
-    let (m, k) = x.dims2()?;
-    let (n, k2) = w.dims2()?;
-    if m == 0 || m > skinny::max_rows() || k != k2 {
+    let (m, k) = a.dims2()?;
+    let (n, kb) = if b_transposed { b.dims2()? } else { (b.dim(1)?, b.dim(0)?) };
+    if k != kb {
         return Ok(None);
     }
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws) else {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) = (&*sa, &*sb) else {
         return Ok(None);
     };
-    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
+    let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets()) else {
         return Ok(None);
     };
-    let mut y = vec![0f32; m * n];
-    skinny::matmul_wt(&xv[x0..x1], &wv[w0..w1], &mut y, m, k, n);
-    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+    match fast_product(&av[a0..a1], &bv[b0..b1], m, k, n, b_transposed) {
+        Some(c) => Ok(Some(Tensor::from_vec(c, (m, n), a.device())?)),
+        None => Ok(None),
+    }
 }
 
 /// `x·Wᵀ` with `W` frozen: the gradient flows to `x` only. candle's own matmul backward always computes the
@@ -278,12 +260,11 @@ impl CustomOp1 for FrozenMatmulWt {
         };
         let (bmnk, wt_layout) = self.dims(x_layout, w_layout)?;
         let (_, m, n, k) = bmnk;
-        if let (Some(lib), CpuStorage::F32(xv), CpuStorage::F32(wv)) = (blas::get(), x, w) {
+        if let (CpuStorage::F32(xv), CpuStorage::F32(wv)) = (x, w) {
             if let (Some((x0, x1)), Some((w0, w1))) =
                 (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
             {
-                let mut y = vec![0f32; m * n];
-                if m >= blas::MIN_ROWS && lib.sgemm(&xv[x0..x1], &wv[w0..w1], &mut y, m, k, n, true) {
+                if let Some(y) = fast_product(&xv[x0..x1], &wv[w0..w1], m, k, n, true) {
                     return Ok((CpuStorage::F32(y), Shape::from((m, n))));
                 }
             }
@@ -303,7 +284,7 @@ impl CustomOp1 for FrozenMatmulWt {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
         // y = x Wᵀ ⇒ ∂L/∂x = (∂L/∂y) W; no gradient for the frozen W.
         if !grad_y.track_op() {
-            if let Some(g) = blas_product(&grad_y.contiguous()?, &self.w, false)? {
+            if let Some(g) = tensor_product(&grad_y.contiguous()?, &self.w, false)? {
                 return Ok(Some(g));
             }
         }
