@@ -169,6 +169,17 @@ fn merged_weights_give_the_same_logits_as_unmerged_adapters() {
     let x = input(&lm);
     let none = Hooks::none();
     let unmerged = lm.model.forward(&x, None, &Forward::infer(&none)).expect("fwd").logits.expect("l");
+    // The copy an eval runs on: same logits, and the original keeps its adapters (the student trains on).
+    let copy = lm.model.merged_copy().expect("copy").expect("some");
+    assert!(copy.layers.iter().all(|l| PROJECTIONS.iter().all(|n| l
+        .projection(n)
+        .expect("p")
+        .adapters
+        .is_empty())));
+    let from_copy = copy.forward(&x, None, &Forward::infer(&none)).expect("fwd").logits.expect("l");
+    let d = max_abs(&unmerged, &from_copy);
+    assert!(d < 1e-4, "merged copy vs unmerged {d}");
+    assert!(lm.model.layers.iter().all(|l| l.projection("q_proj").expect("p").adapters.len() == 1));
     for layer in lm.model.layers.iter_mut() {
         for name in PROJECTIONS {
             layer.projection_mut(name).expect("p").merge().expect("merge");
@@ -177,6 +188,7 @@ fn merged_weights_give_the_same_logits_as_unmerged_adapters() {
     let merged = lm.model.forward(&x, None, &Forward::infer(&none)).expect("fwd").logits.expect("l");
     let d = max_abs(&unmerged, &merged);
     assert!(d < 1e-4, "merged vs unmerged {d}");
+    assert!(lm.model.merged_copy().expect("copy").is_none(), "nothing attached: no copy");
 }
 
 #[test]

@@ -184,7 +184,30 @@ fn run_group(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        // SAFETY: `isa::active` reports AVX2 only when the CPU has AVX2 and FMA.
+        if r.d % 8 == 0 && q.rep <= MAX_REP {
+            let heads: [&[f32]; MAX_REP] =
+                std::array::from_fn(|h| if h < q.rep { q.head(h, r.d) } else { &[] });
+            let (k, v) = (&r.k[r.kbase..], &r.v[r.vbase..]);
+            // SAFETY: `isa::active` reports AVX2 only when the CPU has AVX2 and FMA; d is a multiple of 8, and the
+            // key/value views hold `s` rows `krow`/`vrow` apart (checked where the views were made).
+            return unsafe {
+                crate::attention_avx2::row(
+                    &heads[..q.rep],
+                    k,
+                    r.krow,
+                    v,
+                    r.vrow,
+                    r.s,
+                    r.d,
+                    p.scale,
+                    p.softcap,
+                    mask,
+                    scores,
+                    out,
+                )
+            };
+        }
+        // SAFETY: as above.
         return unsafe { group_avx2(p, q, r, mask, scores, out) };
     }
     let _ = isa;
@@ -354,6 +377,10 @@ mod tests {
             (2, 9, 3, 1, 37, 64, true, None),
             (1, 4, 4, 7, 9, 13, false, Some(50.0)),
             (2, 4, 2, 1, 11, 8, false, None),
+            // Gemma-sized heads (four query heads per key head, d 256) with soft-capping, and eight query heads
+            // per key head (tiles of 3 + 3 + 2).
+            (1, 4, 1, 6, 41, 256, true, Some(30.0)),
+            (2, 8, 1, 3, 23, 32, true, None),
         ];
         for &(b, nh, nkv, t, s, d, padded, cap) in &cases {
             let q = Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?;

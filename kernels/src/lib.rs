@@ -14,6 +14,8 @@
 //! products when the system has it.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx2;
 pub mod blas;
 pub mod isa;
 pub mod skinny;

@@ -237,6 +237,13 @@ fn run_batch(
 pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) -> Result<EvalReport> {
     cfg.validate()?;
     let start = Instant::now();
+    // A student's kept rounds are attached adapters; the eval's few hundred forwards run on a copy with them merged
+    // (the same function, one product per projection instead of one plus two rank-r ones per round).
+    let merged = m.model.merged_copy()?;
+    let m = &match &merged {
+        Some(model) => EvalModel { model, ..*m },
+        None => *m,
+    };
     let ids = answer_token_ids(m.tokenizer)?;
     let items: Vec<EvalItem> = select_items(cfg.variant, &cfg.conditions, cfg.n_vignettes)?;
     let mut seqs = Vec::with_capacity(items.len() * 2);

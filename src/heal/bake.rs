@@ -62,28 +62,7 @@ pub fn load_with_history(
 /// Fold every attached adapter into its base weight at its current gate and drop the adapters. Adapters at gate 0
 /// are skipped, so the weights stay exactly as they were.
 pub fn merge_attached(model: &mut Model) -> Result<()> {
-    for block in model.layers.iter_mut() {
-        let crate::model::decoder::Block { attn, mlp, .. } = block;
-        for lin in [
-            &mut attn.q_proj,
-            &mut attn.k_proj,
-            &mut attn.v_proj,
-            &mut attn.o_proj,
-            &mut mlp.gate_proj,
-            &mut mlp.up_proj,
-            &mut mlp.down_proj,
-        ] {
-            if !lin.adapters.is_empty() {
-                lin.merge()?;
-            }
-        }
-    }
-    if let Some(h) = model.lm_head.as_mut() {
-        if !h.adapters.is_empty() {
-            h.merge()?;
-        }
-    }
-    Ok(())
+    model.merge_adapters()
 }
 
 /// Gated bake: attach each `(adapter, gate)` and merge everything attached into the weights.
