@@ -216,6 +216,45 @@ fn batched_left_padded_generation_equals_one_at_a_time() {
     }
 }
 
+/// The eval's shared prefill: prefixes computed once and continued by several rows reach the state a plain
+/// left-padded prefill of the whole prompts reaches (same last logits, same next steps), with steering on.
+#[test]
+fn a_shared_prefix_prefill_equals_prefilling_every_prompt() {
+    use steer_heal::model::generate::Decoder;
+    for arch in [Arch::Llama, Arch::Gemma3] {
+        let (_d, lm) = tiny_model(arch, 11);
+        let enc = |p: &str| lm.tokenizer.encode(&lm.chat.prompt(None, p).expect("t")).expect("e");
+        // Two items of different prefix lengths, two continuations each, all continuations 4 tokens.
+        let (a, b) = (enc("Tell me about the weather in spring, please."), enc("Why?"));
+        let rests = [[5u32, 9, 2, 7], [5, 3, 3, 8], [1, 2, 3, 4], [9, 8, 7, 6]];
+        let prefixes = vec![a.clone(), b.clone()];
+        let rows: Vec<(usize, Vec<u32>)> =
+            rests.iter().enumerate().map(|(r, t)| (r / 2, t.to_vec())).collect();
+        let whole: Vec<Vec<u32>> = rows.iter().map(|(i, t)| [prefixes[*i].as_slice(), t].concat()).collect();
+        let v = Tensor::randn(0f32, 1.0, lm.model.cfg.hidden_size, &Device::Cpu).expect("v");
+        let hooks = Hooks::steer(&BTreeMap::from([(1, v)]), 1.5);
+        let pad = lm.tokenizer.pad_id;
+        let mut plain = Decoder::prefill(&lm.model, &whole, pad, &hooks).expect("plain");
+        let mut shared = Decoder::prefill_shared(&lm.model, &prefixes, &rows, pad, &hooks).expect("shared");
+        assert_eq!(plain.pad(), shared.pad(), "{arch:?}: the rows keep the plain prefill's padding");
+        assert_eq!(plain.cache.len(), shared.cache.len());
+        for step in 0..3 {
+            for (r, (x, y)) in plain.last_logits.iter().zip(&shared.last_logits).enumerate() {
+                let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-4, "{arch:?} step {step} row {r}: logits differ by {d}");
+            }
+            let next: Vec<u32> = (0..rows.len() as u32).map(|r| (r * 7 + step) % 11 + 1).collect();
+            plain.step(&next, &hooks).expect("step");
+            shared.step(&next, &hooks).expect("step");
+        }
+        let bad = [(0usize, vec![1u32, 2]), (1, vec![3])];
+        assert!(
+            Decoder::prefill_shared(&lm.model, &prefixes, &bad, pad, &hooks).is_err(),
+            "rests of two lengths"
+        );
+    }
+}
+
 #[test]
 fn greedy_generation_is_deterministic_and_stops_on_stop_ids() {
     let (_d, lm) = tiny_model(Arch::Qwen3, 11);

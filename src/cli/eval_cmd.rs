@@ -30,8 +30,8 @@ pub enum EvalCmd {
         /// Comma-separated conditions: other_violate, self_violate.
         #[arg(long, default_value = "other_violate")]
         conditions: String,
-        /// Sequences (item × frame) per batch.
-        #[arg(value_parser = super::args::count, long, default_value_t = 32)]
+        /// Most sequences (item × frame) per batch (split into even batches).
+        #[arg(value_parser = super::args::count, long, default_value_t = eval::DEFAULT_BATCH)]
         batch_size: usize,
         /// Token budget of each json_is_valid probe generation.
         #[arg(long, default_value_t = 128)]

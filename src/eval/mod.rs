@@ -29,6 +29,6 @@ pub use data::{Condition, Foundation, Variant, FOUNDATIONS};
 pub use gate_q2::{verdict, write_gate_q2, CoherenceFloor, Direction, GateQ2Spec, TraitAxis, Verdict};
 pub use metrics::{compute_metrics, Metrics};
 pub use plot::{load_rounds, write_progress_map, ControlArm, ControlPoint, RoundPoint, RoundStatus};
-pub use report::{EvalConfig, EvalReport, FrameRecord, RowRecord};
+pub use report::{EvalConfig, EvalReport, FrameRecord, RowRecord, DEFAULT_BATCH};
 pub use runner::{run_eval, EvalModel};
 pub use samples::{pick_samples, EvalSample, SAMPLES_PER_ROUND};

@@ -89,6 +89,13 @@ fn answer_lp(logits: &[f32], lse: f64, ids: &[u32; 7]) -> Result<[f64; 7]> {
     Ok(ids.map(|id| logits[id as usize] as f64 - lse))
 }
 
+/// The batch size that splits `n` sequences into as few batches of at most `most` as possible, of even sizes:
+/// 264 at most 100 gives three batches of 88, not 100, 100 and a slow tail of 64.
+fn even_batch(n: usize, most: usize) -> usize {
+    let most = most.max(1);
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+}
+
 /// Progress units of one sequence: prefill, each think step, the answer forward.
 fn units_per_sequence(think: usize) -> u64 {
     think as u64 + 2
@@ -112,6 +119,40 @@ impl Tally<'_> {
     }
 }
 
+/// The prefixes the batch's two frames of each item can share, and each sequence as (its item's prefix, the rest),
+/// when the batch is made of item pairs (sequences 2k and 2k + 1 are one item's frames) of equal prompt lengths.
+/// The frames' prompts agree up to the first option of the schema (template, vignette, schema opening): that part
+/// is prefilled once per item. Every rest must have one length, so each item's prefix ends that many tokens
+/// before its prompt does; `None` when the batch does not allow it (then everything is prefilled per sequence).
+#[allow(clippy::type_complexity)]
+fn shared_prefixes(seqs: &[&Sequence]) -> Option<(Vec<Vec<u32>>, Vec<(usize, Vec<u32>)>)> {
+    if seqs.is_empty() || !seqs.len().is_multiple_of(2) {
+        return None;
+    }
+    let pairs: Vec<(&[u32], &[u32])> = seqs
+        .chunks(2)
+        .map(|p| (p[0].tokens.prompt.as_slice(), p[1].tokens.prompt.as_slice(), p[0].item == p[1].item))
+        .map(|(a, b, same)| (same && a.len() == b.len()).then_some((a, b)))
+        .collect::<Option<_>>()?;
+    // The rest of each item must keep at least one token of its own, and one length across the batch.
+    let rest = pairs
+        .iter()
+        .map(|(a, b)| a.len() - a.iter().zip(*b).take_while(|(x, y)| x == y).count().min(a.len() - 1))
+        .max()?;
+    if pairs.iter().any(|(a, _)| a.len() <= rest) {
+        return None;
+    }
+    let mut prefixes = Vec::with_capacity(pairs.len());
+    let mut rows = Vec::with_capacity(seqs.len());
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let split = a.len() - rest;
+        prefixes.push(a[..split].to_vec());
+        rows.push((i, a[split..].to_vec()));
+        rows.push((i, b[split..].to_vec()));
+    }
+    Some((prefixes, rows))
+}
+
 /// Score one batch of sequences; returns one frame record per sequence, in order.
 fn run_batch(
     m: &EvalModel,
@@ -125,7 +166,13 @@ fn run_batch(
     let tok = m.tokenizer;
     let t0 = Instant::now();
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.prompt.clone()).collect();
-    let mut dec = Decoder::prefill(m.model, &prompts, tok.pad_id, m.hooks)?;
+    let mut dec = match shared_prefixes(seqs) {
+        Some((prefixes, rows)) => {
+            timings.shared_prompt_tokens += prefixes.iter().map(Vec::len).sum::<usize>();
+            Decoder::prefill_shared(m.model, &prefixes, &rows, tok.pad_id, m.hooks)?
+        }
+        None => Decoder::prefill(m.model, &prompts, tok.pad_id, m.hooks)?,
+    };
     timings.prefill_s += t0.elapsed().as_secs_f64();
     timings.sequences += b;
     timings.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
@@ -263,15 +310,28 @@ pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) ->
             });
         }
     }
-    // Similar lengths share a batch, so little compute goes to padding.
-    let mut by_len: Vec<usize> = (0..seqs.len()).collect();
-    by_len.sort_by_key(|&i| seqs[i].tokens.prompt.len());
+    // Similar lengths share a batch, so little compute goes to padding; both frames of an item go in one batch
+    // (sequences 2i and 2i + 1), so that they share the prefill of their common prefix (`shared_prefixes`).
+    let by_len: Vec<usize> = if cfg.batch_size >= 2 {
+        let mut items: Vec<usize> = (0..items.len()).collect();
+        items.sort_by_key(|&i| seqs[2 * i].tokens.prompt.len().max(seqs[2 * i + 1].tokens.prompt.len()));
+        items.into_iter().flat_map(|i| [2 * i, 2 * i + 1]).collect()
+    } else {
+        let mut by_len: Vec<usize> = (0..seqs.len()).collect();
+        by_len.sort_by_key(|&i| seqs[i].tokens.prompt.len());
+        by_len
+    };
+    let per_batch = if cfg.batch_size >= 2 {
+        2 * even_batch(items.len(), cfg.batch_size / 2)
+    } else {
+        even_batch(seqs.len(), cfg.batch_size)
+    };
     let total = seqs.len() as u64 * units_per_sequence(cfg.think_tokens);
     let mut timings = Timings::default();
     let mut results: Vec<Option<FrameRecord>> = vec![None; seqs.len()];
     {
         let mut tally = Tally { progress: &mut *progress, done: 0, total };
-        for chunk in by_len.chunks(cfg.batch_size) {
+        for chunk in by_len.chunks(per_batch) {
             let batch: Vec<&Sequence> = chunk.iter().map(|&i| &seqs[i]).collect();
             let recs = run_batch(m, &batch, cfg.think_tokens, &ids, &mut timings, &mut tally)?;
             for (&i, rec) in chunk.iter().zip(recs) {
@@ -321,6 +381,59 @@ pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seq(item: usize, prompt: &[u32]) -> Sequence {
+        let tokens = FrameTokens { prompt: prompt.to_vec(), suffix: vec![1, 2], prefill_start: 1 };
+        Sequence { item, order: FrameOrder::Forward, tokens }
+    }
+
+    #[test]
+    fn the_two_frames_of_an_item_share_their_common_prefix_and_every_rest_has_one_length() {
+        // Item 0 agrees on 3 tokens of 5, item 1 on 5 of 7: rests of max(2, 2) = 2 tokens.
+        let s = [
+            seq(0, &[1, 2, 3, 4, 5]),
+            seq(0, &[1, 2, 3, 9, 9]),
+            seq(1, &[7, 7, 7, 7, 7, 1, 2]),
+            seq(1, &[7, 7, 7, 7, 7, 3, 4]),
+        ];
+        let refs: Vec<&Sequence> = s.iter().collect();
+        let (prefixes, rows) = shared_prefixes(&refs).expect("shareable");
+        assert_eq!(prefixes, vec![vec![1, 2, 3], vec![7, 7, 7, 7, 7]]);
+        assert_eq!(rows, vec![(0, vec![4, 5]), (0, vec![9, 9]), (1, vec![1, 2]), (1, vec![3, 4])]);
+        // Every row is its prefix and rest: the prompts themselves.
+        for ((i, rest), sq) in rows.iter().zip(&s) {
+            assert_eq!([prefixes[*i].as_slice(), rest].concat(), sq.tokens.prompt);
+        }
+        // A longer rest elsewhere shortens every prefix: item 0 differs from its second token on.
+        let t = [
+            seq(0, &[1, 2, 3, 4]),
+            seq(0, &[1, 5, 6, 7]),
+            seq(1, &[7, 7, 7, 7, 7, 1]),
+            seq(1, &[7, 7, 7, 7, 7, 3]),
+        ];
+        let refs: Vec<&Sequence> = t.iter().collect();
+        let (prefixes, _) = shared_prefixes(&refs).expect("shareable");
+        assert_eq!(prefixes, vec![vec![1], vec![7, 7, 7]]);
+        // Frames of unequal lengths, frames of two items, identical frames: no sharing where it cannot hold.
+        let u = [seq(0, &[1, 2, 3]), seq(0, &[1, 2, 3, 4])];
+        assert!(shared_prefixes(&u.iter().collect::<Vec<_>>()).is_none());
+        let v = [seq(0, &[1, 2, 3]), seq(1, &[1, 2, 4])];
+        assert!(shared_prefixes(&v.iter().collect::<Vec<_>>()).is_none());
+        let w = [seq(0, &[1, 2, 3]), seq(0, &[1, 2, 3])];
+        let (prefixes, rows) = shared_prefixes(&w.iter().collect::<Vec<_>>()).expect("identical frames");
+        assert_eq!((prefixes[0].len(), rows[0].1.len()), (2, 1), "a rest keeps one token of its own");
+    }
+
+    #[test]
+    fn batches_are_as_few_and_as_even_as_the_cap_allows() {
+        assert_eq!(even_batch(264, 100), 88);
+        assert_eq!(even_batch(264, 132), 132);
+        assert_eq!(even_batch(264, 32), 30);
+        assert_eq!(even_batch(32, 96), 32);
+        assert_eq!(even_batch(97, 96), 49);
+        assert_eq!(even_batch(0, 96), 1);
+        assert_eq!(even_batch(5, 0), 1);
+    }
 
     #[test]
     fn greedy_skips_banned_ids() {

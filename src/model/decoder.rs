@@ -599,12 +599,10 @@ impl Model {
             Some((cache, li)) => cache.append(li, &k, &v)?,
             None => (k, v),
         };
-        // One pass per query row over the cache's buffers, straight into the output projection's layout. Not for a
-        // single sequence's decode step: its few (row, key head) tasks gain less than the fork costs (bench-kernels:
-        // 0.11 vs 0.08 ms per layer at batch 1).
-        let enough_work = t > 1 || b * nkv >= 8;
+        // One pass per query row over the cache's buffers, straight into the output projection's layout, where the
+        // kernels module says it is the faster way for this shape.
         if path == Path::Inference
-            && enough_work
+            && fused::attention::preferred(b, nkv, t, hd)
             && fused::applies(&q)
             && !q.track_op()
             && !k.track_op()

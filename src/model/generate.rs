@@ -210,6 +210,52 @@ impl<'m> Decoder<'m> {
         Ok(Decoder { model, cache, pad: pad_arg, last_logits })
     }
 
+    /// The state `prefill` would reach on `rows`, where each row is a shared prefix followed by its own tokens:
+    /// `rows[r] = (i, rest)` stands for `prefixes[i] ++ rest`, and every `rest` has the same length. Each prefix is
+    /// computed once and its cache rows copied to the rows that continue it; a causal model's keys and values of
+    /// a prefix do not depend on what follows, and the rows keep `prefill`'s left padding and positions (the
+    /// prefixes are padded to the length the rests leave), so the result is `prefill`'s up to rounding. The eval
+    /// scores every item in two frames whose prompts share the vignette and the schema's opening.
+    pub fn prefill_shared(
+        model: &'m Model,
+        prefixes: &[Vec<u32>],
+        rows: &[(usize, Vec<u32>)],
+        pad_id: u32,
+        hooks: &Hooks,
+    ) -> Result<Self> {
+        let t = rows.first().map(|(_, r)| r.len()).unwrap_or(0);
+        if t == 0 || rows.iter().any(|(i, r)| r.len() != t || *i >= prefixes.len()) {
+            return Err(Error::invalid(
+                "shared prefill: every row needs a prefix and a rest of one common length",
+            ));
+        }
+        if prefixes.iter().any(Vec::is_empty) {
+            return Err(Error::invalid("every prompt needs at least one token"));
+        }
+        let (ids, t1, pad) = left_pad(prefixes, pad_id);
+        let ids = Tensor::from_vec(ids, (prefixes.len(), t1), model.device())?;
+        let mut cache = model.new_cache();
+        let pad_arg: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad.clone() } else { vec![] };
+        let f = Forward {
+            hooks,
+            pad: &pad_arg,
+            logits: LogitsAt::None,
+            path: Path::Inference,
+            adapters: crate::model::Adapters::AsGated,
+        };
+        model.forward(&ids, Some(&mut cache), &f)?;
+        let owners: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
+        let mut cache = cache.select_rows(&owners)?;
+        let pad_rows: Vec<usize> =
+            if pad_arg.is_empty() { vec![] } else { owners.iter().map(|i| pad[*i]).collect() };
+        let flat: Vec<u32> = rows.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        let ids = Tensor::from_vec(flat, (rows.len(), t), model.device())?;
+        let f = Forward { pad: &pad_rows, logits: LogitsAt::Last, ..f };
+        let out = model.forward(&ids, Some(&mut cache), &f)?;
+        let last_logits = rows_f32(out.logits.as_ref())?;
+        Ok(Decoder { model, cache, pad: pad_rows, last_logits })
+    }
+
     /// Feed one token per row and update `last_logits`.
     pub fn step(&mut self, next: &[u32], hooks: &Hooks) -> Result<()> {
         let b = next.len();

@@ -88,7 +88,7 @@ impl Progress for CancelCheck<'_> {
 }
 
 fn gen_config(sampling: &Sampling, kl_window: usize) -> GenConfig {
-    GenConfig { sampling: *sampling, window: kl_window.max(1), batch_size: 8, watchdog: None }
+    GenConfig { sampling: *sampling, window: kl_window.max(1), ..GenConfig::new(sampling.max_new_tokens) }
 }
 
 /// Generate completions for one prompt, one row per (alpha, sample), with the steer module's traced generation
