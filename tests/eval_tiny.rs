@@ -465,6 +465,26 @@ fn smollm2_short_eval_matches_the_dequantised_reference() {
         "{:?}",
         r.rows[0].frames[0].think_text
     );
+    // The batched eval prefills each item's common prefix once for both frames; one sequence per batch prefills
+    // every prompt whole. Same think texts, same metrics up to rounding.
+    assert!(r.timings.shared_prompt_tokens > 20, "shared {}", r.timings.shared_prompt_tokens);
+    let one_cfg = EvalConfig { batch_size: 1, json_probe: false, ..cfg.clone() };
+    let one = run_eval(&EvalModel::from_loaded(&lm, &hooks), &one_cfg, &mut Silent::default()).expect("eval");
+    assert_eq!(one.timings.shared_prompt_tokens, 0);
+    for (a, b) in r.rows.iter().zip(&one.rows) {
+        for (fa, fb) in a.frames.iter().zip(&b.frames) {
+            assert_eq!(fa.think_text, fb.think_text, "item {}", a.id);
+            for (x, y) in fa.lp.iter().zip(&fb.lp) {
+                assert!((x - y).abs() < 1e-4 || (x.is_nan() && y.is_nan()), "item {}: lp {x} vs {y}", a.id);
+            }
+        }
+    }
+    assert!(
+        (one.metrics.authority - m.authority).abs() < 1e-4,
+        "{} vs {}",
+        one.metrics.authority,
+        m.authority
+    );
     // Upstream's rendering repeats SmolLM2's default system prompt before "Just answer", and the model puts
     // less mass on the answer words after it.
     let up_cfg = EvalConfig { suffix: SuffixRendering::Upstream, json_probe: false, ..cfg };
