@@ -215,7 +215,9 @@ impl<'m> Decoder<'m> {
     /// computed once and its cache rows copied to the rows that continue it; a causal model's keys and values of
     /// a prefix do not depend on what follows, and the rows keep `prefill`'s left padding and positions (the
     /// prefixes are padded to the length the rests leave), so the result is `prefill`'s up to rounding. The eval
-    /// scores every item in two frames whose prompts share the vignette and the schema's opening.
+    /// scores every item in two frames whose prompts share the vignette and the schema's opening. The hooks must
+    /// treat every row alike (one steering coefficient for the batch): the prefixes run as a smaller batch, and
+    /// per-row coefficients are refused there.
     pub fn prefill_shared(
         model: &'m Model,
         prefixes: &[Vec<u32>],
