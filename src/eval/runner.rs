@@ -134,6 +134,9 @@ fn shared_prefixes(seqs: &[&Sequence]) -> Option<(Vec<Vec<u32>>, Vec<(usize, Vec
         .map(|p| (p[0].tokens.prompt.as_slice(), p[1].tokens.prompt.as_slice(), p[0].item == p[1].item))
         .map(|(a, b, same)| (same && a.len() == b.len()).then_some((a, b)))
         .collect::<Option<_>>()?;
+    if pairs.iter().any(|(a, _)| a.is_empty()) {
+        return None;
+    }
     // The rest of each item must keep at least one token of its own, and one length across the batch.
     let rest = pairs
         .iter()
@@ -419,6 +422,8 @@ mod tests {
         assert!(shared_prefixes(&u.iter().collect::<Vec<_>>()).is_none());
         let v = [seq(0, &[1, 2, 3]), seq(1, &[1, 2, 4])];
         assert!(shared_prefixes(&v.iter().collect::<Vec<_>>()).is_none());
+        let e = [seq(0, &[]), seq(0, &[])];
+        assert!(shared_prefixes(&e.iter().collect::<Vec<_>>()).is_none(), "empty prompts are not split");
         let w = [seq(0, &[1, 2, 3]), seq(0, &[1, 2, 3])];
         let (prefixes, rows) = shared_prefixes(&w.iter().collect::<Vec<_>>()).expect("identical frames");
         assert_eq!((prefixes[0].len(), rows[0].1.len()), (2, 1), "a rest keeps one token of its own");
