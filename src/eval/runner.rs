@@ -315,19 +315,15 @@ pub fn run_eval(m: &EvalModel, cfg: &EvalConfig, progress: &mut dyn Progress) ->
     }
     // Similar lengths share a batch, so little compute goes to padding; both frames of an item go in one batch
     // (sequences 2i and 2i + 1), so that they share the prefill of their common prefix (`shared_prefixes`).
-    let by_len: Vec<usize> = if cfg.batch_size >= 2 {
-        let mut items: Vec<usize> = (0..items.len()).collect();
-        items.sort_by_key(|&i| seqs[2 * i].tokens.prompt.len().max(seqs[2 * i + 1].tokens.prompt.len()));
-        items.into_iter().flat_map(|i| [2 * i, 2 * i + 1]).collect()
+    let (by_len, per_batch): (Vec<usize>, usize) = if cfg.batch_size >= 2 {
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| seqs[2 * i].tokens.prompt.len().max(seqs[2 * i + 1].tokens.prompt.len()));
+        let by_len = order.into_iter().flat_map(|i| [2 * i, 2 * i + 1]).collect();
+        (by_len, 2 * even_batch(items.len(), cfg.batch_size / 2))
     } else {
         let mut by_len: Vec<usize> = (0..seqs.len()).collect();
         by_len.sort_by_key(|&i| seqs[i].tokens.prompt.len());
-        by_len
-    };
-    let per_batch = if cfg.batch_size >= 2 {
-        2 * even_batch(items.len(), cfg.batch_size / 2)
-    } else {
-        even_batch(seqs.len(), cfg.batch_size)
+        (by_len, even_batch(seqs.len(), cfg.batch_size))
     };
     let total = seqs.len() as u64 * units_per_sequence(cfg.think_tokens);
     let mut timings = Timings::default();

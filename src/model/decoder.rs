@@ -304,12 +304,11 @@ impl Model {
     /// projection instead of one plus two rank-r ones per attached adapter. The copy shares every unmerged
     /// tensor with `self`.
     pub fn merged_copy(&self) -> Result<Option<Model>> {
-        let active = self.layers.iter().flat_map(|b| PROJECTIONS.iter().filter_map(|n| b.projection(n)));
-        let active = active.chain(self.lm_head.as_ref()).any(|l| l.adapters.iter().any(|a| a.gate != 0.0));
-        if !active {
+        // The clone only shares tensors until the merge writes new weights.
+        let mut copy = self.clone();
+        if !copy.linears_mut().any(|l| l.adapters.iter().any(|a| a.gate != 0.0)) {
             return Ok(None);
         }
-        let mut copy = self.clone();
         copy.merge_adapters()?;
         Ok(Some(copy))
     }

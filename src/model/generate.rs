@@ -2,7 +2,7 @@
 //! greedy, stop ids, a per-token callback for streaming, and the log-probability of every sampled token.
 
 use super::cache::KvCache;
-use super::decoder::{Forward, LogitsAt, Model, Path};
+use super::decoder::{Forward, LogitsAt, Model};
 use super::hook::Hooks;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -190,24 +190,31 @@ pub struct Decoder<'m> {
 impl<'m> Decoder<'m> {
     /// Prefill `prompts` (left-padded) with the given hooks.
     pub fn prefill(model: &'m Model, prompts: &[Vec<u32>], pad_id: u32, hooks: &Hooks) -> Result<Self> {
+        Self::start(model, prompts, pad_id, hooks, LogitsAt::Last)
+    }
+
+    /// A fresh cache over the left-padded `prompts`, with the logits `logits` asks for (none: `last_logits` empty).
+    fn start(
+        model: &'m Model,
+        prompts: &[Vec<u32>],
+        pad_id: u32,
+        hooks: &Hooks,
+        logits: LogitsAt,
+    ) -> Result<Self> {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(Error::invalid("every prompt needs at least one token"));
         }
         let (ids, t, pad) = left_pad(prompts, pad_id);
-        let b = prompts.len();
-        let ids = Tensor::from_vec(ids, (b, t), model.device())?;
+        let ids = Tensor::from_vec(ids, (prompts.len(), t), model.device())?;
         let mut cache = model.new_cache();
-        let pad_arg: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad.clone() } else { vec![] };
-        let f = Forward {
-            hooks,
-            pad: &pad_arg,
-            logits: LogitsAt::Last,
-            path: Path::Inference,
-            adapters: crate::model::Adapters::AsGated,
+        let pad: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad } else { vec![] };
+        let out =
+            model.forward(&ids, Some(&mut cache), &Forward { pad: &pad, logits, ..Forward::infer(hooks) })?;
+        let last_logits = match logits {
+            LogitsAt::None => Vec::new(),
+            _ => rows_f32(out.logits.as_ref())?,
         };
-        let out = model.forward(&ids, Some(&mut cache), &f)?;
-        let last_logits = rows_f32(out.logits.as_ref())?;
-        Ok(Decoder { model, cache, pad: pad_arg, last_logits })
+        Ok(Decoder { model, cache, pad, last_logits })
     }
 
     /// The state `prefill` would reach on `rows`, where each row is a shared prefix followed by its own tokens:
@@ -231,44 +238,26 @@ impl<'m> Decoder<'m> {
                 "shared prefill: every row needs a prefix and a rest of one common length",
             ));
         }
-        if prefixes.iter().any(Vec::is_empty) {
-            return Err(Error::invalid("every prompt needs at least one token"));
-        }
-        let (ids, t1, pad) = left_pad(prefixes, pad_id);
-        let ids = Tensor::from_vec(ids, (prefixes.len(), t1), model.device())?;
-        let mut cache = model.new_cache();
-        let pad_arg: Vec<usize> = if pad.iter().any(|p| *p > 0) { pad.clone() } else { vec![] };
-        let f = Forward {
-            hooks,
-            pad: &pad_arg,
-            logits: LogitsAt::None,
-            path: Path::Inference,
-            adapters: crate::model::Adapters::AsGated,
-        };
-        model.forward(&ids, Some(&mut cache), &f)?;
+        let mut dec = Self::start(model, prefixes, pad_id, hooks, LogitsAt::None)?;
         let owners: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
-        let mut cache = cache.select_rows(&owners)?;
-        let pad_rows: Vec<usize> =
-            if pad_arg.is_empty() { vec![] } else { owners.iter().map(|i| pad[*i]).collect() };
+        // The cache carries its rows' padding; the decoder's copy follows it.
+        dec.cache = dec.cache.select_rows(&owners)?;
+        dec.pad = dec.cache.pad().to_vec();
         let flat: Vec<u32> = rows.iter().flat_map(|(_, r)| r.iter().copied()).collect();
-        let ids = Tensor::from_vec(flat, (rows.len(), t), model.device())?;
-        let f = Forward { pad: &pad_rows, logits: LogitsAt::Last, ..f };
-        let out = model.forward(&ids, Some(&mut cache), &f)?;
-        let last_logits = rows_f32(out.logits.as_ref())?;
-        Ok(Decoder { model, cache, pad: pad_rows, last_logits })
+        dec.feed(flat, t, hooks)?;
+        Ok(dec)
     }
 
     /// Feed one token per row and update `last_logits`.
     pub fn step(&mut self, next: &[u32], hooks: &Hooks) -> Result<()> {
-        let b = next.len();
-        let ids = Tensor::from_vec(next.to_vec(), (b, 1), self.model.device())?;
-        let f = Forward {
-            hooks,
-            pad: &self.pad,
-            logits: LogitsAt::Last,
-            path: Path::Inference,
-            adapters: crate::model::Adapters::AsGated,
-        };
+        self.feed(next.to_vec(), 1, hooks)
+    }
+
+    /// Feed `t` tokens per row (`ids` row after row) and update `last_logits` from each row's last one.
+    fn feed(&mut self, ids: Vec<u32>, t: usize, hooks: &Hooks) -> Result<()> {
+        let b = ids.len() / t.max(1);
+        let ids = Tensor::from_vec(ids, (b, t), self.model.device())?;
+        let f = Forward { pad: &self.pad, logits: LogitsAt::Last, ..Forward::infer(hooks) };
         let out = self.model.forward(&ids, Some(&mut self.cache), &f)?;
         self.last_logits = rows_f32(out.logits.as_ref())?;
         Ok(())
