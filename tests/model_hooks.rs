@@ -290,3 +290,22 @@ fn chat_templates_render_generation_prompt_continuation_and_end_marker() {
     assert_eq!(g.tokenizer.decode(&ids, true).expect("dec"), gp);
     assert!(g.tokenizer.stop_ids.contains(&g.tokenizer.inner.token_to_id("<end_of_turn>").expect("id")));
 }
+
+#[test]
+fn logits_from_a_position_are_the_tail_of_every_positions_logits() {
+    for arch in [Arch::Llama, Arch::Gemma3] {
+        let (_d, lm) = tiny_model(arch, 11);
+        let x = input(&lm);
+        let t = x.dim(1).expect("t");
+        let none = Hooks::none();
+        let all = lm.model.forward(&x, None, &Forward::infer(&none)).expect("fwd").logits.expect("l");
+        let p = t - 3;
+        let f = Forward { logits: LogitsAt::From(p), ..Forward::infer(&none) };
+        let tail = lm.model.forward(&x, None, &f).expect("fwd").logits.expect("l");
+        assert_eq!(tail.dims(), &[1, 3, lm.model.cfg.vocab_size]);
+        assert!(max_abs(&tail, &all.narrow(1, p, 3).expect("narrow")) <= 1e-5, "{arch:?}");
+        // A start past the last position is an error, not an empty tensor.
+        let f = Forward { logits: LogitsAt::From(t), ..Forward::infer(&none) };
+        assert!(lm.model.forward(&x, None, &f).is_err());
+    }
+}

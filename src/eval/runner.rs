@@ -213,8 +213,11 @@ fn run_batch(
     // padding invisible to the real positions).
     let t2 = Instant::now();
     let readings = think_ids.iter().map(|t| read_think(tok, t)).collect::<Result<Vec<_>>>()?;
-    let forced_logits = if readings.iter().any(|r| r.case == AnswerCase::Interrupted) {
+    let forced = if readings.iter().any(|r| r.case == AnswerCase::Interrupted) {
         let s_max = seqs.iter().map(|s| s.tokens.suffix.len()).max().unwrap_or(0);
+        // Only the positions from the first prefill token's predecessor on are read (the prefill NLL and the
+        // answer slot), so the vocabulary projection starts there.
+        let first_read = seqs.iter().map(|s| s.tokens.prefill_start - 1).min().unwrap_or(0);
         let mut flat = Vec::with_capacity(b * s_max);
         for s in seqs {
             flat.extend_from_slice(&s.tokens.suffix);
@@ -225,16 +228,16 @@ fn run_batch(
         let f = Forward {
             hooks: m.hooks,
             pad: &pad,
-            logits: LogitsAt::All,
+            logits: LogitsAt::From(first_read),
             path: Path::Inference,
             adapters: crate::model::Adapters::AsGated,
         };
         let out = m.model.forward(&x, Some(&mut dec.cache), &f)?;
-        Some(
-            out.logits
-                .ok_or_else(|| Error::invalid("suffix forward returned no logits"))?
-                .to_dtype(DType::F32)?,
-        )
+        let logits = out
+            .logits
+            .ok_or_else(|| Error::invalid("suffix forward returned no logits"))?
+            .to_dtype(DType::F32)?;
+        Some((logits, first_read))
     } else {
         None
     };
@@ -250,11 +253,14 @@ fn run_batch(
             }
             AnswerCase::AnsweredElsewhere => ([f64::NAN; 7], 0.0, f64::NAN, 0),
             AnswerCase::Interrupted => {
-                let logits = forced_logits.as_ref().ok_or_else(|| Error::invalid("no suffix logits"))?;
+                let (logits, first_read) =
+                    forced.as_ref().ok_or_else(|| Error::invalid("no suffix logits"))?;
                 let suffix = &s.tokens.suffix;
                 let st = s.tokens.prefill_start;
                 // Positions st-1 ..= len-1: each predicts the next suffix token; the last one is the answer slot.
-                let rows: Vec<Vec<f32>> = logits.i(r)?.narrow(0, st - 1, suffix.len() - st + 1)?.to_vec2()?;
+                // The logits start at position `first_read`.
+                let rows: Vec<Vec<f32>> =
+                    logits.i(r)?.narrow(0, st - 1 - first_read, suffix.len() - st + 1)?.to_vec2()?;
                 let mut nll = 0.0;
                 for (i, &target) in suffix.iter().enumerate().skip(st) {
                     let row = &rows[i - st];

@@ -38,6 +38,10 @@ pub enum LogitsAt {
     All,
     /// The last position only: `[b, 1, vocab]`.
     Last,
+    /// Positions `p..t` only: `[b, t - p, vocab]`. For a pass that reads a tail of its positions (the eval's
+    /// forced answer), the vocabulary projection of the others is wasted work and memory (on Gemma's 262k
+    /// vocabulary, a batch of suffixes at every position is gigabytes of logits).
+    From(usize),
     /// No logits (capture-only passes).
     None,
 }
@@ -485,6 +489,10 @@ impl Model {
             LogitsAt::None => None,
             LogitsAt::All => Some(self.head(&xs, f.path)?),
             LogitsAt::Last => Some(self.head(&xs.narrow(1, t - 1, 1)?, f.path)?),
+            LogitsAt::From(p) if p < t => Some(self.head(&xs.narrow(1, p, t - p)?, f.path)?),
+            LogitsAt::From(p) => {
+                return Err(Error::invalid(format!("logits from position {p} of a {t}-token pass")));
+            }
         };
         Ok(Output { logits, hidden })
     }
