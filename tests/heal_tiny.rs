@@ -836,6 +836,21 @@ fn measure_records_each_samples_tokens_kl_and_scores() {
     // The per-sample scores add up to the measurement's.
     assert!((lp_sum / m.tokens as f64 - m.coherence).abs() < 1e-9);
     assert!((gain_sum / m.tokens as f64 - m.persona_strength.expect("persona")).abs() < 1e-9);
+    // The samples are scored in one batched forward per model state (prompts of different lengths, so left
+    // padding): each one's scores equal those of measuring its prompt alone.
+    for (p, s) in spec.prompts.iter().zip(&m.samples) {
+        let alone = heal::gate::MeasureSpec { prompts: vec![p.clone()], ..spec.clone() };
+        let m1 = heal::gate::measure(&lm, &alone, &mut Silent::default()).expect("measure");
+        let (h, h1) = (s.heat.as_ref().expect("heat"), m1.samples[0].heat.as_ref().expect("heat"));
+        assert_eq!(m1.samples[0].token_ids, s.token_ids);
+        let close = |a: Option<f64>, b: Option<f64>| {
+            let (a, b) = (a.expect("score"), b.expect("score"));
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{p}: {a} batched vs {b} alone");
+        };
+        close(h.coherence, h1.coherence);
+        close(h.persona_gain, h1.persona_gain);
+        close(h.kl_mean, h1.kl_mean);
+    }
     // With every gate at 0 the student is the base: its KL to the base is zero.
     adapter::set_gate(&mut lm.model, "round-0", 0.0);
     let m0 = heal::gate::measure(&lm, &spec, &mut Silent::default()).expect("measure");

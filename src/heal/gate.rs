@@ -7,7 +7,7 @@
 
 use super::adapter;
 use super::data::Example;
-use super::train::completion_log_probs;
+use super::train::{batch_completion_log_probs, completion_log_probs, BatchLogProbs};
 use crate::error::{Error, Result};
 use crate::fsutil::atomic_write;
 use crate::model::decoder::Path as FwdPath;
@@ -204,15 +204,18 @@ pub fn measure(lm: &LoadedModel, spec: &MeasureSpec, progress: &mut dyn Progress
     let student_is_base = adapter::gates(&lm.model).values().all(|g| *g == 0.0);
     let (mut sum_lp, mut sum_gain, mut tokens) = (0.0f64, 0.0f64, 0usize);
     let mut samples = Vec::with_capacity(spec.prompts.len());
-    for ((prompt, ids), gen) in spec.prompts.iter().zip(&neutral).zip(&gen.tokens) {
+    let work: Vec<(&String, &Vec<u32>, &Vec<u32>)> =
+        spec.prompts.iter().zip(&neutral).zip(&gen.tokens).map(|((p, i), g)| (p, i, g)).collect();
+    for chunk in work.chunks(SCORE_BATCH) {
         if progress.is_cancelled() {
             return Err(Error::Cancelled);
         }
-        let (sample, lp, gain) = score_sample(lm, spec, prompt, ids, gen, student_is_base)?;
-        sum_lp += lp;
-        sum_gain += gain.unwrap_or(0.0);
-        tokens += gen.len();
-        samples.push(sample);
+        for (sample, lp, gain) in score_samples(lm, spec, chunk, student_is_base)? {
+            sum_lp += lp;
+            sum_gain += gain.unwrap_or(0.0);
+            tokens += sample.token_ids.len();
+            samples.push(sample);
+        }
     }
     progress.step(2, 2, "measured");
     let mean_lp = if tokens > 0 { sum_lp / tokens as f64 } else { f64::NAN };
@@ -225,88 +228,110 @@ pub fn measure(lm: &LoadedModel, spec: &MeasureSpec, progress: &mut dyn Progress
     })
 }
 
-/// Score one generation: one forward of the model as it is (skipped when it is the base) for the per-token
-/// KL(student ‖ base), then, with every gate 0 (restored afterwards, also on error), the base's log-likelihood of
-/// the tokens after the neutral prompt and, when a persona prompt is given, after the persona prompt. Returns the
-/// sample, its summed base log-likelihood and its summed persona gain.
-fn score_sample(
+/// Generations scored per batched forward. Each forward is a few hundred tokens per row; the cap bounds the
+/// completion logits (`rows × tokens × vocab`) on a large vocabulary.
+const SCORE_BATCH: usize = 8;
+
+/// Score generations `(prompt, neutral prompt ids, generated ids)` in at most three batched forwards: the model
+/// as it is (skipped when it is the base) for the per-token KL(student ‖ base), then the pristine base (every
+/// adapter left out of the pass) for the log-likelihood of the tokens after the neutral prompt and, when a persona
+/// prompt is given, after the persona prompt. Batching is for speed only (each row sees what it would alone).
+/// Returns each sample with its summed base log-likelihood and summed persona gain, in order.
+fn score_samples(
     lm: &LoadedModel,
     spec: &MeasureSpec,
-    prompt: &str,
-    ids: &[u32],
-    gen: &[u32],
+    work: &[(&String, &Vec<u32>, &Vec<u32>)],
     student_is_base: bool,
-) -> Result<(Sample, f64, Option<f64>)> {
-    let text = lm.tokenizer.decode(gen, false)?;
-    if gen.is_empty() {
+) -> Result<Vec<(Sample, f64, Option<f64>)>> {
+    let example = |prompt_ids: &[u32], gen: &[u32]| {
+        let mut ids = prompt_ids.to_vec();
+        ids.extend_from_slice(gen);
+        Example { id: String::new(), ids, prompt_len: prompt_ids.len() }
+    };
+    // Empty generations have nothing to score and take no row.
+    let live: Vec<_> = work.iter().filter(|(_, _, g)| !g.is_empty()).collect();
+    let neutral_ex: Vec<Example> = live.iter().map(|(_, ids, g)| example(ids, g)).collect();
+    let persona_ex: Option<Vec<Example>> = match &spec.persona_system {
+        Some(persona) => Some(
+            live.iter()
+                .map(|(p, _, g)| Ok(example(&lm.tokenizer.encode(&lm.chat.prompt(Some(persona), p)?)?, g)))
+                .collect::<Result<_>>()?,
+        ),
+        None => None,
+    };
+    let batch = |exs: &[Example], sel: Adapters| -> Result<Option<BatchLogProbs>> {
+        if exs.is_empty() {
+            return Ok(None);
+        }
+        let refs: Vec<&Example> = exs.iter().collect();
+        Ok(Some(batch_completion_log_probs(&lm.model, &refs, FwdPath::Inference, sel)?))
+    };
+    let student = if student_is_base { None } else { batch(&neutral_ex, Adapters::AsGated)? };
+    let base = batch(&neutral_ex, Adapters::Base)?;
+    let persona = match &persona_ex {
+        Some(exs) => batch(exs, Adapters::Base)?,
+        None => None,
+    };
+    // Example `k`'s log-probs of its generated tokens, and its `[C_k, vocab]` rows.
+    let rows = |b: &BatchLogProbs, k: usize| -> Result<Tensor> {
+        let (start, len) = b.spans[k];
+        Ok(b.lp.narrow(0, start, len)?)
+    };
+    let token_lp = |rows: &Tensor, gen: &[u32]| -> Result<Vec<f32>> {
+        let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
+        Ok(rows.gather(&targets, 1)?.squeeze(1)?.to_vec1()?)
+    };
+    let mut out = Vec::with_capacity(work.len());
+    let mut k = 0;
+    for (prompt, _, gen) in work {
+        let text = lm.tokenizer.decode(gen, false)?;
+        if gen.is_empty() {
+            let sample = Sample {
+                prompt: prompt.to_string(),
+                text,
+                nll_base: f64::NAN,
+                token_ids: Vec::new(),
+                heat: None,
+            };
+            out.push((sample, 0.0, None));
+            continue;
+        }
+        let base = base.as_ref().ok_or_else(|| Error::invalid("no base scores for a generation"))?;
+        let base_rows = rows(base, k)?;
+        let lp = token_lp(&base_rows, gen)?;
+        let s: f64 = lp.iter().map(|x| *x as f64).sum();
+        let kl = match &student {
+            Some(st) => super::loss::per_position_kl(
+                &rows(st, k)?,
+                &base_rows,
+                super::config::Reg::KlRev,
+                FwdPath::Inference,
+            )?
+            .to_vec1()?,
+            None => vec![0.0; gen.len()],
+        };
+        let gain = match &persona {
+            Some(pb) => Some(token_lp(&rows(pb, k)?, gen)?.iter().map(|x| *x as f64).sum::<f64>() - s),
+            None => None,
+        };
+        let n = gen.len() as f64;
         let sample = Sample {
             prompt: prompt.to_string(),
             text,
-            nll_base: f64::NAN,
-            token_ids: Vec::new(),
-            heat: None,
+            nll_base: -s / n,
+            token_ids: gen.to_vec(),
+            heat: Some(TokenHeat {
+                tokens: gen.iter().map(|t| lm.tokenizer.token_str(*t)).collect(),
+                kl_mean: mean_f32(&kl),
+                kl,
+                coherence: finite(s / n),
+                persona_gain: gain.and_then(|g| finite(g / n)),
+            }),
         };
-        return Ok((sample, 0.0, None));
+        out.push((sample, s, gain));
+        k += 1;
     }
-    let mut full = ids.to_vec();
-    full.extend_from_slice(gen);
-    let ex = Example { id: String::new(), ids: full, prompt_len: ids.len() };
-    let student = if student_is_base {
-        None
-    } else {
-        Some(completion_log_probs(&lm.model, &ex, FwdPath::Inference, Adapters::AsGated)?)
-    };
-    let (lp, gain, kl) = score_under_base(lm, spec, prompt, &ex, gen, student.as_ref())?;
-    let n = gen.len() as f64;
-    let s: f64 = lp.iter().map(|x| *x as f64).sum();
-    let kl = kl.unwrap_or_else(|| vec![0.0; gen.len()]);
-    let sample = Sample {
-        prompt: prompt.to_string(),
-        text,
-        nll_base: -s / n,
-        token_ids: gen.to_vec(),
-        heat: Some(TokenHeat {
-            tokens: gen.iter().map(|t| lm.tokenizer.token_str(*t)).collect(),
-            kl_mean: mean_f32(&kl),
-            kl,
-            coherence: finite(s / n),
-            persona_gain: gain.and_then(|g| finite(g / n)),
-        }),
-    };
-    Ok((sample, s, gain))
-}
-
-/// A sample's per-token base log-probs, summed persona gain and per-token KL(student ‖ base).
-type BaseScores = (Vec<f32>, Option<f64>, Option<Vec<f32>>);
-
-/// Under the pristine base (every adapter left out of the passes): log-probs of `gen` after the neutral prompt, the summed
-/// persona gain when a persona prompt is given, and the per-token KL(student ‖ base) when a student is given.
-fn score_under_base(
-    lm: &LoadedModel,
-    spec: &MeasureSpec,
-    prompt: &str,
-    ex: &Example,
-    gen: &[u32],
-    student: Option<&Tensor>,
-) -> Result<BaseScores> {
-    let base = completion_log_probs(&lm.model, ex, FwdPath::Inference, Adapters::Base)?;
-    let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
-    let lp: Vec<f32> = base.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
-    let kl = match student {
-        Some(st) => Some(
-            super::loss::per_position_kl(st, &base, super::config::Reg::KlRev, FwdPath::Inference)?
-                .to_vec1()?,
-        ),
-        None => None,
-    };
-    let gain = match &spec.persona_system {
-        Some(persona) => Some(
-            log_prob_after(lm, persona, prompt, gen, Adapters::Base)?
-                - lp.iter().map(|x| *x as f64).sum::<f64>(),
-        ),
-        None => None,
-    };
-    Ok((lp, gain, kl))
+    Ok(out)
 }
 
 /// Per-token KL(student ‖ base) of a completion after the neutral prompt, nats: the student is the model as it is
