@@ -16,11 +16,15 @@ use ratatui::symbols::Marker;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Chart, Dataset, GraphType, Paragraph, Row, Table, Widget, Wrap};
 
+/// Three decimals, or two significant digits in exponent form where three decimals would overflow a column
+/// (a perplexity of 3e13 from a random model) or show a nonzero value as 0.000 (a p_ans_any of 3e-4).
 fn fmt(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.3}")
-    } else {
+    if !x.is_finite() {
         "–".into()
+    } else if x.abs() >= 1e4 || (x != 0.0 && x.abs() < 1e-3) {
+        format!("{x:.1e}")
+    } else {
+        format!("{x:.3}")
     }
 }
 
@@ -530,6 +534,16 @@ mod tests {
         assert_eq!(wrap("one two three four", 8, 2), vec!["one two", "three…"]);
         assert_eq!(wrap("one two three", 8, 1), vec!["one two…"]);
         assert!(wrap("x", 0, 3).is_empty());
+    }
+
+    #[test]
+    fn numbers_fit_their_columns_and_small_ones_do_not_read_as_zero() {
+        assert_eq!(fmt(-5.2749), "-5.275");
+        assert_eq!(fmt(15.836), "15.836");
+        assert_eq!(fmt(30144212834135.098), "3.0e13");
+        assert_eq!(fmt(0.000301), "3.0e-4");
+        assert_eq!(fmt(0.0), "0.000");
+        assert_eq!(fmt(f64::NAN), "–");
     }
 
     #[test]
