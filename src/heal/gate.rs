@@ -167,11 +167,20 @@ pub struct Measurement {
 
 /// Log-probabilities of `gen` after `prompt`, with the adapters `sel` picks.
 fn token_log_probs(lm: &LoadedModel, prompt: &[u32], gen: &[u32], sel: Adapters) -> Result<Vec<f32>> {
+    let lp = completion_log_probs(&lm.model, &completion_example(prompt, gen), FwdPath::Inference, sel)?;
+    gathered(&lp, gen)
+}
+
+/// `gen` scored after `prompt`: the example whose completion positions are `gen`'s.
+fn completion_example(prompt: &[u32], gen: &[u32]) -> Example {
     let mut ids = prompt.to_vec();
     ids.extend_from_slice(gen);
-    let ex = Example { id: String::new(), ids, prompt_len: prompt.len() };
-    let lp = completion_log_probs(&lm.model, &ex, FwdPath::Inference, sel)?;
-    let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
+    Example { id: String::new(), ids, prompt_len: prompt.len() }
+}
+
+/// Each generated token's log-prob from its completion rows `[len(gen), vocab]`.
+fn gathered(lp: &Tensor, gen: &[u32]) -> Result<Vec<f32>> {
+    let targets = Tensor::new(gen, lp.device())?.unsqueeze(1)?;
     Ok(lp.gather(&targets, 1)?.squeeze(1)?.to_vec1()?)
 }
 
@@ -243,18 +252,15 @@ fn score_samples(
     work: &[(&String, &Vec<u32>, &Vec<u32>)],
     student_is_base: bool,
 ) -> Result<Vec<(Sample, f64, Option<f64>)>> {
-    let example = |prompt_ids: &[u32], gen: &[u32]| {
-        let mut ids = prompt_ids.to_vec();
-        ids.extend_from_slice(gen);
-        Example { id: String::new(), ids, prompt_len: prompt_ids.len() }
-    };
     // Empty generations have nothing to score and take no row.
     let live: Vec<_> = work.iter().filter(|(_, _, g)| !g.is_empty()).collect();
-    let neutral_ex: Vec<Example> = live.iter().map(|(_, ids, g)| example(ids, g)).collect();
+    let neutral_ex: Vec<Example> = live.iter().map(|(_, ids, g)| completion_example(ids, g)).collect();
     let persona_ex: Option<Vec<Example>> = match &spec.persona_system {
         Some(persona) => Some(
             live.iter()
-                .map(|(p, _, g)| Ok(example(&lm.tokenizer.encode(&lm.chat.prompt(Some(persona), p)?)?, g)))
+                .map(|(p, _, g)| {
+                    Ok(completion_example(&lm.tokenizer.encode(&lm.chat.prompt(Some(persona), p)?)?, g))
+                })
                 .collect::<Result<_>>()?,
         ),
         None => None,
@@ -272,14 +278,10 @@ fn score_samples(
         Some(exs) => batch(exs, Adapters::Base)?,
         None => None,
     };
-    // Example `k`'s log-probs of its generated tokens, and its `[C_k, vocab]` rows.
+    // Example `k`'s `[C_k, vocab]` rows of a batch.
     let rows = |b: &BatchLogProbs, k: usize| -> Result<Tensor> {
         let (start, len) = b.spans[k];
         Ok(b.lp.narrow(0, start, len)?)
-    };
-    let token_lp = |rows: &Tensor, gen: &[u32]| -> Result<Vec<f32>> {
-        let targets = Tensor::new(gen, lm.model.device())?.unsqueeze(1)?;
-        Ok(rows.gather(&targets, 1)?.squeeze(1)?.to_vec1()?)
     };
     let mut out = Vec::with_capacity(work.len());
     let mut k = 0;
@@ -298,7 +300,7 @@ fn score_samples(
         }
         let base = base.as_ref().ok_or_else(|| Error::invalid("no base scores for a generation"))?;
         let base_rows = rows(base, k)?;
-        let lp = token_lp(&base_rows, gen)?;
+        let lp = gathered(&base_rows, gen)?;
         let s: f64 = lp.iter().map(|x| *x as f64).sum();
         let kl = match &student {
             Some(st) => super::loss::per_position_kl(
@@ -311,7 +313,7 @@ fn score_samples(
             None => vec![0.0; gen.len()],
         };
         let gain = match &persona {
-            Some(pb) => Some(token_lp(&rows(pb, k)?, gen)?.iter().map(|x| *x as f64).sum::<f64>() - s),
+            Some(pb) => Some(gathered(&rows(pb, k)?, gen)?.iter().map(|x| *x as f64).sum::<f64>() - s),
             None => None,
         };
         let n = gen.len() as f64;
@@ -341,10 +343,7 @@ pub fn token_kl_to_base(lm: &LoadedModel, system: &str, prompt: &str, tokens: &[
     if tokens.is_empty() {
         return Ok(Vec::new());
     }
-    let mut ids = lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?;
-    let prompt_len = ids.len();
-    ids.extend_from_slice(tokens);
-    let ex = Example { id: String::new(), ids, prompt_len };
+    let ex = completion_example(&lm.tokenizer.encode(&lm.chat.prompt(Some(system), prompt)?)?, tokens);
     let student = completion_log_probs(&lm.model, &ex, FwdPath::Inference, Adapters::AsGated)?;
     let base = completion_log_probs(&lm.model, &ex, FwdPath::Inference, Adapters::Base)?;
     let kl = super::loss::per_position_kl(&student, &base, super::config::Reg::KlRev, FwdPath::Inference)?;
