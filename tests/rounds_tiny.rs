@@ -50,8 +50,6 @@ fn tiny_config(model: &Path, rounds: u32) -> RoundsConfig {
     c.walk.min_keep = 2;
     c.walk.max_keep = 4;
     c.walk.max_batches = 1;
-    // The walk-down's own coherence filter, opened like the session's thresholds.
-    c.walk_max_ppl = 1e30;
     c.heal.epochs = 1;
     c.heal.grad_accum = 1;
     c.heal.r = 2;
@@ -806,4 +804,65 @@ fn a_whole_round_runs_with_bf16_weights() {
     let (points, lineage) = read_status(&session).expect("status");
     assert_eq!(lineage.chain, vec![1], "round 1 healed and kept");
     assert!(points.iter().all(|p| p.authority.is_finite()), "{points:?}");
+}
+
+/// One owner of "passes": the walk-down counts by gate Q0's filter. With the session's repetition threshold at its
+/// default, the tiny model's gibberish is judged by exactly the score cards written beside it (the old tail
+/// perplexity check, opened here, passed all of it), the dose walks down while too few pass, and gate Q0 accepts
+/// what the filter kept.
+#[test]
+fn the_walk_down_counts_what_gate_q0s_filter_keeps() {
+    let mdir = tempfile::tempdir().expect("tempdir");
+    tiny_with_answer_words(mdir.path());
+    let work = tempfile::tempdir().expect("tempdir");
+    let s = work.path().join("filter");
+    let th = FilterThresholds { max_perplexity: 1e30, ..FilterThresholds::default() };
+    let open = |cfg: RoundsConfig, progress: &mut Silent| {
+        let model = cfg.model.clone();
+        let mut obs = Quiet;
+        let manifest = |p: &steer_heal::steer::Persona| {
+            new_manifest(&s, &model, None, None, generation_for(p, Some(2), 8), Some(th.clone()))
+        };
+        Runner::open(&s, cfg, manifest, progress, &mut obs).expect("open").run()
+    };
+    let mut cfg = tiny_config(mdir.path(), 1);
+    cfg.stop_after = Some((1, Stage::Generate));
+    let walk = cfg.walk;
+    let mut progress = Silent::default();
+    open(cfg, &mut progress).expect("generate");
+
+    let rd = SessionDir::new(&s).round(1);
+    let report: steer_heal::steer::walkdown::WalkDownReport =
+        serde_json::from_str(&std::fs::read_to_string(&rd.walkdown().abs).expect("walkdown.json"))
+            .expect("json");
+    let session = Session::open(&s).expect("open");
+    let rows = session.session.load_round(&session.state.rounds[&1]).expect("rows");
+    drop(session); // the session lock: the run below opens it again
+    assert_eq!(report.verdicts.len(), rows.len(), "every written completion was judged once");
+    for (id, v) in &report.verdicts {
+        let row = rows.iter().find(|r| &r.completion.id == id).expect("a judged completion is on disk");
+        assert_eq!(v.pass, row.score.verdict == Verdict::Keep, "{id}: {v:?} vs {:?}", row.score.reasons);
+    }
+    let keep: Vec<String> =
+        rows.iter().filter(|r| r.score.verdict == Verdict::Keep).map(|r| r.completion.id.clone()).collect();
+    assert_eq!(report.kept, keep.len().min(walk.max_keep));
+    let repetitive =
+        rows.iter().filter(|r| r.score.has_reason(steer_heal::score::ReasonKind::Repetition)).count();
+    assert!(repetitive > 0, "the default repetition threshold drops some of the tiny model's text");
+    // A probe below the target pass fraction lowers the dose for the next one, down to the floor.
+    for w in report.steps.windows(2) {
+        let failed = (w[0].passed as f64) < walk.target_pass * w[0].n as f64;
+        if w[0].phase == "probe" && failed && w[0].kappa > walk.floor + 1e-12 {
+            assert!(w[1].kappa < w[0].kappa, "{:?}", report.steps);
+        }
+    }
+
+    // Gate Q0 (automatic) accepts exactly the filter's keeps, or says it kept none.
+    let mut cfg = tiny_config(mdir.path(), 1);
+    cfg.stop_after = Some((1, Stage::GateQ0));
+    let mut progress = Silent::default();
+    match open(cfg, &mut progress) {
+        Ok(_) => assert_eq!(ids_in(&rd.accepted().abs), keep),
+        Err(e) => assert!(keep.is_empty() && e.to_string().contains("accepted none"), "{e}"),
+    }
 }

@@ -523,8 +523,13 @@ fn walk_down_lowers_the_dose_until_probes_pass_then_tops_up() {
     let s = Steering::new(&v, &lm.model).expect("steering");
     let c_star = 2.0;
     // A filter that only passes completions steered at ≤ half of c*.
-    let mut scorer = |c: &Completion| -> steer_heal::Result<Verdict> {
-        Ok(Verdict { pass: c.dose <= 0.5 * c_star + 1e-9, value: c.dose, reason: "dose".into() })
+    let mut judged = 0usize;
+    let mut scorer = |batch: &[Completion]| -> steer_heal::Result<Vec<Verdict>> {
+        judged += batch.len();
+        Ok(batch
+            .iter()
+            .map(|c| Verdict { pass: c.dose <= 0.5 * c_star + 1e-9, value: c.dose, reason: "dose".into() })
+            .collect())
     };
     let wd = WalkDownConfig {
         probe_n: 2,
@@ -546,9 +551,9 @@ fn walk_down_lowers_the_dose_until_probes_pass_then_tops_up() {
         &wd,
         &mut scorer,
         &mut Silent::default(),
-        &mut |_| Ok(()),
     )
     .expect("walk down");
+    assert_eq!(judged, 2 + 2 + 2 + 3 + 3, "the filter judges every generated completion once");
     let kappas: Vec<f64> = r.report.steps.iter().map(|s| (s.kappa * 1000.0).round() / 1000.0).collect();
     assert_eq!(kappas, vec![1.0, 0.7, 0.49, 0.49, 0.49], "{:?}", r.report.steps);
     assert_eq!(

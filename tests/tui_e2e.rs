@@ -106,7 +106,9 @@ fn tmux_available() -> bool {
 
 fn tui_command(config: &Path, session: &Path, model: &Path, vector: &Path) -> String {
     format!(
-        "env XDG_CONFIG_HOME={} {BIN} tui {} --model {} --vector {} --max-new-tokens 8",
+        // Random weights write gibberish: the new session's filter is opened (as `just tiny-run` does) so the
+        // walk-down's probe passes, instead of walking the dose down to its floor.
+        "env XDG_CONFIG_HOME={} {BIN} tui {} --model {} --vector {} --max-new-tokens 8 --max-ppl 1e30 --max-repetition 1.01",
         config.display(),
         session.display(),
         model.display(),

@@ -4,6 +4,7 @@
 
 use steer_heal::eval::CoherenceFloor;
 use steer_heal::model::generate::Sampling;
+use steer_heal::score::FilterThresholds;
 
 /// A finite f64 (`NaN`, `inf` and `-inf` are refused).
 pub fn finite_f64(s: &str) -> Result<f64, String> {
@@ -68,6 +69,36 @@ impl FloorArgs {
         match self.floor {
             Some(x) => CoherenceFloor::Absolute(x),
             None => CoherenceFloor::Relative(self.floor_rel),
+        }
+    }
+}
+
+/// Gate Q0's automatic filter, the one the walk-down counts passing completions by. `run` and `tui` write it into a
+/// new session's session.toml (a session keeps its own); `generate --walk-down` applies it directly.
+#[derive(clap::Args, Clone, Copy)]
+pub struct FilterArgs {
+    /// Filter: highest base-model perplexity of a completion's tail (new sessions only).
+    #[arg(value_parser = finite_f64, long, default_value_t = FilterThresholds::default().max_perplexity)]
+    max_ppl: f64,
+    /// Filter: highest repetition fraction (new sessions only; the random tiny model's text needs 1.01).
+    #[arg(value_parser = finite_f64, long, default_value_t = FilterThresholds::default().max_repetition)]
+    max_repetition: f64,
+}
+
+impl Default for FilterArgs {
+    fn default() -> Self {
+        let t = FilterThresholds::default();
+        FilterArgs { max_ppl: t.max_perplexity, max_repetition: t.max_repetition }
+    }
+}
+
+impl FilterArgs {
+    /// The thresholds: these two, the rest at their defaults.
+    pub fn thresholds(&self) -> FilterThresholds {
+        FilterThresholds {
+            max_perplexity: self.max_ppl,
+            max_repetition: self.max_repetition,
+            ..FilterThresholds::default()
         }
     }
 }

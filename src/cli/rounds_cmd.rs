@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use steer_heal::progress::Bar;
 use steer_heal::rounds::{generation_for, new_manifest, LogTo, RoundsConfig, Runner};
-use steer_heal::score::FilterThresholds;
 
 /// Logs like `run`, and cancels the run when `round`'s first completions are written.
 struct StopAtFirstCompletions {
@@ -82,12 +81,8 @@ pub struct RunArgs {
     /// Walk-down: most top-up batches after the probes.
     #[arg(long, default_value_t = 1)]
     max_batches: usize,
-    /// Gate Q0 and walk-down: highest tail perplexity kept (gate Q0's only for new sessions).
-    #[arg(value_parser = super::args::finite_f64, long, default_value_t = 50.0)]
-    max_ppl: f64,
-    /// Gate Q0: highest repetition fraction kept (new sessions only; the random tiny model needs 1.01).
-    #[arg(value_parser = super::args::finite_f64, long, default_value_t = FilterThresholds::default().max_repetition)]
-    max_repetition: f64,
+    #[command(flatten)]
+    filter: super::args::FilterArgs,
     /// Heal epochs.
     #[arg(value_parser = super::args::count, long, default_value_t = 1)]
     epochs: usize,
@@ -191,7 +186,6 @@ fn config(a: &RunArgs) -> RoundsConfig {
     c.walk.min_keep = a.min_keep;
     c.walk.max_keep = a.max_keep.max(a.min_keep);
     c.walk.max_batches = a.max_batches;
-    c.walk_max_ppl = a.max_ppl;
     c.heal.epochs = a.epochs;
     c.heal.r = a.r;
     c.heal.alpha = 2.0 * a.r as f64;
@@ -216,11 +210,7 @@ fn open_runner<'a>(
     obs: &'a mut dyn steer_heal::rounds::RunObserver,
 ) -> Result<Runner<'a>> {
     let new_session = |persona: &steer_heal::steer::Persona| {
-        let thresholds = FilterThresholds {
-            max_perplexity: a.max_ppl,
-            max_repetition: a.max_repetition,
-            ..FilterThresholds::default()
-        };
+        let thresholds = a.filter.thresholds();
         new_manifest(
             &a.session,
             &a.model,

@@ -7,14 +7,16 @@ use clap::{Args, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use steer_heal::fsutil::{atomic_write, atomic_write_json};
 use steer_heal::model::{self, LoadedModel};
-use steer_heal::progress::Bar;
+use steer_heal::progress::{Bar, Silent};
+use steer_heal::rounds::score_completions;
+use steer_heal::score::Detectors;
 use steer_heal::session::layout::StageOut;
 use steer_heal::steer::bench::{bench_steer, BenchConfig};
 use steer_heal::steer::dose::{calibrate, DoseConfig, SolverConfig};
 use steer_heal::steer::extract::{extract_mean_diff, random_like, ExtractConfig};
 use steer_heal::steer::generate::{generate_completions, replay, requests_for, GenConfig, Watchdog};
 use steer_heal::steer::gguf::{export_gguf, import_gguf};
-use steer_heal::steer::walkdown::{walk_down, CoherenceScorer, WalkDownConfig};
+use steer_heal::steer::walkdown::{walk_down, Verdict, WalkDownConfig};
 use steer_heal::steer::{Completion, Persona, Statistic, SteerVector, Steering};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -225,9 +227,8 @@ pub enum SteerCmd {
         /// Walk-down: most top-up batches.
         #[arg(long, default_value_t = 6)]
         max_batches: usize,
-        /// Coherence filter: highest base-model perplexity of the last 25% of tokens.
-        #[arg(value_parser = super::args::finite_f64, long, default_value_t = 50.0)]
-        max_ppl: f64,
+        #[command(flatten)]
+        filter: super::args::FilterArgs,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
@@ -481,7 +482,7 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
             min_keep,
             max_keep,
             max_batches,
-            max_ppl,
+            filter,
             out,
         } => {
             let lm = load(&model)?;
@@ -519,7 +520,14 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
                     max_batches,
                     ..WalkDownConfig::default()
                 };
-                let mut scorer = CoherenceScorer { max_ppl, ..CoherenceScorer::default() };
+                // Gate Q0's filter, as a session would apply it, so `--walk-down` keeps what a round would.
+                let det = Detectors::defaults()?;
+                let th = filter.thresholds();
+                let mut scorer = |batch: &[Completion]| -> steer_heal::Result<Vec<Verdict>> {
+                    let rows =
+                        score_completions(&lm, Some(&v), &det, &th, batch.to_vec(), &Silent::default())?;
+                    Ok(rows.iter().map(|r| r.score.walk_verdict()).collect())
+                };
                 let r = walk_down(
                     &lm,
                     &steering,
@@ -532,7 +540,6 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
                     &wd,
                     &mut scorer,
                     &mut bar,
-                    &mut |_| Ok(()),
                 )?;
                 bar.finish();
                 let o = StageOut::new(&out);

@@ -35,6 +35,8 @@ pub enum TuiCmd {
         /// Most new tokens per completion (new sessions only).
         #[arg(value_parser = super::args::count, long)]
         max_new_tokens: Option<usize>,
+        #[command(flatten)]
+        filter: super::args::FilterArgs,
     },
     /// Print the keymap reference as markdown, or write it between the keymap markers of a file.
     KeymapDoc {
@@ -72,8 +74,8 @@ pub enum TuiCmd {
 /// Run a TUI subcommand.
 pub fn run(cmd: TuiCmd) -> Result<()> {
     match cmd {
-        TuiCmd::Tui { session, model, persona, vector, keymap, sessions_dir, max_new_tokens } => {
-            tui(session, model, persona, vector, keymap, &sessions_dir, max_new_tokens)
+        TuiCmd::Tui { session, model, persona, vector, keymap, sessions_dir, max_new_tokens, filter } => {
+            tui(session, model, persona, vector, keymap, &sessions_dir, NewSession { max_new_tokens, filter })
         }
         TuiCmd::KeymapDoc { keymap, write, check } => keymap_doc(keymap.as_deref(), write.as_deref(), check),
         TuiCmd::BenchTui { model, keys, interval_ms, max_new_tokens, out } => {
@@ -108,11 +110,11 @@ fn tui(
     vector: Option<PathBuf>,
     keymap: Option<PathBuf>,
     sessions_dir: &Path,
-    max_new_tokens: Option<usize>,
+    new: NewSession,
 ) -> Result<()> {
     let dir = session_dir(session.as_deref(), sessions_dir);
     let keymap = Keymap::load(keymap.as_deref()).context("loading the keymap")?;
-    let (state, session) = open_state(&dir, keymap, model, persona, vector, max_new_tokens)?;
+    let (state, session) = open_state(&dir, keymap, model, persona, vector, new)?;
     let rt = runtime()?;
     let (_, outcome) = rt.block_on(async move {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -140,6 +142,13 @@ fn tui(
     Ok(())
 }
 
+/// What a new session takes from the command line (an existing one keeps its session.toml).
+#[derive(Default)]
+struct NewSession {
+    max_new_tokens: Option<usize>,
+    filter: super::args::FilterArgs,
+}
+
 /// Everything the TUI does before its first frame: open (or create) the session, check the model, read the
 /// current round. The model itself loads later, in the worker.
 fn open_state(
@@ -148,7 +157,7 @@ fn open_state(
     model: Option<PathBuf>,
     persona: Option<PathBuf>,
     vector: Option<PathBuf>,
-    max_new_tokens: Option<usize>,
+    new: NewSession,
 ) -> Result<(State, Session)> {
     let opened = Session::open_or_create(dir, || {
         let Some(m) = &model else {
@@ -158,7 +167,8 @@ fn open_state(
             )));
         };
         let p = steer_heal::steer::Persona::load_or_default(persona.as_deref())?;
-        let tokens = max_new_tokens
+        let tokens = new
+            .max_new_tokens
             .unwrap_or(steer_heal::session::manifest::GenerationSettings::default().max_new_tokens);
         Ok(steer_heal::rounds::new_manifest(
             dir,
@@ -166,7 +176,7 @@ fn open_state(
             persona.as_deref(),
             vector.as_deref(),
             steer_heal::rounds::generation_for(&p, None, tokens),
-            None,
+            Some(new.filter.thresholds()),
         ))
     })
     .with_context(|| format!("opening session {}", dir.display()))?;
@@ -209,7 +219,7 @@ fn open_state(
 /// mode switch are not included (both well under a millisecond).
 fn startup_to_first_frame(rt: &tokio::runtime::Runtime, dir: &Path) -> Result<(Duration, usize)> {
     let start = Instant::now();
-    let (mut state, session) = open_state(dir, Keymap::defaults()?, None, None, None, None)?;
+    let (mut state, session) = open_state(dir, Keymap::defaults()?, None, None, None, NewSession::default())?;
     let rows = state.rows.len();
     rt.block_on(async move {
         let (tx, mut wrx) = mpsc::unbounded_channel();

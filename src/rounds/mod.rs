@@ -70,10 +70,8 @@ pub struct RoundsConfig {
     pub dose_tokens: usize,
     /// Calibration prompts used.
     pub dose_prompts: usize,
-    /// The walk-down controller.
+    /// The walk-down controller (its filter is the session's gate-Q0 thresholds).
     pub walk: steer::WalkDownConfig,
-    /// Walk-down coherence filter: highest tail perplexity.
-    pub walk_max_ppl: f64,
     /// Heal settings (the round number is filled in per round).
     pub heal: HealConfig,
     /// Held-out neutral prompts measured before/after healing (gate Q1).
@@ -114,7 +112,6 @@ impl RoundsConfig {
                 max_batches: 1,
                 ..steer::WalkDownConfig::default()
             },
-            walk_max_ppl: 50.0,
             heal: HealConfig {
                 epochs: 1,
                 grad_accum: 2,
@@ -792,12 +789,10 @@ impl<'a> Runner<'a> {
             window: g.kl_window.max(1),
             ..steer::GenConfig::new(g.max_new_tokens)
         };
-        let mut coherence =
-            steer::CoherenceScorer { max_ppl: self.cfg.walk_max_ppl, ..steer::CoherenceScorer::default() };
         let det = self.session.with(|s| s.detectors())?;
         let th = self.manifest.filter.thresholds.clone();
-        // A resumed generation regenerates the same batches (same seeds); parts already on disk are not
-        // written again.
+        // A resumed generation regenerates the same batches (same seeds); parts already on disk are scored again
+        // (the controller needs their verdicts) but not written again.
         let written: Vec<usize> = self
             .state
             .rounds
@@ -807,12 +802,11 @@ impl<'a> Runner<'a> {
         let mut part = 0usize;
         let mut failure: Option<Error> = None;
         let (session, state, obs) = (&mut self.session, &mut self.state, &mut *self.obs);
-        let mut sink = |batch: &[Completion]| -> Result<()> {
+        // Gate Q0's filter is the walk-down's: each batch is scored once, recorded, and its verdicts steer the
+        // dose, so the walk-down stops exactly when gate Q0 will keep `min_keep`.
+        let mut filter = |batch: &[Completion]| -> Result<Vec<steer::walkdown::Verdict>> {
             let this_part = part;
             part += 1;
-            if written.contains(&this_part) {
-                return Ok(());
-            }
             // The controller polls for a cancel between decode steps; scoring a batch is short.
             let rows = score_completions(
                 lm,
@@ -822,6 +816,10 @@ impl<'a> Runner<'a> {
                 batch.to_vec(),
                 &crate::progress::Silent::default(),
             )?;
+            let verdicts = rows.iter().map(|r| r.score.walk_verdict()).collect();
+            if written.contains(&this_part) {
+                return Ok(verdicts);
+            }
             let file = rd.completions(this_part);
             let event = SessionEvent::CompletionsGenerated {
                 round,
@@ -837,7 +835,7 @@ impl<'a> Runner<'a> {
             }
             session::state::apply(state, &event);
             obs.completions(round, this_part, &file.rel, &rows);
-            Ok(())
+            Ok(verdicts)
         };
         let report = steer::walk_down(
             lm,
@@ -849,9 +847,8 @@ impl<'a> Runner<'a> {
             steer::round_seed(g.seed, round),
             &gen,
             &self.cfg.walk,
-            &mut coherence,
+            &mut filter,
             self.progress,
-            &mut sink,
         );
         if let Some(e) = failure {
             return Err(e);

@@ -213,6 +213,18 @@ impl ScoreCard {
     pub fn has_reason(&self, kind: ReasonKind) -> bool {
         self.reasons.iter().any(|r| r.kind() == kind)
     }
+
+    /// This card as the walk-down controller's verdict: the same keep/drop, its tail perplexity as the value
+    /// (0 without a trace; JSON has no NaN), and its reasons in one line.
+    pub fn walk_verdict(&self) -> crate::steer::walkdown::Verdict {
+        let reason = if self.reasons.is_empty() {
+            "kept by the filter".to_string()
+        } else {
+            self.reasons.iter().map(Reason::describe).collect::<Vec<_>>().join("; ")
+        };
+        let value = self.perplexity.filter(|p| p.is_finite()).unwrap_or(0.0);
+        crate::steer::walkdown::Verdict { pass: self.verdict == Verdict::Keep, value, reason }
+    }
 }
 
 /// A completion with its scores: one line of a round's `completions-*.jsonl`.
@@ -369,6 +381,31 @@ mod tests {
         }
         let ppl = s.perplexity.unwrap_or(0.0);
         assert!((ppl - 5f64.exp()).abs() < 1e-3, "{ppl}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_walk_down_verdict_is_the_cards_keep_or_drop() -> crate::Result<()> {
+        let det = Detectors::defaults()?;
+        let kept = score_completion(
+            &completion(FLUENT, vec![1.0; 20], vec![0.5; 20]),
+            &det,
+            &Default::default(),
+            None,
+        );
+        let v = kept.walk_verdict();
+        assert!(v.pass && (v.value - std::f64::consts::E).abs() < 1e-6, "{v:?}");
+        // Fluent by perplexity but repetitive: the old tail-perplexity-only check passed this one.
+        let text =
+            "never defer, never defer, never defer, never defer, never defer, never defer, never defer.";
+        let dropped = score_completion(
+            &completion(text, vec![1.0; 20], vec![0.5; 20]),
+            &det,
+            &Default::default(),
+            None,
+        );
+        let v = dropped.walk_verdict();
+        assert!(!v.pass && v.reason.contains("repetition"), "{v:?}");
         Ok(())
     }
 

@@ -22,4 +22,4 @@ pub use generate::{
 pub use kl::{KlStats, Statistic};
 pub use persona::Persona;
 pub use vector::{SteerVector, Steering, VectorMeta};
-pub use walkdown::{walk_down, CoherenceScorer, Scorer, WalkDownConfig};
+pub use walkdown::{walk_down, Scorer, WalkDownConfig};

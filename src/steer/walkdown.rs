@@ -1,7 +1,7 @@
 //! The walk-down controller: probe a few steered generations; while too few pass the automatic filter, lower
 //! the dose multiplier κ (× 0.7, floor 0.2) and probe again; then top up batches at the settled κ until
-//! enough completions pass. The filter is any [`Scorer`]; until the gate-Q0 scores exist, [`CoherenceScorer`]
-//! (base-model perplexity of the completion's tail) drives it.
+//! enough completions pass. The filter is a [`Scorer`]: gate Q0's automatic filter (`score::ScoreCard`), so
+//! "passes" means one thing from the walk-down to heal.
 
 use super::completion::Completion;
 use super::generate::{generate_completions, GenConfig, Request};
@@ -22,49 +22,17 @@ pub struct Verdict {
     pub reason: String,
 }
 
-/// Decides which completions are kept.
+/// Decides which completions are kept: gate Q0's automatic filter in the loop, so the walk-down counts exactly the
+/// completions gate Q0 keeps. It sees each batch as soon as it is generated, and may record it (the rounds runner
+/// writes the batch with its score cards) before it answers.
 pub trait Scorer {
-    /// Judge one completion.
-    fn score(&mut self, c: &Completion) -> Result<Verdict>;
+    /// One verdict per completion of `batch`, in order.
+    fn judge(&mut self, batch: &[Completion]) -> Result<Vec<Verdict>>;
 }
 
-impl<F: FnMut(&Completion) -> Result<Verdict>> Scorer for F {
-    fn score(&mut self, c: &Completion) -> Result<Verdict> {
-        self(c)
-    }
-}
-
-/// Coherence-only filter: perplexity under the base model of the last `tail` fraction of tokens, read from
-/// the completion's `nll_base` trace, must be below `max_ppl`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct CoherenceScorer {
-    /// Highest perplexity kept.
-    pub max_ppl: f64,
-    /// Fraction of the completion (from its end) that is scored.
-    pub tail: f64,
-}
-
-impl Default for CoherenceScorer {
-    fn default() -> Self {
-        CoherenceScorer { max_ppl: 50.0, tail: 0.25 }
-    }
-}
-
-/// Base-model perplexity of the last `tail` fraction of a completion's tokens (at least one token).
-pub fn tail_perplexity(c: &Completion, tail: f64) -> Result<f64> {
-    super::kl::tail_perplexity(&c.trace.nll_base, tail)
-        .ok_or_else(|| Error::invalid(format!("completion {} has no tokens to score", c.id)))
-}
-
-impl Scorer for CoherenceScorer {
-    fn score(&mut self, c: &Completion) -> Result<Verdict> {
-        if c.tokens.is_empty() {
-            return Ok(Verdict { pass: false, value: f64::INFINITY, reason: "empty completion".into() });
-        }
-        let ppl = tail_perplexity(c, self.tail)?;
-        let pass = ppl < self.max_ppl;
-        let reason = format!("tail perplexity {ppl:.1} {} {}", if pass { "<" } else { "≥" }, self.max_ppl);
-        Ok(Verdict { pass, value: ppl, reason })
+impl<F: FnMut(&[Completion]) -> Result<Vec<Verdict>>> Scorer for F {
+    fn judge(&mut self, batch: &[Completion]) -> Result<Vec<Verdict>> {
+        self(batch)
     }
 }
 
@@ -199,7 +167,6 @@ impl Batcher<'_> {
         kappa: f64,
         scorer: &mut dyn Scorer,
         progress: &mut dyn Progress,
-        on_batch: &mut dyn FnMut(&[Completion]) -> Result<()>,
     ) -> Result<usize> {
         let reqs = self.src.take(n, kappa);
         let out = generate_completions(
@@ -211,10 +178,16 @@ impl Batcher<'_> {
             self.gen,
             progress,
         )?;
-        on_batch(&out)?;
+        let verdicts = scorer.judge(&out)?;
+        if verdicts.len() != out.len() {
+            return Err(Error::invalid(format!(
+                "the walk-down filter judged {} of a batch of {}",
+                verdicts.len(),
+                out.len()
+            )));
+        }
         let mut passed = 0;
-        for c in out {
-            let v = scorer.score(&c)?;
+        for (c, v) in out.into_iter().zip(verdicts) {
             self.verdicts.push((c.id.clone(), v.clone()));
             if v.pass {
                 passed += 1;
@@ -229,7 +202,7 @@ impl Batcher<'_> {
 }
 
 /// Run the controller: probe, walk κ down while the pass fraction is below target, then top up. Each batch is
-/// handed to `on_batch` as soon as it is generated (the loop records and shows it while the next one runs).
+/// handed to `scorer` as soon as it is generated (the loop records and shows it while the next one runs).
 #[allow(clippy::too_many_arguments)]
 pub fn walk_down(
     lm: &LoadedModel,
@@ -243,7 +216,6 @@ pub fn walk_down(
     cfg: &WalkDownConfig,
     scorer: &mut dyn Scorer,
     progress: &mut dyn Progress,
-    on_batch: &mut dyn FnMut(&[Completion]) -> Result<()>,
 ) -> Result<WalkDownResult> {
     if prompts.is_empty() || alphas.is_empty() {
         return Err(Error::invalid("the walk-down controller needs at least one prompt and one alpha"));
@@ -266,7 +238,7 @@ pub fn walk_down(
     let mut kappa = 1.0f64;
     // Probe and walk down. The prompt-only arm has no dose to lower.
     loop {
-        let passed = b.batch("probe", cfg.probe_n, kappa, scorer, progress, on_batch)?;
+        let passed = b.batch("probe", cfg.probe_n, kappa, scorer, progress)?;
         let frac = passed as f64 / cfg.probe_n as f64;
         if frac >= cfg.target_pass || steering.is_prompt_only() || kappa <= cfg.floor + 1e-12 {
             break;
@@ -275,7 +247,7 @@ pub fn walk_down(
     }
     let mut batches = 0;
     while b.kept.len() < cfg.min_keep && batches < cfg.max_batches {
-        b.batch("top-up", cfg.batch_n, kappa, scorer, progress, on_batch)?;
+        b.batch("top-up", cfg.batch_n, kappa, scorer, progress)?;
         batches += 1;
     }
     let Batcher { mut kept, rejected, steps, verdicts, .. } = b;
@@ -291,44 +263,4 @@ pub fn walk_down(
         verdicts,
     };
     Ok(WalkDownResult { kept, rejected, surplus, report })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::steer::completion::TokenTrace;
-
-    fn completion(nll: Vec<f32>) -> Completion {
-        Completion {
-            id: "c".into(),
-            system: String::new(),
-            prompt: String::new(),
-            text: String::new(),
-            tokens: vec![0; nll.len()],
-            token_text: vec![String::new(); nll.len()],
-            alpha: 1.0,
-            dose: 1.0,
-            seed: 0,
-            trace: TokenTrace { nll_base: nll, ..TokenTrace::default() },
-            rewinds: vec![],
-        }
-    }
-
-    #[test]
-    fn coherence_scorer_reads_the_tail_of_the_base_nll() -> Result<()> {
-        // 8 tokens: the first 6 fluent, the last 2 (the scored 25%) at 5 nats each: ppl e^5 ≈ 148.
-        let mut nll = vec![0.1f32; 6];
-        nll.extend([5.0, 5.0]);
-        let c = completion(nll);
-        assert!((tail_perplexity(&c, 0.25)? - 5f64.exp()).abs() < 1e-3);
-        let v = CoherenceScorer::default().score(&c)?;
-        assert!(!v.pass && v.reason.contains("148"), "{v:?}");
-        // The same tokens with the bad ones at the start pass: only the tail counts.
-        let mut nll = vec![5.0f32, 5.0];
-        nll.extend([0.1; 6]);
-        let v = CoherenceScorer::default().score(&completion(nll))?;
-        assert!(v.pass, "{v:?}");
-        assert!(!CoherenceScorer::default().score(&completion(vec![]))?.pass, "empty completions fail");
-        Ok(())
-    }
 }
