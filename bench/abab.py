@@ -18,9 +18,22 @@ d = "bench"
 runs = {"ours": [], "peer": []}
 
 
-def run(cmd, out=None):
+# When our kernels are capped below what the CPU has (STEER_HEAL_ISA), the peer is capped the same way, so that a
+# table labelled AVX2 compares AVX2 with AVX2 on an AVX-512 machine too: ATen's vectorised kernels, MKL's BLAS and
+# oneDNN each have their own switch.
+PEER_CAPS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "DNNL_MAX_CPU_ISA": "AVX2"},
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                 "DNNL_MAX_CPU_ISA": "SSE41"},
+}
+peer_caps = PEER_CAPS.get(os.environ.get("STEER_HEAL_ISA", "auto").strip().lower(), {})
+
+
+def run(cmd, out=None, extra_env=None):
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ, **(extra_env or {}))
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"bench/abab.py: {cmd[0]} failed with exit code {r.returncode}")
     if out:
@@ -46,7 +59,7 @@ def ours(i):
 
 
 def peer(i):
-    text = run([peer_py, "bench/torch_peer.py", model])
+    text = run([peer_py, "bench/torch_peer.py", model], extra_env=peer_caps)
     p = json.loads(text.strip().splitlines()[-1])
     with open(f"{d}/peer-{i}.json", "w") as f:
         json.dump(p, f)
@@ -84,5 +97,5 @@ else:
         os.remove(f"{d}/peer.json")
 with open(f"{d}/abab.json", "w") as f:
     json.dump({"order": "ours, peer, repeated", "reps": reps, "summary": summary,
-               "isa": best_dec.get("isa"), "blas": best_dec.get("blas")}, f, indent=2)
+               "isa": best_dec.get("isa"), "blas": best_dec.get("blas"), "peer_caps": peer_caps}, f, indent=2)
 print(json.dumps(summary, indent=2))

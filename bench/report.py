@@ -72,7 +72,10 @@ def main():
     decode, heal, steer, tui, ev = (load(d, n) for n in ("decode.json", "heal.json", "steer.json", "tui.json",
                                                          "eval.json"))
     peer = load(d, "peer.json")
-    peer_src = "measured in this run (bench/torch_peer.py)"
+    peer_src = "measured in this run (bench/torch_peer.py"
+    if peer is not None and peer.get("cpu_capability"):
+        peer_src += f", ATen ISA {peer['cpu_capability']}"
+    peer_src += ")"
     if peer is None:
         peer, peer_src = PUBLISHED_PEER, PUBLISHED_PEER["source"]
     rows = []  # (benchmark, ours, unit, peer, ratio, peak MiB)
@@ -143,15 +146,24 @@ def main():
     if tui:
         rows.append({"benchmark": "TUI latency while generating (bench-tui)", "ours": tui, "unit": "see JSON",
                      "peak_rss_mib": rss(d, "tui.rss")})
+    isa = (decode or {}).get("isa") or "unknown"
+    detected = (decode or {}).get("isa_detected")
+    # A table per ISA the kernels ran with, and per CPU they ran on: AVX2 capped on an AVX-512 CPU is its own
+    # table, not the AVX2 CPU's.
+    key = isa if not detected or detected == isa else f"{isa}-on-{detected}"
     rnd = load(d, "turnaround.json")
+    # The turnaround is quoted only in the table of the ISA (and CPU) it was measured with (a file without
+    # isa_detected predates capping: it ran at its CPU's own ISA).
+    if rnd and (rnd.get("isa"), rnd.get("isa_detected", rnd.get("isa"))) != (isa, detected or isa):
+        rnd = None
     if rnd and rnd.get("turnaround"):
         t = rnd["turnaround"]
         rows.append({"benchmark": "round turnaround (gate Q0 → next round's first completions; `just bench-round`)",
                      "ours": t["total_s"], "unit": "s", "target": "< 300 s", "stages": t["stages"],
                      "base_eval_s": t.get("base_eval_s"), "peak_rss_mib": None})
-    isa = (decode or {}).get("isa") or "unknown"
     results = {
         "isa": isa,
+        "table": key,
         "isa_detected": (decode or {}).get("isa_detected"),
         "cpu_features": (decode or {}).get("cpu_features"),
         "blas": (decode or {}).get("blas"),
@@ -171,12 +183,12 @@ def main():
     }
     with open(os.path.join(d, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    with open(os.path.join(d, f"results-{isa}.json"), "w") as f:
+    with open(os.path.join(d, f"results-{key}.json"), "w") as f:
         json.dump(results, f, indent=2)
     # One section per ISA measured: this run's first, then the others' latest files.
     sections = [results]
     for name in sorted(os.listdir(d)):
-        if name.startswith("results-") and name.endswith(".json") and name != f"results-{isa}.json":
+        if name.startswith("results-") and name.endswith(".json") and name != f"results-{key}.json":
             with open(os.path.join(d, name)) as f:
                 sections.append(json.load(f))
     lines = ["# Benchmarks", "", "One table per instruction set the kernels ran with (`STEER_HEAL_ISA` caps it; "
@@ -196,7 +208,10 @@ def fmt(x):
 def render(results, detail):
     rows, peer_src, m = results["rows"], results["peer_source"], results["machine"]
     isa = results.get("isa", "unknown")
-    lines = [f"## {isa.upper()} — {results['date'][:10]}, commit `{results['commit']}`", "",
+    title = isa.upper()
+    if results.get("isa_detected") and results["isa_detected"] != isa:
+        title += f" (capped, on an {results['isa_detected'].upper()} CPU)"
+    lines = [f"## {title} — {results['date'][:10]}, commit `{results['commit']}`", "",
              f"`just bench` on {m['cpu']} ({m['logical_cores']} logical cores), kernels at ISA `{isa}`"
              + (f" (CPU: `{results.get('isa_detected')}`; features {', '.join(results.get('cpu_features') or [])})"
                 if results.get("isa_detected") else "")

@@ -297,6 +297,7 @@ pub fn run(cmd: RoundsCmd) -> Result<()> {
                     "eval_n": a.eval_n, "think": a.think,
                 },
                 "isa": cpu.name(),
+                "isa_detected": steer_heal::model::cpu::isa::detected().name(),
                 "blas": steer_heal::model::cpu::blas_summary(),
                 "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
                 "turnaround": t,
