@@ -121,6 +121,30 @@ impl Blas {
         }
     }
 
+    /// `sgemm` into a new buffer of `m · n`, which OpenBLAS writes whole (β = 0: C is not read, per the BLAS
+    /// contract), so it is not zero-filled first; `None` where `sgemm` refuses the product.
+    pub fn sgemm_new(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        b_transposed: bool,
+    ) -> Option<Vec<f32>> {
+        if !self.accepts(a, b, m, k, n) {
+            return None;
+        }
+        let mut c: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: `accepts` checked the operands' lengths and the C sizes; the buffer has room for the m·n
+        // elements, which a β = 0 product writes before anything reads them, and the length is set after.
+        unsafe {
+            self.sgemm_raw(a, b, c.as_mut_ptr(), m, k, n, b_transposed);
+            c.set_len(m * n);
+        }
+        Some(c)
+    }
+
     /// Row-major `c[m, n] = a[m, k] · op(b)`, `op(b) = bᵀ` for `b` `[n, k]` when `b_transposed`, else `b` `[k, n]`;
     /// all contiguous. Products whose sizes do not fit a C `int` are refused (`false`), for gemm to do.
     #[allow(clippy::too_many_arguments)]
@@ -134,19 +158,48 @@ impl Blas {
         n: usize,
         b_transposed: bool,
     ) -> bool {
-        let fits = |x: usize| x <= c_int::MAX as usize;
-        if !(fits(m) && fits(n) && fits(k) && fits(m * k) && fits(n * k) && fits(m * n))
-            || a.len() != m * k
-            || b.len() != k * n
-            || c.len() != m * n
-            || m == 0
-            || n == 0
-            || k == 0
-        {
+        if !self.accepts(a, b, m, k, n) || c.len() != m * n {
             return false;
         }
-        let (tb, ldb) = if b_transposed { (TRANS, k) } else { (NO_TRANS, n) };
         // SAFETY: the slices hold exactly the m·k, k·n and m·n elements the call reads and writes.
+        unsafe { self.sgemm_raw(a, b, c.as_mut_ptr(), m, k, n, b_transposed) };
+        true
+    }
+
+    /// Whether a product of these sizes and operands is one `sgemm_raw` may be given: non-empty, every size a C
+    /// `int`, operands of exactly m·k and k·n elements.
+    fn accepts(&self, a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> bool {
+        let fits = |x: usize| x <= c_int::MAX as usize;
+        fits(m)
+            && fits(n)
+            && fits(k)
+            && m.checked_mul(k).is_some_and(fits)
+            && n.checked_mul(k).is_some_and(fits)
+            && m.checked_mul(n).is_some_and(fits)
+            && a.len() == m * k
+            && b.len() == k * n
+            && m > 0
+            && n > 0
+            && k > 0
+    }
+
+    /// The call itself (α = 1, β = 0).
+    ///
+    /// # Safety
+    /// `accepts(a, b, m, k, n)` holds and `c` points to m·n writable elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn sgemm_raw(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        b_transposed: bool,
+    ) {
+        let (tb, ldb) = if b_transposed { (TRANS, k) } else { (NO_TRANS, n) };
+        // SAFETY: per this function's contract.
         unsafe {
             (self.sgemm)(
                 ROW_MAJOR,
@@ -161,11 +214,10 @@ impl Blas {
                 b.as_ptr(),
                 ldb as c_int,
                 0.0,
-                c.as_mut_ptr(),
+                c,
                 n as c_int,
             )
-        };
-        true
+        }
     }
 }
 
@@ -304,5 +356,15 @@ mod tests {
         let mut c = vec![f32::NAN; m * n];
         assert!(blas.sgemm(&a, &b, &mut c, m, k, n, false));
         assert_eq!(c, want, "a · b");
+        // Into a fresh buffer that is not zero-filled first (big enough to come from fresh pages and be reused).
+        for _ in 0..2 {
+            assert_eq!(blas.sgemm_new(&a, &bt, m, k, n, true).as_deref(), Some(&want[..]), "new a · btᵀ");
+            assert_eq!(blas.sgemm_new(&a, &b, m, k, n, false).as_deref(), Some(&want[..]), "new a · b");
+        }
+        assert_eq!(
+            blas.sgemm_new(&a, &b, m, k + 1, n, false),
+            None,
+            "operands of the wrong size are refused"
+        );
     }
 }

@@ -885,6 +885,43 @@ mod tests {
         assert_eq!(a, epoch_order(10, 42, 0));
     }
 
+    /// The vendored backward pass (vendor/README.md) stores a gradient's first contribution instead of adding it
+    /// to zeros: a variable reached once through a transposed view, once through a broadcast and twice through a
+    /// shared product still gets the hand-computed gradient, contiguous, and a subtracted-only path gets `-g`.
+    #[test]
+    fn gradients_through_views_shared_uses_and_subtraction_are_exact() -> candle_core::Result<()> {
+        use candle_core::{Device, Tensor, Var};
+        let dev = Device::Cpu;
+        let x = Var::from_slice(&[1f32, 2.0, 3.0, 4.0, 5.0, 6.0], (2, 3), &dev)?;
+        let c = Tensor::from_slice(&[1f32, 10.0, 100.0, 1000.0, 1e4, 1e5], (3, 2), &dev)?;
+        let b = Var::from_slice(&[0.5f32, -1.0, 2.0], 3, &dev)?;
+        // L = Σ xᵀ ⊙ c + Σ x ⊙ broadcast(b) + Σ x ⊙ x − Σ b
+        let l = ((x.as_tensor().t()? * &c)?.sum_all()?
+            + x.as_tensor().broadcast_mul(b.as_tensor())?.sum_all()?
+            + (x.as_tensor() * x.as_tensor())?.sum_all()?)?;
+        let l = (l - b.as_tensor().sum_all()?)?;
+        let g = l.backward()?;
+        let gx = g.get(x.as_tensor()).expect("x has a gradient");
+        let gb = g.get(b.as_tensor()).expect("b has a gradient");
+        assert!(gx.is_contiguous() && gb.is_contiguous());
+        // ∂L/∂x[i][j] = c[j][i] + b[j] + 2 x[i][j]; ∂L/∂b[j] = Σ_i x[i][j] − 1.
+        let want_x = [
+            1.0 + 0.5 + 2.0,
+            100.0 - 1.0 + 4.0,
+            1e4 + 2.0 + 6.0,
+            10.0 + 0.5 + 8.0,
+            1000.0 - 1.0 + 10.0,
+            1e5 + 2.0 + 12.0,
+        ];
+        assert_eq!(gx.flatten_all()?.to_vec1::<f32>()?, want_x.map(|v| v as f32).to_vec());
+        assert_eq!(gb.to_vec1::<f32>()?, vec![4.0, 6.0, 8.0]);
+        // A variable reached only through a subtraction gets exactly −1 per element.
+        let y = Var::from_slice(&[3f32, 4.0], 2, &dev)?;
+        let g = (Tensor::zeros(2, candle_core::DType::F32, &dev)? - y.as_tensor())?.sum_all()?.backward()?;
+        assert_eq!(g.get(y.as_tensor()).expect("y has a gradient").to_vec1::<f32>()?, vec![-1.0, -1.0]);
+        Ok(())
+    }
+
     #[test]
     fn steps_round_up() {
         let c = HealConfig { grad_accum: 4, epochs: 2, ..HealConfig::default() };

@@ -192,8 +192,7 @@ fn fast_product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, b_transposed
     if m < blas::MIN_ROWS {
         return None;
     }
-    let mut c = vec![0f32; m * n];
-    lib.sgemm(a, b, &mut c, m, k, n, b_transposed).then_some(c)
+    lib.sgemm_new(a, b, m, k, n, b_transposed)
 }
 
 /// `fast_product` on two tensors when both are contiguous 2-D CPU f32 with matching inner sizes.
