@@ -356,7 +356,7 @@ mod tests {
         let mut c = vec![f32::NAN; m * n];
         assert!(blas.sgemm(&a, &b, &mut c, m, k, n, false));
         assert_eq!(c, want, "a · b");
-        // Into a fresh buffer that is not zero-filled first (big enough to come from fresh pages and be reused).
+        // Into a fresh buffer that is not zero-filled first, twice (the second allocation may reuse the first's memory).
         for _ in 0..2 {
             assert_eq!(blas.sgemm_new(&a, &bt, m, k, n, true).as_deref(), Some(&want[..]), "new a · btᵀ");
             assert_eq!(blas.sgemm_new(&a, &b, m, k, n, false).as_deref(), Some(&want[..]), "new a · b");
