@@ -132,17 +132,7 @@ impl Blas {
         n: usize,
         b_transposed: bool,
     ) -> Option<Vec<f32>> {
-        if !self.accepts(a, b, m, k, n) {
-            return None;
-        }
-        let mut c: Vec<f32> = Vec::with_capacity(m * n);
-        // SAFETY: `accepts` checked the operands' lengths and the C sizes; the buffer has room for the m·n
-        // elements, which a β = 0 product writes before anything reads them, and the length is set after.
-        unsafe {
-            self.sgemm_raw(a, b, c.as_mut_ptr(), m, k, n, b_transposed);
-            c.set_len(m * n);
-        }
-        Some(c)
+        self.product_new(Product { m, n, k, alpha: 1.0, a_transposed: false, b_transposed }, a, b)
     }
 
     /// Row-major `c[m, n] = a[m, k] · op(b)`, `op(b) = bᵀ` for `b` `[n, k]` when `b_transposed`, else `b` `[k, n]`;
@@ -158,17 +148,40 @@ impl Blas {
         n: usize,
         b_transposed: bool,
     ) -> bool {
-        if !self.accepts(a, b, m, k, n) || c.len() != m * n {
+        self.product_into(Product { m, n, k, alpha: 1.0, a_transposed: false, b_transposed }, a, b, 0.0, c)
+    }
+
+    /// `p` into a new buffer of `m · n` (β = 0, so the buffer is not zero-filled first); `None` where the product
+    /// is refused (`accepts`).
+    pub fn product_new(&self, p: Product, a: &[f32], b: &[f32]) -> Option<Vec<f32>> {
+        if !self.accepts(&p, a, b) {
+            return None;
+        }
+        let mut c: Vec<f32> = Vec::with_capacity(p.m * p.n);
+        // SAFETY: `accepts` checked the operands' lengths and the C sizes; the buffer has room for the m·n
+        // elements, which a β = 0 product writes before anything reads them, and the length is set after.
+        unsafe {
+            self.sgemm_raw(&p, a, b, 0.0, c.as_mut_ptr());
+            c.set_len(p.m * p.n);
+        }
+        Some(c)
+    }
+
+    /// `c ← p + β·c` for a `c` of `m · n` elements (β = 1 accumulates the product into `c`); `false` where the
+    /// product is refused (`accepts`) or `c` is the wrong size.
+    pub fn product_into(&self, p: Product, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) -> bool {
+        if !self.accepts(&p, a, b) || c.len() != p.m * p.n {
             return false;
         }
         // SAFETY: the slices hold exactly the m·k, k·n and m·n elements the call reads and writes.
-        unsafe { self.sgemm_raw(a, b, c.as_mut_ptr(), m, k, n, b_transposed) };
+        unsafe { self.sgemm_raw(&p, a, b, beta, c.as_mut_ptr()) };
         true
     }
 
     /// Whether a product of these sizes and operands is one `sgemm_raw` may be given: non-empty, every size a C
     /// `int`, operands of exactly m·k and k·n elements.
-    fn accepts(&self, a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> bool {
+    fn accepts(&self, p: &Product, a: &[f32], b: &[f32]) -> bool {
+        let Product { m, n, k, .. } = *p;
         let fits = |x: usize| x <= c_int::MAX as usize;
         fits(m)
             && fits(n)
@@ -183,41 +196,73 @@ impl Blas {
             && k > 0
     }
 
-    /// The call itself (α = 1, β = 0).
+    /// The call itself: `c ← α·op(a)·op(b) + β·c`, every matrix row-major and contiguous.
     ///
     /// # Safety
-    /// `accepts(a, b, m, k, n)` holds and `c` points to m·n writable elements.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn sgemm_raw(
-        &self,
-        a: &[f32],
-        b: &[f32],
-        c: *mut f32,
-        m: usize,
-        k: usize,
-        n: usize,
-        b_transposed: bool,
-    ) {
+    /// `accepts(p, a, b)` holds and `c` points to m·n writable elements (initialised unless β = 0).
+    unsafe fn sgemm_raw(&self, p: &Product, a: &[f32], b: &[f32], beta: f32, c: *mut f32) {
+        let Product { m, n, k, alpha, a_transposed, b_transposed } = *p;
+        let (ta, lda) = if a_transposed { (TRANS, m) } else { (NO_TRANS, k) };
         let (tb, ldb) = if b_transposed { (TRANS, k) } else { (NO_TRANS, n) };
         // SAFETY: per this function's contract.
         unsafe {
             (self.sgemm)(
                 ROW_MAJOR,
-                NO_TRANS,
+                ta,
                 tb,
                 m as c_int,
                 n as c_int,
                 k as c_int,
-                1.0,
+                alpha,
                 a.as_ptr(),
-                k as c_int,
+                lda as c_int,
                 b.as_ptr(),
                 ldb as c_int,
-                0.0,
+                beta,
                 c,
                 n as c_int,
             )
         }
+    }
+}
+
+/// One product `α · op(a) · op(b)` of row-major contiguous matrices: `op(a)` is `[m, k]` (`a` is stored `[k, m]`
+/// when `a_transposed`), `op(b)` is `[k, n]` (`b` stored `[n, k]` when `b_transposed`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Product {
+    /// Rows of the result.
+    pub m: usize,
+    /// Columns of the result.
+    pub n: usize,
+    /// The summed dimension.
+    pub k: usize,
+    /// The factor on the product.
+    pub alpha: f32,
+    /// `a` is stored `[k, m]`.
+    pub a_transposed: bool,
+    /// `b` is stored `[n, k]`.
+    pub b_transposed: bool,
+}
+
+impl Product {
+    /// `op(a)[m, k] · op(b)[k, n]` with α = 1 and neither operand transposed.
+    pub fn new(m: usize, n: usize, k: usize) -> Product {
+        Product { m, n, k, alpha: 1.0, a_transposed: false, b_transposed: false }
+    }
+
+    /// With `a` stored transposed (`[k, m]`).
+    pub fn at(self) -> Product {
+        Product { a_transposed: true, ..self }
+    }
+
+    /// With `b` stored transposed (`[n, k]`).
+    pub fn bt(self) -> Product {
+        Product { b_transposed: true, ..self }
+    }
+
+    /// With the factor α.
+    pub fn scaled(self, alpha: f32) -> Product {
+        Product { alpha, ..self }
     }
 }
 
@@ -361,6 +406,17 @@ mod tests {
             assert_eq!(blas.sgemm_new(&a, &bt, m, k, n, true).as_deref(), Some(&want[..]), "new a · btᵀ");
             assert_eq!(blas.sgemm_new(&a, &b, m, k, n, false).as_deref(), Some(&want[..]), "new a · b");
         }
+        // aᵀ stored [k, m], α = 2, accumulated into c at β = 1: c = want + 2 · want.
+        let mut at = vec![0f32; k * m];
+        for i in 0..m {
+            for p in 0..k {
+                at[p * m + i] = a[i * k + p];
+            }
+        }
+        let mut c = want.clone();
+        assert!(blas.product_into(Product::new(m, n, k).at().bt().scaled(2.0), &at, &bt, 1.0, &mut c));
+        assert_eq!(c, want.iter().map(|w| 3.0 * w).collect::<Vec<_>>(), "c + 2 · aᵀᵀ · btᵀ");
+        assert!(!blas.product_into(Product::new(m, n, k), &a, &b, 1.0, &mut c[1..]), "a c of the wrong size");
         assert_eq!(
             blas.sgemm_new(&a, &b, m, k + 1, n, false),
             None,

@@ -3,8 +3,11 @@
 //! them merged into the weight.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D};
-use steer_heal_kernels::{blas, skinny};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
+use steer_heal_kernels::blas::{self, Product};
+use steer_heal_kernels::skinny;
 
 /// One low-rank adapter: `y += c · (α/r) · B(A x)`.
 #[derive(Debug, Clone)]
@@ -90,14 +93,24 @@ impl LoraLinear {
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, d_in))?;
-        let mut y = frozen_matmul_wt(&x2, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        for ad in &self.adapters {
-            if ad.gate == 0.0 || !sel.applies(ad) {
-                continue;
-            }
+        let y = match self.blas_forward(&x2, sel)? {
+            Some(y) => y,
+            None => self.composed_forward(&x2, sel)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.out_dim();
+        y.reshape(out_dims)
+    }
+
+    /// `x Wᵀ + Σ s_i (x A_iᵀ) B_iᵀ` for `x` `[rows, d_in]`, one candle op per product, scale and sum (no bias).
+    fn composed_forward(&self, x2: &Tensor, sel: Adapters) -> Result<Tensor> {
+        let mut y = frozen_matmul_wt(x2, &self.weight)?;
+        for ad in self.active(sel) {
             // Scale the rank-r product, not the d_out-wide one: one small pass instead of a wide one each way. The
             // adapter may be f32 over a bf16 base (its trained copy): it runs in its own dtype, then joins y's.
             let xa = if x2.dtype() == ad.a.dtype() { x2.clone() } else { x2.to_dtype(ad.a.dtype())? };
@@ -106,10 +119,47 @@ impl LoraLinear {
             let up = if up.dtype() == y.dtype() { up } else { up.to_dtype(y.dtype())? };
             y = (y + up)?;
         }
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.out_dim();
-        y.reshape(out_dims)
+        Ok(y)
+    }
+
+    /// The adapters a pass with `sel` applies.
+    fn active<'s>(&'s self, sel: Adapters<'s>) -> impl Iterator<Item = &'s Adapter> + 's {
+        self.adapters.iter().filter(move |ad| ad.gate != 0.0 && sel.applies(ad))
+    }
+
+    /// The whole adapted projection as OpenBLAS products into one output, when it applies (`LoraProduct`): a CPU
+    /// f32 layer with at least one active adapter, at most one of them trained, `blas::MIN_ROWS` rows or more and
+    /// a BLAS loaded. `None`: `composed_forward` does it.
+    fn blas_forward(&self, x2: &Tensor, sel: Adapters) -> Result<Option<Tensor>> {
+        let active: Vec<&Adapter> = self.active(sel).collect();
+        if active.is_empty() || blas::get().is_none() || x2.dim(0)? < blas::MIN_ROWS {
+            return Ok(None);
+        }
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+        if !cpu_f32(x2) || !cpu_f32(&self.weight) {
+            return Ok(None);
+        }
+        if active.iter().any(|ad| !cpu_f32(&ad.a) || !cpu_f32(&ad.b)) {
+            return Ok(None);
+        }
+        let trains = |ad: &&Adapter| ad.a.track_op() || ad.b.track_op();
+        let (trained, frozen): (Vec<&Adapter>, Vec<&Adapter>) = active.into_iter().partition(trains);
+        if trained.len() > 1 || self.weight.track_op() {
+            return Ok(None);
+        }
+        let op = LoraProduct {
+            w: self.weight.clone(),
+            frozen: frozen
+                .iter()
+                .map(|ad| (ad.a.clone(), ad.b.clone(), (ad.gate * ad.scale) as f32))
+                .collect(),
+            trained_scale: trained.first().map(|ad| (ad.gate * ad.scale) as f32),
+        };
+        Ok(Some(match trained.first() {
+            Some(ad) => x2.apply_op3(&ad.a, &ad.b, op)?,
+            None if x2.track_op() => x2.apply_op1(op)?,
+            None => x2.apply_op1_no_bwd(&op)?,
+        }))
     }
 
     /// Fold every active adapter into the base weight and drop them (`W ← W + Σ c_i (α_i/r_i) B_i A_i`).
@@ -291,6 +341,196 @@ impl CustomOp1 for FrozenMatmulWt {
     }
 }
 
+/// One adapted projection `y = x Wᵀ + Σ s_i (x A_iᵀ) B_iᵀ` as OpenBLAS products written into one output, with
+/// one backward pass that writes `dx`, `dA` and `dB`.
+///
+/// Why: composed from candle ops, each adapter costs two gemm products, a scale, a `d_out`-wide add and a fresh
+/// output forward, and as many again backward (gradients through the add, both products and the scale), on ~200
+/// adapted projections per training pass. Here the rank-r products accumulate into the frozen product's output
+/// (β = 1) and the gradients are five products, the input's accumulated the same way.
+///
+/// The frozen weight and the frozen adapters (earlier rounds', or every adapter of a reference pass) are held
+/// by the op; the trained adapter's `A` `[r, d_in]` and `B` `[d_out, r]` are its second and third arguments
+/// when there is one (`trained_scale`), so candle's backward hands their gradients to the optimiser.
+struct LoraProduct {
+    /// Frozen base weight `[d_out, d_in]`.
+    w: Tensor,
+    /// Frozen adapters: `A`, `B` and the factor `gate · α/r`.
+    frozen: Vec<(Tensor, Tensor, f32)>,
+    /// The trained adapter's `gate · α/r`, when the op has one (as its second and third arguments).
+    trained_scale: Option<f32>,
+}
+
+/// The contiguous f32 elements of a CPU tensor.
+fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
+    // Copies are cheap next to the products only for the small adapters; the weight and activations are read in
+    // place (`with_f32`).
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Runs `f` on the contiguous f32 elements of a CPU tensor without copying them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(v)), Some((o0, o1))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("lora product: an operand is not contiguous CPU f32");
+    };
+    f(&v[o0..o1])
+}
+
+/// The contiguous f32 elements of a storage argument of a custom op.
+fn storage_f32<'s>(s: &'s CpuStorage, l: &Layout) -> Result<&'s [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((o0, o1))) => Ok(&v[o0..o1]),
+        _ => candle_core::bail!("lora product: an operand is not contiguous CPU f32"),
+    }
+}
+
+/// The BLAS the op runs on (`blas_forward` only builds the op when there is one).
+fn lib() -> Result<&'static blas::Blas> {
+    blas::get().ok_or_else(|| candle_core::Error::Msg("lora product: no BLAS loaded".into()))
+}
+
+/// `Some(v)` or the op's error for a product OpenBLAS refused (sizes beyond a C `int`).
+fn done<T>(v: Option<T>) -> Result<T> {
+    v.ok_or_else(|| candle_core::Error::Msg("lora product: a product too large for the BLAS".into()))
+}
+
+fn check(ok: bool) -> Result<()> {
+    done(ok.then_some(()))
+}
+
+impl LoraProduct {
+    /// `x Wᵀ + Σ_frozen s (x Aᵀ) Bᵀ (+ s_t (x A_tᵀ) B_tᵀ)` for `x` `[m, k]`.
+    fn forward(&self, x: &[f32], m: usize, trained: Option<(&[f32], &[f32])>) -> Result<(Vec<f32>, Shape)> {
+        let lib = lib()?;
+        let (n, k) = self.w.dims2()?;
+        if x.len() != m * k {
+            candle_core::bail!("lora product: input has {} elements, expected {m} × {k}", x.len());
+        }
+        let mut y = with_f32(&self.w, |w| done(lib.product_new(Product::new(m, n, k).bt(), x, w)))?;
+        let mut add = |a: &[f32], b: &[f32], s: f32| -> Result<()> {
+            let r = a.len() / k;
+            let u = done(lib.product_new(Product::new(m, r, k).bt().scaled(s), x, a))?;
+            check(lib.product_into(Product::new(m, n, r).bt(), &u, b, 1.0, &mut y))
+        };
+        for (a, b, s) in &self.frozen {
+            with_f32(a, |a| with_f32(b, |b| add(a, b, *s)))?;
+        }
+        if let (Some((a, b)), Some(s)) = (trained, self.trained_scale) {
+            add(a, b, s)?;
+        }
+        Ok((y, Shape::from((m, n))))
+    }
+
+    /// The gradients for `G = ∂L/∂y` `[m, n]`: `dx = G W + Σ s (G B) A` when `x` needs one, and for the trained
+    /// adapter `dA = s (G B)ᵀ x`, `dB = s Gᵀ (x Aᵀ)`.
+    #[allow(clippy::type_complexity)]
+    fn backward(
+        &self,
+        x: &Tensor,
+        trained: Option<(&Tensor, &Tensor)>,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lib = lib()?;
+        let (n, k) = self.w.dims2()?;
+        let m = x.dim(0)?;
+        let grad = grad.contiguous()?;
+        let dev = x.device();
+        with_f32(&grad, |g| {
+            with_f32(x, |xv| {
+                // G B_i scaled, for each adapter: [m, r_i] (the trained one's is `dA`'s factor too).
+                let gb = |b: &[f32], s: f32| {
+                    done(lib.product_new(Product::new(m, b.len() / n, n).scaled(s), g, b))
+                };
+                let mut d_a = None;
+                let mut d_b = None;
+                let mut gb_trained = None;
+                if let (Some((a, b)), Some(s)) = (trained, self.trained_scale) {
+                    let r = a.dim(0)?;
+                    let (av, bv) = (cpu_f32(a)?, cpu_f32(b)?);
+                    let gbt = gb(&bv, s)?;
+                    if a.track_op() {
+                        let v = done(lib.product_new(Product::new(r, k, m).at(), &gbt, xv))?;
+                        d_a = Some(Tensor::from_vec(v, (r, k), dev)?);
+                    }
+                    if b.track_op() {
+                        let u = done(lib.product_new(Product::new(m, r, k).bt(), xv, &av))?;
+                        let v = done(lib.product_new(Product::new(n, r, m).at().scaled(s), g, &u))?;
+                        d_b = Some(Tensor::from_vec(v, (n, r), dev)?);
+                    }
+                    gb_trained = Some((gbt, av));
+                }
+                let d_x = if x.track_op() {
+                    let mut dx = with_f32(&self.w, |w| done(lib.product_new(Product::new(m, k, n), g, w)))?;
+                    for (a, b, s) in &self.frozen {
+                        let gbf = with_f32(b, |b| gb(b, *s))?;
+                        let r = gbf.len() / m;
+                        with_f32(a, |a| {
+                            check(lib.product_into(Product::new(m, k, r), &gbf, a, 1.0, &mut dx))
+                        })?;
+                    }
+                    if let Some((gbt, av)) = &gb_trained {
+                        let r = gbt.len() / m;
+                        check(lib.product_into(Product::new(m, k, r), gbt, av, 1.0, &mut dx))?;
+                    }
+                    Some(Tensor::from_vec(dx, (m, k), dev)?)
+                } else {
+                    None
+                };
+                Ok((d_x, d_a, d_b))
+            })
+        })
+    }
+}
+
+impl CustomOp1 for LoraProduct {
+    fn name(&self) -> &'static str {
+        "lora-product"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, _) = x_layout.shape().dims2()?;
+        let (y, shape) = self.forward(storage_f32(x, x_layout)?, m, None)?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.backward(x, None, grad_y)?.0)
+    }
+}
+
+impl CustomOp3 for LoraProduct {
+    fn name(&self) -> &'static str {
+        "lora-product-trained"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, _) = x_layout.shape().dims2()?;
+        let trained = (storage_f32(a, a_layout)?, storage_f32(b, b_layout)?);
+        let (y, shape) = self.forward(storage_f32(x, x_layout)?, m, Some(trained))?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, Some((a, b)), grad_y)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +577,72 @@ mod tests {
             assert!(diff < 1e-4, "gradient diff {diff} at {rows} rows");
             assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }
+        Ok(())
+    }
+
+    /// The BLAS path of an adapted projection equals the composed candle ops in value and in every gradient: a
+    /// trained adapter over a frozen one (gate ½) with and without an input gradient, the frozen ones alone with
+    /// and without one (a reference pass), and `Adapters::Without` leaving the trained one out.
+    #[test]
+    fn blas_lora_product_matches_the_composed_ops_in_value_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, r, rows) = (40, 24, 4, blas::MIN_ROWS + 6);
+        let mut lin = LoraLinear::new(Tensor::randn(0f32, 1.0, (n, k), &dev)?, None);
+        lin.adapters.push(Adapter {
+            name: "r0".into(),
+            a: Tensor::randn(0f32, 1.0, (r, k), &dev)?,
+            b: Tensor::randn(0f32, 1.0, (n, r), &dev)?,
+            scale: 2.0,
+            gate: 0.5,
+        });
+        let a = candle_core::Var::randn(0f32, 1.0, (r + 1, k), &dev)?;
+        let b = candle_core::Var::randn(0f32, 1.0, (n, r + 1), &dev)?;
+        lin.adapters.push(Adapter {
+            name: "r1".into(),
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 0.75,
+            gate: 1.0,
+        });
+        let x = candle_core::Var::randn(0f32, 1.0, (rows, k), &dev)?;
+        let frozen_x = x.as_tensor().detach();
+        let max_diff =
+            |p: &Tensor, q: &Tensor| -> Result<f32> { (p - q)?.abs()?.max_all()?.to_scalar::<f32>() };
+        for (input, sel) in [
+            (x.as_tensor(), Adapters::AsGated),
+            (&frozen_x, Adapters::AsGated),
+            (x.as_tensor(), Adapters::Without("r1")),
+            (&frozen_x, Adapters::Without("r1")),
+        ] {
+            let case = format!("input tracked {}, {sel:?}", input.track_op());
+            let fused = lin.blas_forward(input, sel)?;
+            assert_eq!(
+                fused.is_some(),
+                blas::get().is_some(),
+                "{case}: the BLAS path is taken when there is a BLAS"
+            );
+            let Some(y) = fused else { continue };
+            let y_ref = lin.composed_forward(input, sel)?;
+            let scale = y_ref.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(max_diff(&y, &y_ref)? < 1e-5 * scale, "{case}: forward");
+            // A loss whose gradient is not uniform, so every product of the backward pass is exercised.
+            let weights = Tensor::randn(0f32, 1.0, (rows, n), &dev)?;
+            let g = (&y * &weights)?.sum_all()?.backward()?;
+            let g_ref = (&y_ref * &weights)?.sum_all()?.backward()?;
+            for (var, what) in [(&x, "x"), (&a, "A"), (&b, "B")] {
+                match (g.get(var.as_tensor()), g_ref.get(var.as_tensor())) {
+                    (Some(got), Some(want)) => {
+                        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+                        assert!(scale > 0.0, "{case}: d{what} is not zero");
+                        assert!(max_diff(got, want)? < 1e-5 * scale, "{case}: d{what}");
+                    }
+                    (None, None) => {}
+                    (got, want) => panic!("{case}: d{what} present {} vs {}", got.is_some(), want.is_some()),
+                }
+            }
+        }
+        // An input below `blas::MIN_ROWS` rows goes the composed way.
+        assert!(lin.blas_forward(&x.as_tensor().narrow(0, 0, 8)?, Adapters::AsGated)?.is_none());
         Ok(())
     }
 
