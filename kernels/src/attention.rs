@@ -34,7 +34,7 @@ pub fn attention(
 /// vs 0.078 ms per SmolLM2 layer even at one sequence's decode step); the portable loop only with enough (row, key
 /// head) tasks to pay for the fork (0.11 vs 0.08 ms at batch 1).
 pub fn preferred(b: usize, nkv: usize, t: usize, d: usize) -> bool {
-    (isa::active() >= Isa::Avx2 && d % 8 == 0) || t > 1 || b * nkv >= 8
+    (isa::active() >= Isa::Avx2 && d.is_multiple_of(8)) || t > 1 || b * nkv >= 8
 }
 
 /// `attention` on the given ISA path.
@@ -192,7 +192,7 @@ fn run_group(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        if r.d % 8 == 0 && q.rep <= MAX_REP {
+        if r.d.is_multiple_of(8) && q.rep <= MAX_REP {
             let heads: [&[f32]; MAX_REP] =
                 std::array::from_fn(|h| if h < q.rep { q.head(h, r.d) } else { &[] });
             let (k, v) = (&r.k[r.kbase..], &r.v[r.vbase..]);

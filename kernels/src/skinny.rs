@@ -7,32 +7,39 @@
 //! range of weight rows, reads each row block once from memory and multiplies it with every row of `x` while it is
 //! in L1: dot products of contiguous rows, so the weight needs no transpose and no packing.
 //!
-//! The AVX2 + FMA kernel is chosen at run time (`isa::active`); the portable one is the same loop nest in plain
-//! Rust. Both sum each dot product over eight interleaved partial sums (the AVX2 one with fused multiply-adds), so
-//! they agree to rounding with each other and with gemm (tested below against an f64 product).
+//! The AVX-512 and AVX2 + FMA kernels are chosen at run time (`isa::active`); the portable one is the same loop
+//! nest in plain Rust. Each sums a dot product over interleaved partial sums (16 on AVX-512, 8 elsewhere, with
+//! fused multiply-adds where the ISA has them), so they agree to rounding with each other and with gemm (tested
+//! below against an f64 product).
 
 use crate::isa::{self, Isa};
 use rayon::prelude::*;
 
-/// Weight rows a thread takes at a time: enough to amortise the fork, few enough to balance 2–16 threads.
-const ROWS_PER_TASK: usize = 64;
+/// Tasks per thread a product is split into: enough for the pool to balance uneven progress, few enough that
+/// each task's weight rows amortise its fork.
+const TASKS_PER_THREAD: usize = 4;
+/// Fewest weight rows a task takes.
+const MIN_ROWS_PER_TASK: usize = 16;
 
 /// Weight rows multiplied together in the kernel's register tile.
 const NR: usize = 4;
 /// Rows of `x` in the register tile (`NR × MR` accumulators of 8 lanes: 12 of the 16 AVX2 registers).
 const MR: usize = 3;
 
-/// The most rows of `x` for which this beats gemm at the active ISA (bench/PROFILE.md, `cargo bench --bench
-/// kernels`). On AVX-512 only the bandwidth-bound single row: its wider gemm kernels were not measured against
-/// this AVX2 kernel (no AVX-512 machine at hand), so it keeps them for batches.
+/// The most rows of `x` for which this beats gemm at the active ISA (bench/PROFILE.md, `steer-heal
+/// bench-kernels`, the decode bench). On AVX-512 the 16-lane kernel (`avx512`) beats gemm's AVX-512 kernels on
+/// every SmolLM2 projection up to 32 rows (1.0–3.9×) and on the head up to 16; at 32 rows the head is slower
+/// (13 vs 10 ms) but the step as a whole is still faster (decode at batch 32: 337–344 vs 255–266 tok/s).
 pub fn max_rows() -> usize {
     match isa::active() {
-        Isa::Avx512 => 1,
+        Isa::Avx512 => MAX_ROWS_AVX512,
         Isa::Avx2 => MAX_ROWS_AVX2,
         Isa::Baseline => MAX_ROWS_BASELINE,
     }
 }
 
+/// Crossover with gemm's AVX-512 kernels on SmolLM2's shapes.
+const MAX_ROWS_AVX512: usize = 32;
 /// Crossover with gemm's AVX2 kernels on SmolLM2's shapes.
 const MAX_ROWS_AVX2: usize = 8;
 /// Crossover with gemm's portable kernels.
@@ -46,10 +53,16 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usi
     }
     let out = SyncPtr(y.as_mut_ptr());
     let isa = isa::active();
-    let tasks = n.div_ceil(ROWS_PER_TASK);
+    // Even shares of whole register tiles: a fixed task size left a 192-row k/v projection as three tasks on two
+    // threads, a third of the product on one core alone.
+    let per_task = n
+        .div_ceil(rayon::current_num_threads().max(1) * TASKS_PER_THREAD)
+        .next_multiple_of(NR)
+        .max(MIN_ROWS_PER_TASK);
+    let tasks = n.div_ceil(per_task);
     (0..tasks).into_par_iter().for_each(|t| {
-        let j0 = t * ROWS_PER_TASK;
-        let j1 = (j0 + ROWS_PER_TASK).min(n);
+        let j0 = t * per_task;
+        let j1 = (j0 + per_task).min(n);
         let out = &out;
         // SAFETY: tasks write disjoint column ranges [j0, j1) of y, which outlives the parallel loop.
         unsafe { rows(isa, x, w, out.0, m, k, n, j0, j1) };
@@ -78,6 +91,11 @@ unsafe fn rows(
     j0: usize,
     j1: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512 {
+        // SAFETY: `isa::active` only reports AVX-512 when the CPU has AVX-512 F (and AVX2 and FMA).
+        return unsafe { avx512::rows(x, w, y, m, k, n, j0, j1) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `isa::active` only reports AVX2 when the CPU has AVX2 and FMA.
@@ -243,6 +261,117 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::NR;
+    use std::arch::x86_64::*;
+
+    /// Rows of `x` in the AVX-512 register tile: `NR × MR512` accumulators of 16 lanes, 24 of the 32 registers,
+    /// beside the four weight vectors and one input vector of each step.
+    const MR512: usize = 6;
+
+    /// As `avx2::rows`, 16 lanes wide and six input rows per tile.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; as `super::rows`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn rows(
+        x: &[f32],
+        w: &[f32],
+        y: *mut f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let mut j = j0;
+        while j + NR <= j1 {
+            unsafe { tile_rows::<NR>(x, w, y, m, k, n, j) };
+            j += NR;
+        }
+        while j < j1 {
+            unsafe { tile_rows::<1>(x, w, y, m, k, n, j) };
+            j += 1;
+        }
+    }
+
+    /// Weight rows `[j, j + R)` against every row of `x`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile_rows<const R: usize>(
+        x: &[f32],
+        w: &[f32],
+        y: *mut f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        j: usize,
+    ) {
+        let mut i = 0;
+        while i + MR512 <= m {
+            unsafe { tile::<MR512, R>(x, w, y, k, n, i, j) };
+            i += MR512;
+        }
+        // SAFETY (each arm): rows [i, m) of x exist.
+        match m - i {
+            5 => unsafe { tile::<5, R>(x, w, y, k, n, i, j) },
+            4 => unsafe { tile::<4, R>(x, w, y, k, n, i, j) },
+            3 => unsafe { tile::<3, R>(x, w, y, k, n, i, j) },
+            2 => unsafe { tile::<2, R>(x, w, y, k, n, i, j) },
+            1 => unsafe { tile::<1, R>(x, w, y, k, n, i, j) },
+            _ => {}
+        }
+    }
+
+    /// The `M × R` register tile: rows `[i, i + M)` of `x` against weight rows `[j, j + R)`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile<const M: usize, const R: usize>(
+        x: &[f32],
+        w: &[f32],
+        y: *mut f32,
+        k: usize,
+        n: usize,
+        i: usize,
+        j: usize,
+    ) {
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
+        let k16 = k / 16 * 16;
+        let mut p = 0;
+        while p < k16 {
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                // SAFETY: (j + r) < n and p + 16 <= k, inside w.
+                *v = unsafe { _mm512_loadu_ps(wp.add((j + r) * k + p)) };
+            }
+            for (ii, row) in acc.iter_mut().enumerate() {
+                // SAFETY: (i + ii) < m and p + 16 <= k, inside x.
+                let xv = unsafe { _mm512_loadu_ps(xp.add((i + ii) * k + p)) };
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(*v, xv, *a);
+                }
+            }
+            p += 16;
+        }
+        for (ii, row) in acc.iter().enumerate() {
+            for (r, a) in row.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*a);
+                for q in k16..k {
+                    // SAFETY: inside the rows of x and w.
+                    s = unsafe { (*wp.add((j + r) * k + q)).mul_add(*xp.add((i + ii) * k + q), s) };
+                }
+                // SAFETY: (i + ii) < m, (j + r) < n; the caller owns these columns.
+                unsafe { *y.add((i + ii) * n + j + r) = s };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,15 +402,25 @@ mod tests {
     #[test]
     fn matches_an_f64_product_on_every_isa_path_and_shape() {
         // Shapes with every remainder: rows not a multiple of 3, weight rows not of 4 or 64, k not of 8.
-        for &(m, k, n) in
-            &[(1, 576, 1536), (16, 576, 192), (5, 37, 131), (32, 64, 7), (2, 8, 1), (3, 1536, 65)]
-        {
+        for &(m, k, n) in &[
+            (1, 576, 1536),
+            (16, 576, 192),
+            (5, 37, 131),
+            (32, 64, 7),
+            (2, 8, 1),
+            (3, 1536, 65),
+            (7, 40, 9),
+            (11, 584, 130),
+        ] {
             let x = data(m * k, 1 + m as u32);
             let w = data(n * k, 7 + n as u32);
             let want = reference(&x, &w, m, k, n);
             let mut isas = vec![Isa::Baseline];
             if isa::detected() >= Isa::Avx2 {
                 isas.push(Isa::Avx2);
+            }
+            if isa::detected() >= Isa::Avx512 {
+                isas.push(Isa::Avx512);
             }
             let mut outs = Vec::new();
             for &isa in &isas {
@@ -296,8 +435,8 @@ mod tests {
             // And the threaded entry point gives the active path's values.
             let mut y = vec![0f32; m * n];
             matmul_wt(&x, &w, &mut y, m, k, n);
-            let active = if isa::active() >= Isa::Avx2 && outs.len() == 2 { &outs[1] } else { &outs[0] };
-            assert_eq!(&y, active);
+            let active = isas.iter().position(|&i| i == isa::active()).expect("the active path was run");
+            assert_eq!(y, outs[active], "the threaded entry point at {}", isa::active());
         }
     }
 }
