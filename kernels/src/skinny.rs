@@ -18,8 +18,11 @@ use rayon::prelude::*;
 /// Tasks per thread a product is split into: enough for the pool to balance uneven progress, few enough that
 /// each task's weight rows amortise its fork.
 const TASKS_PER_THREAD: usize = 4;
+/// A task's weight rows are a multiple of this: whole tiles of 3 and of 4 weight rows (the AVX2 kernel's two
+/// tiles, the AVX-512 kernel's one).
+const TASK_ROWS_MULTIPLE: usize = 12;
 /// Fewest weight rows a task takes.
-const MIN_ROWS_PER_TASK: usize = 16;
+const MIN_ROWS_PER_TASK: usize = 24;
 
 /// Weight rows multiplied together in the kernel's register tile.
 const NR: usize = 4;
@@ -40,8 +43,8 @@ pub fn max_rows() -> usize {
 
 /// Crossover with gemm's AVX-512 kernels on SmolLM2's shapes.
 const MAX_ROWS_AVX512: usize = 32;
-/// Crossover with gemm's AVX2 kernels on SmolLM2's shapes.
-const MAX_ROWS_AVX2: usize = 8;
+/// Crossover with gemm's AVX2 kernels on SmolLM2's shapes (at 16 rows with the wide tile, decode 1.2× gemm).
+const MAX_ROWS_AVX2: usize = 16;
 /// Crossover with gemm's portable kernels.
 const MAX_ROWS_BASELINE: usize = 32;
 
@@ -57,7 +60,7 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usi
     // threads, a third of the product on one core alone.
     let per_task = n
         .div_ceil(rayon::current_num_threads().max(1) * TASKS_PER_THREAD)
-        .next_multiple_of(NR)
+        .next_multiple_of(TASK_ROWS_MULTIPLE)
         .max(MIN_ROWS_PER_TASK);
     let tasks = n.div_ceil(per_task);
     (0..tasks).into_par_iter().for_each(|t| {
@@ -152,8 +155,19 @@ mod avx2 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// Columns `[j0, j1)` of `y`: blocks of `NR` weight rows, each multiplied with all of `x` in tiles of `MR`
-    /// rows while it sits in L1.
+    /// Above this many rows of `x`, the tile is 3 weight rows × 4 input rows (12 accumulators, 3 weight vectors
+    /// and one input vector fill the 16 registers exactly; fewer passes over `x` per weight block); up to it,
+    /// `NR × MR` (4 × 3), which streams more weight rows per pass for the bandwidth-bound small batches
+    /// (decode bench, capped to AVX2 on an AVX-512 Xeon: b16 201–208 → 242–247 tok/s with the wide tile, b1 and
+    /// b8 slower with it).
+    const WIDE_ABOVE: usize = 8;
+    /// Weight rows of the wide tile.
+    const NR_WIDE: usize = 3;
+    /// Rows of `x` in the wide tile.
+    const MR_WIDE: usize = 4;
+
+    /// Columns `[j0, j1)` of `y`: blocks of weight rows, each multiplied with all of `x` in tiles of a few rows
+    /// while it sits in L1.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; as `super::rows`.
@@ -170,20 +184,27 @@ mod avx2 {
         j1: usize,
     ) {
         let mut j = j0;
-        while j + NR <= j1 {
-            tile_rows::<NR>(x, w, y, m, k, n, j);
-            j += NR;
+        if m > WIDE_ABOVE {
+            while j + NR_WIDE <= j1 {
+                tile_rows::<NR_WIDE, MR_WIDE>(x, w, y, m, k, n, j);
+                j += NR_WIDE;
+            }
+        } else {
+            while j + NR <= j1 {
+                tile_rows::<NR, MR>(x, w, y, m, k, n, j);
+                j += NR;
+            }
         }
         while j < j1 {
-            tile_rows::<1>(x, w, y, m, k, n, j);
+            tile_rows::<1, MR>(x, w, y, m, k, n, j);
             j += 1;
         }
     }
 
-    /// Weight rows `[j, j + R)` against every row of `x`.
+    /// Weight rows `[j, j + R)` against every row of `x`, `S` rows of `x` at a time (`S` ≤ 4).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_rows<const R: usize>(
+    unsafe fn tile_rows<const R: usize, const S: usize>(
         x: &[f32],
         w: &[f32],
         y: *mut f32,
@@ -193,11 +214,12 @@ mod avx2 {
         j: usize,
     ) {
         let mut i = 0;
-        while i + MR <= m {
-            unsafe { tile::<MR, R>(x, w, y, k, n, i, j) };
-            i += MR;
+        while i + S <= m {
+            unsafe { tile::<S, R>(x, w, y, k, n, i, j) };
+            i += S;
         }
         match m - i {
+            3 => unsafe { tile::<3, R>(x, w, y, k, n, i, j) },
             2 => unsafe { tile::<2, R>(x, w, y, k, n, i, j) },
             1 => unsafe { tile::<1, R>(x, w, y, k, n, i, j) },
             _ => {}

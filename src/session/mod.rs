@@ -36,6 +36,10 @@ pub struct Session {
     _lock: SessionLock,
 }
 
+/// How often a busy session lock is asked again, and how long apart, before it counts as held.
+const LOCK_RETRIES: u32 = 10;
+const LOCK_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// An exclusive lock on `session.lock`, released when dropped (or when the process dies, however it dies).
 #[derive(Debug)]
 struct SessionLock {
@@ -54,7 +58,20 @@ impl SessionLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::bad_file(&path, e))?;
-        match file.try_lock() {
+        // A lock that is busy is asked again for a moment before it counts as held: a process that spawns a child
+        // shares the lock's file with it between fork and exec, so a session just closed in this process can
+        // look held for that instant (seen in the test suite, whose tests spawn children beside each other).
+        let mut tries = 0;
+        let taken = loop {
+            match file.try_lock() {
+                Err(std::fs::TryLockError::WouldBlock) if tries < LOCK_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(LOCK_RETRY_WAIT);
+                }
+                other => break other,
+            }
+        };
+        match taken {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
