@@ -135,11 +135,12 @@ impl LoraLinear {
         if active.is_empty() || blas::get().is_none() || x2.dim(0)? < blas::MIN_ROWS {
             return Ok(None);
         }
-        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-        if !cpu_f32(x2) || !cpu_f32(&self.weight) {
+        let contiguous_cpu_f32 =
+            |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+        if !contiguous_cpu_f32(x2) || !contiguous_cpu_f32(&self.weight) {
             return Ok(None);
         }
-        if active.iter().any(|ad| !cpu_f32(&ad.a) || !cpu_f32(&ad.b)) {
+        if active.iter().any(|ad| !contiguous_cpu_f32(&ad.a) || !contiguous_cpu_f32(&ad.b)) {
             return Ok(None);
         }
         let trains = |ad: &&Adapter| ad.a.track_op() || ad.b.track_op();
@@ -257,13 +258,13 @@ fn tensor_product(a: &Tensor, b: &Tensor, b_transposed: bool) -> candle_core::Re
     }
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) = (&*sa, &*sb) else {
+    let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else {
         return Ok(None);
     };
-    let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets()) else {
+    let (Some(av), Some(bv)) = (contiguous_f32(sa, la), contiguous_f32(sb, lb)) else {
         return Ok(None);
     };
-    match fast_product(&av[a0..a1], &bv[b0..b1], m, k, n, b_transposed) {
+    match fast_product(av, bv, m, k, n, b_transposed) {
         Some(c) => Ok(Some(Tensor::from_vec(c, (m, n), a.device())?)),
         None => Ok(None),
     }
@@ -309,13 +310,9 @@ impl CustomOp1 for FrozenMatmulWt {
         };
         let (bmnk, wt_layout) = self.dims(x_layout, w_layout)?;
         let (_, m, n, k) = bmnk;
-        if let (CpuStorage::F32(xv), CpuStorage::F32(wv)) = (x, w) {
-            if let (Some((x0, x1)), Some((w0, w1))) =
-                (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
-            {
-                if let Some(y) = fast_product(&xv[x0..x1], &wv[w0..w1], m, k, n, true) {
-                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
-                }
+        if let (Some(xv), Some(wv)) = (contiguous_f32(x, x_layout), contiguous_f32(w, w_layout)) {
+            if let Some(y) = fast_product(xv, wv, m, k, n, true) {
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
             }
         }
         Ok((x.matmul(w, bmnk, x_layout, &wt_layout)?, Shape::from((m, n))))
@@ -361,28 +358,33 @@ struct LoraProduct {
     trained_scale: Option<f32>,
 }
 
-/// The contiguous f32 elements of a CPU tensor.
-fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
-    // Copies are cheap next to the products only for the small adapters; the weight and activations are read in
-    // place (`with_f32`).
+/// The elements of f32 CPU storage under a contiguous layout; `None` for another dtype or a strided layout.
+fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout) -> Option<&'s [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((o0, o1))) => Some(&v[o0..o1]),
+        _ => None,
+    }
+}
+
+/// A copy of a small tensor's f32 elements (the trained adapter's `A` and `B`; the weight and activations are
+/// read in place, `with_f32`).
+fn copy_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
 /// Runs `f` on the contiguous f32 elements of a CPU tensor without copying them.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(v)), Some((o0, o1))) = (&*storage, layout.contiguous_offsets()) else {
-        candle_core::bail!("lora product: an operand is not contiguous CPU f32");
-    };
-    f(&v[o0..o1])
+    match &*storage {
+        Storage::Cpu(s) => f(storage_f32(s, layout)?),
+        _ => candle_core::bail!("lora product: an operand is not contiguous CPU f32"),
+    }
 }
 
 /// The contiguous f32 elements of a storage argument of a custom op.
 fn storage_f32<'s>(s: &'s CpuStorage, l: &Layout) -> Result<&'s [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((o0, o1))) => Ok(&v[o0..o1]),
-        _ => candle_core::bail!("lora product: an operand is not contiguous CPU f32"),
-    }
+    contiguous_f32(s, l)
+        .ok_or_else(|| candle_core::Error::Msg("lora product: an operand is not contiguous CPU f32".into()))
 }
 
 /// The BLAS the op runs on (`blas_forward` only builds the op when there is one).
@@ -395,6 +397,7 @@ fn done<T>(v: Option<T>) -> Result<T> {
     v.ok_or_else(|| candle_core::Error::Msg("lora product: a product too large for the BLAS".into()))
 }
 
+/// `Ok` or the op's error for a product OpenBLAS refused (`done`).
 fn check(ok: bool) -> Result<()> {
     done(ok.then_some(()))
 }
@@ -447,7 +450,7 @@ impl LoraProduct {
                 let mut gb_trained = None;
                 if let (Some((a, b)), Some(s)) = (trained, self.trained_scale) {
                     let r = a.dim(0)?;
-                    let (av, bv) = (cpu_f32(a)?, cpu_f32(b)?);
+                    let (av, bv) = (copy_f32(a)?, copy_f32(b)?);
                     let gbt = gb(&bv, s)?;
                     if a.track_op() {
                         let v = done(lib.product_new(Product::new(r, k, m).at(), &gbt, xv))?;
