@@ -11,12 +11,13 @@
 //!
 //! Also here: `isa`, the run-time choice of instruction set every SIMD kernel follows; `skinny`, the few-row
 //! product of a decode step; `attention`, inference attention in one pass; `blas`, OpenBLAS's sgemm for the large
-//! products when the system has it.
+//! products when the system has it; `blocks`, a weight kept in its GGUF block codes for the few-row products.
 
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_avx2;
 pub mod blas;
+pub mod blocks;
 pub mod isa;
 pub mod skinny;
 

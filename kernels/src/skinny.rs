@@ -12,6 +12,7 @@
 //! fused multiply-adds where the ISA has them), so they agree to rounding with each other and with gemm (tested
 //! below against an f64 product).
 
+use crate::blocks::BlockRows;
 use crate::isa::{self, Isa};
 use rayon::prelude::*;
 
@@ -67,8 +68,48 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usi
         let j0 = t * per_task;
         let j1 = (j0 + per_task).min(n);
         let out = &out;
-        // SAFETY: tasks write disjoint column ranges [j0, j1) of y, which outlives the parallel loop.
-        unsafe { rows(isa, x, w, out.0, m, k, n, j0, j1) };
+        // SAFETY: tasks write disjoint column ranges [j0, j1) of y, which outlives the parallel loop; weight rows
+        // [j0, j1) start at row j0.
+        unsafe { rows(isa, x, w.as_ptr().add(j0 * k), out.0, m, k, n, j0, j1) };
+    });
+}
+
+/// Weight rows a task dequantises at a time from block codes: whole tiles of every kernel, a block that stays in
+/// L1 (SmolLM2's 576-wide rows: 27 KB) or L2 (1536-wide: 72 KB) while every row of `x` passes over it.
+const CODED_ROWS_AT_ONCE: usize = TASK_ROWS_MULTIPLE;
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ` with the weight in block codes (`blocks::BlockRows`, `n = w.rows()`,
+/// `k = w.cols()`): each task dequantises a few weight rows at a time into a block of f32 and runs the f32 kernel
+/// on it, so the weight is read from memory at its coded size (a fifth of f32 for Q4_1) and the result is the f32
+/// kernel's on the dequantised weight, bit for bit.
+pub fn matmul_wt_codes(x: &[f32], w: &BlockRows, y: &mut [f32], m: usize) {
+    let (n, k) = (w.rows(), w.cols());
+    assert!(x.len() == m * k && y.len() == m * n, "skinny matmul: shapes do not match");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = SyncPtr(y.as_mut_ptr());
+    let isa = isa::active();
+    let per_task = n
+        .div_ceil(rayon::current_num_threads().max(1) * TASKS_PER_THREAD)
+        .next_multiple_of(TASK_ROWS_MULTIPLE)
+        .max(MIN_ROWS_PER_TASK);
+    let tasks = n.div_ceil(per_task);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let out = &out;
+        let mut block = vec![0f32; CODED_ROWS_AT_ONCE * k];
+        let end = ((t + 1) * per_task).min(n);
+        let mut j0 = t * per_task;
+        while j0 < end {
+            let j1 = (j0 + CODED_ROWS_AT_ONCE).min(end);
+            for (j, row) in (j0..j1).zip(block.chunks_exact_mut(k)) {
+                w.dequantize_row_with(isa, j, row);
+            }
+            // SAFETY: the block holds rows [j0, j1) of the weight; tasks write disjoint column ranges of y, which
+            // outlives the parallel loop.
+            unsafe { rows(isa, x, block.as_ptr(), out.0, m, k, n, j0, j1) };
+            j0 = j1;
+        }
     });
 }
 
@@ -78,15 +119,16 @@ struct SyncPtr(*mut f32);
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
-/// Columns `[j0, j1)` of `y` for every row of `x`.
+/// Columns `[j0, j1)` of `y` for every row of `x`, from the weight rows `[j0, j1)` that `w` points to (row `j0`
+/// first, rows of `k`: the weight itself, or a task's dequantised block of it).
 ///
 /// # Safety
-/// `y` points to `m · n` floats and no other thread writes columns `[j0, j1)`.
+/// `w` points to `(j1 − j0) · k` floats, `y` to `m · n` floats, and no other thread writes columns `[j0, j1)`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows(
     isa: Isa,
     x: &[f32],
-    w: &[f32],
+    w: *const f32,
     y: *mut f32,
     m: usize,
     k: usize,
@@ -112,7 +154,7 @@ unsafe fn rows(
 #[allow(clippy::too_many_arguments)]
 unsafe fn portable_rows(
     x: &[f32],
-    w: &[f32],
+    w: *const f32,
     y: *mut f32,
     m: usize,
     k: usize,
@@ -121,7 +163,8 @@ unsafe fn portable_rows(
     j1: usize,
 ) {
     for j in j0..j1 {
-        let wr = &w[j * k..(j + 1) * k];
+        // SAFETY: row j of the block is inside the caller's `(j1 − j0) · k` floats.
+        let wr = unsafe { std::slice::from_raw_parts(w.add((j - j0) * k), k) };
         for i in 0..m {
             let xr = &x[i * k..(i + 1) * k];
             let mut acc = [0f32; 8];
@@ -175,7 +218,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn rows(
         x: &[f32],
-        w: &[f32],
+        w: *const f32,
         y: *mut f32,
         m: usize,
         k: usize,
@@ -186,27 +229,28 @@ mod avx2 {
         let mut j = j0;
         if m > WIDE_ABOVE {
             while j + NR_WIDE <= j1 {
-                tile_rows::<NR_WIDE, MR_WIDE>(x, w, y, m, k, n, j);
+                tile_rows::<NR_WIDE, MR_WIDE>(x, w.add((j - j0) * k), y, m, k, n, j);
                 j += NR_WIDE;
             }
         } else {
             while j + NR <= j1 {
-                tile_rows::<NR, MR>(x, w, y, m, k, n, j);
+                tile_rows::<NR, MR>(x, w.add((j - j0) * k), y, m, k, n, j);
                 j += NR;
             }
         }
         while j < j1 {
-            tile_rows::<1, MR>(x, w, y, m, k, n, j);
+            tile_rows::<1, MR>(x, w.add((j - j0) * k), y, m, k, n, j);
             j += 1;
         }
     }
 
-    /// Weight rows `[j, j + R)` against every row of `x`, `S` rows of `x` at a time (`S` ≤ 4).
+    /// Weight rows `[j, j + R)` (`w` points to row `j`) against every row of `x`, `S` rows of `x` at a time
+    /// (`S` ≤ 4).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_rows<const R: usize, const S: usize>(
         x: &[f32],
-        w: &[f32],
+        w: *const f32,
         y: *mut f32,
         m: usize,
         k: usize,
@@ -232,7 +276,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const M: usize, const R: usize>(
         x: &[f32],
-        w: &[f32],
+        w: *const f32,
         y: *mut f32,
         k: usize,
         n: usize,
@@ -240,15 +284,15 @@ mod avx2 {
         j: usize,
     ) {
         let xp = x.as_ptr();
-        let wp = w.as_ptr();
+        let wp = w;
         let mut acc = [[_mm256_setzero_ps(); R]; M];
         let k8 = k / 8 * 8;
         let mut p = 0;
         while p < k8 {
             let mut wv = [_mm256_setzero_ps(); R];
             for (r, v) in wv.iter_mut().enumerate() {
-                // SAFETY: (j + r) < n and p + 8 <= k, inside w.
-                *v = unsafe { _mm256_loadu_ps(wp.add((j + r) * k + p)) };
+                // SAFETY: r < R rows of the tile's weight block and p + 8 <= k.
+                *v = unsafe { _mm256_loadu_ps(wp.add(r * k + p)) };
             }
             for (ii, row) in acc.iter_mut().enumerate() {
                 // SAFETY: (i + ii) < m and p + 8 <= k, inside x.
@@ -264,7 +308,7 @@ mod avx2 {
                 let mut s = hsum(*a);
                 for q in k8..k {
                     // SAFETY: inside the rows of x and w.
-                    s = unsafe { (*wp.add((j + r) * k + q)).mul_add(*xp.add((i + ii) * k + q), s) };
+                    s = unsafe { (*wp.add(r * k + q)).mul_add(*xp.add((i + ii) * k + q), s) };
                 }
                 // SAFETY: (i + ii) < m, (j + r) < n; the caller owns these columns.
                 unsafe { *y.add((i + ii) * n + j + r) = s };
@@ -300,7 +344,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn rows(
         x: &[f32],
-        w: &[f32],
+        w: *const f32,
         y: *mut f32,
         m: usize,
         k: usize,
@@ -310,21 +354,21 @@ mod avx512 {
     ) {
         let mut j = j0;
         while j + NR <= j1 {
-            unsafe { tile_rows::<NR>(x, w, y, m, k, n, j) };
+            unsafe { tile_rows::<NR>(x, w.add((j - j0) * k), y, m, k, n, j) };
             j += NR;
         }
         while j < j1 {
-            unsafe { tile_rows::<1>(x, w, y, m, k, n, j) };
+            unsafe { tile_rows::<1>(x, w.add((j - j0) * k), y, m, k, n, j) };
             j += 1;
         }
     }
 
-    /// Weight rows `[j, j + R)` against every row of `x`.
+    /// Weight rows `[j, j + R)` (`w` points to row `j`) against every row of `x`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn tile_rows<const R: usize>(
         x: &[f32],
-        w: &[f32],
+        w: *const f32,
         y: *mut f32,
         m: usize,
         k: usize,
@@ -353,7 +397,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn tile<const M: usize, const R: usize>(
         x: &[f32],
-        w: &[f32],
+        w: *const f32,
         y: *mut f32,
         k: usize,
         n: usize,
@@ -361,15 +405,15 @@ mod avx512 {
         j: usize,
     ) {
         let xp = x.as_ptr();
-        let wp = w.as_ptr();
+        let wp = w;
         let mut acc = [[_mm512_setzero_ps(); R]; M];
         let k16 = k / 16 * 16;
         let mut p = 0;
         while p < k16 {
             let mut wv = [_mm512_setzero_ps(); R];
             for (r, v) in wv.iter_mut().enumerate() {
-                // SAFETY: (j + r) < n and p + 16 <= k, inside w.
-                *v = unsafe { _mm512_loadu_ps(wp.add((j + r) * k + p)) };
+                // SAFETY: r < R rows of the tile's weight block and p + 16 <= k.
+                *v = unsafe { _mm512_loadu_ps(wp.add(r * k + p)) };
             }
             for (ii, row) in acc.iter_mut().enumerate() {
                 // SAFETY: (i + ii) < m and p + 16 <= k, inside x.
@@ -385,7 +429,7 @@ mod avx512 {
                 let mut s = _mm512_reduce_add_ps(*a);
                 for q in k16..k {
                     // SAFETY: inside the rows of x and w.
-                    s = unsafe { (*wp.add((j + r) * k + q)).mul_add(*xp.add((i + ii) * k + q), s) };
+                    s = unsafe { (*wp.add(r * k + q)).mul_add(*xp.add((i + ii) * k + q), s) };
                 }
                 // SAFETY: (i + ii) < m, (j + r) < n; the caller owns these columns.
                 unsafe { *y.add((i + ii) * n + j + r) = s };
@@ -449,7 +493,7 @@ mod tests {
                 let mut y = vec![f32::NAN; m * n];
                 let ptr = SyncPtr(y.as_mut_ptr());
                 // The whole range in one call, as one task would see it.
-                unsafe { rows(isa, &x, &w, ptr.0, m, k, n, 0, n) };
+                unsafe { rows(isa, &x, w.as_ptr(), ptr.0, m, k, n, 0, n) };
                 let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
                 assert!(worst < 1e-4 * (k as f64).sqrt(), "{isa} m {m} k {k} n {n}: off by {worst}");
                 outs.push(y);
@@ -459,6 +503,24 @@ mod tests {
             matmul_wt(&x, &w, &mut y, m, k, n);
             let active = isas.iter().position(|&i| i == isa::active()).expect("the active path was run");
             assert_eq!(y, outs[active], "the threaded entry point at {}", isa::active());
+        }
+    }
+
+    #[test]
+    fn a_product_from_block_codes_is_the_f32_product_on_the_dequantised_weight() {
+        use crate::blocks::{self, Coding};
+        // Rows below, at and past a task's and a dequantised block's size; row counts of every tile remainder.
+        for coding in [Coding::Q4_1, Coding::Q8_0] {
+            for &(m, k, n) in &[(1, 576, 1536), (16, 64, 200), (5, 96, 13), (32, 32, 49), (3, 1536, 37)] {
+                let (w, _) = blocks::tests::quantised(coding, n, k, n as u64);
+                let dense = w.dequantize();
+                let x = data(m * k, 3 + m as u32);
+                let mut want = vec![0f32; m * n];
+                matmul_wt(&x, &dense, &mut want, m, k, n);
+                let mut got = vec![f32::NAN; m * n];
+                matmul_wt_codes(&x, &w, &mut got, m);
+                assert_eq!(got, want, "{coding:?} m {m} k {k} n {n} at {}", isa::active());
+            }
         }
     }
 }

@@ -12,6 +12,7 @@
 //! query head. Hooks (capture, steering) run after each block; see `hook.rs`.
 
 use super::cache::KvCache;
+use super::codes::WeightCodes;
 use super::config::{Activation, ModelConfig};
 use super::fused;
 use super::hook::{CapturePositions, Hooks};
@@ -200,6 +201,8 @@ pub struct Model {
     pub cfg: ModelConfig,
     /// Token embeddings `[vocab, hidden]`.
     pub embed_tokens: Tensor,
+    /// The embeddings' block codes, for the tied head's decode-step products (`codes`).
+    pub embed_codes: Option<WeightCodes>,
     /// Blocks, in order.
     pub layers: Vec<Block>,
     /// Final norm.
@@ -223,6 +226,11 @@ pub trait WeightSource {
     fn names(&self) -> Vec<String>;
     /// The file or folder the weights came from, for messages.
     fn origin(&self) -> &std::path::Path;
+    /// The block codes the tensor `name` was dequantised from, when the source keeps them (a GGUF's Q4_1 and
+    /// Q8_0 matrices): the decode step's products read them (`codes`).
+    fn codes(&self, _name: &str) -> Option<std::sync::Arc<steer_heal_kernels::blocks::BlockRows>> {
+        None
+    }
 }
 
 /// A weight source that remembers which tensors the decoder took.
@@ -275,6 +283,41 @@ impl Tracked<'_> {
 const MAX_ROPE: usize = 8192;
 
 impl Model {
+    /// Bytes of weights a batch-1 decode step reads: every projection and the head once, from their block codes
+    /// where they have them (`codes`), else as their tensors; norms included, the embedding rows looked up not.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let linear = |l: &LoraLinear| {
+            let frozen = l.codes.as_ref().map_or_else(|| bytes(&l.weight), |c| c.bytes());
+            frozen
+                + l.bias.as_ref().map_or(0, bytes)
+                + l.adapters.iter().map(|a| bytes(&a.a) + bytes(&a.b)).sum::<usize>()
+        };
+        let head = match &self.lm_head {
+            Some(l) => linear(l),
+            None => self.embed_codes.as_ref().map_or_else(|| bytes(&self.embed_tokens), |c| c.bytes()),
+        };
+        let norm = |n: &Option<RmsNorm>| n.as_ref().map_or(0, |n| bytes(&n.weight));
+        let blocks: usize = self
+            .layers
+            .iter()
+            .map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .into_iter()
+                    .map(linear)
+                    .sum::<usize>()
+                    + bytes(&b.input_layernorm.weight)
+                    + bytes(&b.post_attention_layernorm.weight)
+                    + norm(&b.pre_feedforward_layernorm)
+                    + norm(&b.post_feedforward_layernorm)
+                    + norm(&a.q_norm)
+                    + norm(&a.k_norm)
+            })
+            .sum();
+        blocks + head + bytes(&self.norm.weight)
+    }
+
     /// Every projection that can carry adapters: each block's seven, then the untied head.
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
         let blocks = self.layers.iter_mut().flat_map(|b| {
@@ -336,9 +379,11 @@ impl Model {
         let lin = |name: &str, o: usize, i: usize, bias: bool| -> Result<LoraLinear> {
             let w = ws.get(&format!("{name}.weight"), &[o, i], dtype, dev)?;
             let b = if bias { Some(ws.get(&format!("{name}.bias"), &[o], dtype, dev)?) } else { None };
-            Ok(LoraLinear::new(w, b))
+            Ok(LoraLinear::new(w, b).with_codes(ws.ws.codes(&format!("{name}.weight"))))
         };
         let embed_tokens = ws.get("model.embed_tokens.weight", &[cfg.vocab_size, h], dtype, dev)?;
+        let embed_codes =
+            ws.ws.codes("model.embed_tokens.weight").and_then(|c| WeightCodes::for_weight(&embed_tokens, c));
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -398,6 +443,7 @@ impl Model {
         Ok(Model {
             cfg: cfg.clone(),
             embed_tokens,
+            embed_codes,
             layers,
             norm: norm_f,
             lm_head,
@@ -510,11 +556,9 @@ impl Model {
             Some(l) => l.forward(&xs)?,
             None => {
                 let (b, t, h) = xs.dims3()?;
-                super::lora::frozen_matmul_wt(&xs.reshape((b * t, h))?, &self.embed_tokens)?.reshape((
-                    b,
-                    t,
-                    self.cfg.vocab_size,
-                ))?
+                let x2 = xs.reshape((b * t, h))?;
+                super::lora::frozen_matmul_wt_coded(&x2, &self.embed_tokens, self.embed_codes.as_ref())?
+                    .reshape((b, t, self.cfg.vocab_size))?
             }
         };
         Ok(match self.cfg.final_logit_softcapping {

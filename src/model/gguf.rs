@@ -21,6 +21,8 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use steer_heal_kernels::blocks::{BlockRows, Coding};
 use tokenizers::models::bpe::BPE;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -32,6 +34,9 @@ pub struct GgufCheckpoint {
     pub cfg: ModelConfig,
     /// Dequantised f32 CPU tensors under Hugging Face names, in Hugging Face layout.
     pub tensors: HashMap<String, Tensor>,
+    /// The block codes of the matrices stored as Q4_1 or Q8_0, under the same names and in the same layout
+    /// (`codes`: the decode step reads these).
+    pub codes: HashMap<String, Arc<BlockRows>>,
     /// The tokenizer rebuilt from `tokenizer.ggml.*`.
     pub tokenizer: Tokenizer,
     /// Text of the BOS token, if the metadata names one.
@@ -344,6 +349,26 @@ pub fn unpermute_qk(t: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(t.reshape((heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
+/// Which row of the file each row of `unpermute_qk`'s result is (for the block codes, reordered by row).
+fn unpermuted_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    let index = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?;
+    Ok(unpermute_qk(&index, heads)?
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|r| r as usize)
+        .collect())
+}
+
+/// The block coding `codes` keeps for a GGUF type (the decode step's kernels read Q4_1 and Q8_0).
+fn block_coding(t: GgmlDType) -> Option<Coding> {
+    match t {
+        GgmlDType::Q4_1 => Some(Coding::Q4_1),
+        GgmlDType::Q8_0 => Some(Coding::Q8_0),
+        _ => None,
+    }
+}
+
 /// The inverse of `unpermute_qk`: what llama.cpp's converter does to Hugging Face Q/K weights.
 pub fn permute_qk(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
@@ -650,6 +675,7 @@ impl GgufCheckpoint {
         }
         check_layout(path, &content, file_len)?;
         let mut tensors = HashMap::new();
+        let mut codes = HashMap::new();
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
         names.sort();
         for name in names {
@@ -672,6 +698,13 @@ impl GgufCheckpoint {
                 .dequantize(&Device::Cpu)
                 .map_err(|e| Error::bad_file(path, format!("cannot dequantise `{name}`: {e}")))?;
             let t = t.to_dtype(DType::F32)?;
+            if let (Some(coding), [rows, cols]) = (block_coding(info.ggml_dtype), t.dims()) {
+                let data =
+                    q.data().map_err(|e| Error::bad_file(path, format!("cannot read `{name}`: {e}")))?;
+                let rows = BlockRows::from_ggml(coding, &data, *rows, *cols)
+                    .map_err(|e| Error::bad_file(path, format!("tensor `{name}`: {e}")))?;
+                codes.insert(hf.clone(), Arc::new(rows));
+            }
             tensors.insert(hf, t);
         }
         let embed = tensors.get("model.embed_tokens.weight").ok_or_else(|| Error::MissingTensor {
@@ -696,6 +729,11 @@ impl GgufCheckpoint {
                                 got: t.dims().to_vec(),
                                 want: vec![heads * cfg.head_dim],
                             })?;
+                            if let Some(c) = codes.remove(&key) {
+                                let order = unpermuted_row_order(c.rows(), heads)?;
+                                let c = c.with_rows_in_order(&order).map_err(|e| Error::bad_file(path, e))?;
+                                codes.insert(key.clone(), Arc::new(c));
+                            }
                             tensors.insert(key, fixed);
                         }
                     }
@@ -720,6 +758,7 @@ impl GgufCheckpoint {
             path: path.to_path_buf(),
             cfg,
             tensors,
+            codes,
             tokenizer,
             bos_token,
             eos_token,
@@ -829,7 +868,7 @@ pub fn load_gguf(path: &Path, dtype: Option<DType>, dev: &Device) -> Result<Load
     let tokenizer = ck.text_tokenizer();
     let chat = ChatTemplate::new(ck.chat_template_or_default(), &tokenizer)
         .map_err(|e| Error::bad_file(path, format!("chat template `tokenizer.chat_template`: {e}")))?;
-    let weights = MapWeights { tensors: ck.tensors, origin: path.to_path_buf() };
+    let weights = MapWeights { tensors: ck.tensors, origin: path.to_path_buf(), codes: ck.codes };
     let model = Model::load(&ck.cfg, &weights, dtype, dev)?;
     let id = path
         .file_name()

@@ -11,6 +11,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use steer_heal_kernels::blocks::BlockRows;
 
 /// Tensors read from safetensors files, each remembered with the file it came from.
 pub struct SafetensorsWeights {
@@ -121,6 +123,8 @@ pub struct MapWeights {
     pub tensors: HashMap<String, Tensor>,
     /// The file they came from, for error messages.
     pub origin: PathBuf,
+    /// Block codes some tensors were dequantised from (a GGUF's Q4_1 and Q8_0 matrices), by the same names.
+    pub codes: HashMap<String, Arc<BlockRows>>,
 }
 
 impl WeightSource for MapWeights {
@@ -147,6 +151,9 @@ impl WeightSource for MapWeights {
     }
     fn origin(&self) -> &Path {
         &self.origin
+    }
+    fn codes(&self, name: &str) -> Option<Arc<BlockRows>> {
+        self.codes.get(name).cloned()
     }
 }
 

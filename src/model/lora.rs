@@ -2,11 +2,14 @@
 //! scale α/r and a runtime gate c, so one model can carry several rounds at once, train one of them, or have
 //! them merged into the weight.
 
+use super::codes::WeightCodes;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
+use std::sync::Arc;
 use steer_heal_kernels::blas::{self, Product};
+use steer_heal_kernels::blocks::BlockRows;
 use steer_heal_kernels::skinny;
 
 /// One low-rank adapter: `y += c · (α/r) · B(A x)`.
@@ -64,12 +67,21 @@ pub struct LoraLinear {
     pub bias: Option<Tensor>,
     /// Adapters applied on top, in order.
     pub adapters: Vec<Adapter>,
+    /// The weight's GGUF block codes, when it was read from them: a decode step's frozen product reads these
+    /// (a fifth of the bytes, the same values).
+    pub codes: Option<WeightCodes>,
 }
 
 impl LoraLinear {
     /// A plain linear with no adapters.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapters: Vec::new() }
+        Self { weight, bias, adapters: Vec::new(), codes: None }
+    }
+
+    /// The same layer with its weight's block codes beside it (`codes` when they fit the weight).
+    pub fn with_codes(mut self, codes: Option<Arc<BlockRows>>) -> Self {
+        self.codes = codes.and_then(|c| WeightCodes::for_weight(&self.weight, c));
+        self
     }
 
     /// Output features.
@@ -109,7 +121,7 @@ impl LoraLinear {
 
     /// `x Wᵀ + Σ s_i (x A_iᵀ) B_iᵀ` for `x` `[rows, d_in]`, one candle op per product, scale and sum (no bias).
     fn composed_forward(&self, x2: &Tensor, sel: Adapters) -> Result<Tensor> {
-        let mut y = frozen_matmul_wt(x2, &self.weight)?;
+        let mut y = frozen_matmul_wt_coded(x2, &self.weight, self.codes.as_ref())?;
         for ad in self.active(sel) {
             // Scale the rank-r product, not the d_out-wide one: one small pass instead of a wide one each way. The
             // adapter may be f32 over a bf16 base (its trained copy): it runs in its own dtype, then joins y's.
@@ -170,6 +182,10 @@ impl LoraLinear {
             if ad.gate != 0.0 {
                 w = (w + ad.delta_weight()?.detach().to_dtype(self.weight.dtype())?)?;
             }
+        }
+        if w.id() != self.weight.id() {
+            // The codes describe the old weight (they would not be read, but they would be held).
+            self.codes = None;
         }
         self.weight = w;
         self.adapters.clear();
@@ -268,6 +284,16 @@ fn tensor_product(a: &Tensor, b: &Tensor, b_transposed: bool) -> candle_core::Re
         Some(c) => Ok(Some(Tensor::from_vec(c, (m, n), a.device())?)),
         None => Ok(None),
     }
+}
+
+/// `frozen_matmul_wt`, from `W`'s block codes when it has them and this is a decode step's product.
+pub fn frozen_matmul_wt_coded(x: &Tensor, w: &Tensor, codes: Option<&WeightCodes>) -> Result<Tensor> {
+    if let Some(c) = codes {
+        if let Some(y) = c.product(x, w)? {
+            return Ok(y);
+        }
+    }
+    frozen_matmul_wt(x, w)
 }
 
 /// `x·Wᵀ` with `W` frozen: the gradient flows to `x` only. candle's own matmul backward always computes the

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cache;
 pub mod chat;
+pub mod codes;
 pub mod config;
 pub mod cpu;
 pub mod decoder;
