@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use steer_heal::model::generate::{generate, Sampling};
-use steer_heal::model::{load_model, Forward, Hooks, LoadedModel, LogitsAt, Path};
+use steer_heal::model::{load_model, Forward, Hooks, KvCache, LoadedModel, LogitsAt, Path};
 
 fn model_path() -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -163,4 +163,49 @@ fn converted_directory_loads_back_identically() {
     let a = m.model.forward(&x, None, &f).expect("forward").logits.expect("logits");
     let b = back.model.forward(&x, None, &f).expect("forward").logits.expect("logits");
     assert_eq!(max_abs(&a, &b), 0.0, "converted SmolLM2 logits differ");
+}
+
+#[test]
+fn decode_steps_read_the_block_codes_and_equal_the_f32_weights_bit_for_bit() {
+    let Some(m) = smollm2() else { return };
+    // The GGUF's Q4_1 projections and Q8_0 tied head keep their codes; a step reads about a fifth of f32's bytes.
+    let l0 = &m.model.layers[0];
+    assert!(
+        l0.attn.q_proj.codes.is_some() && l0.mlp.down_proj.codes.is_some() && m.model.embed_codes.is_some()
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("smollm2-hf");
+    steer_heal::model::gguf::convert_gguf(&model_path().expect("present"), &out).expect("convert");
+    let f32s = load_model(&out, Some(DType::F32), &Device::Cpu).expect("load converted");
+    assert!(f32s.model.layers[0].attn.q_proj.codes.is_none(), "a safetensors directory has no codes");
+    let (coded, plain) = (m.model.weight_bytes_per_token(), f32s.model.weight_bytes_per_token());
+    assert!(coded * 4 < plain, "{coded} bytes per token from the codes, {plain} from f32");
+    // Three sequences, prefill then greedy steps: every step's logits must be the f32 weights' exactly (the codes'
+    // values are exact in f32 and the kernel is the same), the Q/K rows unpermuted as the tensors are.
+    let prompt = m.chat.prompt(None, QUESTION).expect("prompt");
+    let ids = m.tokenizer.encode(&prompt).expect("encode");
+    let rows: Vec<u32> = ids.iter().copied().cycle().take(3 * ids.len()).collect();
+    let mut x = Tensor::from_vec(rows, (3, ids.len()), &Device::Cpu).expect("ids");
+    let hooks = Hooks::none();
+    let f = Forward {
+        hooks: &hooks,
+        pad: &[],
+        logits: LogitsAt::Last,
+        path: Path::Inference,
+        adapters: steer_heal::model::Adapters::AsGated,
+    };
+    let n_layers = m.model.cfg.num_hidden_layers;
+    let (mut ca, mut cb) = (KvCache::new(n_layers), KvCache::new(n_layers));
+    for step in 0..6 {
+        let a = m.model.forward(&x, Some(&mut ca), &f).expect("forward").logits.expect("logits");
+        let b = f32s.model.forward(&x, Some(&mut cb), &f).expect("forward").logits.expect("logits");
+        assert_eq!(max_abs(&a, &b), 0.0, "step {step}: logits from the codes differ from the f32 weights'");
+        x = a
+            .squeeze(1)
+            .expect("rows")
+            .argmax(candle_core::D::Minus1)
+            .expect("argmax")
+            .unsqueeze(1)
+            .expect("col");
+    }
 }

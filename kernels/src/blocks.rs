@@ -212,8 +212,8 @@ impl BlockRows {
     }
 }
 
-/// The dequantisers, one block (32 values) per step. Each multiplies and then adds, as candle's does (the product
-/// is exact, so this equals a fused multiply-add too).
+/// The dequantisers, one block (32 values) per step. Q4_1's `q·d + m` is one fused multiply-add: `q·d` is exact,
+/// so the fused form rounds once, where candle's multiply-then-add does, to the same value (tested).
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
@@ -231,8 +231,8 @@ mod simd {
                 let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, nibble));
                 let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q));
                 let o = out.as_mut_ptr().add(b * 32);
-                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
-                _mm512_storeu_ps(o.add(16), _mm512_add_ps(_mm512_mul_ps(hi, d), m));
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(lo, d, m));
+                _mm512_storeu_ps(o.add(16), _mm512_fmadd_ps(hi, d, m));
             }
         }
     }
@@ -252,8 +252,8 @@ mod simd {
                     let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(half * 8).cast()));
                     let lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, nibble));
                     let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(q));
-                    _mm256_storeu_ps(o.add(half * 8), _mm256_add_ps(_mm256_mul_ps(lo, d), m));
-                    _mm256_storeu_ps(o.add(16 + half * 8), _mm256_add_ps(_mm256_mul_ps(hi, d), m));
+                    _mm256_storeu_ps(o.add(half * 8), _mm256_fmadd_ps(lo, d, m));
+                    _mm256_storeu_ps(o.add(16 + half * 8), _mm256_fmadd_ps(hi, d, m));
                 }
             }
         }

@@ -1,14 +1,17 @@
 //! The few-row product of a decode step, our kernel (`steer_heal_kernels::skinny`) against gemm (candle's matmul
 //! in its faster operand order), on a model's projection shapes and its vocabulary head, at 1–64 rows. Both run in
 //! the same process, interleaved, best of `reps`, at the ISA `STEER_HEAL_ISA` leaves active: where
-//! `skinny::max_rows` comes from (bench/PROFILE.md).
+//! `skinny::max_rows` comes from (bench/PROFILE.md). Ours is also timed reading the weight from Q4_1 block codes,
+//! as it does for a GGUF's projections (`model::codes`).
 
 use super::lora::{gemm_matmul_wt, matmul_wt};
 use super::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
+use steer_heal_kernels::blocks::{BlockRows, Coding};
 use steer_heal_kernels::{isa, skinny};
 
 /// One shape at one row count.
@@ -21,6 +24,9 @@ pub struct MatmulRow {
     pub rows: usize,
     /// Best time of our few-row kernel, ms (timed up to 64 rows).
     pub ours_ms: Option<f64>,
+    /// Best time of our few-row kernel reading the weight as Q4_1 block codes (a GGUF's projections), ms (timed
+    /// where `ours_ms` is).
+    pub ours_q4_1_ms: Option<f64>,
     /// Best time of gemm, ms.
     pub gemm_ms: f64,
     /// Best time of the system's OpenBLAS, ms (when loaded).
@@ -161,6 +167,8 @@ pub fn bench_matmul(cfg: &ModelConfig, rows: &[usize], reps: usize) -> Result<Ma
     for (shape, k, n) in shapes(cfg) {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+        let coded = BlockRows::from_ggml(Coding::Q4_1, &q.data()?, n, k).map_err(Error::invalid)?;
         for &m in rows {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
@@ -168,6 +176,12 @@ pub fn bench_matmul(cfg: &ModelConfig, rows: &[usize], reps: usize) -> Result<Ma
             let mut ours = || {
                 let t = Instant::now();
                 skinny::matmul_wt(&xv, &wv, &mut y, m, k, n);
+                t.elapsed().as_secs_f64() * 1e3
+            };
+            let mut yq = vec![0f32; m * n];
+            let mut ours_q4_1 = || {
+                let t = Instant::now();
+                skinny::matmul_wt_codes(&xv, &coded, &mut yq, m);
                 t.elapsed().as_secs_f64() * 1e3
             };
             let gemm = || -> Result<f64> {
@@ -191,14 +205,17 @@ pub fn bench_matmul(cfg: &ModelConfig, rows: &[usize], reps: usize) -> Result<Ma
             // Warm each up, then interleave.
             if time_ours {
                 ours();
+                ours_q4_1();
             }
             gemm()?;
             blas()?;
             let (mut best_ours, mut best_gemm, mut best_blas) = (None::<f64>, f64::INFINITY, None::<f64>);
+            let mut best_q4_1 = None::<f64>;
             let min = |a: Option<f64>, b: f64| Some(a.map_or(b, |a| a.min(b)));
             for _ in 0..reps.max(1) {
                 if time_ours {
                     best_ours = min(best_ours, ours());
+                    best_q4_1 = min(best_q4_1, ours_q4_1());
                 }
                 best_gemm = best_gemm.min(gemm()?);
                 if let Some(t) = blas()? {
@@ -221,6 +238,7 @@ pub fn bench_matmul(cfg: &ModelConfig, rows: &[usize], reps: usize) -> Result<Ma
                 out_features: n,
                 rows: m,
                 ours_ms: best_ours,
+                ours_q4_1_ms: best_q4_1,
                 gemm_ms: best_gemm,
                 blas_ms: best_blas,
                 gemm_over_best: best_gemm / best,
@@ -245,16 +263,17 @@ impl MatmulBench {
     /// A markdown table of the run.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "ISA {} (CPU has {}), large products by {}, best of {}\n\n| shape | rows | ours ms | gemm ms | OpenBLAS ms | gemm / best | used |\n|---|---|---|---|---|---|---|\n",
+            "ISA {} (CPU has {}), large products by {}, best of {}\n\n| shape | rows | ours ms | ours from Q4_1 ms | gemm ms | OpenBLAS ms | gemm / best | used |\n|---|---|---|---|---|---|---|---|\n",
             self.isa, self.isa_detected, self.blas, self.reps
         );
         let ms = |x: Option<f64>| x.map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
         for r in &self.results {
             s.push_str(&format!(
-                "| {} | {} | {} | {:.3} | {} | {:.2} | {} |\n",
+                "| {} | {} | {} | {} | {:.3} | {} | {:.2} | {} |\n",
                 r.shape,
                 r.rows,
                 ms(r.ours_ms),
+                ms(r.ours_q4_1_ms),
                 r.gemm_ms,
                 ms(r.blas_ms),
                 r.gemm_over_best,
