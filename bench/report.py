@@ -178,6 +178,9 @@ def main():
             "weight_bytes_per_token": decode.get("weight_bytes_per_token"),
             "batch1_bound_tokens_per_s": decode.get("batch1_bandwidth_bound_tokens_per_s"),
             "ours_batch1_fraction_of_bound": decode.get("ours_batch1_fraction_of_bound"),
+            "ours_weight_bytes_per_token": decode.get("ours_weight_bytes_per_token"),
+            "ours_batch1_bound_tokens_per_s": decode.get("ours_batch1_bandwidth_bound_tokens_per_s"),
+            "ours_batch1_fraction_of_own_bound": decode.get("ours_batch1_fraction_of_own_bound"),
         },
         "rows": rows,
     }
@@ -253,6 +256,12 @@ def render(results, detail):
                   f"per token at a measured {bw['read_bandwidth_gb_s']:.1f} GB/s read bandwidth ⇒ "
                   f"{bw['batch1_bound_tokens_per_s']:.1f} tokens/s; ours reaches "
                   f"{'–' if frac is None else f'{100 * frac:.0f} %'} of it."]
+        own = bw.get("ours_batch1_fraction_of_own_bound")
+        if own is not None and bw.get("ours_weight_bytes_per_token"):
+            lines += ["", f"Ours reads the GGUF's block codes in a decode step ({bw['ours_weight_bytes_per_token'] / 1e9:.3f} "
+                      f"GB per token, the same values: `model::codes`), so its own bound is "
+                      f"{bw['ours_batch1_bound_tokens_per_s']:.1f} tokens/s, of which it reaches {100 * own:.0f} %: "
+                      f"at batch 1 it is bound by the dequantisation and the dot products, not by memory."]
     if detail:
         for r in rows:
             if r["unit"] == "see JSON":
