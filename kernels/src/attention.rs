@@ -13,7 +13,6 @@
 
 use crate::isa::{self, Isa};
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
-use rayon::prelude::*;
 
 /// Attention output `[b, t, nh · d]` for queries `q` `[b, nh, t, d]`, keys and values `[b, nkv, s, d]` (any strides
 /// with contiguous rows of `d`: the cache's narrowed buffers), an additive `mask` `[1 or b, 1, t, s]` (`None`:
@@ -101,7 +100,7 @@ fn attention_at(
     let rep = nh / nkv;
     let q_chunk = if b * nkv >= 16 { t } else { t.div_ceil(8).max(1) };
     let chunks = t.div_ceil(q_chunk);
-    (0..b * nkv * chunks).into_par_iter().for_each(|task| {
+    crate::on_threads(b * nkv * chunks, |task| {
         let (bg, c) = (task / chunks, task % chunks);
         let (bi, g) = (bg / nkv, bg % nkv);
         let (i0, i1) = (c * q_chunk, ((c + 1) * q_chunk).min(t));

@@ -22,7 +22,6 @@ pub mod isa;
 pub mod skinny;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
 /// Whether the fused kernels can run on `x` (CPU, f32).
 pub fn applies(x: &Tensor) -> bool {
@@ -185,10 +184,35 @@ fn for_rows_costing(out: &mut [f32], d: usize, cost: usize, f: impl Fn(usize, &m
         out.chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| f(r, row));
         return;
     }
-    let per = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
-    out.par_chunks_mut(per * d).enumerate().for_each(|(c, chunk)| {
-        chunk.chunks_mut(d).enumerate().for_each(|(j, row)| f(c * per + j, row));
+    let per = rows.div_ceil(4 * threads()).max(1);
+    let base = RowsPtr(out.as_mut_ptr());
+    on_threads(rows.div_ceil(per), |c| {
+        let (r0, r1) = (c * per, ((c + 1) * per).min(rows));
+        let base = &base;
+        // SAFETY: each task takes its own rows [r0, r1) of `out`, which outlives the call.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(base.0.add(r0 * d), (r1 - r0) * d) };
+        chunk.chunks_mut(d).enumerate().for_each(|(j, row)| f(r0 + j, row));
     });
+}
+
+/// `out`'s start, shared by the tasks of one `for_rows_costing` call, which write disjoint rows.
+struct RowsPtr(*mut f32);
+// SAFETY: only used for disjoint rows within one call.
+unsafe impl Sync for RowsPtr {}
+
+/// Threads the CPU kernels split work over: candle's (`model::cpu::configure` pins it).
+pub(crate) fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+/// Run tasks `0..n` on candle's CPU thread pool (its barrier pool, in which the calling thread takes part): the
+/// pool every candle op runs on. Handing our kernels to a second pool (rayon's) cost a sleep and a wake-up of its
+/// threads per call, a few hundred per decode step: batch-1 decode 48 → 65 tok/s on a 2-core Xeon when the
+/// few-row products moved over (bench/PROFILE.md). Called from inside the pool, the tasks run inline. The tasks
+/// must not call candle ops: the calling thread takes part unflagged, and a nested call from it would wait on the
+/// pool's own lock (every task here works on slices only).
+pub(crate) fn on_threads(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&f));
 }
 
 /// A fresh buffer shaped like `a`, filled row by row (rows of the last axis) from the matching rows of `a` and

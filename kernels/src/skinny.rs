@@ -14,7 +14,6 @@
 
 use crate::blocks::BlockRows;
 use crate::isa::{self, Isa};
-use rayon::prelude::*;
 
 /// Tasks per thread a product is split into: enough for the pool to balance uneven progress, few enough that
 /// each task's weight rows amortise its fork.
@@ -60,11 +59,11 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usi
     // Even shares of whole register tiles: a fixed task size left a 192-row k/v projection as three tasks on two
     // threads, a third of the product on one core alone.
     let per_task = n
-        .div_ceil(rayon::current_num_threads().max(1) * TASKS_PER_THREAD)
+        .div_ceil(crate::threads() * TASKS_PER_THREAD)
         .next_multiple_of(TASK_ROWS_MULTIPLE)
         .max(MIN_ROWS_PER_TASK);
     let tasks = n.div_ceil(per_task);
-    (0..tasks).into_par_iter().for_each(|t| {
+    crate::on_threads(tasks, |t| {
         let j0 = t * per_task;
         let j1 = (j0 + per_task).min(n);
         let out = &out;
@@ -91,11 +90,11 @@ pub fn matmul_wt_codes(x: &[f32], w: &BlockRows, y: &mut [f32], m: usize) {
     let out = SyncPtr(y.as_mut_ptr());
     let isa = isa::active();
     let per_task = n
-        .div_ceil(rayon::current_num_threads().max(1) * TASKS_PER_THREAD)
+        .div_ceil(crate::threads() * TASKS_PER_THREAD)
         .next_multiple_of(TASK_ROWS_MULTIPLE)
         .max(MIN_ROWS_PER_TASK);
     let tasks = n.div_ceil(per_task);
-    (0..tasks).into_par_iter().for_each(|t| {
+    crate::on_threads(tasks, |t| {
         let out = &out;
         let mut block = vec![0f32; CODED_ROWS_AT_ONCE * k];
         let end = ((t + 1) * per_task).min(n);
