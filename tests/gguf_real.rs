@@ -187,13 +187,7 @@ fn decode_steps_read_the_block_codes_and_equal_the_f32_weights_bit_for_bit() {
     let rows: Vec<u32> = ids.iter().copied().cycle().take(3 * ids.len()).collect();
     let mut x = Tensor::from_vec(rows, (3, ids.len()), &Device::Cpu).expect("ids");
     let hooks = Hooks::none();
-    let f = Forward {
-        hooks: &hooks,
-        pad: &[],
-        logits: LogitsAt::Last,
-        path: Path::Inference,
-        adapters: steer_heal::model::Adapters::AsGated,
-    };
+    let f = Forward { logits: LogitsAt::Last, ..Forward::infer(&hooks) };
     let n_layers = m.model.cfg.num_hidden_layers;
     let (mut ca, mut cb) = (KvCache::new(n_layers), KvCache::new(n_layers));
     for step in 0..6 {

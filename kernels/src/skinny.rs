@@ -56,12 +56,7 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usi
     }
     let out = SyncPtr(y.as_mut_ptr());
     let isa = isa::active();
-    // Even shares of whole register tiles: a fixed task size left a 192-row k/v projection as three tasks on two
-    // threads, a third of the product on one core alone.
-    let per_task = n
-        .div_ceil(crate::threads() * TASKS_PER_THREAD)
-        .next_multiple_of(TASK_ROWS_MULTIPLE)
-        .max(MIN_ROWS_PER_TASK);
+    let per_task = rows_per_task(n);
     let tasks = n.div_ceil(per_task);
     crate::on_threads(tasks, |t| {
         let j0 = t * per_task;
@@ -71,6 +66,14 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usi
         // [j0, j1) start at row j0.
         unsafe { rows(isa, x, w.as_ptr().add(j0 * k), out.0, m, k, n, j0, j1) };
     });
+}
+
+/// Weight rows per task of a product with `n` weight rows: even shares of whole register tiles (a fixed task size
+/// left a 192-row k/v projection as three tasks on two threads, a third of the product on one core alone).
+fn rows_per_task(n: usize) -> usize {
+    n.div_ceil(crate::threads() * TASKS_PER_THREAD)
+        .next_multiple_of(TASK_ROWS_MULTIPLE)
+        .max(MIN_ROWS_PER_TASK)
 }
 
 /// Weight rows a task dequantises at a time from block codes: whole tiles of every kernel, a block that stays in
@@ -89,10 +92,7 @@ pub fn matmul_wt_codes(x: &[f32], w: &BlockRows, y: &mut [f32], m: usize) {
     }
     let out = SyncPtr(y.as_mut_ptr());
     let isa = isa::active();
-    let per_task = n
-        .div_ceil(crate::threads() * TASKS_PER_THREAD)
-        .next_multiple_of(TASK_ROWS_MULTIPLE)
-        .max(MIN_ROWS_PER_TASK);
+    let per_task = rows_per_task(n);
     let tasks = n.div_ceil(per_task);
     crate::on_threads(tasks, |t| {
         let out = &out;

@@ -9,6 +9,7 @@
 //! The codes describe one tensor: they name it (`TensorId`), and a layer whose weight is replaced (a merge, a
 //! bake) no longer matches them, so stale codes are never read.
 
+use super::lora::contiguous_f32;
 use candle_core::{DType, Result, Storage, Tensor, TensorId};
 use std::sync::Arc;
 use steer_heal_kernels::blocks::BlockRows;
@@ -44,13 +45,12 @@ impl WeightCodes {
             return Ok(None);
         }
         let (m, k) = x.dims2()?;
-        if m == 0 || m > skinny::max_rows() || k != self.rows.cols() || x.dtype() != DType::F32 {
+        if m == 0 || m > skinny::max_rows() || k != self.rows.cols() {
             return Ok(None);
         }
         let (storage, layout) = x.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let Some((a, b)) = layout.contiguous_offsets() else { return Ok(None) };
-        let xv = &cpu.as_slice::<f32>()?[a..b];
+        let Some(xv) = contiguous_f32(cpu, layout) else { return Ok(None) };
         let n = self.rows.rows();
         let mut y = vec![0f32; m * n];
         skinny::matmul_wt_codes(xv, &self.rows, &mut y, m);

@@ -385,7 +385,7 @@ struct LoraProduct {
 }
 
 /// The elements of f32 CPU storage under a contiguous layout; `None` for another dtype or a strided layout.
-fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout) -> Option<&'s [f32]> {
+pub(super) fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout) -> Option<&'s [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((o0, o1))) => Some(&v[o0..o1]),
         _ => None,
