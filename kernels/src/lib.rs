@@ -18,6 +18,7 @@ pub mod attention;
 mod attention_avx2;
 pub mod blas;
 pub mod blocks;
+mod exp;
 pub mod isa;
 pub mod skinny;
 
@@ -389,11 +390,9 @@ impl CustomOp1 for AttentionSoftmax {
                 *o = xi * self.scale + m.map_or(0.0, |m| m[j]);
                 max = max.max(*o);
             }
-            let mut sum = 0f64;
-            for o in yr.iter_mut() {
-                *o = (*o - max).exp();
-                sum += *o as f64;
-            }
+            yr.iter_mut().for_each(|o| *o -= max);
+            exp::exp_in_place(yr);
+            let sum: f64 = yr.iter().map(|o| *o as f64).sum();
             let inv = (1.0 / sum) as f32;
             yr.iter_mut().for_each(|o| *o *= inv);
         };
@@ -547,7 +546,7 @@ impl CustomOp1 for LogSoftmax {
         for_rows(&mut y, v, |r, yr| {
             let xr = &x[r * v..(r + 1) * v];
             let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = xr.iter().map(|xi| (xi - max).exp() as f64).sum();
+            let sum: f64 = exp::with_exp_row(xr, max, |e| e.iter().map(|e| *e as f64).sum());
             // (x − max) − ln Σ, as the composite ops round it: folding max into one log-sum-exp first would
             // round at the logits' magnitude and shift every log-prob of the row by up to an ulp of it.
             let ln_sum = sum.ln() as f32;
@@ -578,8 +577,10 @@ impl CustomOp2 for LogSoftmaxGrad {
     ) -> Result<(CpuStorage, Shape)> {
         map_row_pairs(self.name(), (ys, yl), (gs, gl), |yr, gr, out| {
             let total = gr.iter().map(|gi| *gi as f64).sum::<f64>() as f32;
-            for ((o, yi), gi) in out.iter_mut().zip(yr).zip(gr) {
-                *o = gi - yi.exp() * total;
+            out.copy_from_slice(yr);
+            exp::exp_in_place(out);
+            for (o, gi) in out.iter_mut().zip(gr) {
+                *o = gi - *o * total;
             }
         })
     }
@@ -613,12 +614,14 @@ impl CustomOp1 for KlRows {
             for_rows_costing(&mut kl, 1, v, |i, o| {
                 let (sr, rr) = (&s[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
                 o[0] = match self.direction {
-                    KlDirection::StudentToReference => {
-                        sr.iter().zip(rr).map(|(a, b)| (a.exp() * (a - b)) as f64).sum::<f64>() as f32
-                    }
-                    KlDirection::ReferenceToStudent => {
-                        sr.iter().zip(rr).map(|(a, b)| (b.exp() * (b - a)) as f64).sum::<f64>() as f32
-                    }
+                    KlDirection::StudentToReference => exp::with_exp_row(sr, 0.0, |p| {
+                        p.iter().zip(sr.iter().zip(rr)).map(|(p, (a, b))| (p * (a - b)) as f64).sum::<f64>()
+                            as f32
+                    }),
+                    KlDirection::ReferenceToStudent => exp::with_exp_row(rr, 0.0, |q| {
+                        q.iter().zip(sr.iter().zip(rr)).map(|(q, (a, b))| (q * (b - a)) as f64).sum::<f64>()
+                            as f32
+                    }),
                 };
             });
             Ok(())
@@ -663,14 +666,16 @@ impl CustomOp2 for KlRowsGrad {
                 let (sr, rr, gi) = (&s[i * v..(i + 1) * v], &r[i * v..(i + 1) * v], g[i]);
                 match self.direction {
                     KlDirection::StudentToReference => {
+                        out.copy_from_slice(sr);
+                        exp::exp_in_place(out);
                         for ((o, a), b) in out.iter_mut().zip(sr).zip(rr) {
-                            *o = gi * a.exp() * (a - b + 1.0);
+                            *o = gi * *o * (a - b + 1.0);
                         }
                     }
                     KlDirection::ReferenceToStudent => {
-                        for (o, b) in out.iter_mut().zip(rr) {
-                            *o = -gi * b.exp();
-                        }
+                        out.copy_from_slice(rr);
+                        exp::exp_in_place(out);
+                        out.iter_mut().for_each(|o| *o *= -gi);
                     }
                 }
             });
@@ -702,24 +707,26 @@ impl CustomOp1 for NllKl {
                 let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 // With e = exp(x − max) and S = Σ e: log p = x − max − ln S, and
                 // KL(p ‖ r) = Σ e (x − max − r) / S − ln S, all in the one exponential pass.
-                let (mut sum, mut tilt) = (0f64, 0f64);
-                for (xi, ri) in xr.iter().zip(rr) {
-                    let z = xi - max;
-                    let e = z.exp();
-                    sum += e as f64;
-                    tilt += (e * (z - ri)) as f64;
-                }
+                let (sum, tilt) = exp::with_exp_row(xr, max, |e| {
+                    let (mut sum, mut tilt) = (0f64, 0f64);
+                    for (e, (xi, ri)) in e.iter().zip(xr.iter().zip(rr)) {
+                        sum += *e as f64;
+                        tilt += (e * ((xi - max) - ri)) as f64;
+                    }
+                    (sum, tilt)
+                });
                 let ln_sum = sum.ln();
                 // log p = (x − max) − ln S, rounded like `LogSoftmax`.
                 let ln_s = ln_sum as f32;
                 o[0] = (max - xr[self.targets[i] as usize]) + ln_s;
                 o[1] = match self.direction {
                     KlDirection::StudentToReference => (tilt / sum - ln_sum) as f32,
-                    KlDirection::ReferenceToStudent => xr
-                        .iter()
-                        .zip(rr)
-                        .map(|(xi, ri)| (ri.exp() * (ri - ((xi - max) - ln_s))) as f64)
-                        .sum::<f64>() as f32,
+                    KlDirection::ReferenceToStudent => exp::with_exp_row(rr, 0.0, |q| {
+                        q.iter()
+                            .zip(xr.iter().zip(rr))
+                            .map(|(q, (xi, ri))| (q * (ri - ((xi - max) - ln_s))) as f64)
+                            .sum::<f64>() as f32
+                    }),
                 };
             });
             Ok(())
@@ -767,19 +774,21 @@ impl CustomOp1 for NllKlGrad {
                         let t = self.targets[i] as usize;
                         let (nll, kl, gn, gk) = (out[2 * i], out[2 * i + 1], g[2 * i], g[2 * i + 1]);
                         let lse = nll + xr[t];
+                        // p = exp(x − lse) first, in place, then the row's factor.
+                        d.iter_mut().zip(xr).for_each(|(o, xi)| *o = xi - lse);
+                        exp::exp_in_place(d);
                         match self.direction {
                             KlDirection::StudentToReference => {
                                 let shift = lse + kl;
                                 for ((o, xi), ri) in d.iter_mut().zip(xr).zip(rr) {
-                                    let s = xi - lse;
-                                    *o = s.exp() * (gn + gk * (xi - shift - ri));
+                                    *o *= gn + gk * (xi - shift - ri);
                                 }
                             }
-                            KlDirection::ReferenceToStudent => {
-                                for ((o, xi), ri) in d.iter_mut().zip(xr).zip(rr) {
-                                    *o = (xi - lse).exp() * (gn + gk) - gk * ri.exp();
+                            KlDirection::ReferenceToStudent => exp::with_exp_row(rr, 0.0, |q| {
+                                for (o, q) in d.iter_mut().zip(q) {
+                                    *o = *o * (gn + gk) - gk * q;
                                 }
-                            }
+                            }),
                         }
                         d[t] -= gn;
                     });
