@@ -7,7 +7,7 @@
 //! - scores: up to three query heads × four keys in twelve accumulators, so each key row loaded feeds three
 //!   heads, and one reduction tree turns four keys' partial sums into four scores;
 //! - only the keys the mask leaves visible are touched (the causal half of a prefill, a row's left padding);
-//! - softmax: a vectorised `exp` (Cephes' single-precision polynomial, within 2 ulp of libm's);
+//! - softmax: the vectorised `exp::exp8` (Cephes' single-precision polynomial, within 2 ulp of libm's);
 //! - values: up to three heads × 32 output columns in twelve accumulators, each value row loaded once per head
 //!   tile.
 //!
@@ -17,6 +17,7 @@
 // Register tiles are indexed by head and lane on purpose: the loops unroll into named accumulators.
 #![allow(clippy::needless_range_loop)]
 
+use crate::exp::exp8 as exp;
 use std::arch::x86_64::*;
 
 /// Query heads per score tile and per value tile.
@@ -227,66 +228,4 @@ unsafe fn hsum(x: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-}
-
-/// `e^x` for eight lanes: Cephes' `expf` (range reduction by ln 2 in two parts, a degree-6 polynomial), within
-/// 2 ulp of libm over the range a softmax feeds it (x ≤ 0). Below −87.3 (and at −inf) the result is exactly 0;
-/// a NaN stays NaN.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn exp(x: __m256) -> __m256 {
-    let hi = _mm256_set1_ps(88.376_26);
-    let lo = _mm256_set1_ps(-87.336_55);
-    // Operand order keeps a NaN (min/max return their second operand when either is NaN).
-    let xc = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
-    let fx = _mm256_round_ps(
-        _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-    );
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), xc);
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-    }
-    let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
-        23,
-    ));
-    let e = _mm256_mul_ps(y, pow2);
-    _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), e)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_is_within_2_ulp_of_libm_and_exact_at_the_ends() {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            return;
-        }
-        let mut worst = 0u32;
-        let mut x = -87.0f32;
-        while x < 10.0 {
-            let xs: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 1e-3);
-            let mut got = [0f32; 8];
-            // SAFETY: AVX2 and FMA checked above.
-            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp(_mm256_loadu_ps(xs.as_ptr()))) };
-            for (g, x) in got.iter().zip(xs) {
-                let want = x.exp();
-                worst = worst.max((g.to_bits() as i64 - want.to_bits() as i64).unsigned_abs() as u32);
-            }
-            x += 0.0137;
-        }
-        assert!(worst <= 2, "{worst} ulp");
-        let xs = [f32::NEG_INFINITY, -1e30, -88.0, 0.0, f32::NAN, -0.0, 1.0, -87.0];
-        let mut got = [0f32; 8];
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp(_mm256_loadu_ps(xs.as_ptr()))) };
-        assert_eq!(&got[..3], &[0.0, 0.0, 0.0]);
-        assert_eq!(got[3], 1.0);
-        assert!(got[4].is_nan());
-        assert_eq!(got[5], 1.0);
-    }
 }
