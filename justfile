@@ -5,7 +5,7 @@ model := "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 default:
     @just --list
 
-# Everything CI checks: format, lints, layering, all tests (fetches the real demo model and OpenBLAS first), then
+# Everything CI checks: format, lints, layering, all tests (fetches the real demo model and the BLAS first), then
 # the numeric unit tests again on the AVX2 path with gemm for every product (STEER_HEAL_ISA=avx2, STEER_HEAL_BLAS=off)
 # and the kernels' on the portable path: every ISA path CI's CPU can run passes the same tests.
 test: fetch-model fetch-blas check
@@ -69,9 +69,10 @@ bench-round session="sessions/bench-round": fetch-model fetch-blas
     rm -rf {{session}}
     target/release/steer-heal bench-round --session {{session}} --model {{model}} --floor 0 --n-prompts 32 --max-new-tokens 128 --extract-pairs 64 --probe-n 8 --min-keep 32 --max-keep 32 --max-batches 4 --epochs 2 --r 32 --eval-n 132 --think 64 --json-probe-tokens 48 --measure-n 12 --out bench/turnaround.json
 
-# Get OpenBLAS 0.3.34 (SciPy's build, a PyPI wheel) into .blas/ if absent: the large products use it (gemm without).
+# Get OpenBLAS 0.3.34 (SciPy's build) and, on Intel CPUs, MKL 2026.2 (Intel's wheels) from PyPI into .blas/ where
+# absent (present files are only hash-checked): the large products use them, MKL first (gemm without either).
 fetch-blas:
-    @test -f .blas/libscipy_openblas.so || cargo run --locked -q -- fetch-blas
+    @cargo run --locked -q -- fetch-blas > /dev/null
 
 # The real-size study on SmolLM2, resumable (eval on all 132 items, 3 rounds with controls, heal sweep, report; docs/results-smollm2.md).
 study session="sessions/study-smollm2": fetch-model

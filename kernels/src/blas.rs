@@ -1,5 +1,5 @@
-//! OpenBLAS's `sgemm` for the large f32 products, when the system has the library: loaded at run time, so nothing is
-//! needed to build and a machine without it runs gemm instead.
+//! A BLAS's `sgemm` for the large f32 products (Intel's MKL or OpenBLAS), when the machine has one: loaded at run
+//! time, so nothing is needed to build and a machine without either runs gemm instead.
 //!
 //! Why: on the large products of a prefill and of a training step (thousands of rows against 576 × 1536 weights),
 //! gemm reaches about 70 GFLOP/s on this project's 2-core AVX2 machine where OpenBLAS's Haswell kernels reach
@@ -7,13 +7,18 @@
 //! at run time per CPU (Debian and most distributions build it with `DYNAMIC_ARCH`), and is one `apt install
 //! libopenblas0` away.
 //!
-//! Which library: `STEER_HEAL_BLAS` names a file to load, or `off` to use gemm; unset, `SEARCH` is tried: the
-//! OpenBLAS 0.3.34 that `steer-heal fetch-blas` puts in `.blas/` (from SciPy's PyPI wheel), then the system's.
-//! The ISA cap holds for it too: under `STEER_HEAL_ISA=avx2` a library whose kernels are wider (it reports its
-//! core, e.g. `SkylakeX`) is not used, and `baseline` never uses it. `configure_env` (called by the binary at
-//! start-up, before any thread) asks OpenBLAS for the capped core (`OPENBLAS_CORETYPE=Haswell`), for the thread
-//! count candle uses, and for short spinning of its idle threads, which would otherwise hold both cores between
-//! products against candle's own pool.
+//! Why MKL first where it is present: on an Intel Xeon with AVX-512 a training step with MKL 2026.2 is 1.2× the
+//! step with OpenBLAS 0.3.34 (bench/PROFILE.md, tenth pass), and MKL is what the PyTorch peer's products run on.
+//! `steer-heal fetch-blas` fetches it (from Intel's PyPI wheels) only on Intel CPUs: it was never measured on
+//! another vendor's, where OpenBLAS is measured 1.2–1.5× the peer.
+//!
+//! Which library: `STEER_HEAL_BLAS` names a file to load, or `off` to use gemm; unset, `SEARCH` is tried: MKL
+//! and the OpenBLAS 0.3.34 that `steer-heal fetch-blas` puts in `.blas/` (from PyPI wheels), then the system's
+//! OpenBLAS. The ISA cap holds for it too: under `STEER_HEAL_ISA=avx2` a library whose kernels are wider (OpenBLAS
+//! reports its core, e.g. `SkylakeX`; MKL its code branch) is not used, and `baseline` never uses it.
+//! `configure_env` (called by the binary at start-up, before any thread) asks the library for the capped kernels
+//! (`OPENBLAS_CORETYPE=Haswell`, `MKL_ENABLE_INSTRUCTIONS=AVX2`), for the thread count candle uses, and for short
+//! spinning of its idle threads, which would otherwise hold both cores between products against candle's own pool.
 
 use crate::isa::{self, Isa};
 use std::ffi::{c_char, c_int, CStr};
@@ -22,9 +27,13 @@ use std::sync::OnceLock;
 /// The environment variable that picks the library (a path, or `off`).
 pub const ENV: &str = "STEER_HEAL_BLAS";
 
-/// Libraries tried, in order, when `STEER_HEAL_BLAS` is unset: the one `steer-heal fetch-blas` puts in `.blas/`
-/// (OpenBLAS 0.3.34 from SciPy's wheel), then the system's.
-pub const SEARCH: [&str; 3] = [".blas/libscipy_openblas.so", "libopenblas.so.0", "libopenblas.so"];
+/// Libraries tried, in order, when `STEER_HEAL_BLAS` is unset: the two `steer-heal fetch-blas` puts in `.blas/`
+/// (MKL 2026.2 from Intel's wheels, on Intel CPUs; OpenBLAS 0.3.34 from SciPy's wheel), then the system's OpenBLAS.
+pub const SEARCH: [&str; 4] = [MKL_PATH, ".blas/libscipy_openblas.so", "libopenblas.so.0", "libopenblas.so"];
+
+/// Where `steer-heal fetch-blas` puts MKL's single dynamic library (it loads the kernels, threading layer and
+/// OpenMP runtime beside it).
+pub const MKL_PATH: &str = ".blas/mkl/libmkl_rt.so.3";
 
 /// Symbol prefixes: none (a system OpenBLAS), `scipy_` (SciPy's build).
 const PREFIXES: [&str; 2] = ["", "scipy_"];
@@ -51,18 +60,63 @@ type Sgemm = unsafe extern "C" fn(
 );
 type CoreName = unsafe extern "C" fn() -> *const c_char;
 type SetThreads = unsafe extern "C" fn(c_int);
+type MklVersion = unsafe extern "C" fn(*mut c_char, c_int);
+type MklBranch = unsafe extern "C" fn() -> c_int;
+
+/// Which library a `Blas` is: they name their kernels differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Library {
+    /// OpenBLAS (a system build, or SciPy's with `scipy_`-prefixed symbols).
+    OpenBlas,
+    /// Intel's oneAPI MKL through `libmkl_rt`.
+    Mkl,
+}
+
+impl Library {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Library::OpenBlas => "OpenBLAS",
+            Library::Mkl => "MKL",
+        }
+    }
+}
 
 /// A loaded BLAS.
 pub struct Blas {
     sgemm: Sgemm,
     /// What the library reports about itself (`openblas_get_config`), e.g. "OpenBLAS 0.3.21 DYNAMIC_ARCH ... Haswell".
     pub description: String,
-    /// The kernel family it picked (`openblas_get_corename`).
+    /// The kernel family it picked (`openblas_get_corename`; MKL's code branch, e.g. `avx512_e1`).
     pub core: String,
+    /// Which library it is.
+    pub library: Library,
     /// The file it was loaded from.
     pub path: String,
     _lib: libloading::Library,
 }
+
+/// MKL's code branches (`mkl_cbwr_get_auto_branch`, numbered as in `mkl_cbwr.h`) by name; an unknown number is
+/// named `branch <n>`, which counts as above AVX2.
+fn mkl_branch_name(branch: c_int) -> String {
+    let name = match branch {
+        3 => "compatible",
+        4 => "sse2",
+        6 => "ssse3",
+        7 => "sse4_1",
+        8 => "sse4_2",
+        9 => "avx",
+        10 => "avx2",
+        12 => "avx512",
+        14 => "avx512_e1",
+        _ => return format!("branch {branch}"),
+    };
+    name.to_string()
+}
+
+/// MKL branches whose kernels stay within AVX2.
+const MKL_BRANCHES_WITHIN_AVX2: [&str; 7] =
+    ["compatible", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "avx2"];
 
 /// Cores whose kernels use AVX-512 (OpenBLAS's names).
 const AVX512_CORES: [&str; 4] = ["skylakex", "cooperlake", "sapphirerapids", "zen4"];
@@ -103,12 +157,24 @@ impl Blas {
                     Err(_) => String::new(),
                 }
             };
+            if let Ok(version) = lib.get::<MklVersion>(b"MKL_Get_Version_String\0") {
+                let mut buf = [0 as c_char; 256];
+                version(buf.as_mut_ptr(), buf.len() as c_int);
+                buf[buf.len() - 1] = 0;
+                let description = CStr::from_ptr(buf.as_ptr()).to_string_lossy().trim().to_string();
+                let branch = lib.get::<MklBranch>(b"MKL_CBWR_Get_Auto_Branch\0").map(|f| f()).unwrap_or(-1);
+                if let Ok(set) = lib.get::<SetThreads>(b"MKL_Set_Num_Threads\0") {
+                    set(threads() as c_int);
+                }
+                let core = mkl_branch_name(branch);
+                return Ok(Blas { sgemm, description, core, library: Library::Mkl, path: file, _lib: lib });
+            }
             let core = text("openblas_get_corename");
             let description = text("openblas_get_config");
             if let Ok(set) = lib.get::<SetThreads>(sym("openblas_set_num_threads").as_bytes()) {
                 set(threads() as c_int);
             }
-            Ok(Blas { sgemm, description, core, path: file, _lib: lib })
+            Ok(Blas { sgemm, description, core, library: Library::OpenBlas, path: file, _lib: lib })
         }
     }
 
@@ -116,7 +182,10 @@ impl Blas {
     fn within(&self, isa: Isa) -> bool {
         match isa {
             Isa::Baseline => false,
-            Isa::Avx2 => !AVX512_CORES.contains(&self.core.to_lowercase().as_str()),
+            Isa::Avx2 => match self.library {
+                Library::OpenBlas => !AVX512_CORES.contains(&self.core.to_lowercase().as_str()),
+                Library::Mkl => MKL_BRANCHES_WITHIN_AVX2.contains(&self.core.as_str()),
+            },
             Isa::Avx512 => true,
         }
     }
@@ -362,11 +431,19 @@ pub fn configure_env(isa: Isa, threads: &str) {
     };
     if isa == Isa::Avx2 && isa::detected() > Isa::Avx2 {
         set("OPENBLAS_CORETYPE", "Haswell");
+        set("MKL_ENABLE_INSTRUCTIONS", "AVX2");
     }
     set("OPENBLAS_NUM_THREADS", threads);
     // 2^4 cycles of spinning before an idle OpenBLAS thread sleeps (its default is about 2^28: a tenth of a
     // second on both cores after every product, starving candle's element-wise pool).
     set("OPENBLAS_THREAD_TIMEOUT", "4");
+    set("MKL_NUM_THREADS", threads);
+    // MKL's own OpenMP runtime (libiomp5, beside it in `.blas/mkl/`), LP64 integers as `cblas_sgemm` is declared.
+    set("MKL_THREADING_LAYER", "INTEL");
+    set("MKL_INTERFACE_LAYER", "LP64");
+    // 1 ms of spinning before an idle OpenMP thread sleeps (its default is 200 ms, the same starvation as above);
+    // 0 was measured slower: 223 against 254 tok/s for a training step (bench/PROFILE.md, tenth pass).
+    set("KMP_BLOCKTIME", "1");
 }
 
 #[cfg(test)]
@@ -380,6 +457,49 @@ mod tests {
             return;
         };
         assert!(blas.within(isa::active()), "{} above the cap", blas.core);
+        agrees_with_a_plain_product(blas);
+    }
+
+    /// Each library `steer-heal fetch-blas` placed in the workspace's `.blas/` (the tests run in `kernels/`, where
+    /// `SEARCH`'s relative paths find none), opened directly: it identifies itself and computes the same products.
+    #[test]
+    fn every_fetched_library_names_its_kernels_and_matches_a_plain_product() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (path, library) in [(MKL_PATH, Library::Mkl), (".blas/libscipy_openblas.so", Library::OpenBlas)] {
+            let file = root.join(path);
+            if !file.exists() {
+                eprintln!("{path}: not fetched");
+                continue;
+            }
+            let blas = Blas::open(&file.to_string_lossy()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(blas.library, library, "{path}");
+            assert!(
+                !blas.core.is_empty() && !blas.core.starts_with("branch"),
+                "{path}: core `{}`",
+                blas.core
+            );
+            match library {
+                Library::Mkl => {
+                    assert!(blas.description.contains("Math Kernel Library"), "{}", blas.description)
+                }
+                Library::OpenBlas => assert!(blas.description.contains("OpenBLAS"), "{}", blas.description),
+            }
+            agrees_with_a_plain_product(&blas);
+        }
+    }
+
+    #[test]
+    fn mkl_branches_are_named_and_only_avx2_and_below_pass_the_avx2_cap() {
+        assert_eq!(mkl_branch_name(10), "avx2");
+        assert_eq!(mkl_branch_name(14), "avx512_e1");
+        assert_eq!(mkl_branch_name(99), "branch 99");
+        assert!(MKL_BRANCHES_WITHIN_AVX2.contains(&mkl_branch_name(10).as_str()));
+        for above in [12, 14, 99] {
+            assert!(!MKL_BRANCHES_WITHIN_AVX2.contains(&mkl_branch_name(above).as_str()), "{above}");
+        }
+    }
+
+    fn agrees_with_a_plain_product(blas: &Blas) {
         let (m, k, n) = (7, 13, 5);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();

@@ -119,6 +119,27 @@ pub fn check_gemm_agrees() -> Result<(), String> {
     }
 }
 
+/// Whether the CPU reports Intel as its vendor (`cpuid` leaf 0: "GenuineIntel"). `steer-heal fetch-blas` fetches
+/// MKL beside OpenBLAS only there: MKL is measured faster than OpenBLAS on an Intel Xeon (bench/PROFILE.md, tenth
+/// pass) and was never measured on another vendor's CPU.
+pub fn vendor_is_intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `cpuid` leaf 0 exists on every x86-64 CPU (the intrinsic is safe from Rust 1.87, unsafe before).
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The CPU features a benchmark report records next to its numbers.
 pub fn cpu_features() -> Vec<&'static str> {
     let mut out = Vec::new();

@@ -32,6 +32,17 @@ pub enum KnownArg {
     Gemma3_270m,
 }
 
+/// Whether `fetch-blas` gets MKL.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MklChoice {
+    /// On Intel CPUs.
+    Auto,
+    /// Always.
+    Yes,
+    /// Never.
+    No,
+}
+
 #[derive(Subcommand)]
 pub enum ModelCmd {
     /// Time the decode step's few-row products, our kernel against gemm, on a model's shapes (JSON + a table).
@@ -109,13 +120,17 @@ pub enum ModelCmd {
         #[arg(long, default_value = "python3")]
         python: String,
     },
-    /// Get OpenBLAS 0.3.34 (SciPy's build, from the PyPI wheel `scipy-openblas32`, sha256-verified) into `.blas/`,
-    /// where steer-heal loads it for the large products (1.2–1.9× gemm on this CPU; unset: gemm, or a system
-    /// OpenBLAS). `STEER_HEAL_BLAS` names another library, or `off`.
+    /// Get OpenBLAS 0.3.34 (SciPy's build, from the PyPI wheel `scipy-openblas32`) and, on Intel CPUs, MKL 2026.2
+    /// (Intel's wheels `mkl` and `intel-openmp`, 290 MB), sha256-verified, into `.blas/`, where steer-heal loads
+    /// them for the large products (MKL first, then OpenBLAS, then a system OpenBLAS; none: gemm). Files already
+    /// present with the right hash are kept. `STEER_HEAL_BLAS` names another library, or `off`.
     FetchBlas {
-        /// Directory to place it in.
+        /// Directory to place them in.
         #[arg(long, default_value = ".blas")]
         dir: PathBuf,
+        /// Fetch MKL too: `auto` on Intel CPUs only (it was measured faster there and never elsewhere).
+        #[arg(long, value_enum, default_value_t = MklChoice::Auto)]
+        mkl: MklChoice,
         /// Python interpreter that runs pip.
         #[arg(long, default_value = "python3")]
         python: String,
@@ -224,14 +239,37 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
             }
             println!("{}", got.path().display());
         }
-        ModelCmd::FetchBlas { dir, python } => {
-            let known = model::fetch::OPENBLAS;
-            let mut bar = steer_heal::progress::Bar::new(known.name);
-            let got = model::fetch::fetch(&known, &dir, &python, &mut bar)
-                .with_context(|| format!("fetching {}", known.name))?;
+        ModelCmd::FetchBlas { dir, mkl, python } => {
+            let mut files = vec![model::fetch::OPENBLAS];
+            let with_mkl = match mkl {
+                MklChoice::Auto => model::cpu::isa::vendor_is_intel(),
+                MklChoice::Yes => true,
+                MklChoice::No => false,
+            };
+            if with_mkl {
+                files.extend(model::fetch::MKL);
+            }
+            let mut bar = steer_heal::progress::Bar::new("blas");
+            let got =
+                model::fetch::fetch_set(&files, &dir, &python, &mut bar).context("fetching the BLAS")?;
             bar.finish();
-            eprintln!("{} ready; large products use it from the next start", got.path().display());
-            println!("{}", got.path().display());
+            let downloaded = got.iter().any(|g| matches!(g, model::fetch::Fetched::Downloaded(_)));
+            if downloaded {
+                eprintln!(
+                    "{} files ready in {}; large products use them from the next start",
+                    got.len(),
+                    dir.display()
+                );
+            } else {
+                eprintln!(
+                    "{} files already present (sha256 ok); large products use {}",
+                    got.len(),
+                    model::cpu::blas_summary()
+                );
+            }
+            for g in &got {
+                println!("{}", g.path().display());
+            }
         }
         ModelCmd::Convert { model: path, out_dir } => {
             model::gguf::convert_gguf(&path, &out_dir)?;

@@ -71,6 +71,9 @@ pub struct BenchResult {
     /// candle's thread-pool spin limit in effect (`CANDLE_BARRIER_POOL_SPIN_LIMIT`; empty means candle's default).
     #[serde(default)]
     pub barrier_pool_spin_limit: String,
+    /// Which library did the large products (`model::cpu::blas_summary`).
+    #[serde(default)]
+    pub blas: String,
     /// Trainable parameters (all A and B).
     pub trainable_params: usize,
     /// Adapted projections.
@@ -162,6 +165,7 @@ pub fn bench_heal(lm: &mut LoadedModel, spec: &BenchSpec, compare_composite: boo
         device: if lm.model.device().is_cuda() { "cuda".into() } else { "cpu".into() },
         threads: candle_core::utils::get_num_threads(),
         barrier_pool_spin_limit: std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").unwrap_or_default(),
+        blas: crate::model::cpu::blas_summary(),
         trainable_params: params,
         adapted_projections: projections,
         tokens_per_s: main.tokens_per_s,

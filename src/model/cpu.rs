@@ -22,14 +22,14 @@ pub struct CpuSettings {
     pub isa: Isa,
     /// The widest level the CPU has.
     pub isa_detected: Isa,
-    /// Which library does the large f32 products: the OpenBLAS loaded (its path and core), or gemm and why.
+    /// Which library does the large f32 products: the BLAS loaded (its name, kernels and path), or gemm and why.
     pub blas: String,
 }
 
-/// What `blas` reports: the loaded OpenBLAS, or why gemm does the large products.
+/// What `blas` reports: the loaded BLAS (MKL or OpenBLAS, its kernels and file), or why gemm does the large products.
 pub fn blas_summary() -> String {
     match steer_heal_kernels::blas::get() {
-        Some(b) => format!("OpenBLAS ({} kernels) from {}", b.core, b.path),
+        Some(b) => format!("{} ({} kernels) from {}", b.library.name(), b.core, b.path),
         None => format!(
             "gemm ({})",
             steer_heal_kernels::blas::unavailable_reason().unwrap_or_else(|| "no BLAS".into())

