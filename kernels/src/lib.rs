@@ -65,29 +65,46 @@ pub enum GluActivation {
 /// `√(2/π)`.
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
-impl GluActivation {
-    fn value(self, x: f32) -> f32 {
-        match self {
-            Self::Silu => x / (1.0 + (-x).exp()),
-            Self::GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()),
-        }
-    }
+/// Inputs per pass of `GluActivation::for_each`: its exponentials sit in a buffer on the stack.
+const ACTIVATION_CHUNK: usize = 64;
 
-    /// `(a(x), a'(x))`.
-    fn value_and_slope(self, x: f32) -> (f32, f32) {
-        match self {
-            Self::Silu => {
-                let s = 1.0 / (1.0 + (-x).exp());
-                (x * s, s * (1.0 + x * (1.0 - s)))
+impl GluActivation {
+    /// `f(i, a(x_i), a'(x_i))` for every element of `x`, in order. Both activations are built from one
+    /// exponential of a non-positive argument — σ(x) from e^{−|x|}, tanh(z) from e^{−2|z|} — taken from the
+    /// vectorised lanes (`exp::exp_in_place`, within 2 ulp of libm there) a chunk at a time: libm's scalar `expf`
+    /// was 1.4 % of a heal step's samples and the gated unit's backward 5 ns per element (bench/PROFILE.md).
+    fn for_each(self, x: &[f32], mut f: impl FnMut(usize, f32, f32)) {
+        let mut e = [0f32; ACTIVATION_CHUNK];
+        for (c, xs) in x.chunks(ACTIVATION_CHUNK).enumerate() {
+            let e = &mut e[..xs.len()];
+            match self {
+                Self::Silu => e.iter_mut().zip(xs).for_each(|(e, x)| *e = -x.abs()),
+                Self::GeluTanh => e.iter_mut().zip(xs).for_each(|(e, &x)| *e = -2.0 * gelu_inner(x).abs()),
             }
-            Self::GeluTanh => {
-                let t = (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh();
-                let slope = 0.5 * (1.0 + t)
-                    + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
-                (0.5 * x * (1.0 + t), slope)
+            exp::exp_in_place(e);
+            for (j, (&x, &e)) in xs.iter().zip(e.iter()).enumerate() {
+                let (a, slope) = match self {
+                    Self::Silu => {
+                        // σ(x) = 1 / (1 + e^{−x}) for x ≥ 0, e^{x} / (1 + e^{x}) below: never e of a positive.
+                        let s = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+                        (x * s, s * (1.0 + x * (1.0 - s)))
+                    }
+                    Self::GeluTanh => {
+                        let t = ((1.0 - e) / (1.0 + e)).copysign(gelu_inner(x));
+                        let slope = 0.5 * (1.0 + t)
+                            + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+                        (0.5 * x * (1.0 + t), slope)
+                    }
+                };
+                f(c * ACTIVATION_CHUNK + j, a, slope);
             }
         }
     }
+}
+
+/// The tanh argument of the GELU approximation, `√(2/π) (x + 0.044715 x³)`.
+fn gelu_inner(x: f32) -> f32 {
+    SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
 }
 
 /// The gated MLP's `act(gate) ⊙ up`, same-shaped inputs, gradients to both.
@@ -243,8 +260,28 @@ fn last_dim(l: &Layout) -> Result<usize> {
 
 /// `1 / sqrt(mean(x²) + eps)` of one row.
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ms = x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64;
+    let ms = sum_f64(x, x, x, |v, _, _| v * v) / x.len() as f64;
     (1.0 / (ms + eps as f64).sqrt()) as f32
+}
+
+/// `Σ term(a_i, b_i, c_i)` over equal-length slices, each f32 term summed in f64 in eight running sums: one
+/// chain of dependent f64 adds per row made RMSNorm's backward 2.6 ns per element, a latency-bound loop
+/// (bench/PROFILE.md, eleventh pass).
+fn sum_f64(a: &[f32], b: &[f32], c: &[f32], term: impl Fn(f32, f32, f32) -> f32) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let (ca, cb, cc) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+    let (ra, rb, rc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for j in 0..LANES {
+            acc[j] += term(x[j], y[j], z[j]) as f64;
+        }
+    }
+    let mut sum: f64 = acc.iter().sum();
+    for ((x, y), z) in ra.iter().zip(rb).zip(rc) {
+        sum += term(*x, *y, *z) as f64;
+    }
+    sum
 }
 
 struct RmsNorm {
@@ -304,8 +341,7 @@ impl CustomOp2 for RmsNormGrad {
         with_held(&self.weight, self.name(), |w| {
             map_row_pairs(self.name(), (xs, xl), (gs, gl), |xr, gr, out| {
                 let inv = inv_rms(xr, self.eps);
-                let dot =
-                    xr.iter().zip(gr).zip(w).map(|((xi, gi), wi)| (gi * wi * xi) as f64).sum::<f64>() as f32;
+                let dot = sum_f64(xr, gr, w, |xi, gi, wi| gi * wi * xi) as f32;
                 let k = inv * inv * inv * dot / xr.len() as f32;
                 for (((o, xi), gi), wi) in out.iter_mut().zip(xr).zip(gr).zip(w) {
                     *o = inv * gi * wi - xi * k;
@@ -468,9 +504,7 @@ impl CustomOp2 for Glu {
         let d = last_dim(gl)?;
         for_rows(&mut y, d, |r, yr| {
             let (gr, ur) = (&g[r * d..(r + 1) * d], &u[r * d..(r + 1) * d]);
-            for ((o, gi), ui) in yr.iter_mut().zip(gr).zip(ur) {
-                *o = self.act.value(*gi) * ui;
-            }
+            self.act.for_each(gr, |i, a, _| yr[i] = a * ur[i]);
         });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
@@ -484,16 +518,18 @@ impl CustomOp2 for Glu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let pair = GluGrad { act: self.act, u: u.contiguous()?, grad: grad.clone() };
-        // Both gradients in one pass, side by side in the last axis: [..., 2d] → (dgate, dup).
+        // Both gradients in one pass, one block after the other: [2, ...] → (dgate, dup), each a contiguous
+        // view, so the projections' backward reads them in place (side by side in the last axis they were
+        // strided, and each was copied).
         let both = g.contiguous()?.apply_op1_no_bwd(&pair)?;
-        let d = g.dim(candle_core::D::Minus1)?;
-        let dgate = both.narrow(candle_core::D::Minus1, 0, d)?;
-        let dup = both.narrow(candle_core::D::Minus1, d, d)?;
+        let dgate = both.get(0)?;
+        let dup = both.get(1)?;
         Ok((Some(dgate), Some(dup)))
     }
 }
 
-/// `∂L/∂gate = grad · up · act'(gate)` and `∂L/∂up = grad · act(gate)`, written side by side per row.
+/// `∂L/∂gate = grad · up · act'(gate)` and `∂L/∂up = grad · act(gate)`, as `[2, ...gate's shape]`: all of
+/// `∂L/∂gate`, then all of `∂L/∂up`.
 struct GluGrad {
     act: GluActivation,
     u: Tensor,
@@ -508,26 +544,29 @@ impl CustomOp1 for GluGrad {
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(gs, gl, self.name())?;
         let d = last_dim(gl)?;
-        let mut out = vec![0f32; 2 * g.len()];
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dgate, dup) = out.split_at_mut(n);
+        let du_base = RowsPtr(dup.as_mut_ptr());
         with_held(&self.u, self.name(), |u| {
             with_held(&self.grad, self.name(), |dy| {
-                for_rows(&mut out, 2 * d, |r, o| {
+                // Rows of ∂L/∂gate drive the split; each task writes the same rows of ∂L/∂up.
+                for_rows(dgate, d, |r, dg| {
                     let (gr, ur, dr) =
                         (&g[r * d..(r + 1) * d], &u[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-                    let (dg, du) = o.split_at_mut(d);
-                    for i in 0..d {
-                        let (a, slope) = self.act.value_and_slope(gr[i]);
+                    let du_base = &du_base;
+                    // SAFETY: row r of ∂L/∂up, the same row this task owns of ∂L/∂gate; `out` outlives the call.
+                    let du = unsafe { std::slice::from_raw_parts_mut(du_base.0.add(r * d), d) };
+                    self.act.for_each(gr, |i, a, slope| {
                         dg[i] = dr[i] * ur[i] * slope;
                         du[i] = dr[i] * a;
-                    }
+                    });
                 });
                 Ok(())
             })
         })?;
-        let mut dims = gl.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last *= 2;
-        }
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }

@@ -11,6 +11,7 @@
 //! GQA is computed by folding the query heads of a group into the sequence axis, so K and V are never copied per
 //! query head. Hooks (capture, steering) run after each block; see `hook.rs`.
 
+use super::batched::batched_product;
 use super::cache::KvCache;
 use super::codes::WeightCodes;
 use super::config::{Activation, ModelConfig};
@@ -667,9 +668,19 @@ impl Model {
         let rep = nh / nkv;
         // Fold each group's query heads into the sequence axis: [b, nkv, rep*t, hd] against [b, nkv, s, hd].
         let qg = q.reshape((b, nkv, rep * t, hd))?;
-        let raw = qg.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        let probs = self.attention_probs(&raw, mask, path)?;
-        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
+        let (raw, probs, out);
+        if path == Path::Training {
+            // One BLAS product per (sequence, key-value head), forward and backward (model::batched).
+            let qg = qg.reshape((b * nkv, rep * t, hd))?;
+            raw = batched_product(&qg, &k.reshape((b * nkv, s, hd))?, true)?.reshape((b, nh, t, s))?;
+            probs = self.attention_probs(&raw, mask, path)?;
+            let p = probs.reshape((b * nkv, rep * t, s))?;
+            out = batched_product(&p, &v.reshape((b * nkv, s, hd))?, false)?;
+        } else {
+            raw = qg.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+            probs = self.attention_probs(&raw, mask, path)?;
+            out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
+        }
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(at.o_proj.forward_with(&out, sel)?)
     }

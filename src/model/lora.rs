@@ -167,6 +167,7 @@ impl LoraLinear {
                 .map(|ad| (ad.a.clone(), ad.b.clone(), (ad.gate * ad.scale) as f32))
                 .collect(),
             trained_scale: trained.first().map(|ad| (ad.gate * ad.scale) as f32),
+            trained_u: Default::default(),
         };
         Ok(Some(match trained.first() {
             Some(ad) => x2.apply_op3(&ad.a, &ad.b, op)?,
@@ -382,6 +383,9 @@ struct LoraProduct {
     frozen: Vec<(Tensor, Tensor, f32)>,
     /// The trained adapter's `gate · α/r`, when the op has one (as its second and third arguments).
     trained_scale: Option<f32>,
+    /// The forward pass's `s_t (x A_tᵀ)` `[m, r]` for the trained adapter, kept for `dB = Gᵀ · s_t (x A_tᵀ)`
+    /// so the backward does not compute it again (one of its five rank-r products).
+    trained_u: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 /// The elements of f32 CPU storage under a contiguous layout; `None` for another dtype or a strided layout.
@@ -437,16 +441,18 @@ impl LoraProduct {
             candle_core::bail!("lora product: input has {} elements, expected {m} × {k}", x.len());
         }
         let mut y = with_f32(&self.w, |w| done(lib.product_new(Product::new(m, n, k).bt(), x, w)))?;
-        let mut add = |a: &[f32], b: &[f32], s: f32| -> Result<()> {
+        let mut add = |a: &[f32], b: &[f32], s: f32| -> Result<Vec<f32>> {
             let r = a.len() / k;
             let u = done(lib.product_new(Product::new(m, r, k).bt().scaled(s), x, a))?;
-            check(lib.product_into(Product::new(m, n, r).bt(), &u, b, 1.0, &mut y))
+            check(lib.product_into(Product::new(m, n, r).bt(), &u, b, 1.0, &mut y))?;
+            Ok(u)
         };
         for (a, b, s) in &self.frozen {
             with_f32(a, |a| with_f32(b, |b| add(a, b, *s)))?;
         }
         if let (Some((a, b)), Some(s)) = (trained, self.trained_scale) {
-            add(a, b, s)?;
+            let u = add(a, b, s)?;
+            *self.trained_u.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
         }
         Ok((y, Shape::from((m, n))))
     }
@@ -483,8 +489,12 @@ impl LoraProduct {
                         d_a = Some(Tensor::from_vec(v, (r, k), dev)?);
                     }
                     if b.track_op() {
-                        let u = done(lib.product_new(Product::new(m, r, k).bt(), xv, &av))?;
-                        let v = done(lib.product_new(Product::new(n, r, m).at().scaled(s), g, &u))?;
+                        let kept = self.trained_u.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        let u = match kept {
+                            Some(u) if u.len() == m * r => u,
+                            _ => done(lib.product_new(Product::new(m, r, k).bt().scaled(s), xv, &av))?,
+                        };
+                        let v = done(lib.product_new(Product::new(n, r, m).at(), g, &u))?;
                         d_b = Some(Tensor::from_vec(v, (n, r), dev)?);
                     }
                     gb_trained = Some((gbt, av));

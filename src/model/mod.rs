@@ -2,6 +2,7 @@
 //! template, loading from local directories and GGUF files, tiny random models, and generation.
 //! No training loops and no terminal code live here.
 
+pub mod batched;
 pub mod bench;
 pub mod cache;
 pub mod chat;
