@@ -91,6 +91,8 @@ pub struct Blas {
     pub core: String,
     /// Which library it is.
     pub library: Library,
+    /// MKL's code branch number (`mkl_cbwr.h`), which decides the ISA cap; `None` for OpenBLAS.
+    mkl_branch: Option<c_int>,
     /// The file it was loaded from.
     pub path: String,
     _lib: libloading::Library,
@@ -114,9 +116,14 @@ fn mkl_branch_name(branch: c_int) -> String {
     name.to_string()
 }
 
-/// MKL branches whose kernels stay within AVX2.
-const MKL_BRANCHES_WITHIN_AVX2: [&str; 7] =
-    ["compatible", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "avx2"];
+/// MKL's AVX2 code branch: the branches up to it (from 3, `compatible`) stay within AVX2; an unknown or
+/// unreported branch counts as above.
+const MKL_AVX2_BRANCH: c_int = 10;
+
+/// Whether MKL's code branch `branch` stays within AVX2.
+fn mkl_branch_within_avx2(branch: c_int) -> bool {
+    (3..=MKL_AVX2_BRANCH).contains(&branch)
+}
 
 /// Cores whose kernels use AVX-512 (OpenBLAS's names).
 const AVX512_CORES: [&str; 4] = ["skylakex", "cooperlake", "sapphirerapids", "zen4"];
@@ -167,14 +174,30 @@ impl Blas {
                     set(threads() as c_int);
                 }
                 let core = mkl_branch_name(branch);
-                return Ok(Blas { sgemm, description, core, library: Library::Mkl, path: file, _lib: lib });
+                return Ok(Blas {
+                    sgemm,
+                    description,
+                    core,
+                    library: Library::Mkl,
+                    mkl_branch: Some(branch),
+                    path: file,
+                    _lib: lib,
+                });
             }
             let core = text("openblas_get_corename");
             let description = text("openblas_get_config");
             if let Ok(set) = lib.get::<SetThreads>(sym("openblas_set_num_threads").as_bytes()) {
                 set(threads() as c_int);
             }
-            Ok(Blas { sgemm, description, core, library: Library::OpenBlas, path: file, _lib: lib })
+            Ok(Blas {
+                sgemm,
+                description,
+                core,
+                library: Library::OpenBlas,
+                mkl_branch: None,
+                path: file,
+                _lib: lib,
+            })
         }
     }
 
@@ -184,7 +207,7 @@ impl Blas {
             Isa::Baseline => false,
             Isa::Avx2 => match self.library {
                 Library::OpenBlas => !AVX512_CORES.contains(&self.core.to_lowercase().as_str()),
-                Library::Mkl => MKL_BRANCHES_WITHIN_AVX2.contains(&self.core.as_str()),
+                Library::Mkl => self.mkl_branch.is_some_and(mkl_branch_within_avx2),
             },
             Isa::Avx512 => true,
         }
@@ -493,9 +516,11 @@ mod tests {
         assert_eq!(mkl_branch_name(10), "avx2");
         assert_eq!(mkl_branch_name(14), "avx512_e1");
         assert_eq!(mkl_branch_name(99), "branch 99");
-        assert!(MKL_BRANCHES_WITHIN_AVX2.contains(&mkl_branch_name(10).as_str()));
-        for above in [12, 14, 99] {
-            assert!(!MKL_BRANCHES_WITHIN_AVX2.contains(&mkl_branch_name(above).as_str()), "{above}");
+        for within in 3..=10 {
+            assert!(mkl_branch_within_avx2(within), "{within}");
+        }
+        for above in [-1, 0, 12, 14, 99] {
+            assert!(!mkl_branch_within_avx2(above), "{above}");
         }
     }
 

@@ -895,8 +895,9 @@ mod tests {
                 },
             )?;
             // The KL of two random 9000-way distributions is ~10 nats, summed in f32 in a different order by
-            // each side: 1e-4 absolute (1e-5 relative) was occasionally exceeded on unseeded inputs.
-            assert!(dy < 1e-3 && dg < 1e-5, "{dir:?}: value {dy}, gradient {dg}");
+            // each side: 1e-4 absolute (1e-5 relative) was occasionally exceeded on unseeded inputs, and so was
+            // 1e-5 relative for its gradient (1.15e-5 seen about once in a hundred runs).
+            assert!(dy < 1e-3 && dg < 5e-5, "{dir:?}: value {dy}, gradient {dg}");
         }
         Ok(())
     }

